@@ -1,0 +1,20 @@
+//! `exports.yaml`: the appliance's single source of truth.
+//!
+//! - [`schema`]: the serde structs exactly as an operator writes them (`deny_unknown_fields`).
+//! - [`validate`]: turns the schema into typed [`Config`] / [`Export`] values, or a
+//!   [`ConfigError`] that names the file, line, export and field.
+//! - [`diff`]: the difference between two valid configs, which drives live reload.
+//! - [`size`]: byte sizes written as integers or with K/M/G/T suffixes.
+
+mod diff;
+mod locate;
+pub mod schema;
+mod size;
+mod validate;
+
+pub use diff::{diff, ConfigDiff};
+pub use size::parse_size;
+pub use validate::{
+    load_file, parse_str, BackingFormat, Config, ConfigError, CreateSpec, Export, ExportType,
+    SocketPermissions, WriteCache,
+};

@@ -1,0 +1,105 @@
+//! Finds the line of an export or of one of its fields in block-style YAML, so that semantic
+//! errors (found after parsing, when serde's positions are gone) still name a line.
+//! Flow-style YAML simply yields no line; the error then names the export and field only.
+
+/// Line index of `exports:` items in the source text.
+pub(crate) struct LineIndex<'a> {
+    lines: Vec<&'a str>,
+    /// 0-based start line of each item of the top-level `exports:` sequence.
+    item_starts: Vec<usize>,
+}
+
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+fn is_blank_or_comment(line: &str) -> bool {
+    let t = line.trim_start();
+    t.is_empty() || t.starts_with('#')
+}
+
+impl<'a> LineIndex<'a> {
+    pub(crate) fn new(text: &'a str) -> Self {
+        let lines: Vec<&str> = text.lines().collect();
+        let mut item_starts = Vec::new();
+        let exports_at = lines
+            .iter()
+            .position(|l| indent(l) == 0 && l.trim_end().starts_with("exports:"));
+        if let Some(start) = exports_at {
+            let mut item_indent = None;
+            for (i, line) in lines.iter().enumerate().skip(start + 1) {
+                if is_blank_or_comment(line) {
+                    continue;
+                }
+                if indent(line) == 0 && !line.starts_with('-') {
+                    break; // next top-level key
+                }
+                let trimmed = line.trim_start();
+                if trimmed.starts_with("- ") || trimmed == "-" {
+                    let this = indent(line);
+                    match item_indent {
+                        None => {
+                            item_indent = Some(this);
+                            item_starts.push(i);
+                        }
+                        Some(level) if level == this => item_starts.push(i),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        LineIndex { lines, item_starts }
+    }
+
+    /// 1-based line of export `index`, if it can be found.
+    pub(crate) fn export_line(&self, index: usize) -> Option<usize> {
+        self.item_starts.get(index).map(|l| l + 1)
+    }
+
+    /// 1-based line of `field` inside export `index`, falling back to the export's line.
+    pub(crate) fn field_line(&self, index: usize, field: &str) -> Option<usize> {
+        let start = *self.item_starts.get(index)?;
+        let end = self
+            .item_starts
+            .get(index + 1)
+            .copied()
+            .unwrap_or(self.lines.len());
+        let key = format!("{field}:");
+        (start..end)
+            .find(|&i| {
+                let t = self.lines[i].trim_start();
+                let t = t.strip_prefix("- ").unwrap_or(t).trim_start();
+                t.starts_with(&key)
+            })
+            .map(|i| i + 1)
+            .or(Some(start + 1))
+    }
+
+    /// 1-based line of a top-level key.
+    pub(crate) fn top_level_line(&self, key: &str) -> Option<usize> {
+        let key = format!("{key}:");
+        self.lines
+            .iter()
+            .position(|l| indent(l) == 0 && l.starts_with(&key))
+            .map(|i| i + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LineIndex;
+
+    #[test]
+    fn finds_items_and_fields() {
+        let text = "state_dir: /x\n# comment\nexports:\n  - name: a\n    socket: /s1\n\n  - name: b\n    path: /p\n    socket: /s2\nmetrics:\n  listen: 1.2.3.4:5\n";
+        let index = LineIndex::new(text);
+        assert_eq!(index.export_line(0), Some(4));
+        assert_eq!(index.export_line(1), Some(7));
+        assert_eq!(index.export_line(2), None);
+        assert_eq!(index.field_line(0, "socket"), Some(5));
+        assert_eq!(index.field_line(1, "socket"), Some(9));
+        assert_eq!(index.field_line(1, "name"), Some(7));
+        assert_eq!(index.field_line(1, "serial"), Some(7));
+        assert_eq!(index.top_level_line("metrics"), Some(10));
+    }
+}

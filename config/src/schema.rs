@@ -1,0 +1,100 @@
+//! The on-disk shape of `exports.yaml`. Every struct refuses unknown fields so a typo is an
+//! error with a line number, never a silently ignored setting.
+
+use serde::Deserialize;
+
+/// Top level of `exports.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Directory for daemon state (created if missing).
+    pub state_dir: Option<String>,
+    /// Prometheus endpoint settings.
+    pub metrics: Option<MetricsFile>,
+    /// Mode and ownership applied to every export socket.
+    pub socket_permissions: Option<SocketPermissionsFile>,
+    /// The exported LUNs.
+    #[serde(default)]
+    pub exports: Vec<ExportFile>,
+}
+
+/// `metrics:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    /// `host:port` the HTTP endpoint listens on.
+    pub listen: String,
+}
+
+/// `socket_permissions:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketPermissionsFile {
+    /// Octal mode, e.g. `"0660"` (an unquoted `0660` or `660` is read as octal digits too).
+    pub mode: Option<ModeValue>,
+    /// User name or numeric uid that owns the sockets.
+    pub owner: Option<String>,
+    /// Group name or numeric gid of the sockets.
+    pub group: Option<String>,
+}
+
+/// A file mode as written: a string or an integer whose decimal digits are octal digits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ModeValue {
+    /// `"0660"`.
+    Text(String),
+    /// `660` or `0660`.
+    Number(u64),
+}
+
+/// A size as written: bytes, or a string with a K/M/G/T suffix.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    /// A number of bytes.
+    Bytes(u64),
+    /// `"1G"`, `"512M"`, `"4096"`.
+    Text(String),
+}
+
+/// One entry of `exports:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportFile {
+    /// Unique export name (also the default serial).
+    pub name: Option<String>,
+    /// `blk` (vhost-user-blk).
+    #[serde(rename = "type")]
+    pub export_type: Option<String>,
+    /// Unix socket the frontend connects to.
+    pub socket: Option<String>,
+    /// Backing file or block device.
+    pub path: Option<String>,
+    /// `raw`.
+    pub format: Option<String>,
+    /// Refuse writes.
+    pub readonly: Option<bool>,
+    /// Number of virtqueues (one worker thread each).
+    pub num_queues: Option<u32>,
+    /// Maximum virtqueue size offered to the frontend.
+    pub queue_size: Option<u32>,
+    /// 512 or 4096.
+    pub logical_block_size: Option<u32>,
+    /// Up to 20 ASCII bytes reported by GET_ID.
+    pub serial: Option<String>,
+    /// Open the backing file with O_DIRECT.
+    pub direct: Option<bool>,
+    /// `writeback` or `writethrough`.
+    pub write_cache: Option<String>,
+    /// Create a sparse backing file of this size when it does not exist.
+    pub create: Option<CreateFile>,
+}
+
+/// `create:` of an export.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateFile {
+    /// Size of the new backing file.
+    pub size: SizeValue,
+}

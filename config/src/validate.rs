@@ -1,0 +1,473 @@
+//! Validation of a parsed [`ConfigFile`] into a typed [`Config`]. Every error names the file
+//! and, where it can be found, the line, the export and the field.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::locate::LineIndex;
+use crate::schema::{ConfigFile, ExportFile, ModeValue, SizeValue, SocketPermissionsFile};
+use crate::size::parse_size;
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vhost-appliance";
+/// Default socket mode: owner and group may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// Upper bound on virtqueues per export (one worker thread each).
+pub const MAX_NUM_QUEUES: u32 = 64;
+/// Upper bound on the virtqueue size (QEMU's vhost-user-blk limit).
+pub const MAX_QUEUE_SIZE: u32 = 1024;
+/// virtio-blk GET_ID returns at most 20 bytes.
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// A configuration error, with as much location as could be found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The config file (or `<string>` for in-memory text).
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// The export the error belongs to (its name, or `#N` when unnamed).
+    pub export: Option<String>,
+    /// The offending field.
+    pub field: Option<String>,
+    /// What is wrong, in words an operator can act on.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        write!(f, ":")?;
+        if let Some(export) = &self.export {
+            write!(f, " export {export:?}:")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, " field {field:?}:")?;
+        }
+        write!(f, " {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Device type of an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportType {
+    /// vhost-user-blk.
+    Blk,
+}
+
+/// On-disk format of the backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingFormat {
+    /// Raw file or block device.
+    Raw,
+}
+
+/// Write cache mode presented to the guest (the guest may toggle it via CONFIG_WCE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteCache {
+    /// Writes complete when in the host page cache / device cache; FLUSH makes them durable.
+    Writeback,
+    /// Every write is durable (RWF_DSYNC) before it completes.
+    Writethrough,
+}
+
+/// `create:` of an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateSpec {
+    /// Size in bytes of the sparse file created when the backing path does not exist.
+    pub size: u64,
+}
+
+/// One validated export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    /// Unique name.
+    pub name: String,
+    /// Device type.
+    pub export_type: ExportType,
+    /// Listening socket.
+    pub socket: PathBuf,
+    /// Backing file or block device.
+    pub path: PathBuf,
+    /// Backing format.
+    pub format: BackingFormat,
+    /// Refuse writes.
+    pub readonly: bool,
+    /// Virtqueues offered.
+    pub num_queues: u16,
+    /// Maximum virtqueue size.
+    pub queue_size: u16,
+    /// 512 or 4096.
+    pub logical_block_size: u32,
+    /// GET_ID serial (≤ 20 ASCII bytes).
+    pub serial: String,
+    /// O_DIRECT on the backing file.
+    pub direct: bool,
+    /// Initial write cache mode.
+    pub write_cache: WriteCache,
+    /// Create the backing file when missing.
+    pub create: Option<CreateSpec>,
+}
+
+/// Ownership and mode of export sockets (names are resolved by the daemon).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketPermissions {
+    /// Permission bits.
+    pub mode: u32,
+    /// User name or uid.
+    pub owner: Option<String>,
+    /// Group name or gid.
+    pub group: Option<String>,
+}
+
+/// A whole validated `exports.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Where the metrics endpoint listens, if enabled.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Applied to every export socket.
+    pub socket_permissions: SocketPermissions,
+    /// Exports in file order.
+    pub exports: Vec<Export>,
+}
+
+/// Reads and validates a config file. Relative paths inside it are resolved against its folder.
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: None,
+        export: None,
+        field: None,
+        message: format!("cannot read config file: {e}"),
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse_str(&text, path, base)
+}
+
+/// Parses and validates config text; `file` names it in errors, `base` resolves relative paths.
+pub fn parse_str(text: &str, file: &Path, base: &Path) -> Result<Config, ConfigError> {
+    let raw: ConfigFile = serde_yaml_ng::from_str(text).map_err(|e| ConfigError {
+        file: file.to_path_buf(),
+        line: e.location().map(|l| l.line()),
+        export: None,
+        field: None,
+        message: e.to_string(),
+    })?;
+    Validator {
+        file,
+        base,
+        index: LineIndex::new(text),
+    }
+    .config(raw)
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    base: &'a Path,
+    index: LineIndex<'a>,
+}
+
+/// Per-export error context.
+struct At<'v, 'a> {
+    validator: &'v Validator<'a>,
+    index: usize,
+    export: String,
+}
+
+impl At<'_, '_> {
+    fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.validator.file.to_path_buf(),
+            line: self.validator.index.field_line(self.index, field),
+            export: Some(self.export.clone()),
+            field: Some(field.to_string()),
+            message: message.into(),
+        }
+    }
+}
+
+impl Validator<'_> {
+    fn top_err(&self, key: &str, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: self.index.top_level_line(key),
+            export: None,
+            field: Some(field.to_string()),
+            message: message.into(),
+        }
+    }
+
+    fn resolve(&self, path: &str) -> PathBuf {
+        let p = Path::new(path);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn config(&self, raw: ConfigFile) -> Result<Config, ConfigError> {
+        let state_dir = self.resolve(raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
+        let metrics_listen = match raw.metrics {
+            None => None,
+            Some(m) => Some(m.listen.parse::<SocketAddr>().map_err(|e| {
+                self.top_err(
+                    "metrics",
+                    "metrics.listen",
+                    format!("{:?} is not host:port ({e})", m.listen),
+                )
+            })?),
+        };
+        let socket_permissions = self.socket_permissions(raw.socket_permissions)?;
+        let mut exports = Vec::with_capacity(raw.exports.len());
+        for (i, export) in raw.exports.into_iter().enumerate() {
+            exports.push(self.export(i, export)?);
+        }
+        self.check_unique(&exports)?;
+        Ok(Config {
+            state_dir,
+            metrics_listen,
+            socket_permissions,
+            exports,
+        })
+    }
+
+    fn socket_permissions(
+        &self,
+        raw: Option<SocketPermissionsFile>,
+    ) -> Result<SocketPermissions, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(SocketPermissions {
+                mode: DEFAULT_SOCKET_MODE,
+                owner: None,
+                group: None,
+            });
+        };
+        let mode = match raw.mode {
+            None => DEFAULT_SOCKET_MODE,
+            Some(value) => parse_mode(&value).map_err(|m| {
+                self.top_err("socket_permissions", "socket_permissions.mode", m)
+            })?,
+        };
+        for (field, value) in [("owner", &raw.owner), ("group", &raw.group)] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(self.top_err(
+                    "socket_permissions",
+                    &format!("socket_permissions.{field}"),
+                    "must not be empty",
+                ));
+            }
+        }
+        Ok(SocketPermissions {
+            mode,
+            owner: raw.owner,
+            group: raw.group,
+        })
+    }
+
+    fn export(&self, index: usize, raw: ExportFile) -> Result<Export, ConfigError> {
+        let mut at = At {
+            validator: self,
+            index,
+            export: format!("#{}", index + 1),
+        };
+        let name = raw.name.ok_or_else(|| at.err("name", "is required"))?;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(at.err(
+                "name",
+                format!("{name:?} must be non-empty and use only letters, digits, '-', '_', '.'"),
+            ));
+        }
+        at.export = name.clone();
+
+        let export_type = match raw.export_type.as_deref() {
+            None => return Err(at.err("type", "is required (blk)")),
+            Some("blk") => ExportType::Blk,
+            Some("scsi") => {
+                return Err(at.err("type", "scsi exports are not supported by this version"))
+            }
+            Some(other) => return Err(at.err("type", format!("unknown type {other:?} (use blk)"))),
+        };
+        let socket = raw
+            .socket
+            .as_deref()
+            .map(|s| self.resolve(s))
+            .ok_or_else(|| at.err("socket", "is required"))?;
+        let path = raw
+            .path
+            .as_deref()
+            .map(|s| self.resolve(s))
+            .ok_or_else(|| at.err("path", "is required"))?;
+        let format = match raw.format.as_deref() {
+            None | Some("raw") => BackingFormat::Raw,
+            Some("qcow2") => {
+                return Err(at.err("format", "qcow2 is not supported by this version"))
+            }
+            Some(other) => return Err(at.err("format", format!("unknown format {other:?} (use raw)"))),
+        };
+        let num_queues = raw.num_queues.unwrap_or(1);
+        if !(1..=MAX_NUM_QUEUES).contains(&num_queues) {
+            return Err(at.err(
+                "num_queues",
+                format!("{num_queues} is out of range 1..={MAX_NUM_QUEUES}"),
+            ));
+        }
+        let queue_size = raw.queue_size.unwrap_or(128);
+        if !queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&queue_size) {
+            return Err(at.err(
+                "queue_size",
+                format!("{queue_size} must be a power of two in 2..={MAX_QUEUE_SIZE}"),
+            ));
+        }
+        let logical_block_size = raw.logical_block_size.unwrap_or(512);
+        if !matches!(logical_block_size, 512 | 4096) {
+            return Err(at.err(
+                "logical_block_size",
+                format!("{logical_block_size} must be 512 or 4096"),
+            ));
+        }
+        let serial = raw.serial.unwrap_or_else(|| {
+            let mut s = name.clone();
+            s.truncate(MAX_SERIAL_LEN);
+            s
+        });
+        if serial.len() > MAX_SERIAL_LEN || !serial.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+        {
+            return Err(at.err(
+                "serial",
+                format!("{serial:?} must be at most {MAX_SERIAL_LEN} printable ASCII characters"),
+            ));
+        }
+        let write_cache = match raw.write_cache.as_deref() {
+            None | Some("writeback") => WriteCache::Writeback,
+            Some("writethrough") => WriteCache::Writethrough,
+            Some(other) => {
+                return Err(at.err(
+                    "write_cache",
+                    format!("unknown mode {other:?} (use writeback or writethrough)"),
+                ))
+            }
+        };
+        let readonly = raw.readonly.unwrap_or(false);
+        let create = match raw.create {
+            None => None,
+            Some(c) => {
+                let size = match c.size {
+                    SizeValue::Bytes(b) => b,
+                    SizeValue::Text(t) => parse_size(&t).map_err(|m| at.err("create", m))?,
+                };
+                if size == 0 || size % u64::from(logical_block_size) != 0 {
+                    return Err(at.err(
+                        "create",
+                        format!(
+                            "size {size} must be a positive multiple of logical_block_size {logical_block_size}"
+                        ),
+                    ));
+                }
+                if readonly {
+                    return Err(at.err(
+                        "create",
+                        "a readonly export cannot create its backing file",
+                    ));
+                }
+                Some(CreateSpec { size })
+            }
+        };
+        Ok(Export {
+            name,
+            export_type,
+            socket,
+            path,
+            format,
+            readonly,
+            // Range-checked above.
+            num_queues: num_queues as u16,
+            queue_size: queue_size as u16,
+            logical_block_size,
+            serial,
+            direct: raw.direct.unwrap_or(true),
+            write_cache,
+            create,
+        })
+    }
+
+    /// Names and sockets are unique; a backing file is shared only between readonly exports.
+    fn check_unique(&self, exports: &[Export]) -> Result<(), ConfigError> {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut sockets: HashMap<&Path, usize> = HashMap::new();
+        let mut paths: HashMap<&Path, usize> = HashMap::new();
+        for (i, e) in exports.iter().enumerate() {
+            let at = At {
+                validator: self,
+                index: i,
+                export: e.name.clone(),
+            };
+            let first_line = |j: usize| {
+                self.index
+                    .export_line(j)
+                    .map(|l| format!(" (line {l})"))
+                    .unwrap_or_default()
+            };
+            if let Some(&j) = names.get(e.name.as_str()) {
+                return Err(at.err(
+                    "name",
+                    format!("duplicate name, also used by export #{}{}", j + 1, first_line(j)),
+                ));
+            }
+            names.insert(&e.name, i);
+            if let Some(&j) = sockets.get(e.socket.as_path()) {
+                return Err(at.err(
+                    "socket",
+                    format!(
+                        "duplicate socket {}, also used by export {:?}{}",
+                        e.socket.display(),
+                        exports[j].name,
+                        first_line(j)
+                    ),
+                ));
+            }
+            sockets.insert(&e.socket, i);
+            if let Some(&j) = paths.get(e.path.as_path()) {
+                if !(e.readonly && exports[j].readonly) {
+                    return Err(at.err(
+                        "path",
+                        format!(
+                            "backing file {} is also used by export {:?}{}; only readonly exports may share one",
+                            e.path.display(),
+                            exports[j].name,
+                            first_line(j)
+                        ),
+                    ));
+                }
+            }
+            paths.insert(&e.path, i);
+        }
+        Ok(())
+    }
+}
+
+fn parse_mode(value: &ModeValue) -> Result<u32, String> {
+    let digits = match value {
+        ModeValue::Text(t) => t.trim().trim_start_matches("0o").to_string(),
+        ModeValue::Number(n) => n.to_string(),
+    };
+    let mode = u32::from_str_radix(&digits, 8)
+        .map_err(|_| format!("{digits:?} is not an octal mode such as \"0660\""))?;
+    if mode > 0o777 {
+        return Err(format!("{digits:?} has bits beyond 0777"));
+    }
+    Ok(mode)
+}

@@ -1,0 +1,177 @@
+//! exports.yaml validation: good files load, broken files give errors naming file, line,
+//! export and field.
+
+use std::path::Path;
+
+use config::{diff, parse_str, ConfigError, WriteCache};
+
+fn parse(text: &str) -> Result<config::Config, ConfigError> {
+    parse_str(text, Path::new("exports.yaml"), Path::new("/etc/appliance"))
+}
+
+fn parse_err(text: &str) -> ConfigError {
+    match parse(text) {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e,
+    }
+}
+
+const TWO_EXPORTS: &str = "\
+state_dir: /var/lib/x
+exports:
+  - name: a
+    type: blk
+    socket: /run/a.sock
+    path: /data/a.raw
+  - name: b
+    type: blk
+    socket: /run/b.sock
+    path: b.raw
+    readonly: true
+    num_queues: 4
+    write_cache: writethrough
+";
+
+#[test]
+fn example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/exports.yaml");
+    let cfg = config::load_file(&path).unwrap();
+    assert_eq!(cfg.exports.len(), 1);
+    let vol0 = &cfg.exports[0];
+    assert_eq!(vol0.name, "vol0");
+    assert_eq!(vol0.num_queues, 4);
+    assert_eq!(vol0.create.map(|c| c.size), Some(1 << 30));
+    assert_eq!(cfg.socket_permissions.mode, 0o660);
+    assert_eq!(cfg.metrics_listen.map(|a| a.port()), Some(9410));
+}
+
+#[test]
+fn defaults_and_relative_paths() {
+    let cfg = parse(TWO_EXPORTS).unwrap();
+    let a = &cfg.exports[0];
+    assert_eq!(a.num_queues, 1);
+    assert_eq!(a.queue_size, 128);
+    assert_eq!(a.logical_block_size, 512);
+    assert!(a.direct);
+    assert!(!a.readonly);
+    assert_eq!(a.write_cache, WriteCache::Writeback);
+    assert_eq!(a.serial, "a");
+    let b = &cfg.exports[1];
+    assert_eq!(b.path, Path::new("/etc/appliance/b.raw"));
+    assert_eq!(b.write_cache, WriteCache::Writethrough);
+    assert!(b.readonly);
+}
+
+#[test]
+fn unknown_field_names_line() {
+    let e = parse_err("exports:\n  - name: a\n    type: blk\n    sokcet: /run/a.sock\n");
+    assert_eq!(e.line, Some(4), "{e}");
+    assert!(e.to_string().contains("unknown field `sokcet`"), "{e}");
+    assert!(e.to_string().starts_with("exports.yaml:4"), "{e}");
+}
+
+#[test]
+fn duplicate_socket_names_both_exports() {
+    let text = TWO_EXPORTS.replace("/run/b.sock", "/run/a.sock");
+    let e = parse_err(&text);
+    assert_eq!(e.export.as_deref(), Some("b"));
+    assert_eq!(e.field.as_deref(), Some("socket"));
+    assert_eq!(e.line, Some(9));
+    let text = e.to_string();
+    assert!(text.contains("duplicate socket /run/a.sock"), "{text}");
+    assert!(text.contains("\"a\" (line 3)"), "{text}");
+}
+
+#[test]
+fn duplicate_name_and_shared_writable_path_are_refused() {
+    let e = parse_err(&TWO_EXPORTS.replace("name: b", "name: a"));
+    assert_eq!(e.field.as_deref(), Some("name"));
+    let e = parse_err(
+        &TWO_EXPORTS
+            .replace("path: b.raw", "path: /data/a.raw")
+            .replace("readonly: true", "readonly: false"),
+    );
+    assert_eq!(e.field.as_deref(), Some("path"));
+    // Two readonly exports may share a file.
+    let shared_ro = TWO_EXPORTS
+        .replace("path: b.raw", "path: /data/a.raw")
+        .replace("    path: /data/a.raw\n  - name: b", "    path: /data/a.raw\n    readonly: true\n  - name: b");
+    assert!(parse(&shared_ro).is_ok());
+}
+
+#[test]
+fn bad_values_name_their_field() {
+    let cases = [
+        ("num_queues: 4", "num_queues: 0", "num_queues"),
+        ("num_queues: 4", "num_queues: 65", "num_queues"),
+        ("num_queues: 4", "queue_size: 100", "queue_size"),
+        ("num_queues: 4", "logical_block_size: 1024", "logical_block_size"),
+        ("num_queues: 4", "serial: \"this serial is much too long\"", "serial"),
+        ("write_cache: writethrough", "write_cache: sometimes", "write_cache"),
+        ("type: blk\n    socket: /run/b", "type: nvme\n    socket: /run/b", "type"),
+        ("path: b.raw", "path: b.raw\n    format: vmdk", "format"),
+        ("path: b.raw", "path: b.raw\n    create: { size: 1X }", "create"),
+        ("path: b.raw", "path: b.raw\n    create: { size: 1000 }", "create"),
+        ("name: b", "name: \"b/../c\"", "name"),
+    ];
+    for (from, to, field) in cases {
+        let text = TWO_EXPORTS.replace(from, to);
+        assert_ne!(text, TWO_EXPORTS, "replacement of {from:?} did not apply");
+        let e = parse_err(&text);
+        assert_eq!(e.field.as_deref(), Some(field), "{to}: {e}");
+        assert!(e.line.is_some(), "{to}: {e}");
+    }
+}
+
+#[test]
+fn missing_required_fields() {
+    let e = parse_err("exports:\n  - name: a\n    type: blk\n    path: /x\n");
+    assert_eq!(e.field.as_deref(), Some("socket"));
+    assert_eq!(e.export.as_deref(), Some("a"));
+    let e = parse_err("exports:\n  - type: blk\n    path: /x\n");
+    assert_eq!(e.export.as_deref(), Some("#1"));
+    assert_eq!(e.field.as_deref(), Some("name"));
+}
+
+#[test]
+fn syntax_error_and_wrong_types_have_lines() {
+    let e = parse_err("exports:\n  - name: a\n    num_queues: [1\n");
+    assert!(e.line.is_some(), "{e}");
+    let e = parse_err("exports:\n  - name: a\n    readonly: yes\n");
+    assert_eq!(e.line, Some(3), "{e}");
+}
+
+#[test]
+fn missing_config_file_is_a_clear_error() {
+    let e = config::load_file(Path::new("/nonexistent/exports.yaml")).unwrap_err();
+    assert!(e.to_string().contains("cannot read config file"), "{e}");
+    assert!(e.to_string().starts_with("/nonexistent/exports.yaml"), "{e}");
+}
+
+#[test]
+fn socket_permissions_modes() {
+    let base = "socket_permissions:\n  mode: MODE\n  group: kvm\nexports: []\n";
+    for (mode, want) in [("\"0660\"", 0o660), ("0600", 0o600), ("660", 0o660), ("\"0o640\"", 0o640)] {
+        let cfg = parse(&base.replace("MODE", mode)).unwrap();
+        assert_eq!(cfg.socket_permissions.mode, want, "{mode}");
+        assert_eq!(cfg.socket_permissions.group.as_deref(), Some("kvm"));
+    }
+    let e = parse_err(&base.replace("MODE", "\"0689\""));
+    assert_eq!(e.field.as_deref(), Some("socket_permissions.mode"));
+    assert_eq!(e.line, Some(1));
+}
+
+#[test]
+fn diff_reports_added_removed_changed() {
+    let old = parse(TWO_EXPORTS).unwrap();
+    let new_text = TWO_EXPORTS
+        .replace("num_queues: 4", "num_queues: 2")
+        .replace("  - name: a\n    type: blk\n    socket: /run/a.sock\n    path: /data/a.raw\n", "  - name: c\n    type: blk\n    socket: /run/c.sock\n    path: /data/c.raw\n");
+    let new = parse(&new_text).unwrap();
+    let d = diff(&old, &new);
+    assert_eq!(d.added.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["c"]);
+    assert_eq!(d.removed.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert_eq!(d.changed.len(), 1);
+    assert_eq!(d.changed[0].1.num_queues, 2);
+    assert!(diff(&old, &old).is_empty());
+}
