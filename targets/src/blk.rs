@@ -1,0 +1,823 @@
+//! virtio-blk: feature bits, config space, and per-queue request handling.
+//!
+//! [`BlkDevice`] holds what all queues of one export share (settings, the guest-visible write
+//! cache mode, negotiated features). [`BlkQueue`] turns descriptor chains into [`DiskOp`]s on
+//! its own [`DiskQueue`], keeps each request in an in-flight table until the disk completes
+//! it, and reports finished requests as [`Completed`] `(head, used_len)` pairs for the
+//! transport to put on the used ring. Malformed chains are answered with a status, never a
+//! panic; chains without a writable status byte are returned with used length 0.
+
+use std::io;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_bindings::bindings::virtio_blk::*;
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::disk::{DiskCompletion, DiskInfo, DiskOp, DiskQueue};
+use crate::iobuf::AlignedBuf;
+use crate::stats::QueueStats;
+
+/// Guest memory as the transports map it.
+pub type Memory = GuestMemoryMmap<()>;
+
+/// virtio-blk sectors are always 512 bytes, whatever the logical block size.
+pub const SECTOR_SIZE: u64 = 512;
+/// Size of `struct virtio_blk_config` up to and including `write_zeroes_may_unmap`.
+pub const CONFIG_SPACE_SIZE: usize = 60;
+/// Offset of the `writeback` byte in the config space.
+const CONFIG_WRITEBACK_OFFSET: usize = 32;
+/// Largest single data segment advertised (SIZE_MAX).
+pub const SIZE_MAX: u32 = 256 * 1024;
+/// Sectors a single discard / write-zeroes segment may cover (1 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Segments per discard / write-zeroes request.
+pub const MAX_DISCARD_SEGMENTS: u32 = 1;
+/// Size of `struct virtio_blk_discard_write_zeroes`.
+const DISCARD_SEGMENT_SIZE: usize = 16;
+/// Size of `struct virtio_blk_outhdr`.
+const HEADER_SIZE: usize = 16;
+/// Physical block size reported in the topology (4 KiB, as modern disks).
+const PHYSICAL_BLOCK_SIZE: u32 = 4096;
+
+/// Settings of one virtio-blk export.
+#[derive(Debug, Clone)]
+pub struct BlkSettings {
+    /// 512 or 4096.
+    pub logical_block_size: u32,
+    /// Refuse writes (advertises VIRTIO_BLK_F_RO).
+    pub readonly: bool,
+    /// GET_ID answer (≤ 20 bytes).
+    pub serial: String,
+    /// Virtqueues offered.
+    pub num_queues: u16,
+    /// Maximum virtqueue size.
+    pub queue_size: u16,
+    /// Initial write cache mode: true = writeback.
+    pub writeback: bool,
+}
+
+/// Why an export cannot be served with the given settings and disk.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// O_DIRECT needs larger alignment than the exported block size.
+    #[error("the backing file needs {alignment}-byte aligned direct I/O but logical_block_size is {lbs}; set logical_block_size: {alignment} or direct: false")]
+    DirectAlignment {
+        /// Required alignment.
+        alignment: usize,
+        /// Exported logical block size.
+        lbs: u32,
+    },
+    /// The disk is smaller than one logical block.
+    #[error("the backing file is smaller than one logical block ({0} bytes)")]
+    TooSmall(u32),
+    /// A writable export on a read-only disk.
+    #[error("the export is writable but the backing file was opened read-only")]
+    ReadonlyDisk,
+}
+
+/// State shared by all queues of one virtio-blk export.
+#[derive(Debug)]
+pub struct BlkDevice {
+    settings: BlkSettings,
+    disk: DiskInfo,
+    capacity_bytes: u64,
+    writeback: AtomicBool,
+    acked_features: AtomicU64,
+}
+
+impl BlkDevice {
+    /// Checks the settings against the opened disk.
+    pub fn new(settings: BlkSettings, disk: DiskInfo) -> Result<Self, SettingsError> {
+        let lbs = u64::from(settings.logical_block_size);
+        if let Some(direct) = disk.direct {
+            if direct.offset as u64 > lbs {
+                return Err(SettingsError::DirectAlignment {
+                    alignment: direct.offset,
+                    lbs: settings.logical_block_size,
+                });
+            }
+        }
+        if disk.readonly && !settings.readonly {
+            return Err(SettingsError::ReadonlyDisk);
+        }
+        let capacity_bytes = disk.size / lbs * lbs;
+        if capacity_bytes == 0 {
+            return Err(SettingsError::TooSmall(settings.logical_block_size));
+        }
+        Ok(BlkDevice {
+            writeback: AtomicBool::new(settings.writeback),
+            settings,
+            disk,
+            capacity_bytes,
+            acked_features: AtomicU64::new(0),
+        })
+    }
+
+    /// Settings as configured.
+    pub fn settings(&self) -> &BlkSettings {
+        &self.settings
+    }
+
+    /// Exported size in bytes (backing size rounded down to the logical block size).
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes
+    }
+
+    /// Most data descriptors per request: the ring minus header and status.
+    pub fn seg_max(&self) -> u32 {
+        u32::from(self.settings.queue_size).saturating_sub(2).max(1)
+    }
+
+    /// Largest data transfer per request.
+    pub fn max_request_bytes(&self) -> u64 {
+        u64::from(self.seg_max()) * u64::from(SIZE_MAX)
+    }
+
+    /// virtio feature bits offered (without the vhost-user PROTOCOL_FEATURES bit).
+    pub fn features(&self) -> u64 {
+        let mut bits = vec![
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_CONFIG_WCE,
+            VIRTIO_BLK_F_MQ,
+        ];
+        if self.settings.readonly {
+            bits.push(VIRTIO_BLK_F_RO);
+        } else {
+            bits.extend([VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]);
+        }
+        bits.into_iter().fold(0, |acc, bit| acc | (1u64 << bit))
+    }
+
+    /// Records the features the driver accepted.
+    pub fn set_acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+    }
+
+    /// Whether writes may complete before they are durable (virtio spec 5.2.6.3).
+    pub fn writeback_enabled(&self) -> bool {
+        let acked = self.acked_features.load(Ordering::Relaxed);
+        if acked & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0 {
+            self.writeback.load(Ordering::Relaxed)
+        } else {
+            acked & (1 << VIRTIO_BLK_F_FLUSH) != 0
+        }
+    }
+
+    /// `struct virtio_blk_config` as the guest reads it.
+    pub fn config_space(&self) -> [u8; CONFIG_SPACE_SIZE] {
+        let lbs = self.settings.logical_block_size;
+        let mut c = [0u8; CONFIG_SPACE_SIZE];
+        let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
+        put(0, &(self.capacity_bytes / SECTOR_SIZE).to_le_bytes());
+        put(8, &SIZE_MAX.to_le_bytes());
+        put(12, &self.seg_max().to_le_bytes());
+        // geometry (16..20) left zero: not offered.
+        put(20, &lbs.to_le_bytes());
+        let physical_exp = (PHYSICAL_BLOCK_SIZE.max(lbs) / lbs).trailing_zeros() as u8;
+        put(24, &[physical_exp, 0]);
+        put(26, &1u16.to_le_bytes()); // min_io_size, in logical blocks
+        put(28, &0u32.to_le_bytes()); // opt_io_size: none
+        put(
+            CONFIG_WRITEBACK_OFFSET,
+            &[u8::from(self.writeback.load(Ordering::Relaxed)), 0],
+        );
+        put(34, &self.settings.num_queues.to_le_bytes());
+        let sector_align = (lbs / SECTOR_SIZE as u32).max(1);
+        put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(44, &sector_align.to_le_bytes());
+        put(48, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(52, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(56, &[1]); // write_zeroes_may_unmap
+        c
+    }
+
+    /// Applies a driver write to the config space. Only the `writeback` byte is writable.
+    pub fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), ConfigWriteError> {
+        if offset as usize == CONFIG_WRITEBACK_OFFSET && data.len() == 1 {
+            match data[0] {
+                0 | 1 => {
+                    self.writeback.store(data[0] == 1, Ordering::Relaxed);
+                    Ok(())
+                }
+                v => Err(ConfigWriteError::BadValue(v)),
+            }
+        } else {
+            Err(ConfigWriteError::ReadOnlyField {
+                offset,
+                len: data.len(),
+            })
+        }
+    }
+}
+
+/// A rejected config space write.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigWriteError {
+    /// Only `writeback` (offset 32, 1 byte) is writable.
+    #[error("config write of {len} bytes at offset {offset} touches a read-only field")]
+    ReadOnlyField {
+        /// Offset written.
+        offset: u32,
+        /// Bytes written.
+        len: usize,
+    },
+    /// `writeback` takes 0 or 1.
+    #[error("writeback value {0} is not 0 or 1")]
+    BadValue(u8),
+}
+
+/// A request the transport must put on the used ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completed {
+    /// Head descriptor index.
+    pub head: u16,
+    /// Bytes written into the chain's writable buffers.
+    pub used_len: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    addr: GuestAddress,
+    len: usize,
+}
+
+/// Splits `segs` after `n` bytes.
+fn split_segments(segs: &[Segment], mut n: usize) -> (Vec<Segment>, Vec<Segment>) {
+    let mut head = Vec::new();
+    let mut tail = Vec::new();
+    for s in segs {
+        if n == 0 {
+            tail.push(*s);
+        } else if s.len <= n {
+            head.push(*s);
+            n -= s.len;
+        } else {
+            head.push(Segment {
+                addr: s.addr,
+                len: n,
+            });
+            tail.push(Segment {
+                addr: GuestAddress(s.addr.0.wrapping_add(n as u64)),
+                len: s.len - n,
+            });
+            n = 0;
+        }
+    }
+    (head, tail)
+}
+
+fn total(segs: &[Segment]) -> usize {
+    segs.iter().map(|s| s.len).sum()
+}
+
+/// Reads exactly `buf.len()` bytes gathered from `segs`.
+fn gather(mem: &Memory, segs: &[Segment], buf: &mut [u8]) -> Option<()> {
+    let mut pos = 0;
+    for s in segs {
+        if pos == buf.len() {
+            break;
+        }
+        let n = s.len.min(buf.len() - pos);
+        mem.read_slice(&mut buf[pos..pos + n], s.addr).ok()?;
+        pos += n;
+    }
+    (pos == buf.len()).then_some(())
+}
+
+/// Writes `data` scattered over `segs`; returns bytes written.
+fn scatter(mem: &Memory, segs: &[Segment], data: &[u8]) -> Option<usize> {
+    let mut pos = 0;
+    for s in segs {
+        if pos == data.len() {
+            break;
+        }
+        let n = s.len.min(data.len() - pos);
+        mem.write_slice(&data[pos..pos + n], s.addr).ok()?;
+        pos += n;
+    }
+    Some(pos)
+}
+
+/// Host iovecs for guest segments (a segment may span memory regions).
+fn host_iovecs(mem: &Memory, segs: &[Segment]) -> Option<Vec<libc::iovec>> {
+    let mut iovecs = Vec::with_capacity(segs.len());
+    for s in segs {
+        for slice in mem.get_slices(s.addr, s.len) {
+            let slice = slice.ok()?;
+            iovecs.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Some(iovecs)
+}
+
+/// What a request turned into.
+enum Action {
+    /// Finished without disk I/O.
+    Done(u8, u32),
+    /// Needs the disk.
+    Io(PendingIo),
+}
+
+/// Which operation, for completion handling and statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes { unmap: bool },
+}
+
+struct PendingIo {
+    kind: Kind,
+    offset: u64,
+    len: u64,
+    data: Vec<Segment>,
+}
+
+/// A request submitted to the disk, owned by the in-flight table until it completes.
+struct InFlight {
+    head: u16,
+    status: GuestAddress,
+    /// Keeps guest memory mapped while the kernel may still access it.
+    mem: Arc<Memory>,
+    io: PendingIo,
+    bounce: Option<AlignedBuf>,
+}
+
+/// One virtqueue's request handler, owned by that queue's worker thread.
+pub struct BlkQueue {
+    device: Arc<BlkDevice>,
+    disk: Box<dyn DiskQueue>,
+    inflight: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    stats: Arc<QueueStats>,
+    scratch: Vec<DiskCompletion>,
+}
+
+impl BlkQueue {
+    /// A handler for one virtqueue of `device`, doing I/O on `disk`.
+    pub fn new(device: Arc<BlkDevice>, disk: Box<dyn DiskQueue>) -> Self {
+        BlkQueue {
+            device,
+            disk,
+            inflight: Vec::new(),
+            free: Vec::new(),
+            stats: Arc::new(QueueStats::default()),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Counters of this queue (shared with the metrics endpoint).
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
+    }
+
+    /// Readable when disk completions are ready.
+    pub fn completion_fd(&self) -> std::os::fd::RawFd {
+        self.disk.completion_fd()
+    }
+
+    /// Requests submitted to the disk and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len() - self.free.len()
+    }
+
+    /// Handles one descriptor chain: queues its disk I/O, or completes it at once into `done`.
+    pub fn handle_chain<M>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        mem: &Arc<Memory>,
+        done: &mut Vec<Completed>,
+    ) where
+        M: Deref<Target = Memory>,
+    {
+        let head = chain.head_index();
+        let max_descriptors = self.device.seg_max() as usize + 2;
+        let mut readable = Vec::new();
+        let mut writable = Vec::new();
+        let mut misordered = false;
+        // virtio-queue bounds a chain by the queue (or indirect table) size, so collecting it
+        // whole is bounded too; the real status byte is in its last descriptor.
+        for desc in chain {
+            let seg = Segment {
+                addr: desc.addr(),
+                len: desc.len() as usize,
+            };
+            if desc.is_write_only() {
+                writable.push(seg);
+            } else {
+                misordered |= !writable.is_empty();
+                readable.push(seg);
+            }
+        }
+        let too_long = readable.len() + writable.len() > max_descriptors;
+        // The status byte is the last writable byte; without one nothing can be reported.
+        let writable_len = total(&writable);
+        let status_at = writable_len.checked_sub(1).and_then(|last| {
+            let (_, tail) = split_segments(&writable, last);
+            tail.first().map(|s| s.addr)
+        });
+        let Some(status) = status_at.filter(|a| mem.check_range(*a, 1)) else {
+            tracing::debug!(head, "request without a writable status byte dropped");
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            done.push(Completed { head, used_len: 0 });
+            return;
+        };
+        let (writable_data, _) = split_segments(&writable, writable_len - 1);
+
+        let action = if misordered || too_long {
+            tracing::debug!(head, misordered, too_long, "malformed descriptor chain");
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            Action::Done(VIRTIO_BLK_S_IOERR as u8, 0)
+        } else {
+            self.parse(mem, &readable, writable_data)
+        };
+        match action {
+            Action::Done(status_code, data_written) => {
+                self.finish_now(mem, head, status, status_code, data_written, done)
+            }
+            Action::Io(io) => {
+                if let Err(status_code) = self.submit_io(mem, head, status, io) {
+                    self.finish_now(mem, head, status, status_code, 0, done);
+                }
+            }
+        }
+    }
+
+    fn finish_now(
+        &self,
+        mem: &Memory,
+        head: u16,
+        status: GuestAddress,
+        code: u8,
+        data_written: u32,
+        done: &mut Vec<Completed>,
+    ) {
+        self.count_status(code);
+        let used_len = match mem.write_obj(code, status) {
+            Ok(()) => data_written + 1,
+            Err(_) => 0,
+        };
+        done.push(Completed { head, used_len });
+    }
+
+    fn count_status(&self, code: u8) {
+        match u32::from(code) {
+            VIRTIO_BLK_S_OK => {}
+            VIRTIO_BLK_S_UNSUPP => {
+                self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Validates a well-framed request.
+    fn parse(&self, mem: &Memory, readable: &[Segment], writable_data: Vec<Segment>) -> Action {
+        const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+        const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+        let (header_segs, readable_data) = split_segments(readable, HEADER_SIZE);
+        let mut header = [0u8; HEADER_SIZE];
+        if gather(mem, &header_segs, &mut header).is_none() {
+            tracing::debug!("request header shorter than 16 bytes or unreadable");
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            return Action::Done(IOERR, 0);
+        }
+        let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
+        let request_type = u32::from_le_bytes([t0, t1, t2, t3]);
+        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        let readonly = self.device.settings.readonly;
+
+        match request_type {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                let is_read = request_type == VIRTIO_BLK_T_IN;
+                let (data, wrong_way) = if is_read {
+                    (writable_data, &readable_data)
+                } else {
+                    (readable_data.clone(), &writable_data)
+                };
+                if !wrong_way.is_empty() {
+                    tracing::debug!(is_read, "data buffers in the wrong direction");
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    return Action::Done(IOERR, 0);
+                }
+                if !is_read && readonly {
+                    return Action::Done(IOERR, 0);
+                }
+                let len = total(&data) as u64;
+                if len > self.device.max_request_bytes() {
+                    tracing::debug!(len, "request larger than advertised limits");
+                    return Action::Done(IOERR, 0);
+                }
+                match self.check_range(sector, len) {
+                    Some(offset) => Action::Io(PendingIo {
+                        kind: if is_read { Kind::Read } else { Kind::Write },
+                        offset,
+                        len,
+                        data,
+                    }),
+                    None => Action::Done(IOERR, 0),
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => Action::Io(PendingIo {
+                kind: Kind::Flush,
+                offset: 0,
+                len: 0,
+                data: Vec::new(),
+            }),
+            VIRTIO_BLK_T_GET_ID => {
+                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+                let serial = self.device.settings.serial.as_bytes();
+                let n = serial.len().min(id.len());
+                id[..n].copy_from_slice(&serial[..n]);
+                let limit = total(&writable_data).min(id.len());
+                match scatter(mem, &writable_data, &id[..limit]) {
+                    Some(written) => Action::Done(VIRTIO_BLK_S_OK as u8, written as u32),
+                    None => Action::Done(IOERR, 0),
+                }
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                let is_discard = request_type == VIRTIO_BLK_T_DISCARD;
+                if readonly {
+                    return Action::Done(IOERR, 0);
+                }
+                let payload = total(&readable_data);
+                let count = payload / DISCARD_SEGMENT_SIZE;
+                if payload % DISCARD_SEGMENT_SIZE != 0
+                    || count == 0
+                    || count > MAX_DISCARD_SEGMENTS as usize
+                {
+                    tracing::debug!(payload, "bad discard/write-zeroes segment list");
+                    return Action::Done(IOERR, 0);
+                }
+                let mut seg = [0u8; DISCARD_SEGMENT_SIZE];
+                if gather(mem, &readable_data, &mut seg).is_none() {
+                    return Action::Done(IOERR, 0);
+                }
+                let [a0, a1, a2, a3, a4, a5, a6, a7, n0, n1, n2, n3, f0, f1, f2, f3] = seg;
+                let seg_sector = u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]);
+                let num_sectors = u32::from_le_bytes([n0, n1, n2, n3]);
+                let flags = u32::from_le_bytes([f0, f1, f2, f3]);
+                let allowed_flags = if is_discard {
+                    0
+                } else {
+                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+                };
+                if flags & !allowed_flags != 0 {
+                    return Action::Done(UNSUPP, 0);
+                }
+                if num_sectors > MAX_DISCARD_SECTORS {
+                    return Action::Done(IOERR, 0);
+                }
+                let len = u64::from(num_sectors) * SECTOR_SIZE;
+                match self.check_range(seg_sector, len) {
+                    Some(offset) => Action::Io(PendingIo {
+                        kind: if is_discard {
+                            Kind::Discard
+                        } else {
+                            Kind::WriteZeroes {
+                                unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+                            }
+                        },
+                        offset,
+                        len,
+                        data: Vec::new(),
+                    }),
+                    None => Action::Done(IOERR, 0),
+                }
+            }
+            other => {
+                tracing::debug!(request_type = other, "unsupported request type");
+                Action::Done(UNSUPP, 0)
+            }
+        }
+    }
+
+    /// Byte offset of `sector` if `[sector, +len)` is block-aligned and inside the disk.
+    fn check_range(&self, sector: u64, len: u64) -> Option<u64> {
+        let lbs = u64::from(self.device.settings.logical_block_size);
+        let offset = sector.checked_mul(SECTOR_SIZE)?;
+        let end = offset.checked_add(len)?;
+        (offset % lbs == 0 && len % lbs == 0 && end <= self.device.capacity_bytes).then_some(offset)
+    }
+
+    fn submit_io(
+        &mut self,
+        mem: &Arc<Memory>,
+        head: u16,
+        status: GuestAddress,
+        io: PendingIo,
+    ) -> Result<(), u8> {
+        const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+        let mut bounce = None;
+        let op = match io.kind {
+            Kind::Read | Kind::Write => {
+                let mut iovecs = host_iovecs(mem, &io.data).ok_or(IOERR)?;
+                if let Some(align) = self.needs_bounce(&iovecs) {
+                    let mut buf = AlignedBuf::new(io.len as usize, align).ok_or(IOERR)?;
+                    if io.kind == Kind::Write {
+                        gather(mem, &io.data, buf.as_mut_slice()).ok_or(IOERR)?;
+                    }
+                    iovecs = vec![libc::iovec {
+                        iov_base: buf.as_mut_slice().as_mut_ptr().cast(),
+                        iov_len: buf.len(),
+                    }];
+                    bounce = Some(buf);
+                }
+                if io.kind == Kind::Read {
+                    DiskOp::Read {
+                        offset: io.offset,
+                        iovecs,
+                    }
+                } else {
+                    DiskOp::Write {
+                        offset: io.offset,
+                        iovecs,
+                        durable: !self.device.writeback_enabled(),
+                    }
+                }
+            }
+            Kind::Flush => DiskOp::Flush,
+            Kind::Discard => DiskOp::Discard {
+                offset: io.offset,
+                len: io.len,
+            },
+            Kind::WriteZeroes { unmap } => DiskOp::WriteZeroes {
+                offset: io.offset,
+                len: io.len,
+                unmap,
+            },
+        };
+        let slot = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.inflight.push(None);
+                self.inflight.len() - 1
+            }
+        };
+        if let Err(e) = self.disk.push(op, slot as u64) {
+            tracing::warn!("cannot queue disk I/O: {e}");
+            self.free.push(slot);
+            return Err(IOERR);
+        }
+        self.inflight[slot] = Some(InFlight {
+            head,
+            status,
+            mem: Arc::clone(mem),
+            io,
+            bounce,
+        });
+        Ok(())
+    }
+
+    /// The alignment to bounce through, when O_DIRECT is on and a buffer is unaligned.
+    fn needs_bounce(&self, iovecs: &[libc::iovec]) -> Option<usize> {
+        let align = self.device.disk.direct?.memory;
+        iovecs
+            .iter()
+            .any(|v| (v.iov_base as usize) % align != 0 || v.iov_len % align != 0)
+            .then_some(align)
+    }
+
+    /// Hands queued disk I/O to the kernel.
+    pub fn submit(&mut self) -> io::Result<()> {
+        self.disk.submit()
+    }
+
+    /// Collects finished requests into `done` (status written to guest memory).
+    pub fn reap(&mut self, done: &mut Vec<Completed>) {
+        let mut completions = std::mem::take(&mut self.scratch);
+        self.disk.reap(&mut completions);
+        self.complete_all(&mut completions, done);
+        self.scratch = completions;
+    }
+
+    /// Waits for every in-flight request and collects them into `done`.
+    pub fn drain(&mut self, done: &mut Vec<Completed>) -> io::Result<()> {
+        while self.in_flight() > 0 {
+            let mut completions = Vec::new();
+            self.disk.drain(&mut completions)?;
+            self.complete_all(&mut completions, done);
+        }
+        Ok(())
+    }
+
+    fn complete_all(&mut self, completions: &mut Vec<DiskCompletion>, done: &mut Vec<Completed>) {
+        for c in completions.drain(..) {
+            let slot = c.token as usize;
+            let Some(request) = self.inflight.get_mut(slot).and_then(Option::take) else {
+                tracing::error!(token = c.token, "completion for an unknown request");
+                continue;
+            };
+            self.free.push(slot);
+            if let Some(request) = self.complete(request, c.result, slot) {
+                done.push(request);
+            }
+        }
+    }
+
+    /// Finishes one request; `None` when it was resubmitted in another form.
+    fn complete(&mut self, mut request: InFlight, result: i32, slot: usize) -> Option<Completed> {
+        if request.io.kind == (Kind::WriteZeroes { unmap: false }) && result == -libc::EOPNOTSUPP {
+            // No ZERO_RANGE on this file system or device: a punched hole reads back as zeroes.
+            request.io.kind = Kind::WriteZeroes { unmap: true };
+            let op = DiskOp::WriteZeroes {
+                offset: request.io.offset,
+                len: request.io.len,
+                unmap: true,
+            };
+            if self.disk.push(op, slot as u64).is_ok() {
+                self.free.retain(|&f| f != slot);
+                self.inflight[slot] = Some(request);
+                return None;
+            }
+            return Some(self.finish(request, false));
+        }
+        let ok = match request.io.kind {
+            Kind::Read | Kind::Write => result >= 0 && result as u64 == request.io.len,
+            Kind::Discard if result == -libc::EOPNOTSUPP => true, // discard is only a hint
+            _ => result >= 0,
+        };
+        if !ok {
+            tracing::warn!(
+                kind = ?request.io.kind,
+                offset = request.io.offset,
+                len = request.io.len,
+                result,
+                "disk I/O failed"
+            );
+        }
+        Some(self.finish(request, ok))
+    }
+
+    /// Counts a finished request and writes its status.
+    fn finish(&self, request: InFlight, ok: bool) -> Completed {
+        let io = &request.io;
+        let stats = &self.stats;
+        let mut data_written = 0u32;
+        if ok {
+            match io.kind {
+                Kind::Read => {
+                    stats.read_ops.fetch_add(1, Ordering::Relaxed);
+                    stats.read_bytes.fetch_add(io.len, Ordering::Relaxed);
+                    data_written = io.len as u32;
+                }
+                Kind::Write => {
+                    stats.write_ops.fetch_add(1, Ordering::Relaxed);
+                    stats.write_bytes.fetch_add(io.len, Ordering::Relaxed);
+                }
+                Kind::Flush => {
+                    stats.flush_ops.fetch_add(1, Ordering::Relaxed);
+                }
+                Kind::Discard => {
+                    stats.discard_ops.fetch_add(1, Ordering::Relaxed);
+                }
+                Kind::WriteZeroes { .. } => {
+                    stats.write_zeroes_ops.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let mut code = if ok {
+            VIRTIO_BLK_S_OK as u8
+        } else {
+            VIRTIO_BLK_S_IOERR as u8
+        };
+        if ok && io.kind == Kind::Read {
+            if let Some(buf) = &request.bounce {
+                if scatter(&request.mem, &io.data, buf.as_slice()) != Some(buf.len()) {
+                    code = VIRTIO_BLK_S_IOERR as u8;
+                    data_written = 0;
+                }
+            }
+        }
+        self.count_status(code);
+        let used_len = match request.mem.write_obj(code, request.status) {
+            Ok(()) => data_written + 1,
+            Err(_) => 0,
+        };
+        Completed {
+            head: request.head,
+            used_len,
+        }
+    }
+}

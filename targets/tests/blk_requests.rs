@@ -1,0 +1,497 @@
+//! virtio-blk request handling over a real io_uring raw disk, with descriptor chains built in
+//! guest memory by virtio-queue's `MockSplitQueue`: good requests, and every kind of
+//! malformed one answered with the right status and no panic.
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use targets::blk::{BlkDevice, BlkQueue, BlkSettings, Completed, Memory};
+use targets::disk::{RawDisk, RawDiskOptions};
+use virtio_bindings::bindings::virtio_blk::*;
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+
+const HEADER: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x80_0000;
+const DISK_SIZE: u64 = 1 << 20;
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+const UNTOUCHED: u8 = 0xee;
+
+fn readable(addr: u64, len: u32) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
+}
+
+fn writable(addr: u64, len: u32) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(
+        addr,
+        len,
+        VRING_DESC_F_WRITE as u16,
+        0,
+    ))
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    mem: Arc<Memory>,
+    device: Arc<BlkDevice>,
+    queue: BlkQueue,
+}
+
+fn settings() -> BlkSettings {
+    BlkSettings {
+        logical_block_size: 512,
+        readonly: false,
+        serial: "serial-0123".into(),
+        num_queues: 1,
+        queue_size: 16,
+        writeback: true,
+    }
+}
+
+fn fixture_with(settings: BlkSettings, direct: bool) -> Fixture {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("disk.raw");
+    if settings.readonly {
+        std::fs::write(&path, vec![0x5a; DISK_SIZE as usize]).unwrap();
+    }
+    let disk = RawDisk::open(&RawDiskOptions {
+        path: path.clone(),
+        readonly: settings.readonly,
+        direct,
+        create_size: Some(DISK_SIZE),
+    })
+    .unwrap();
+    let device = Arc::new(BlkDevice::new(settings, disk.info()).unwrap());
+    let queue = BlkQueue::new(Arc::clone(&device), Box::new(disk.new_queue(16).unwrap()));
+    let mem = Arc::new(Memory::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap());
+    Fixture {
+        _dir: dir,
+        path,
+        mem,
+        device,
+        queue,
+    }
+}
+
+fn fixture() -> Fixture {
+    fixture_with(settings(), true)
+}
+
+impl Fixture {
+    fn header(&self, request_type: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&request_type.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(HEADER)).unwrap();
+    }
+
+    /// Runs one chain to completion; returns the completion and the status byte.
+    fn run(&mut self, descs: &[RawDescriptor]) -> (Completed, u8) {
+        self.mem.write_obj(UNTOUCHED, GuestAddress(STATUS)).unwrap();
+        let vq = MockSplitQueue::new(&*self.mem, 16);
+        let chain = vq.build_desc_chain(descs).unwrap();
+        let mut done = Vec::new();
+        self.queue.handle_chain(chain, &self.mem, &mut done);
+        self.queue.submit().unwrap();
+        self.queue.drain(&mut done).unwrap();
+        assert_eq!(done.len(), 1, "{done:?}");
+        let status: u8 = self.mem.read_obj(GuestAddress(STATUS)).unwrap();
+        (done[0], status)
+    }
+
+    fn rw(&mut self, request_type: u32, sector: u64, len: u32) -> (Completed, u8) {
+        self.header(request_type, sector);
+        let data = if request_type == VIRTIO_BLK_T_IN {
+            writable(DATA, len)
+        } else {
+            readable(DATA, len)
+        };
+        self.run(&[readable(HEADER, 16), data, writable(STATUS, 1)])
+    }
+
+    fn file_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        std::fs::File::open(&self.path)
+            .unwrap()
+            .read_exact_at(&mut buf, offset)
+            .unwrap();
+        buf
+    }
+
+    fn discard_segment(&mut self, request_type: u32, sector: u64, sectors: u32, flags: u32) -> u8 {
+        self.header(request_type, 0);
+        let mut seg = [0u8; 16];
+        seg[..8].copy_from_slice(&sector.to_le_bytes());
+        seg[8..12].copy_from_slice(&sectors.to_le_bytes());
+        seg[12..].copy_from_slice(&flags.to_le_bytes());
+        self.mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
+        self.run(&[
+            readable(HEADER, 16),
+            readable(DATA, 16),
+            writable(STATUS, 1),
+        ])
+        .1
+    }
+}
+
+#[test]
+fn write_then_read_round_trips_through_the_file() {
+    let mut f = fixture();
+    let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+    f.mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+    let (done, status) = f.rw(VIRTIO_BLK_T_OUT, 8, 8192);
+    assert_eq!((status, done.used_len), (OK, 1));
+    assert_eq!(f.file_bytes(4096, 8192), pattern);
+
+    f.mem.write_slice(&[0u8; 8192], GuestAddress(DATA)).unwrap();
+    let (done, status) = f.rw(VIRTIO_BLK_T_IN, 8, 8192);
+    assert_eq!((status, done.used_len), (OK, 8193));
+    let mut back = vec![0u8; 8192];
+    f.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert_eq!(back, pattern);
+    let stats = f.queue.stats();
+    assert_eq!(
+        stats.write_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        8192
+    );
+    assert_eq!(stats.read_ops.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[test]
+fn header_split_over_two_descriptors_is_accepted() {
+    let mut f = fixture();
+    f.header(VIRTIO_BLK_T_IN, 0);
+    let (done, status) = f.run(&[
+        readable(HEADER, 5),
+        readable(HEADER + 5, 11),
+        writable(DATA, 512),
+        writable(STATUS, 1),
+    ]);
+    assert_eq!((status, done.used_len), (OK, 513));
+}
+
+#[test]
+fn unaligned_guest_buffers_bounce_under_o_direct() {
+    let mut f = fixture();
+    let pattern: Vec<u8> = (0..1024u32).map(|i| (i % 253) as u8).collect();
+    f.mem.write_slice(&pattern, GuestAddress(DATA + 3)).unwrap();
+    f.header(VIRTIO_BLK_T_OUT, 2);
+    let (_, status) = f.run(&[
+        readable(HEADER, 16),
+        readable(DATA + 3, 100),
+        readable(DATA + 103, 924),
+        writable(STATUS, 1),
+    ]);
+    assert_eq!(status, OK);
+    assert_eq!(f.file_bytes(1024, 1024), pattern);
+
+    f.header(VIRTIO_BLK_T_IN, 2);
+    let (done, status) = f.run(&[
+        readable(HEADER, 16),
+        writable(DATA + 0x1001, 1024),
+        writable(STATUS, 1),
+    ]);
+    assert_eq!((status, done.used_len), (OK, 1025));
+    let mut back = vec![0u8; 1024];
+    f.mem
+        .read_slice(&mut back, GuestAddress(DATA + 0x1001))
+        .unwrap();
+    assert_eq!(back, pattern);
+}
+
+#[test]
+fn out_of_range_and_overflowing_sectors_are_ioerr() {
+    let mut f = fixture();
+    let last_sector = DISK_SIZE / 512 - 1;
+    assert_eq!(f.rw(VIRTIO_BLK_T_IN, last_sector, 512).1, OK);
+    assert_eq!(f.rw(VIRTIO_BLK_T_IN, last_sector, 1024).1, IOERR);
+    assert_eq!(f.rw(VIRTIO_BLK_T_OUT, last_sector + 1, 512).1, IOERR);
+    assert_eq!(f.rw(VIRTIO_BLK_T_IN, u64::MAX / 256, 512).1, IOERR);
+    assert_eq!(f.rw(VIRTIO_BLK_T_IN, u64::MAX, 512).1, IOERR);
+    assert_eq!(
+        f.discard_segment(VIRTIO_BLK_T_DISCARD, last_sector, 2, 0),
+        IOERR
+    );
+}
+
+#[test]
+fn unaligned_sectors_and_lengths_are_ioerr_with_4k_blocks() {
+    let mut f = fixture_with(
+        BlkSettings {
+            logical_block_size: 4096,
+            ..settings()
+        },
+        true,
+    );
+    assert_eq!(f.rw(VIRTIO_BLK_T_IN, 8, 4096).1, OK);
+    assert_eq!(
+        f.rw(VIRTIO_BLK_T_IN, 1, 4096).1,
+        IOERR,
+        "sector not 4K aligned"
+    );
+    assert_eq!(
+        f.rw(VIRTIO_BLK_T_OUT, 8, 512).1,
+        IOERR,
+        "length not a block multiple"
+    );
+    assert_eq!(f.rw(VIRTIO_BLK_T_IN, 8, 100).1, IOERR);
+}
+
+#[test]
+fn missing_or_empty_status_buffer_returns_chain_unused() {
+    let mut f = fixture();
+    f.header(VIRTIO_BLK_T_IN, 0);
+    let (done, status) = f.run(&[readable(HEADER, 16), readable(DATA, 512)]);
+    assert_eq!((done.used_len, status), (0, UNTOUCHED));
+    let (done, status) = f.run(&[readable(HEADER, 16), writable(STATUS, 0)]);
+    assert_eq!((done.used_len, status), (0, UNTOUCHED));
+    // A status pointer outside guest memory.
+    let (done, _) = f.run(&[readable(HEADER, 16), writable(0x1000_0000_0000, 1)]);
+    assert_eq!(done.used_len, 0);
+    assert_eq!(
+        f.queue
+            .stats()
+            .malformed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+}
+
+#[test]
+fn wrong_directions_are_ioerr() {
+    let mut f = fixture();
+    // Read whose data buffer is device-readable.
+    f.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(
+        f.run(&[
+            readable(HEADER, 16),
+            readable(DATA, 512),
+            writable(STATUS, 1)
+        ])
+        .1,
+        IOERR
+    );
+    // Write whose data buffer is device-writable.
+    f.header(VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(
+        f.run(&[
+            readable(HEADER, 16),
+            writable(DATA, 512),
+            writable(STATUS, 1)
+        ])
+        .1,
+        IOERR
+    );
+    // A readable descriptor after a writable one.
+    f.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(
+        f.run(&[
+            readable(HEADER, 16),
+            writable(DATA, 512),
+            readable(DATA + 512, 16),
+            writable(STATUS, 1)
+        ])
+        .1,
+        IOERR
+    );
+    // A header that is writable only.
+    assert_eq!(f.run(&[writable(HEADER, 16), writable(STATUS, 1)]).1, IOERR);
+}
+
+#[test]
+fn short_header_is_ioerr() {
+    let mut f = fixture();
+    f.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(f.run(&[readable(HEADER, 8), writable(STATUS, 1)]).1, IOERR);
+    // Header pointing outside guest memory.
+    assert_eq!(
+        f.run(&[readable(0x1000_0000_0000, 16), writable(STATUS, 1)])
+            .1,
+        IOERR
+    );
+}
+
+#[test]
+fn oversized_requests_are_ioerr() {
+    let mut f = fixture_with(
+        BlkSettings {
+            queue_size: 4,
+            ..settings()
+        },
+        true,
+    );
+    // queue_size 4: seg_max 2, so at most 2 * SIZE_MAX bytes and 4 descriptors.
+    let limit = f.device.max_request_bytes() as u32;
+    assert_eq!(limit, 2 * targets::blk::SIZE_MAX);
+    assert_eq!(f.rw(VIRTIO_BLK_T_IN, 0, limit).1, OK);
+    assert_eq!(f.rw(VIRTIO_BLK_T_IN, 0, limit + 512).1, IOERR);
+    f.header(VIRTIO_BLK_T_IN, 0);
+    let many: Vec<RawDescriptor> = std::iter::once(readable(HEADER, 16))
+        .chain((0..4).map(|i| writable(DATA + i * 512, 512)))
+        .chain(std::iter::once(writable(STATUS, 1)))
+        .collect();
+    assert_eq!(f.run(&many).1, IOERR);
+}
+
+#[test]
+fn readonly_export_refuses_writes_and_keeps_the_file() {
+    let mut f = fixture_with(
+        BlkSettings {
+            readonly: true,
+            ..settings()
+        },
+        false,
+    );
+    assert_eq!(
+        f.device.features() & (1 << VIRTIO_BLK_F_RO),
+        1 << VIRTIO_BLK_F_RO
+    );
+    assert_eq!(f.device.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    f.mem.write_slice(&[1u8; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(f.rw(VIRTIO_BLK_T_OUT, 0, 512).1, IOERR);
+    assert_eq!(f.discard_segment(VIRTIO_BLK_T_DISCARD, 0, 8, 0), IOERR);
+    assert_eq!(f.discard_segment(VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 0), IOERR);
+    assert_eq!(f.rw(VIRTIO_BLK_T_IN, 0, 512).1, OK);
+    assert!(f.file_bytes(0, 4096).iter().all(|&b| b == 0x5a));
+}
+
+#[test]
+fn discard_and_write_zeroes_zero_the_range() {
+    let mut f = fixture();
+    f.mem
+        .write_slice(&[0x77u8; 16384], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(f.rw(VIRTIO_BLK_T_OUT, 0, 16384).1, OK);
+    assert_eq!(f.discard_segment(VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 0), OK);
+    assert_eq!(
+        f.discard_segment(
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            8,
+            8,
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        ),
+        OK
+    );
+    assert_eq!(f.discard_segment(VIRTIO_BLK_T_DISCARD, 16, 8, 0), OK);
+    assert!(f.file_bytes(0, 12288).iter().all(|&b| b == 0));
+    assert!(f.file_bytes(12288, 4096).iter().all(|&b| b == 0x77));
+}
+
+#[test]
+fn bad_discard_requests() {
+    let mut f = fixture();
+    assert_eq!(
+        f.discard_segment(
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            8,
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        ),
+        UNSUPP
+    );
+    assert_eq!(
+        f.discard_segment(VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 0x10),
+        UNSUPP
+    );
+    assert_eq!(
+        f.discard_segment(
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            targets::blk::MAX_DISCARD_SECTORS + 1,
+            0
+        ),
+        IOERR
+    );
+    // Two segments where one is allowed; a 10-byte segment list.
+    f.header(VIRTIO_BLK_T_DISCARD, 0);
+    assert_eq!(
+        f.run(&[
+            readable(HEADER, 16),
+            readable(DATA, 32),
+            writable(STATUS, 1)
+        ])
+        .1,
+        IOERR
+    );
+    assert_eq!(
+        f.run(&[
+            readable(HEADER, 16),
+            readable(DATA, 10),
+            writable(STATUS, 1)
+        ])
+        .1,
+        IOERR
+    );
+}
+
+#[test]
+fn get_id_flush_and_unknown_types() {
+    let mut f = fixture();
+    f.header(VIRTIO_BLK_T_GET_ID, 0);
+    let (done, status) = f.run(&[
+        readable(HEADER, 16),
+        writable(DATA, 20),
+        writable(STATUS, 1),
+    ]);
+    assert_eq!((status, done.used_len), (OK, 21));
+    let mut id = [0u8; 20];
+    f.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id[..11], b"serial-0123");
+    assert!(id[11..].iter().all(|&b| b == 0));
+
+    f.header(VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(f.run(&[readable(HEADER, 16), writable(STATUS, 1)]).1, OK);
+    f.header(VIRTIO_BLK_T_SCSI_CMD, 0);
+    assert_eq!(
+        f.run(&[readable(HEADER, 16), writable(STATUS, 1)]).1,
+        UNSUPP
+    );
+    f.header(0xdead, 0);
+    assert_eq!(
+        f.run(&[readable(HEADER, 16), writable(STATUS, 1)]).1,
+        UNSUPP
+    );
+}
+
+#[test]
+fn config_space_and_write_cache_toggle() {
+    let f = fixture();
+    let d = &f.device;
+    let c = d.config_space();
+    assert_eq!(
+        u64::from_le_bytes(c[0..8].try_into().unwrap()),
+        DISK_SIZE / 512
+    );
+    assert_eq!(
+        u32::from_le_bytes(c[12..16].try_into().unwrap()),
+        14,
+        "seg_max"
+    );
+    assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
+    for off in [36, 40, 44, 48, 52] {
+        assert_ne!(
+            u32::from_le_bytes(c[off..off + 4].try_into().unwrap()),
+            0,
+            "limit at {off} is 0"
+        );
+    }
+    assert_eq!(c[32], 1, "writeback");
+    d.set_acked_features(d.features());
+    assert!(d.writeback_enabled());
+    d.write_config(32, &[0]).unwrap();
+    assert_eq!(d.config_space()[32], 0);
+    assert!(!d.writeback_enabled());
+    assert!(d.write_config(32, &[7]).is_err());
+    assert!(d.write_config(0, &[0; 8]).is_err());
+    // Without CONFIG_WCE and FLUSH the device must be writethrough.
+    d.set_acked_features(0);
+    d.write_config(32, &[1]).unwrap();
+    assert!(!d.writeback_enabled());
+}
