@@ -8,7 +8,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .unwrap_or(trimmed.len());
     let (digits, suffix) = trimmed.split_at(digits_end);
     if digits.is_empty() {
-        return Err(format!("{text:?} is not a size (expected e.g. 1073741824, 512M, 1G)"));
+        return Err(format!(
+            "{text:?} is not a size (expected e.g. 1073741824, 512M, 1G)"
+        ));
     }
     let number: u64 = digits
         .parse()

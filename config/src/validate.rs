@@ -16,6 +16,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/vhost-appliance";
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 /// Upper bound on virtqueues per export (one worker thread each).
 pub const MAX_NUM_QUEUES: u32 = 64;
+/// Default maximum virtqueue size; frontends choose any power of two up to it (QEMU: 128).
+pub const DEFAULT_QUEUE_SIZE: u32 = 256;
 /// Upper bound on the virtqueue size (QEMU's vhost-user-blk limit).
 pub const MAX_QUEUE_SIZE: u32 = 1024;
 /// virtio-blk GET_ID returns at most 20 bytes.
@@ -170,6 +172,17 @@ pub fn parse_str(text: &str, file: &Path, base: &Path) -> Result<Config, ConfigE
     .config(raw)
 }
 
+/// Validates one export given on the command line (single-export mode), with the same rules
+/// as an entry of `exports.yaml`; relative paths are resolved against `base`.
+pub fn single_export(raw: ExportFile, base: &Path) -> Result<Export, ConfigError> {
+    Validator {
+        file: Path::new("<command line>"),
+        base,
+        index: LineIndex::new(""),
+    }
+    .export(0, raw)
+}
+
 struct Validator<'a> {
     file: &'a Path,
     base: &'a Path,
@@ -254,9 +267,8 @@ impl Validator<'_> {
         };
         let mode = match raw.mode {
             None => DEFAULT_SOCKET_MODE,
-            Some(value) => parse_mode(&value).map_err(|m| {
-                self.top_err("socket_permissions", "socket_permissions.mode", m)
-            })?,
+            Some(value) => parse_mode(&value)
+                .map_err(|m| self.top_err("socket_permissions", "socket_permissions.mode", m))?,
         };
         for (field, value) in [("owner", &raw.owner), ("group", &raw.group)] {
             if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
@@ -313,10 +325,10 @@ impl Validator<'_> {
             .ok_or_else(|| at.err("path", "is required"))?;
         let format = match raw.format.as_deref() {
             None | Some("raw") => BackingFormat::Raw,
-            Some("qcow2") => {
-                return Err(at.err("format", "qcow2 is not supported by this version"))
+            Some("qcow2") => return Err(at.err("format", "qcow2 is not supported by this version")),
+            Some(other) => {
+                return Err(at.err("format", format!("unknown format {other:?} (use raw)")))
             }
-            Some(other) => return Err(at.err("format", format!("unknown format {other:?} (use raw)"))),
         };
         let num_queues = raw.num_queues.unwrap_or(1);
         if !(1..=MAX_NUM_QUEUES).contains(&num_queues) {
@@ -325,7 +337,7 @@ impl Validator<'_> {
                 format!("{num_queues} is out of range 1..={MAX_NUM_QUEUES}"),
             ));
         }
-        let queue_size = raw.queue_size.unwrap_or(128);
+        let queue_size = raw.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE);
         if !queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&queue_size) {
             return Err(at.err(
                 "queue_size",
@@ -344,7 +356,8 @@ impl Validator<'_> {
             s.truncate(MAX_SERIAL_LEN);
             s
         });
-        if serial.len() > MAX_SERIAL_LEN || !serial.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+        if serial.len() > MAX_SERIAL_LEN
+            || !serial.chars().all(|c| c.is_ascii_graphic() || c == ' ')
         {
             return Err(at.err(
                 "serial",
@@ -378,10 +391,9 @@ impl Validator<'_> {
                     ));
                 }
                 if readonly {
-                    return Err(at.err(
-                        "create",
-                        "a readonly export cannot create its backing file",
-                    ));
+                    return Err(
+                        at.err("create", "a readonly export cannot create its backing file")
+                    );
                 }
                 Some(CreateSpec { size })
             }
@@ -424,7 +436,11 @@ impl Validator<'_> {
             if let Some(&j) = names.get(e.name.as_str()) {
                 return Err(at.err(
                     "name",
-                    format!("duplicate name, also used by export #{}{}", j + 1, first_line(j)),
+                    format!(
+                        "duplicate name, also used by export #{}{}",
+                        j + 1,
+                        first_line(j)
+                    ),
                 ));
             }
             names.insert(&e.name, i);

@@ -50,7 +50,7 @@ fn defaults_and_relative_paths() {
     let cfg = parse(TWO_EXPORTS).unwrap();
     let a = &cfg.exports[0];
     assert_eq!(a.num_queues, 1);
-    assert_eq!(a.queue_size, 128);
+    assert_eq!(a.queue_size, 256);
     assert_eq!(a.logical_block_size, 512);
     assert!(a.direct);
     assert!(!a.readonly);
@@ -95,7 +95,10 @@ fn duplicate_name_and_shared_writable_path_are_refused() {
     // Two readonly exports may share a file.
     let shared_ro = TWO_EXPORTS
         .replace("path: b.raw", "path: /data/a.raw")
-        .replace("    path: /data/a.raw\n  - name: b", "    path: /data/a.raw\n    readonly: true\n  - name: b");
+        .replace(
+            "    path: /data/a.raw\n  - name: b",
+            "    path: /data/a.raw\n    readonly: true\n  - name: b",
+        );
     assert!(parse(&shared_ro).is_ok());
 }
 
@@ -105,13 +108,37 @@ fn bad_values_name_their_field() {
         ("num_queues: 4", "num_queues: 0", "num_queues"),
         ("num_queues: 4", "num_queues: 65", "num_queues"),
         ("num_queues: 4", "queue_size: 100", "queue_size"),
-        ("num_queues: 4", "logical_block_size: 1024", "logical_block_size"),
-        ("num_queues: 4", "serial: \"this serial is much too long\"", "serial"),
-        ("write_cache: writethrough", "write_cache: sometimes", "write_cache"),
-        ("type: blk\n    socket: /run/b", "type: nvme\n    socket: /run/b", "type"),
+        (
+            "num_queues: 4",
+            "logical_block_size: 1024",
+            "logical_block_size",
+        ),
+        (
+            "num_queues: 4",
+            "serial: \"this serial is much too long\"",
+            "serial",
+        ),
+        (
+            "write_cache: writethrough",
+            "write_cache: sometimes",
+            "write_cache",
+        ),
+        (
+            "type: blk\n    socket: /run/b",
+            "type: nvme\n    socket: /run/b",
+            "type",
+        ),
         ("path: b.raw", "path: b.raw\n    format: vmdk", "format"),
-        ("path: b.raw", "path: b.raw\n    create: { size: 1X }", "create"),
-        ("path: b.raw", "path: b.raw\n    create: { size: 1000 }", "create"),
+        (
+            "path: b.raw",
+            "path: b.raw\n    create: { size: 1X }",
+            "create",
+        ),
+        (
+            "path: b.raw",
+            "path: b.raw\n    create: { size: 1000 }",
+            "create",
+        ),
         ("name: b", "name: \"b/../c\"", "name"),
     ];
     for (from, to, field) in cases {
@@ -145,13 +172,21 @@ fn syntax_error_and_wrong_types_have_lines() {
 fn missing_config_file_is_a_clear_error() {
     let e = config::load_file(Path::new("/nonexistent/exports.yaml")).unwrap_err();
     assert!(e.to_string().contains("cannot read config file"), "{e}");
-    assert!(e.to_string().starts_with("/nonexistent/exports.yaml"), "{e}");
+    assert!(
+        e.to_string().starts_with("/nonexistent/exports.yaml"),
+        "{e}"
+    );
 }
 
 #[test]
 fn socket_permissions_modes() {
     let base = "socket_permissions:\n  mode: MODE\n  group: kvm\nexports: []\n";
-    for (mode, want) in [("\"0660\"", 0o660), ("0600", 0o600), ("660", 0o660), ("\"0o640\"", 0o640)] {
+    for (mode, want) in [
+        ("\"0660\"", 0o660),
+        ("0600", 0o600),
+        ("660", 0o660),
+        ("\"0o640\"", 0o640),
+    ] {
         let cfg = parse(&base.replace("MODE", mode)).unwrap();
         assert_eq!(cfg.socket_permissions.mode, want, "{mode}");
         assert_eq!(cfg.socket_permissions.group.as_deref(), Some("kvm"));
@@ -166,11 +201,23 @@ fn diff_reports_added_removed_changed() {
     let old = parse(TWO_EXPORTS).unwrap();
     let new_text = TWO_EXPORTS
         .replace("num_queues: 4", "num_queues: 2")
-        .replace("  - name: a\n    type: blk\n    socket: /run/a.sock\n    path: /data/a.raw\n", "  - name: c\n    type: blk\n    socket: /run/c.sock\n    path: /data/c.raw\n");
+        .replace(
+            "  - name: a\n    type: blk\n    socket: /run/a.sock\n    path: /data/a.raw\n",
+            "  - name: c\n    type: blk\n    socket: /run/c.sock\n    path: /data/c.raw\n",
+        );
     let new = parse(&new_text).unwrap();
     let d = diff(&old, &new);
-    assert_eq!(d.added.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["c"]);
-    assert_eq!(d.removed.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert_eq!(
+        d.added.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        ["c"]
+    );
+    assert_eq!(
+        d.removed
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
     assert_eq!(d.changed.len(), 1);
     assert_eq!(d.changed[0].1.num_queues, 2);
     assert!(diff(&old, &old).is_empty());

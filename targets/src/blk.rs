@@ -35,6 +35,8 @@ pub const CONFIG_SPACE_SIZE: usize = 60;
 const CONFIG_WRITEBACK_OFFSET: usize = 32;
 /// Largest single data segment advertised (SIZE_MAX).
 pub const SIZE_MAX: u32 = 256 * 1024;
+/// Cap on data descriptors per request (SEG_MAX).
+pub const MAX_SEGMENTS: u32 = 254;
 /// Sectors a single discard / write-zeroes segment may cover (1 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Segments per discard / write-zeroes request.
@@ -130,9 +132,12 @@ impl BlkDevice {
         self.capacity_bytes
     }
 
-    /// Most data descriptors per request: the ring minus header and status.
+    /// Most data descriptors per request: the ring minus header and status, capped so one
+    /// request stays at most `MAX_SEGMENTS * SIZE_MAX` bytes.
     pub fn seg_max(&self) -> u32 {
-        u32::from(self.settings.queue_size).saturating_sub(2).max(1)
+        u32::from(self.settings.queue_size)
+            .saturating_sub(2)
+            .clamp(1, MAX_SEGMENTS)
     }
 
     /// Largest data transfer per request.

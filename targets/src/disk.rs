@@ -214,6 +214,14 @@ impl RawDisk {
         &self.path
     }
 
+    /// Makes completed writes durable (fdatasync).
+    pub fn sync(&self) -> io::Result<()> {
+        if self.info.readonly {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+
     /// A new per-queue io_uring for up to `depth` operations in flight.
     pub fn new_queue(&self, depth: u32) -> io::Result<RawQueue> {
         RawQueue::new(self.file.try_clone()?, depth)

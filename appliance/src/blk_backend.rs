@@ -1,0 +1,281 @@
+//! The vhost-user-blk backend: glue between vhost-user-backend's vring threads and
+//! `targets::blk`.
+//!
+//! Queue *i* is served by worker thread *i* (`queues_per_thread`), which owns queue *i*'s
+//! [`BlkQueue`] and io_uring. The ring's completion eventfd is registered in that thread's
+//! epoll loop as [`COMPLETION_EVENT`], so completions arrive as events on the same thread
+//! that submitted them; no lock is shared between queues on the I/O path. The `Mutex` around
+//! each worker is only ever contended by the control path (GET_VRING_BASE drain, disconnect).
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use targets::blk::{BlkDevice, BlkQueue, Completed, Memory};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// Largest vhost-user config space (VHOST_USER_CONFIG_SIZE).
+const MAX_CONFIG_READ: usize = 256;
+
+/// One queue's handler and the vring it completes into.
+struct Worker {
+    queue: BlkQueue,
+    /// The vring of the current connection, known from its first event.
+    vring: Option<VringRwLock>,
+    done: Vec<Completed>,
+}
+
+impl Worker {
+    /// Puts finished requests on the used ring and notifies the driver if it wants it.
+    fn publish(&mut self) {
+        if self.done.is_empty() {
+            return;
+        }
+        let Some(vring) = &self.vring else {
+            self.done.clear();
+            return;
+        };
+        for c in self.done.drain(..) {
+            if let Err(e) = vring.add_used(c.head, c.used_len) {
+                tracing::warn!("cannot add to the used ring: {e:?}");
+            }
+        }
+        match vring.needs_notification() {
+            Ok(false) => {}
+            Ok(true) | Err(_) => {
+                if let Err(e) = vring.signal_used_queue() {
+                    tracing::debug!("cannot signal the used ring: {e}");
+                }
+            }
+        }
+    }
+
+    /// Waits for all in-flight I/O and completes it (the vring is being stopped).
+    fn drain(&mut self) {
+        if let Err(e) = self.queue.drain(&mut self.done) {
+            tracing::error!("draining in-flight I/O failed: {e}");
+        }
+        self.publish();
+    }
+}
+
+/// A virtio-blk export's backend, shared (`Arc`) by successive connections.
+pub struct BlkBackend {
+    device: Arc<BlkDevice>,
+    workers: Vec<Mutex<Worker>>,
+    memory: RwLock<GuestMemoryAtomic<Memory>>,
+    event_idx: AtomicBool,
+}
+
+/// Epoll data value of the per-thread io_uring completion eventfd (above the vring range).
+pub fn completion_event(num_queues: usize) -> u64 {
+    num_queues as u64 + 1
+}
+
+impl BlkBackend {
+    /// A backend over `device`, with one queue handler per virtqueue.
+    pub fn new(device: Arc<BlkDevice>, queues: Vec<BlkQueue>) -> Self {
+        BlkBackend {
+            device,
+            workers: queues
+                .into_iter()
+                .map(|queue| {
+                    Mutex::new(Worker {
+                        queue,
+                        vring: None,
+                        done: Vec::new(),
+                    })
+                })
+                .collect(),
+            memory: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            event_idx: AtomicBool::new(false),
+        }
+    }
+
+    fn worker(&self, index: usize) -> Option<MutexGuard<'_, Worker>> {
+        self.workers
+            .get(index)
+            .map(|w| w.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    /// The completion eventfd of queue `index`.
+    pub fn completion_fd(&self, index: usize) -> Option<std::os::fd::RawFd> {
+        self.worker(index).map(|w| w.queue.completion_fd())
+    }
+
+    /// Completes all in-flight I/O and forgets the connection's vrings.
+    pub fn disconnected(&self) {
+        for i in 0..self.workers.len() {
+            if let Some(mut w) = self.worker(i) {
+                w.drain();
+                w.vring = None;
+            }
+        }
+    }
+
+    fn process_queue(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+        let Some(mut worker) = self.worker(index) else {
+            return Ok(());
+        };
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
+        if worker.vring.is_none() {
+            worker.vring = Some(vring.clone());
+        }
+        let mem = self
+            .memory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .memory()
+            .into_inner();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let worker = &mut *worker;
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(queue_error)?;
+            }
+            loop {
+                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
+                let Some(chain) = chain else { break };
+                worker.queue.handle_chain(chain, &mem, &mut worker.done);
+            }
+            if let Err(e) = worker.queue.submit() {
+                tracing::error!("submitting I/O failed: {e}");
+            }
+            worker.publish();
+            if !event_idx || !vring.enable_notification().map_err(queue_error)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn process_completions(&self, index: usize) {
+        if let Some(mut worker) = self.worker(index) {
+            let worker = &mut *worker;
+            worker.queue.reap(&mut worker.done);
+            // Resubmissions (e.g. a write-zeroes fallback) may have been queued while reaping.
+            if let Err(e) = worker.queue.submit() {
+                tracing::error!("submitting I/O failed: {e}");
+            }
+            worker.publish();
+        }
+    }
+}
+
+fn queue_error(e: virtio_queue::Error) -> io::Error {
+    io::Error::other(format!("virtqueue: {e}"))
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.device.settings().queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.device.set_acked_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        self.disconnected();
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let (offset, size) = (offset as usize, size as usize);
+        let Some(end) = offset.checked_add(size).filter(|&e| e <= MAX_CONFIG_READ) else {
+            tracing::debug!(offset, size, "config read out of range");
+            return Vec::new();
+        };
+        // Fields past the ones we offer read as zero.
+        let mut space = self.device.config_space().to_vec();
+        space.resize(MAX_CONFIG_READ, 0);
+        space[offset..end].to_vec()
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        self.device.write_config(offset, buf).map_err(|e| {
+            tracing::debug!("refused config write: {e}");
+            io::Error::new(io::ErrorKind::InvalidInput, e)
+        })
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
+        *self.memory.write().unwrap_or_else(|p| p.into_inner()) = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.workers.len()).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without one, dropping the daemon would join worker threads nothing tells to stop.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: every accepted request must be on the used ring first.
+        if let Some(mut w) = self.worker(queue_index as usize) {
+            w.drain();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let num_queues = self.workers.len();
+        tracing::trace!(device_event, thread_id, "event");
+        // Events and `vrings` are local to this thread: with one queue per thread
+        // (`queues_per_thread`), local vring 0 is queue `thread_id`.
+        match usize::from(device_event) {
+            0 => match vrings.first() {
+                Some(vring) => self.process_queue(thread_id, vring),
+                None => Ok(()),
+            },
+            e if e as u64 == completion_event(num_queues) => {
+                self.process_completions(thread_id);
+                Ok(())
+            }
+            other => Err(io::Error::other(format!("unknown event {other}"))),
+        }
+    }
+}

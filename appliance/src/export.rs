@@ -1,0 +1,252 @@
+//! Export lifecycle: open the backing store, bind the socket, and serve one frontend
+//! connection after another, each with a fresh `VhostUserDaemon` (the crate refuses a second
+//! SET_OWNER on a reused one) over the same `Arc` backend, so export state survives
+//! reconnects and a frontend that disconnects, even mid-I/O, never stops the daemon.
+
+use std::fs;
+use std::io;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context};
+use config::{Export, SocketPermissions, WriteCache};
+use nix::unistd::{chown, Gid, Group, Uid, User};
+use targets::blk::{BlkDevice, BlkQueue, BlkSettings};
+use targets::disk::{RawDisk, RawDiskOptions};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::blk_backend::{completion_event, BlkBackend};
+
+/// Where an export gets its frontend connections from.
+pub enum SocketSource<'a> {
+    /// Bind this path with these permissions.
+    Path(&'a Path, &'a SocketPermissions),
+    /// A listening socket inherited from the parent (`--fd`).
+    Fd(RawFd),
+}
+
+/// A running export.
+pub struct RunningExport {
+    name: String,
+    backend: Arc<BlkBackend>,
+    disk: Arc<RawDisk>,
+    connection: Arc<Mutex<Option<ShutdownHandle>>>,
+    _acceptor: JoinHandle<()>,
+}
+
+impl RunningExport {
+    /// Opens the backing store, binds the socket and starts accepting frontends.
+    pub fn start(export: &Export, socket: SocketSource<'_>) -> anyhow::Result<Self> {
+        let disk = RawDisk::open(&RawDiskOptions {
+            path: export.path.clone(),
+            readonly: export.readonly,
+            direct: export.direct,
+            create_size: export.create.map(|c| c.size),
+        })?;
+        let settings = BlkSettings {
+            logical_block_size: export.logical_block_size,
+            readonly: export.readonly,
+            serial: export.serial.clone(),
+            num_queues: export.num_queues,
+            queue_size: export.queue_size,
+            writeback: export.write_cache == WriteCache::Writeback,
+        };
+        let device = Arc::new(BlkDevice::new(settings, disk.info())?);
+        let mut queues = Vec::with_capacity(usize::from(export.num_queues));
+        for _ in 0..export.num_queues {
+            let ring = disk
+                .new_queue(u32::from(export.queue_size))
+                .context("cannot create an io_uring for a queue")?;
+            queues.push(BlkQueue::new(Arc::clone(&device), Box::new(ring)));
+        }
+        let backend = Arc::new(BlkBackend::new(Arc::clone(&device), queues));
+        let listener = match socket {
+            SocketSource::Path(path, permissions) => bind_socket(path, permissions)?,
+            SocketSource::Fd(fd) => listener_from_fd(fd)?,
+        };
+        let connection = Arc::new(Mutex::new(None));
+        let acceptor = {
+            let name = export.name.clone();
+            let backend = Arc::clone(&backend);
+            let connection = Arc::clone(&connection);
+            std::thread::Builder::new()
+                .name(format!("accept-{}", export.name))
+                .spawn(move || serve_connections(&name, &backend, listener, &connection))?
+        };
+        tracing::info!(
+            export = export.name,
+            socket = %export.socket.display(),
+            path = %export.path.display(),
+            size = device.capacity_bytes(),
+            queues = export.num_queues,
+            readonly = export.readonly,
+            direct = ?disk.info().direct,
+            "export ready"
+        );
+        Ok(RunningExport {
+            name: export.name.clone(),
+            backend,
+            disk: Arc::new(disk),
+            connection,
+            _acceptor: acceptor,
+        })
+    }
+
+    /// Export name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Disconnects the frontend, completes in-flight I/O and makes written data durable.
+    pub fn stop(&self) {
+        if let Some(handle) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            handle.shutdown();
+        }
+        self.backend.disconnected();
+        if let Err(e) = self.disk.sync() {
+            tracing::error!(
+                export = self.name,
+                "final sync of the backing file failed: {e}"
+            );
+        }
+    }
+}
+
+/// Accept loop of one export; runs until the process exits.
+fn serve_connections(
+    name: &str,
+    backend: &Arc<BlkBackend>,
+    mut listener: Listener,
+    connection: &Mutex<Option<ShutdownHandle>>,
+) {
+    loop {
+        if let Err(e) = serve_one(name, backend, &mut listener, connection) {
+            tracing::error!(export = name, "connection failed: {e:#}");
+            // Do not spin if accept itself keeps failing.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+fn serve_one(
+    name: &str,
+    backend: &Arc<BlkBackend>,
+    listener: &mut Listener,
+    connection: &Mutex<Option<ShutdownHandle>>,
+) -> anyhow::Result<()> {
+    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new(name.to_string(), Arc::clone(backend), memory)
+        .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e:?}"))?;
+    let event = completion_event(backend.num_queues());
+    for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        let fd = backend
+            .completion_fd(thread)
+            .context("more vring threads than queues")?;
+        handler
+            .register_listener(fd, EventSet::IN, event)
+            .context("cannot register the io_uring eventfd")?;
+    }
+    daemon
+        .start(listener)
+        .map_err(|e| anyhow::anyhow!("accepting a frontend failed: {e:?}"))?;
+    tracing::info!(export = name, "frontend connected");
+    *connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+    let result = daemon.wait();
+    connection.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match result {
+        Ok(()) => tracing::info!(export = name, "frontend disconnected"),
+        Err(e) => tracing::warn!(export = name, "frontend connection ended: {e:?}"),
+    }
+    // Joins this connection's vring threads, then completes whatever they left in flight.
+    drop(daemon);
+    backend.disconnected();
+    Ok(())
+}
+
+/// Binds `path`, replacing a stale socket but never a live one or a non-socket file.
+fn bind_socket(path: &Path, permissions: &SocketPermissions) -> anyhow::Result<Listener> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create socket directory {}", parent.display()))?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                bail!("socket {} is in use by another process", path.display());
+            }
+            fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind socket {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(permissions.mode))
+        .with_context(|| format!("cannot set mode of {}", path.display()))?;
+    let uid = permissions.owner.as_deref().map(resolve_user).transpose()?;
+    let gid = permissions
+        .group
+        .as_deref()
+        .map(resolve_group)
+        .transpose()?;
+    if uid.is_some() || gid.is_some() {
+        chown(path, uid, gid).with_context(|| format!("cannot chown {}", path.display()))?;
+    }
+    Ok(Listener::from(listener))
+}
+
+fn resolve_user(name: &str) -> anyhow::Result<Uid> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(Uid::from_raw(id));
+    }
+    match User::from_name(name) {
+        Ok(Some(user)) => Ok(user.uid),
+        _ => bail!("socket owner {name:?} is not a known user"),
+    }
+}
+
+fn resolve_group(name: &str) -> anyhow::Result<Gid> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(Gid::from_raw(id));
+    }
+    match Group::from_name(name) {
+        Ok(Some(group)) => Ok(group.gid),
+        _ => bail!("socket group {name:?} is not a known group"),
+    }
+}
+
+/// Takes ownership of an inherited listening unix socket.
+fn listener_from_fd(fd: RawFd) -> anyhow::Result<Listener> {
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: fstat writes a `struct stat` into the provided buffer and touches nothing else.
+    let rc = unsafe { libc::fstat(fd, stat.as_mut_ptr()) };
+    if rc != 0 {
+        bail!("--fd {fd}: {}", io::Error::last_os_error());
+    }
+    // SAFETY: fstat succeeded, so it initialised the buffer.
+    let stat = unsafe { stat.assume_init() };
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        bail!("--fd {fd} is not a socket");
+    }
+    // SAFETY: the caller handed this fd to the process for exclusive use as the listening
+    // vhost-user socket (QEMU's backend-program convention); it is a socket (checked above)
+    // and nothing else in the process owns it.
+    Ok(unsafe { Listener::from_raw_fd(fd) })
+}

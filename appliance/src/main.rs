@@ -1,0 +1,220 @@
+//! `vhost-appliance`: serves vhost-user-blk exports from raw files and block devices.
+//!
+//! Two ways to run it:
+//! - `--config exports.yaml`: every export in the file, one unix socket each.
+//! - QEMU's backend-program conventions for a single export: `--socket-path` or `--fd`,
+//!   `--blk-file`, `--read-only`, `--print-capabilities`.
+//!
+//! Modules: [`blk_backend`] (the `VhostUserBackend`), [`export`] (sockets and connection
+//! lifecycle). The process never daemonizes; it exits cleanly on SIGTERM/SIGINT after
+//! completing in-flight I/O, and tells systemd it is ready when `NOTIFY_SOCKET` is set.
+
+mod blk_backend;
+mod export;
+
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::export::{RunningExport, SocketSource};
+
+/// Serve vhost-user-blk LUNs backed by raw files or block devices over io_uring.
+#[derive(Debug, Parser)]
+#[command(name = "vhost-appliance", version)]
+struct Cli {
+    /// Serve every export in this exports.yaml.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "blk_file"])]
+    config: Option<PathBuf>,
+
+    /// Single export: listen on this unix socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    socket_path: Option<PathBuf>,
+
+    /// Single export: serve on this inherited listening socket.
+    #[arg(long, value_name = "FDNUM")]
+    fd: Option<RawFd>,
+
+    /// Single export: the backing file or block device.
+    #[arg(long, value_name = "PATH")]
+    blk_file: Option<PathBuf>,
+
+    /// Single export: refuse writes.
+    #[arg(long)]
+    read_only: bool,
+
+    /// Single export: number of virtqueues.
+    #[arg(long, value_name = "N")]
+    num_queues: Option<u32>,
+
+    /// Single export: open the backing file without O_DIRECT.
+    #[arg(long)]
+    no_direct: bool,
+
+    /// Print the vhost-user backend capabilities as JSON and exit.
+    #[arg(long)]
+    print_capabilities: bool,
+
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    log_level: String,
+}
+
+/// QEMU's backend-program capability description for a block device backend.
+const CAPABILITIES: &str = r#"{
+  "type": "block",
+  "features": [
+    "blk-file",
+    "read-only-bdev"
+  ]
+}"#;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_capabilities {
+        println!("{CAPABILITIES}");
+        return ExitCode::SUCCESS;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("vhost-appliance: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    // Signals are taken synchronously by the main thread; every thread spawned from here on
+    // inherits the blocked mask.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block().context("cannot block signals")?;
+
+    let exports = if let Some(path) = &cli.config {
+        start_from_config(path)?
+    } else {
+        vec![start_single(cli)?]
+    };
+    notify_systemd_ready();
+
+    loop {
+        match signals.wait() {
+            Ok(Signal::SIGHUP) => {
+                tracing::info!("SIGHUP: configuration reload is not supported by this version; restart to apply changes")
+            }
+            Ok(signal) => {
+                tracing::info!("{signal}: completing in-flight I/O and exiting");
+                break;
+            }
+            Err(e) => tracing::warn!("waiting for signals failed: {e}"),
+        }
+    }
+    for export in &exports {
+        export.stop();
+        tracing::info!(export = export.name(), "stopped");
+    }
+    Ok(())
+}
+
+fn start_from_config(path: &Path) -> anyhow::Result<Vec<RunningExport>> {
+    let config = config::load_file(path)?;
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
+    let mut running = Vec::new();
+    for export in &config.exports {
+        let socket = SocketSource::Path(&export.socket, &config.socket_permissions);
+        match RunningExport::start(export, socket) {
+            Ok(r) => running.push(r),
+            // One broken LUN must not take the others down.
+            Err(e) => tracing::error!(export = export.name, "export not started: {e:#}"),
+        }
+    }
+    if running.is_empty() && !config.exports.is_empty() {
+        anyhow::bail!(
+            "none of the {} exports could be started",
+            config.exports.len()
+        );
+    }
+    tracing::info!(
+        "serving {} of {} exports from {}",
+        running.len(),
+        config.exports.len(),
+        path.display()
+    );
+    Ok(running)
+}
+
+fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {
+    let blk_file = cli
+        .blk_file
+        .as_ref()
+        .context("give --config FILE, or --blk-file with --socket-path or --fd")?;
+    let socket_path = match (&cli.socket_path, cli.fd) {
+        (Some(p), None) => p.clone(),
+        (None, Some(fd)) => PathBuf::from(format!("fd:{fd}")),
+        _ => anyhow::bail!("a single export needs exactly one of --socket-path and --fd"),
+    };
+    let export = config::single_export(
+        config::schema::ExportFile {
+            name: Some("export0".into()),
+            export_type: Some("blk".into()),
+            socket: Some(socket_path.to_string_lossy().into_owned()),
+            path: Some(blk_file.to_string_lossy().into_owned()),
+            format: None,
+            readonly: Some(cli.read_only),
+            num_queues: cli.num_queues,
+            queue_size: None,
+            logical_block_size: None,
+            serial: None,
+            direct: Some(!cli.no_direct),
+            write_cache: None,
+            create: None,
+        },
+        &std::env::current_dir().context("cannot read the current directory")?,
+    )?;
+    let permissions = config::SocketPermissions {
+        mode: config::DEFAULT_SOCKET_MODE,
+        owner: None,
+        group: None,
+    };
+    let socket = match cli.fd {
+        Some(fd) => SocketSource::Fd(fd),
+        None => SocketSource::Path(&export.socket, &permissions),
+    };
+    RunningExport::start(&export, socket)
+}
+
+/// sd_notify(READY=1) when started by systemd with `Type=notify`.
+fn notify_systemd_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let target = target.to_string_lossy().into_owned();
+    let addr = match target.strip_prefix('@') {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),
+        None => SocketAddr::from_pathname(&target),
+    };
+    let sent = addr.and_then(|addr| {
+        let socket = UnixDatagram::unbound()?;
+        socket.send_to_addr(b"READY=1\n", &addr)
+    });
+    if let Err(e) = sent {
+        tracing::warn!("cannot notify systemd at {target}: {e}");
+    }
+}

@@ -1,0 +1,231 @@
+//! Child processes under test: the appliance daemon and the reference
+//! `qemu-storage-daemon`. Each runs in its own scratch directory with its log captured to a
+//! file, and is stopped (SIGTERM, then SIGKILL) when dropped, so a failing test never leaves
+//! a process behind.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the `vhost-appliance` binary: `$VHOST_APPLIANCE_BIN`, or the one cargo built next
+/// to this test executable.
+pub fn appliance_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("VHOST_APPLIANCE_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/vhost-appliance
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("vhost-appliance"))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build -p appliance` first (or set VHOST_APPLIANCE_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// A scratch directory on the same file system as the build (ext4 here, so O_DIRECT is
+/// meaningful; /tmp may be tmpfs elsewhere).
+pub fn scratch_dir() -> tempfile::TempDir {
+    let exe = std::env::current_exe().expect("test executable path");
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .map(|t| t.join("tmp"))
+        .unwrap_or_else(std::env::temp_dir);
+    fs::create_dir_all(&target).expect("create scratch parent");
+    tempfile::tempdir_in(target).expect("create scratch dir")
+}
+
+/// A running child process that is stopped on drop.
+pub struct Process {
+    child: Option<Child>,
+    log: PathBuf,
+    what: String,
+}
+
+impl Process {
+    /// Spawns `command` with stdout and stderr appended to `log`.
+    pub fn spawn(mut command: Command, log: &Path, what: &str) -> Self {
+        let out = fs::File::create(log).expect("create log");
+        let err = out.try_clone().expect("dup log");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        Process {
+            child: Some(child),
+            log: log.to_path_buf(),
+            what: what.to_string(),
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// The captured output so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `path` exists (a socket being bound), failing with the log if the process
+    /// exits or time runs out.
+    pub fn wait_for_path(&mut self, path: &Path, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !path.exists() {
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "{} exited ({status}) before creating {}:\n{}",
+                    self.what,
+                    path.display(),
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not create {} within {timeout:?}:\n{}",
+                self.what,
+                path.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Exit status if the process has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit:\n{}",
+                self.what,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: i32) -> io::Result<()> {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let _ = self.signal(libc::SIGTERM);
+        self.wait_exit(timeout)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                // SAFETY: as in `signal`.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// The appliance daemon serving an `exports.yaml` written into a scratch directory.
+pub struct Appliance {
+    /// The daemon process.
+    pub process: Process,
+    /// Its scratch directory (config, sockets, backing files).
+    pub dir: tempfile::TempDir,
+}
+
+impl Appliance {
+    /// Writes `config` (with `@DIR@` replaced by the scratch directory) and starts the
+    /// daemon on it, waiting for each of `sockets` (relative to the directory) to appear.
+    pub fn start(config: &str, sockets: &[&str]) -> Self {
+        let dir = scratch_dir();
+        Self::start_in(dir, config, sockets)
+    }
+
+    /// As [`Appliance::start`] in an existing directory (to reuse backing files).
+    pub fn start_in(dir: tempfile::TempDir, config: &str, sockets: &[&str]) -> Self {
+        let root = dir.path();
+        let config_path = root.join("exports.yaml");
+        let text = config.replace("@DIR@", &root.display().to_string());
+        fs::write(&config_path, text).expect("write config");
+        let mut command = Command::new(appliance_binary());
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--log-level")
+            .arg(std::env::var("APPLIANCE_TEST_LOG").unwrap_or_else(|_| "debug".into()));
+        let mut process = Process::spawn(command, &root.join("daemon.log"), "vhost-appliance");
+        for s in sockets {
+            process.wait_for_path(&root.join(s), Duration::from_secs(20));
+        }
+        Appliance { process, dir }
+    }
+
+    /// A path inside the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// `qemu-storage-daemon` exporting `image` as vhost-user-blk on `socket`: the reference
+/// backend for differential tests.
+pub fn qemu_storage_daemon(image: &Path, socket: &Path, log: &Path) -> Process {
+    let mut command = Command::new("qemu-storage-daemon");
+    command
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={},cache.direct=on,discard=unmap",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=export0,node-name=file0,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ));
+    let mut process = Process::spawn(command, log, "qemu-storage-daemon");
+    process.wait_for_path(socket, Duration::from_secs(20));
+    process
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- vhost-appliance log ----\n{}", self.process.log());
+        }
+    }
+}

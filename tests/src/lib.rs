@@ -1,0 +1,11 @@
+#![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
+// Test support: a failed expectation here is a failed test, reported with its message.
+
+//! Shared helpers for the end-to-end tests in `tests/tests/`.
+//!
+//! - [`daemon`]: runs the real `vhost-appliance` binary (or `qemu-storage-daemon`) on a
+//!   scratch directory and always stops it.
+//! - [`rng`]: a small seeded generator for reproducible randomized workloads.
+
+pub mod daemon;
+pub mod rng;
