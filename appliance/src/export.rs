@@ -166,7 +166,10 @@ fn serve_one(
     let result = daemon.wait();
     connection.lock().unwrap_or_else(|p| p.into_inner()).take();
     match result {
-        Ok(()) => tracing::info!(export = name, "frontend disconnected"),
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => tracing::info!(export = name, "frontend disconnected"),
         Err(e) => tracing::warn!(export = name, "frontend connection ended: {e:?}"),
     }
     // Joins this connection's vring threads, then completes whatever they left in flight.

@@ -1,6 +1,9 @@
 //! exports.yaml validation: good files load, broken files give errors naming file, line,
 //! export and field.
 
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 
 use config::{diff, parse_str, ConfigError, WriteCache};

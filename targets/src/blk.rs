@@ -568,7 +568,7 @@ impl BlkQueue {
                 }
                 let payload = total(&readable_data);
                 let count = payload / DISCARD_SEGMENT_SIZE;
-                if payload % DISCARD_SEGMENT_SIZE != 0
+                if !payload.is_multiple_of(DISCARD_SEGMENT_SIZE)
                     || count == 0
                     || count > MAX_DISCARD_SEGMENTS as usize
                 {
@@ -623,7 +623,8 @@ impl BlkQueue {
         let lbs = u64::from(self.device.settings.logical_block_size);
         let offset = sector.checked_mul(SECTOR_SIZE)?;
         let end = offset.checked_add(len)?;
-        (offset % lbs == 0 && len % lbs == 0 && end <= self.device.capacity_bytes).then_some(offset)
+        (offset.is_multiple_of(lbs) && len.is_multiple_of(lbs) && end <= self.device.capacity_bytes)
+            .then_some(offset)
     }
 
     fn submit_io(
@@ -700,7 +701,9 @@ impl BlkQueue {
         let align = self.device.disk.direct?.memory;
         iovecs
             .iter()
-            .any(|v| (v.iov_base as usize) % align != 0 || v.iov_len % align != 0)
+            .any(|v| {
+                !(v.iov_base as usize).is_multiple_of(align) || !v.iov_len.is_multiple_of(align)
+            })
             .then_some(align)
     }
 

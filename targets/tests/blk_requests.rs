@@ -2,6 +2,9 @@
 //! guest memory by virtio-queue's `MockSplitQueue`: good requests, and every kind of
 //! malformed one answered with the right status and no panic.
 
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -5,7 +5,9 @@
 //!
 //! - [`daemon`]: runs the real `vhost-appliance` binary (or `qemu-storage-daemon`) on a
 //!   scratch directory and always stops it.
+//! - [`frontend`]: a raw vhost-user frontend that can send any descriptor chain.
 //! - [`rng`]: a small seeded generator for reproducible randomized workloads.
 
 pub mod daemon;
+pub mod frontend;
 pub mod rng;

@@ -2,6 +2,9 @@
 //! virtio-blk-vhost-user driver (the `blkio` crate), a frontend nobody here wrote. Every
 //! data check reads the backing file itself, not only what the frontend saw.
 
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
 use std::path::Path;

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then runs formatting and lint gates and
+# every test (unit, VM-less end-to-end against the real daemon binary).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash tests/scripts/install-deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== layering: targets must not depend on vhost"
+if cargo tree -p targets --edges normal --prefix none | grep -E '^vhost(-user-backend)? '; then
+    echo "targets depends on vhost: the layering rule is broken" >&2
+    exit 1
+fi
+echo "== build (the end-to-end tests run the daemon binary)"
+cargo build --workspace --bins --locked
+echo "== tests"
+cargo test --workspace --locked

@@ -1,0 +1,200 @@
+//! A raw vhost-user frontend for tests: the `vhost` crate's `Frontend` for the control
+//! plane, shared memfd "guest" memory, and a driver-side split ring from `vvu-transport`.
+//! Unlike a real driver it can build any descriptor chain, including malformed ones, so the
+//! daemon's answers to hostile input can be checked over its real socket.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::time::Duration;
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+use vvu_transport::split_ring::{Buffer, SplitRing};
+
+/// Size of the shared "guest" memory.
+pub const MEM_SIZE: usize = 16 << 20;
+/// Where the ring lives in guest memory; buffers go above [`DATA_START`].
+const RING_BASE: u64 = 0x1000;
+/// First guest address free for test buffers.
+pub const DATA_START: u64 = 0x10_0000;
+
+/// A connected frontend driving queue 0 of a vhost-user device.
+pub struct RawFrontend {
+    frontend: Frontend,
+    mem: GuestMemoryMmap,
+    ring: SplitRing,
+    kick: EventFd,
+    call: EventFd,
+    /// Virtio features acked (without PROTOCOL_FEATURES).
+    pub features: u64,
+    _memfd: File,
+}
+
+impl RawFrontend {
+    /// Connects and sets up queue 0 with `queue_size` entries, acking `features & offered`.
+    pub fn connect(socket: &Path, queue_size: u16, wanted_features: u64) -> Self {
+        let mut frontend = Frontend::connect(socket, 1).expect("connect to the vhost-user socket");
+        frontend.set_owner().expect("SET_OWNER");
+        let offered = frontend.get_features().expect("GET_FEATURES");
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        assert!(
+            offered & protocol_bit != 0,
+            "backend must offer PROTOCOL_FEATURES"
+        );
+        // The ring does not maintain used_event, so EVENT_IDX is never acked.
+        let event_idx = 1u64 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+        let features = offered & wanted_features & !protocol_bit & !event_idx;
+        frontend
+            .set_features(features | protocol_bit)
+            .expect("SET_FEATURES");
+        let protocol = frontend
+            .get_protocol_features()
+            .expect("GET_PROTOCOL_FEATURES");
+        let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK;
+        frontend
+            .set_protocol_features(protocol & wanted)
+            .expect("SET_PROTOCOL_FEATURES");
+
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"raw-frontend".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create failed");
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(MEM_SIZE as u64).expect("size memfd");
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(memfd.try_clone().expect("dup memfd"), 0)),
+        )])
+        .expect("map guest memory");
+        let host = |gpa: u64| {
+            mem.get_host_address(GuestAddress(gpa))
+                .expect("host address") as u64
+        };
+        frontend
+            .set_mem_table(&[VhostUserMemoryRegionInfo {
+                guest_phys_addr: 0,
+                memory_size: MEM_SIZE as u64,
+                userspace_addr: host(0),
+                mmap_offset: 0,
+                mmap_handle: memfd.as_raw_fd(),
+            }])
+            .expect("SET_MEM_TABLE");
+
+        let (ring, _) = SplitRing::new(&mem, GuestAddress(RING_BASE), queue_size).expect("ring");
+        let kick = EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd");
+        let call = EventFd::new(libc::EFD_NONBLOCK).expect("call eventfd");
+        frontend
+            .set_vring_num(0, queue_size)
+            .expect("SET_VRING_NUM");
+        frontend
+            .set_vring_addr(
+                0,
+                &VringConfigData {
+                    queue_max_size: queue_size,
+                    queue_size,
+                    flags: 0,
+                    desc_table_addr: host(ring.desc_addr().0),
+                    used_ring_addr: host(ring.used_addr().0),
+                    avail_ring_addr: host(ring.avail_addr().0),
+                    log_addr: None,
+                },
+            )
+            .expect("SET_VRING_ADDR");
+        frontend.set_vring_base(0, 0).expect("SET_VRING_BASE");
+        frontend.set_vring_call(0, &call).expect("SET_VRING_CALL");
+        frontend.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
+        frontend
+            .set_vring_enable(0, true)
+            .expect("SET_VRING_ENABLE");
+        RawFrontend {
+            frontend,
+            mem,
+            ring,
+            kick,
+            call,
+            features,
+            _memfd: memfd,
+        }
+    }
+
+    /// The shared guest memory.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Makes a chain available and kicks the device; returns its head.
+    pub fn submit(&mut self, buffers: &[Buffer]) -> u16 {
+        let head = self.ring.add(&self.mem, buffers).expect("add chain");
+        self.kick.write(1).expect("kick");
+        head
+    }
+
+    /// As [`RawFrontend::submit`] with explicit descriptor flags.
+    pub fn submit_with_flags(&mut self, buffers: &[Buffer], flags: &[u16]) -> u16 {
+        let head = self
+            .ring
+            .add_with_flags(&self.mem, buffers, flags)
+            .expect("add chain");
+        self.kick.write(1).expect("kick");
+        head
+    }
+
+    /// Waits for the next used element: `(head, written_len)`.
+    pub fn wait_used(&mut self, timeout: Duration) -> (u16, u32) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(used) = self.ring.pop_used(&self.mem).expect("used ring") {
+                return used;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no used element within {timeout:?}"
+            );
+            let mut pfd = libc::pollfd {
+                fd: self.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            let _ = self.call.read();
+        }
+    }
+
+    /// Reads `len` bytes of the device config space.
+    pub fn config(&mut self, len: u32) -> Vec<u8> {
+        let (_, payload) = self
+            .frontend
+            .get_config(
+                0,
+                len,
+                VhostUserConfigFlags::WRITABLE,
+                &vec![0u8; len as usize],
+            )
+            .expect("GET_CONFIG");
+        payload.to_vec()
+    }
+
+    /// Writes bytes to guest memory.
+    pub fn write_mem(&self, addr: u64, data: &[u8]) {
+        self.mem
+            .write_slice(data, GuestAddress(addr))
+            .expect("guest write");
+    }
+
+    /// Reads bytes from guest memory.
+    pub fn read_mem(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.mem
+            .read_slice(&mut buf, GuestAddress(addr))
+            .expect("guest read");
+        buf
+    }
+}
