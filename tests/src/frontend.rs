@@ -136,6 +136,16 @@ impl RawFrontend {
         head
     }
 
+    /// Makes a chain available through an indirect table at `table`; returns its head.
+    pub fn submit_indirect(&mut self, table: u64, buffers: &[Buffer]) -> u16 {
+        let head = self
+            .ring
+            .add_indirect(&self.mem, GuestAddress(table), buffers)
+            .expect("add indirect chain");
+        self.kick.write(1).expect("kick");
+        head
+    }
+
     /// As [`RawFrontend::submit`] with explicit descriptor flags.
     pub fn submit_with_flags(&mut self, buffers: &[Buffer], flags: &[u16]) -> u16 {
         let head = self

@@ -218,6 +218,51 @@ fn malformed_chains_get_statuses_and_the_queue_keeps_working() {
 }
 
 #[test]
+fn indirect_chains_work_and_oversized_ones_are_refused() {
+    const TABLE: u64 = DATA_START + 0xc0_0000;
+    let appliance = start(512, false);
+    let mut fe = RawFrontend::connect(&appliance.path("vol0.sock"), 16, ALL_FEATURES);
+    assert!(
+        fe.features & (1 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC)
+            != 0
+    );
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    h[8..].copy_from_slice(&16u64.to_le_bytes());
+    fe.write_mem(HEADER, &h);
+    // 14 data segments (= seg_max for a 16-entry ring) through one ring slot.
+    let segments = |n: u64| {
+        let mut chain = vec![Buffer::readable(HEADER, 16)];
+        chain.extend((0..n).map(|i| Buffer::readable(DATA + i * 4096, 4096)));
+        chain.push(Buffer::writable(STATUS, 1));
+        chain
+    };
+    let pattern: Vec<u8> = (0..14 * 4096u32).map(|i| (i % 241) as u8).collect();
+    fe.write_mem(DATA, &pattern);
+    fe.write_mem(STATUS, &[0xee]);
+    let head = fe.submit_indirect(TABLE, &segments(14));
+    assert_eq!(fe.wait_used(TIMEOUT), (head, 1));
+    assert_eq!(fe.read_mem(STATUS, 1)[0], OK);
+    let mut back = vec![0u8; pattern.len()];
+    std::fs::File::open(appliance.path("vol0.raw"))
+        .unwrap()
+        .read_exact_at(&mut back, 16 * 512)
+        .unwrap();
+    assert_eq!(back, pattern);
+    // 15 segments: more than seg_max, refused whole.
+    fe.write_mem(DATA, &[0u8; 15 * 4096]);
+    fe.write_mem(STATUS, &[0xee]);
+    let head = fe.submit_indirect(TABLE, &segments(15));
+    assert_eq!(fe.wait_used(TIMEOUT), (head, 1));
+    assert_eq!(fe.read_mem(STATUS, 1)[0], IOERR);
+    std::fs::File::open(appliance.path("vol0.raw"))
+        .unwrap()
+        .read_exact_at(&mut back, 16 * 512)
+        .unwrap();
+    assert_eq!(back, pattern, "refused request must not write");
+}
+
+#[test]
 fn readonly_export_answers_writes_with_ioerr_and_file_is_untouched() {
     let appliance = start(512, true);
     let mut fe = RawFrontend::connect(&appliance.path("vol0.sock"), 16, ALL_FEATURES);

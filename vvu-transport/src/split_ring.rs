@@ -8,7 +8,9 @@
 
 use std::sync::atomic::Ordering;
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Size of one descriptor.
@@ -182,24 +184,10 @@ impl SplitRing {
             });
         }
         let ids: Vec<u16> = (0..buffers.len()).filter_map(|_| self.free.pop()).collect();
-        for (i, (buffer, &id)) in buffers.iter().zip(&ids).enumerate() {
-            let mut f = flags.get(i).copied().unwrap_or(0) & !(VRING_DESC_F_NEXT as u16);
-            let next = match ids.get(i + 1) {
-                Some(&n) => {
-                    f |= VRING_DESC_F_NEXT as u16;
-                    n
-                }
-                None => 0,
-            };
-            let mut raw = [0u8; DESC_SIZE as usize];
-            raw[0..8].copy_from_slice(&buffer.addr.to_le_bytes());
-            raw[8..12].copy_from_slice(&buffer.len.to_le_bytes());
-            raw[12..14].copy_from_slice(&f.to_le_bytes());
-            raw[14..16].copy_from_slice(&next.to_le_bytes());
-            let at = self.desc.unchecked_add(u64::from(id) * DESC_SIZE);
-            mem.write_slice(&raw, at)
-                .map_err(|_| RingError::Memory(at.0))?;
-        }
+        let flags: Vec<u16> = (0..buffers.len())
+            .map(|i| flags.get(i).copied().unwrap_or(0))
+            .collect();
+        write_chain(mem, self.desc, &ids, buffers, &flags)?;
         let head = ids[0];
         self.chain_len[usize::from(head)] = buffers.len() as u16;
         let slot = u64::from(self.next_avail % self.size);
@@ -212,6 +200,37 @@ impl SplitRing {
         mem.store(self.next_avail.to_le(), idx, Ordering::Release)
             .map_err(|_| RingError::Memory(idx.0))?;
         Ok(head)
+    }
+
+    /// Writes `buffers` as an indirect table at `table` (outside the ring) and makes one
+    /// descriptor pointing at it available; returns its head.
+    pub fn add_indirect(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        table: GuestAddress,
+        buffers: &[Buffer],
+    ) -> Result<u16, RingError> {
+        if buffers.is_empty() {
+            return Err(RingError::EmptyChain);
+        }
+        let ids: Vec<u16> = (0..buffers.len() as u16).collect();
+        let flags: Vec<u16> = buffers
+            .iter()
+            .map(|b| {
+                if b.device_writable {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                }
+            })
+            .collect();
+        write_chain(mem, table, &ids, buffers, &flags)?;
+        let table_len = (buffers.len() as u64 * DESC_SIZE) as u32;
+        self.add_with_flags(
+            mem,
+            &[Buffer::readable(table.0, table_len)],
+            &[VRING_DESC_F_INDIRECT as u16],
+        )
     }
 
     /// Takes the next used element, if the device published one: `(head, written_len)`.
@@ -253,6 +272,35 @@ impl SplitRing {
         }
         Ok(Some((head, len)))
     }
+}
+
+/// Writes descriptors `ids[i]` = `buffers[i]` into the table at `table`, linked in order.
+fn write_chain(
+    mem: &GuestMemoryMmap,
+    table: GuestAddress,
+    ids: &[u16],
+    buffers: &[Buffer],
+    flags: &[u16],
+) -> Result<(), RingError> {
+    for (i, (buffer, &id)) in buffers.iter().zip(ids).enumerate() {
+        let mut f = flags.get(i).copied().unwrap_or(0) & !(VRING_DESC_F_NEXT as u16);
+        let next = match ids.get(i + 1) {
+            Some(&n) => {
+                f |= VRING_DESC_F_NEXT as u16;
+                n
+            }
+            None => 0,
+        };
+        let mut raw = [0u8; DESC_SIZE as usize];
+        raw[0..8].copy_from_slice(&buffer.addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&buffer.len.to_le_bytes());
+        raw[12..14].copy_from_slice(&f.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        let at = table.unchecked_add(u64::from(id) * DESC_SIZE);
+        mem.write_slice(&raw, at)
+            .map_err(|_| RingError::Memory(at.0))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -305,6 +353,27 @@ mod tests {
         device.add_used(&mem, head, 513).unwrap();
         assert_eq!(ring.pop_used(&mem).unwrap(), Some((head, 513)));
         assert_eq!(ring.num_free(), 8);
+    }
+
+    #[test]
+    fn indirect_chain_is_seen_whole_by_the_device() {
+        let mem = memory();
+        let (mut ring, _) = SplitRing::new(&mem, GuestAddress(0), 4).unwrap();
+        let mut device = device_queue(&ring);
+        let buffers: Vec<Buffer> = (0..6)
+            .map(|i| Buffer::writable(0x8000 + i * 0x100, 0x100))
+            .collect();
+        let head = ring
+            .add_indirect(&mem, GuestAddress(0x4000), &buffers)
+            .unwrap();
+        assert_eq!(ring.num_free(), 3, "one ring slot for six buffers");
+        let chain = device.iter(&mem).unwrap().next().unwrap();
+        assert_eq!(chain.head_index(), head);
+        let addrs: Vec<u64> = chain.map(|d| d.addr().0).collect();
+        assert_eq!(addrs, buffers.iter().map(|b| b.addr).collect::<Vec<_>>());
+        device.add_used(&mem, head, 0).unwrap();
+        assert_eq!(ring.pop_used(&mem).unwrap(), Some((head, 0)));
+        assert_eq!(ring.num_free(), 4);
     }
 
     #[test]
