@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, then runs formatting and lint gates and
-# every test (unit, VM-less end-to-end against the real daemon binary).
+# every test (unit, VM-less end-to-end against the real daemon binary, consumer VMs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash tests/scripts/install-deps.sh
+echo "== consumer VM image (cached by content hash)"
+bash image-builder/build-consumer.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian bookworm machine, idempotently:
 #   - bookworm-backports in apt sources (QEMU 10.0 lives there),
-#   - qemu-utils 10.0 (qemu-storage-daemon: the reference backend of differential tests).
+#   - qemu-utils 10.0 (qemu-storage-daemon: the reference backend of differential tests),
+#   - qemu-system-x86 10.0 (the consumer VMs of the guest tests).
+# The consumer image's own packages are installed by image-builder/build-consumer.sh.
 # Runs as root, or through sudo when available. Does nothing when all is present.
 set -euo pipefail
 
@@ -34,6 +36,9 @@ qemu_major() {
 missing=()
 if [ "$(qemu_major qemu-storage-daemon)" != "10" ]; then
     missing+=(qemu-utils)
+fi
+if [ "$(qemu_major qemu-system-x86_64)" != "10" ]; then
+    missing+=(qemu-system-x86)
 fi
 
 if [ "${#missing[@]}" -eq 0 ]; then

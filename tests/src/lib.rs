@@ -7,7 +7,9 @@
 //!   scratch directory and always stops it.
 //! - [`frontend`]: a raw vhost-user frontend that can send any descriptor chain.
 //! - [`rng`]: a small seeded generator for reproducible randomized workloads.
+//! - [`vm`]: consumer VMs (stock QEMU, serial command channel, QMP hotplug).
 
 pub mod daemon;
 pub mod frontend;
 pub mod rng;
+pub mod vm;

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Builds the consumer test image: Debian's cloud kernel plus a busybox initramfs holding
+# fio, sg3-utils, e2fsprogs, util-linux and libiscsi-bin's iscsi-test-cu with their shared
+# libraries, and the storage modules (virtio_pci, virtio_blk, virtio_scsi, sd_mod, sg).
+#
+# The result is cached by content hash (this script, the init, the kernel and tool package
+# versions) under $VHOST_APPLIANCE_CACHE (default /var/cache/vhost-appliance), outside the
+# checkout; a cache hit takes well under a second. Prints the image directory (holding
+# vmlinuz, initrd.img, kernel-release) as the last line of stdout.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+cache="${VHOST_APPLIANCE_CACHE:-/var/cache/vhost-appliance}"
+log() { echo "build-consumer: $*" >&2; }
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+tools=(busybox-static fio sg3-utils libiscsi-bin e2fsprogs util-linux kmod cpio)
+missing=()
+for p in "${tools[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]}"
+    $SUDO apt-get update -q >&2
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
+fi
+
+kernel_pkg="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9].*\)/\1/p' | head -1)"
+if [ -z "$kernel_pkg" ]; then
+    $SUDO apt-get update -q >&2
+    kernel_pkg="$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/.*Depends: \(linux-image-[0-9].*\)/\1/p' | head -1)"
+fi
+[ -n "$kernel_pkg" ] || { log "cannot resolve linux-image-cloud-amd64"; exit 1; }
+kernel_ver="$(apt-cache policy "$kernel_pkg" | sed -n 's/ *Candidate: //p')"
+
+key="$( {
+    cat "$0" "$here/consumer/init"
+    echo "$kernel_pkg $kernel_ver"
+    dpkg-query -W "${tools[@]}"
+} | sha256sum | cut -c1-16)"
+out="$cache/consumer-$key"
+if [ -f "$out/initrd.img" ] && [ -f "$out/vmlinuz" ]; then
+    log "cached: $out"
+    echo "$out"
+    exit 0
+fi
+
+log "building $out (kernel $kernel_pkg $kernel_ver)"
+$SUDO mkdir -p "$cache"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+(cd "$work" && apt-get download "$kernel_pkg=$kernel_ver" >&2 2>/dev/null || apt-get download "$kernel_pkg" >&2)
+dpkg -x "$work"/linux-image-*.deb "$work/kernel"
+kver="$(ls "$work/kernel/lib/modules")"
+depmod -b "$work/kernel" "$kver"   # the package ships no modules.dep
+
+root="$work/root"
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,lib,lib64,etc,proc,sys,dev,tmp,mnt,run}
+cp /bin/busybox "$root/bin/busybox"
+install -m 0755 "$here/consumer/init" "$root/init"
+
+# Binaries and every shared library they load (ldd), at the same paths.
+binaries=(/usr/bin/fio /usr/bin/iscsi-test-cu /sbin/mkfs.ext4 /sbin/e2fsck /sbin/fsck.ext4
+          /sbin/blkdiscard /usr/bin/lsblk /sbin/blockdev /sbin/fstrim)
+for b in /usr/bin/sg_*; do binaries+=("$b"); done
+for b in "${binaries[@]}"; do
+    [ -e "$b" ] || { log "missing $b"; exit 1; }
+    mkdir -p "$root$(dirname "$b")"
+    cp -L "$b" "$root$b"
+    ldd "$b" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
+        mkdir -p "$root$(dirname "$lib")"
+        [ -e "$root$lib" ] || cp -L "$lib" "$root$lib"
+    done
+done
+
+# The storage modules with their dependencies; depmod builds a modules.dep for the subset.
+moddir="$work/kernel/lib/modules/$kver"
+wanted=(virtio_pci virtio_blk virtio_scsi sd_mod sg)
+declare -A seen=()
+add_module() {
+    local name="$1" path dep
+    path="$(modinfo -b "$work/kernel" -k "$kver" -n "$name" 2>/dev/null)" || return 0
+    case "$path" in /*) ;; *) return 0 ;; esac   # built in
+    [ -n "${seen[$path]:-}" ] && return 0
+    seen[$path]=1
+    mkdir -p "$root$(dirname "${path#"$work/kernel"}")"
+    cp "$path" "$root${path#"$work/kernel"}"
+    for dep in $(modinfo -b "$work/kernel" -k "$kver" -F depends "$name" | tr ',' ' '); do
+        add_module "$dep"
+    done
+}
+for m in "${wanted[@]}"; do add_module "$m"; done
+cp "$moddir"/modules.builtin* "$moddir"/modules.order "$root/lib/modules/$kver/" 2>/dev/null || true
+depmod -b "$root" "$kver"
+
+tmp_out="$(mktemp -d "$cache/.consumer-XXXXXX")"
+(cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$tmp_out/initrd.img"
+cp "$work/kernel/boot/vmlinuz-$kver" "$tmp_out/vmlinuz"
+echo "$kver" > "$tmp_out/kernel-release"
+rm -rf "$out"
+mv "$tmp_out" "$out"
+chmod 0755 "$out"
+log "built $out ($(du -sh "$out/initrd.img" | cut -f1) initramfs)"
+echo "$out"

@@ -1,0 +1,568 @@
+//! Consumer VMs for tests: stock `qemu-system-x86_64` booting the image from
+//! `image-builder/build-consumer.sh`, with guest RAM shared (memfd) as vhost-user requires,
+//! the serial console as a command channel, and a QMP socket for hotplug.
+//!
+//! KVM is used only where it can run a stock guest kernel (vmx/svm present, no `kvm_pvm`),
+//! and only if the guest then actually boots; otherwise TCG. The choice is printed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::daemon::{scratch_dir, Process};
+
+/// Kernel and initramfs of the consumer test VM.
+#[derive(Debug, Clone)]
+pub struct ConsumerImage {
+    /// Directory holding `vmlinuz` and `initrd.img`.
+    pub dir: PathBuf,
+}
+
+impl ConsumerImage {
+    /// Builds (or takes from the cache) the consumer image, once per test process.
+    pub fn get() -> &'static ConsumerImage {
+        static IMAGE: OnceLock<ConsumerImage> = OnceLock::new();
+        IMAGE.get_or_init(|| {
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-builder/build-consumer.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .output()
+                .expect("run build-consumer.sh");
+            assert!(
+                out.status.success(),
+                "build-consumer.sh failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let dir = stdout
+                .lines()
+                .last()
+                .expect("image directory")
+                .trim()
+                .to_string();
+            ConsumerImage {
+                dir: PathBuf::from(dir),
+            }
+        })
+    }
+}
+
+/// The accelerator a VM runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// KVM if this host can run stock guest kernels under it, else TCG.
+pub fn preferred_accel() -> Accel {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has_vmx = cpu.split_whitespace().any(|f| f == "vmx" || f == "svm");
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    if has_vmx && !pvm && Path::new("/dev/kvm").exists() {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    }
+}
+
+/// A vhost-user-blk device present at boot.
+#[derive(Debug, Clone)]
+pub struct BlkAtBoot {
+    /// Chardev and device id.
+    pub id: String,
+    /// The backend's socket.
+    pub socket: PathBuf,
+    /// Queues the device uses.
+    pub num_queues: u16,
+}
+
+/// How to start a consumer VM.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub cpus: u32,
+    /// vhost-user-blk devices present at boot.
+    pub blk: Vec<BlkAtBoot>,
+    /// Free PCIe root ports for hotplug, named `hp0`, `hp1`, ...
+    pub hotplug_ports: u32,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        VmOptions {
+            memory_mib: 512,
+            cpus: 2,
+            blk: Vec::new(),
+            hotplug_ports: 2,
+        }
+    }
+}
+
+/// Output of one guest command.
+#[derive(Debug, Clone)]
+pub struct GuestOutput {
+    /// Exit status in the guest.
+    pub status: i32,
+    /// Combined stdout and stderr (with any kernel messages printed meanwhile).
+    pub output: String,
+}
+
+/// A running consumer VM; QEMU is killed when it is dropped.
+pub struct Vm {
+    process: Process,
+    serial: BufReader<UnixStream>,
+    qmp: Qmp,
+    transcript: String,
+    /// Accelerator in use.
+    pub accel: Accel,
+    _dir: tempfile::TempDir,
+}
+
+const READY: &str = "@@READY@@";
+const DONE: &str = "@@DONE@@ ";
+
+impl Vm {
+    /// Boots a VM and waits for its command prompt.
+    pub fn boot(options: &VmOptions) -> Vm {
+        let accel = preferred_accel();
+        if accel == Accel::Kvm {
+            match Self::try_boot(options, Accel::Kvm) {
+                Ok(vm) => return vm,
+                Err(log) => eprintln!("vm: KVM guest did not boot, falling back to TCG:\n{log}"),
+            }
+        }
+        Self::try_boot(options, Accel::Tcg)
+            .unwrap_or_else(|log| panic!("guest did not boot under TCG:\n{log}"))
+    }
+
+    fn try_boot(options: &VmOptions, accel: Accel) -> Result<Vm, String> {
+        let image = ConsumerImage::get();
+        let dir = scratch_dir();
+        let serial_path = dir.path().join("serial.sock");
+        let qmp_path = dir.path().join("qmp.sock");
+        let mem = options.memory_mib;
+        let machine = match accel {
+            Accel::Kvm => "q35,accel=kvm",
+            Accel::Tcg => "q35,accel=tcg",
+        };
+        eprintln!("vm: booting consumer guest under {accel:?}");
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-M", machine, "-cpu", "max", "-smp"])
+            .arg(options.cpus.to_string())
+            .arg("-m")
+            .arg(format!("{mem}M"))
+            .arg("-object")
+            .arg(format!("memory-backend-memfd,id=mem,size={mem}M,share=on"))
+            .args(["-numa", "node,memdev=mem"])
+            .arg("-kernel")
+            .arg(image.dir.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(image.dir.join("initrd.img"))
+            .args(["-append", "console=ttyS0 loglevel=4 panic=-1"])
+            .args([
+                "-display",
+                "none",
+                "-no-reboot",
+                "-nodefaults",
+                "-monitor",
+                "none",
+            ])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=serial0,path={},server=on,wait=off,logfile={}",
+                serial_path.display(),
+                dir.path().join("serial.log").display()
+            ))
+            .args(["-serial", "chardev:serial0"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        for port in 0..options.hotplug_ports {
+            cmd.arg("-device").arg(format!(
+                "pcie-root-port,id=hp{port},chassis={},slot={}",
+                10 + port,
+                10 + port
+            ));
+        }
+        for b in &options.blk {
+            cmd.arg("-chardev")
+                .arg(format!("socket,id={},path={}", b.id, b.socket.display()))
+                .arg("-device")
+                .arg(format!(
+                    "vhost-user-blk-pci,id={},chardev={},num-queues={}",
+                    b.id, b.id, b.num_queues
+                ));
+        }
+        let mut process = Process::spawn(cmd, &dir.path().join("qemu.log"), "qemu-system-x86_64");
+        process.wait_for_path(&serial_path, Duration::from_secs(20));
+        process.wait_for_path(&qmp_path, Duration::from_secs(20));
+        let serial = UnixStream::connect(&serial_path).map_err(|e| format!("serial: {e}"))?;
+        let qmp = Qmp::connect(&qmp_path);
+        let mut vm = Vm {
+            process,
+            serial: BufReader::new(serial),
+            qmp,
+            transcript: String::new(),
+            accel,
+            _dir: dir,
+        };
+        let boot_timeout = match accel {
+            Accel::Kvm => Duration::from_secs(30),
+            Accel::Tcg => Duration::from_secs(120),
+        };
+        let started = Instant::now();
+        match vm.read_until(|line| line.contains(READY), boot_timeout) {
+            Some(_) => {
+                eprintln!(
+                    "vm: guest ready after {:.1}s ({accel:?})",
+                    started.elapsed().as_secs_f64()
+                );
+                Ok(vm)
+            }
+            None => Err(format!("{}\n{}", vm.transcript, vm.process.log())),
+        }
+    }
+
+    /// Reads serial lines until `done` matches one; returns it, or `None` on timeout/EOF.
+    fn read_until(
+        &mut self,
+        mut done: impl FnMut(&str) -> bool,
+        timeout: Duration,
+    ) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut line = String::new();
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            self.serial
+                .get_ref()
+                .set_read_timeout(Some(left.max(Duration::from_millis(10))))
+                .ok()?;
+            let mut byte = [0u8; 1];
+            match self.serial.read(&mut byte) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None
+                }
+                Err(_) => return None,
+            }
+            let c = byte[0] as char;
+            self.transcript.push(c);
+            if c == '\n' {
+                let complete = line.trim_end_matches('\r').to_string();
+                line.clear();
+                if done(&complete) {
+                    return Some(complete);
+                }
+            } else {
+                line.push(c);
+            }
+        }
+    }
+
+    /// Runs a shell script in the guest and returns its status and output.
+    pub fn run(&mut self, script: &str, timeout: Duration) -> GuestOutput {
+        use base64_lite::encode;
+        // One line per command on the serial line: ship the script base64-encoded in chunks
+        // short enough for the tty's line buffer.
+        let encoded = encode(script.as_bytes());
+        self.send_line("rm -f /tmp/cmd.b64");
+        for chunk in encoded.as_bytes().chunks(512) {
+            let chunk = std::str::from_utf8(chunk).expect("base64 is ascii");
+            self.send_line(&format!("echo {chunk} >> /tmp/cmd.b64"));
+        }
+        let start = self.transcript.len();
+        self.write_line("base64 -d /tmp/cmd.b64 > /tmp/cmd.sh && sh /tmp/cmd.sh");
+        let marker = self.read_until(|l| l.starts_with(DONE), timeout);
+        let output = self.transcript[start..].to_string();
+        match marker {
+            Some(line) => GuestOutput {
+                status: line[DONE.len()..].trim().parse().unwrap_or(-1),
+                output: output.lines().filter(|l| !l.starts_with(DONE)).collect::<Vec<_>>().join("\n"),
+            },
+            None => panic!(
+                "guest command timed out after {timeout:?}:\n{script}\n--- output ---\n{output}\n--- qemu ---\n{}",
+                self.process.log()
+            ),
+        }
+    }
+
+    /// Runs `script` and fails the test with its output unless it exits 0.
+    pub fn run_ok(&mut self, script: &str, timeout: Duration) -> String {
+        let out = self.run(script, timeout);
+        assert_eq!(
+            out.status, 0,
+            "guest script failed:\n{script}\n--- output ---\n{}",
+            out.output
+        );
+        out.output
+    }
+
+    fn write_line(&mut self, line: &str) {
+        let stream = self.serial.get_mut();
+        stream.write_all(line.as_bytes()).expect("serial write");
+        stream.write_all(b"\n").expect("serial write");
+    }
+
+    /// Sends one command line and waits for its completion marker (helper commands).
+    fn send_line(&mut self, line: &str) {
+        self.write_line(line);
+        let ok = self.read_until(|l| l.starts_with(DONE), Duration::from_secs(30));
+        assert!(
+            ok.is_some(),
+            "guest stopped answering on the serial console"
+        );
+    }
+
+    /// Waits until a virtio-blk disk with `serial` appears; returns its device name (`vdb`).
+    pub fn wait_for_blk(&mut self, serial: &str, timeout: Duration) -> String {
+        let script = format!(
+            "i=0; while [ $i -lt {} ]; do for d in /sys/block/vd*; do \
+             if [ \"$(cat $d/serial 2>/dev/null)\" = \"{serial}\" ]; then basename $d; exit 0; fi; done; \
+             sleep 0.2; i=$((i+1)); done; exit 1",
+            timeout.as_millis() / 200
+        );
+        let out = self.run(&script, timeout + Duration::from_secs(30));
+        assert_eq!(
+            out.status, 0,
+            "disk with serial {serial} did not appear:\n{}",
+            out.output
+        );
+        out.output
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    /// Waits until no virtio-blk disk has `serial`.
+    pub fn wait_for_blk_gone(&mut self, serial: &str, timeout: Duration) {
+        let script = format!(
+            "i=0; while [ $i -lt {} ]; do found=0; for d in /sys/block/vd*; do \
+             [ \"$(cat $d/serial 2>/dev/null)\" = \"{serial}\" ] && found=1; done; \
+             [ $found = 0 ] && exit 0; sleep 0.2; i=$((i+1)); done; exit 1",
+            timeout.as_millis() / 200
+        );
+        let out = self.run(&script, timeout + Duration::from_secs(30));
+        assert_eq!(
+            out.status, 0,
+            "disk with serial {serial} did not go away:\n{}",
+            out.output
+        );
+    }
+
+    /// The QMP monitor.
+    pub fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+
+    /// QEMU's own log so far.
+    pub fn qemu_log(&self) -> String {
+        self.process.log()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let tail: String = self
+                .transcript
+                .chars()
+                .rev()
+                .take(4000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            eprintln!(
+                "---- guest serial (tail) ----\n{tail}\n---- qemu ----\n{}",
+                self.process.log()
+            );
+        }
+    }
+}
+
+/// A QMP client.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connects and leaves capabilities negotiation mode.
+    pub fn connect(path: &Path) -> Qmp {
+        let stream = UnixStream::connect(path).expect("connect to QMP");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("QMP timeout");
+        let writer = stream.try_clone().expect("dup QMP socket");
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+            events: Vec::new(),
+        };
+        let greeting = qmp.read_message();
+        assert!(
+            greeting.get("QMP").is_some(),
+            "not a QMP greeting: {greeting}"
+        );
+        qmp.execute("qmp_capabilities", json!({}))
+            .expect("qmp_capabilities");
+        qmp
+    }
+
+    fn read_message(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("QMP read");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP message {line:?}: {e}"))
+    }
+
+    /// Runs a command; `Err` carries QEMU's error description.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
+        let msg = json!({ "execute": command, "arguments": arguments });
+        writeln!(self.writer, "{msg}").expect("QMP write");
+        loop {
+            let reply = self.read_message();
+            if reply.get("event").is_some() {
+                self.events.push(reply);
+            } else if let Some(ret) = reply.get("return") {
+                return Ok(ret.clone());
+            } else if let Some(err) = reply.get("error") {
+                return Err(err["desc"].as_str().unwrap_or("unknown error").to_string());
+            }
+        }
+    }
+
+    /// Waits for an event matching `pred` (checking ones already received first).
+    pub fn wait_event(
+        &mut self,
+        name: &str,
+        pred: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> Value {
+        if let Some(i) = self
+            .events
+            .iter()
+            .position(|e| e["event"] == name && pred(e))
+        {
+            return self.events.remove(i);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no QMP event {name} within {timeout:?}"
+            );
+            let msg = self.read_message();
+            if msg["event"] == name && pred(&msg) {
+                return msg;
+            }
+            if msg.get("event").is_some() {
+                self.events.push(msg);
+            }
+        }
+    }
+
+    /// `chardev-add` of a unix socket client that reconnects every `reconnect_ms`.
+    pub fn chardev_add_socket(
+        &mut self,
+        id: &str,
+        path: &Path,
+        reconnect_ms: u64,
+    ) -> Result<Value, String> {
+        self.execute(
+            "chardev-add",
+            json!({
+                "id": id,
+                "backend": { "type": "socket", "data": {
+                    "addr": { "type": "unix", "data": { "path": path.display().to_string() } },
+                    "server": false,
+                    "reconnect-ms": reconnect_ms,
+                }}
+            }),
+        )
+    }
+
+    /// `device_add` of `driver` with `id`, plugged into `bus`, with extra properties.
+    pub fn device_add(
+        &mut self,
+        driver: &str,
+        id: &str,
+        bus: &str,
+        extra: Value,
+    ) -> Result<Value, String> {
+        let mut args = json!({ "driver": driver, "id": id, "bus": bus });
+        if let (Some(map), Some(more)) = (args.as_object_mut(), extra.as_object()) {
+            for (k, v) in more {
+                map.insert(k.clone(), v.clone());
+            }
+        }
+        self.execute("device_add", args)
+    }
+
+    /// `device_del`, then waits for the guest to release it (DEVICE_DELETED).
+    pub fn device_del(&mut self, id: &str, timeout: Duration) {
+        self.execute("device_del", json!({ "id": id }))
+            .expect("device_del");
+        self.wait_event("DEVICE_DELETED", |e| e["data"]["device"] == id, timeout);
+    }
+
+    /// `chardev-remove`.
+    pub fn chardev_remove(&mut self, id: &str) -> Result<Value, String> {
+        self.execute("chardev-remove", json!({ "id": id }))
+    }
+}
+
+/// Minimal standard base64 encoding (the guest decodes with busybox `base64 -d`).
+mod base64_lite {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(data: &[u8]) -> String {
+        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+        for chunk in data.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn known_vectors() {
+            assert_eq!(super::encode(b""), "");
+            assert_eq!(super::encode(b"f"), "Zg==");
+            assert_eq!(super::encode(b"fo"), "Zm8=");
+            assert_eq!(super::encode(b"foo"), "Zm9v");
+            assert_eq!(super::encode(b"foobar"), "Zm9vYmFy");
+        }
+    }
+}
