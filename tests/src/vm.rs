@@ -53,6 +53,26 @@ impl ConsumerImage {
     }
 }
 
+/// `qemu-system-x86_64` with the virtio-vhost-user-pci device, built (or taken from the
+/// cache) by `qemu-device/build.sh`, once per test process.
+pub fn patched_qemu() -> &'static Path {
+    static QEMU: OnceLock<PathBuf> = OnceLock::new();
+    QEMU.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qemu-device/build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .expect("run qemu-device/build.sh");
+        assert!(
+            out.status.success(),
+            "qemu-device/build.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(stdout.lines().last().expect("qemu path").trim())
+    })
+}
+
 /// The accelerator a VM runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -96,6 +116,14 @@ pub struct VmOptions {
     pub blk: Vec<BlkAtBoot>,
     /// Free PCIe root ports for hotplug, named `hp0`, `hp1`, ...
     pub hotplug_ports: u32,
+    /// QEMU binary (default: the system's stock `qemu-system-x86_64`).
+    pub qemu: PathBuf,
+    /// Extra `-M q35,...` machine options (e.g. `kernel-irqchip=split`).
+    pub machine_options: String,
+    /// Extra kernel command line arguments.
+    pub kernel_args: String,
+    /// Extra QEMU arguments, appended as given.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for VmOptions {
@@ -105,6 +133,10 @@ impl Default for VmOptions {
             cpus: 2,
             blk: Vec::new(),
             hotplug_ports: 2,
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            machine_options: String::new(),
+            kernel_args: String::new(),
+            extra_args: Vec::new(),
         }
     }
 }
@@ -152,13 +184,19 @@ impl Vm {
         let serial_path = dir.path().join("serial.sock");
         let qmp_path = dir.path().join("qmp.sock");
         let mem = options.memory_mib;
-        let machine = match accel {
-            Accel::Kvm => "q35,accel=kvm",
-            Accel::Tcg => "q35,accel=tcg",
+        let mut machine = match accel {
+            Accel::Kvm => "q35,accel=kvm".to_string(),
+            Accel::Tcg => "q35,accel=tcg".to_string(),
         };
+        if !options.machine_options.is_empty() {
+            machine.push(',');
+            machine.push_str(&options.machine_options);
+        }
         eprintln!("vm: booting consumer guest under {accel:?}");
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", machine, "-cpu", "max", "-smp"])
+        let mut cmd = Command::new(&options.qemu);
+        // Firmware as Debian ships it (stock QEMU has these built in; a patched build may not).
+        cmd.args(["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]);
+        cmd.args(["-M", &machine, "-cpu", "max", "-smp"])
             .arg(options.cpus.to_string())
             .arg("-m")
             .arg(format!("{mem}M"))
@@ -169,7 +207,11 @@ impl Vm {
             .arg(image.dir.join("vmlinuz"))
             .arg("-initrd")
             .arg(image.dir.join("initrd.img"))
-            .args(["-append", "console=ttyS0 loglevel=4 panic=-1"])
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 loglevel=4 panic=-1 {}",
+                options.kernel_args
+            ))
             .args([
                 "-display",
                 "none",
@@ -203,10 +245,12 @@ impl Vm {
                     b.id, b.id, b.num_queues
                 ));
         }
+        cmd.args(&options.extra_args);
         let mut process = Process::spawn(cmd, &dir.path().join("qemu.log"), "qemu-system-x86_64");
         process.wait_for_path(&serial_path, Duration::from_secs(20));
         process.wait_for_path(&qmp_path, Duration::from_secs(20));
-        let serial = UnixStream::connect(&serial_path).map_err(|e| format!("serial: {e}"))?;
+        let serial = UnixStream::connect(&serial_path)
+            .map_err(|e| format!("serial: {e}\n{}", process.log()))?;
         let qmp = Qmp::connect(&qmp_path);
         let mut vm = Vm {
             process,
@@ -375,6 +419,11 @@ impl Vm {
     /// QEMU's own log so far.
     pub fn qemu_log(&self) -> String {
         self.process.log()
+    }
+
+    /// True while QEMU is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.process.try_wait().is_none()
     }
 }
 

@@ -1,0 +1,397 @@
+//! The virtio-vhost-user-pci device model, seen from inside an appliance VM (patched QEMU,
+//! intel-iommu) before any driver exists: PCI identity, capabilities 6/7/8 and the config
+//! space as the spec fixes them; BACKEND_UP gating front-end connections; and stock or
+//! hostile front-ends connecting and vanishing while the appliance VM keeps running.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use appliance_tests::daemon::{scratch_dir, Process};
+use appliance_tests::vm::{patched_qemu, ConsumerImage, Vm, VmOptions};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const UUID: &str = "6c1e7d52-3b0a-4f4e-9d41-0123456789ab";
+const MAX_VHOST_QUEUES: u32 = 8;
+const SHM_SIZE: u64 = 1 << 30;
+
+/// What the guest sees of the device.
+struct Probe {
+    config: Vec<u8>,
+    /// BAR base addresses from sysfs `resource`.
+    bars: Vec<u64>,
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// A vendor-specific virtio capability: (cfg_type, bar, id, offset, length, cap bytes).
+#[derive(Debug, Clone)]
+struct VirtioCap {
+    cfg_type: u8,
+    bar: u8,
+    id: u8,
+    offset: u64,
+    length: u64,
+    raw: Vec<u8>,
+}
+
+fn virtio_caps(config: &[u8]) -> (Vec<VirtioCap>, Option<u16>) {
+    let mut caps = Vec::new();
+    let mut msix_table_size = None;
+    let mut at = usize::from(config[0x34]);
+    let mut guard = 0;
+    while at != 0 && guard < 48 {
+        guard += 1;
+        let id = config[at];
+        let next = usize::from(config[at + 1]);
+        if id == 0x11 {
+            msix_table_size = Some((le16(config, at + 2) & 0x7ff) + 1);
+        }
+        if id == 0x09 {
+            let len = usize::from(config[at + 2]);
+            let raw = config[at..at + len].to_vec();
+            let mut offset = u64::from(le32(&raw, 8));
+            let mut length = u64::from(le32(&raw, 12));
+            if raw[3] == 8 && len >= 24 {
+                offset |= u64::from(le32(&raw, 16)) << 32;
+                length |= u64::from(le32(&raw, 20)) << 32;
+            }
+            caps.push(VirtioCap {
+                cfg_type: raw[3],
+                bar: raw[4],
+                id: raw[5],
+                offset,
+                length,
+                raw,
+            });
+        }
+        at = next;
+    }
+    (caps, msix_table_size)
+}
+
+const PROBE: &str = r#"set -e
+for d in /sys/bus/pci/devices/*; do
+  if [ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x106b ]; then dev=$d; fi
+done
+[ -n "$dev" ] || { echo "no 1af4:106b device"; exit 1; }
+if [ -e $dev/driver ]; then echo $(basename $dev) > $dev/driver/unbind; fi
+# memory space + bus master
+printf '\006\000' | dd of=$dev/config bs=1 seek=4 conv=notrunc 2>/dev/null
+echo "CLASS=$(cat $dev/class)"
+echo "CONFIG=$(hexdump -v -e '1/1 "%02x"' $dev/config)"
+i=0; while read start end flags; do echo "BAR$i=$start"; i=$((i+1)); done < $dev/resource
+"#;
+
+fn probe(vm: &mut Vm) -> Probe {
+    let out = vm.run_ok(PROBE, MINUTE);
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} missing in:\n{out}"))
+            .trim()
+            .to_string()
+    };
+    // QEMU's PCI_CLASS_OTHERS (0x00ff), as virtio-rng uses.
+    assert_eq!(field("CLASS"), "0x00ff00", "PCI_CLASS_OTHERS");
+    let config = hex_bytes(&field("CONFIG"));
+    assert!(config.len() >= 256, "only {} config bytes", config.len());
+    let bars = (0..6)
+        .map(|i| {
+            u64::from_str_radix(field(&format!("BAR{i}")).trim_start_matches("0x"), 16).unwrap()
+        })
+        .collect();
+    Probe { config, bars }
+}
+
+/// Address of the device-specific config structure (virtio cap cfg_type 4).
+fn device_cfg_addr(p: &Probe) -> u64 {
+    let (caps, _) = virtio_caps(&p.config);
+    let dev = caps
+        .iter()
+        .find(|c| c.cfg_type == 4)
+        .expect("device cfg cap");
+    p.bars[usize::from(dev.bar)] + dev.offset
+}
+
+fn devmem_read32(vm: &mut Vm, addr: u64) -> u32 {
+    let out = vm.run_ok(&format!("devmem {addr:#x} 32"), MINUTE);
+    let v = out.lines().last().unwrap().trim();
+    u32::from_str_radix(v.trim_start_matches("0x"), 16)
+        .unwrap_or_else(|_| panic!("devmem said {out}"))
+}
+
+fn devmem_write32(vm: &mut Vm, addr: u64, value: u32) {
+    vm.run_ok(&format!("devmem {addr:#x} 32 {value:#x}"), MINUTE);
+}
+
+/// Polls the device status until it equals `want`.
+fn wait_status(vm: &mut Vm, addr: u64, want: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = devmem_read32(vm, addr);
+        if status == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "device status {status:#x}, wanted {want:#x}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn appliance_vm(socket: &Path) -> Vm {
+    Vm::boot(&VmOptions {
+        qemu: std::env::var_os("VVU_QEMU").map(Into::into).unwrap_or_else(|| patched_qemu().to_path_buf()),
+        kernel_args: "intel_iommu=on".into(),
+        extra_args: vec![
+            "-device".into(),
+            "intel-iommu,intremap=on".into(),
+            "-chardev".into(),
+            format!("socket,id=vvu0,path={},server=on,wait=off", socket.display()),
+            "-device".into(),
+            format!(
+                "virtio-vhost-user-pci,chardev=vvu0,iommu_platform=on,uuid={UUID},max-vhost-queues={MAX_VHOST_QUEUES},shm-size={SHM_SIZE}"
+            ),
+        ],
+        ..VmOptions::default()
+    })
+}
+
+#[test]
+fn guest_sees_the_spec_identity_capabilities_and_config() {
+    let dir = scratch_dir();
+    let socket = dir.path().join("vvu.sock");
+    let mut vm = appliance_vm(&socket);
+    let p = probe(&mut vm);
+    let c = &p.config;
+    assert_eq!((le16(c, 0), le16(c, 2)), (0x1af4, 0x106b), "vendor/device");
+    assert_eq!(c[8], 1, "modern virtio revision");
+
+    let (caps, msix) = virtio_caps(c);
+    let by_type = |t: u8| {
+        caps.iter()
+            .find(|x| x.cfg_type == t)
+            .cloned()
+            .unwrap_or_else(|| panic!("cap {t} missing: {caps:?}"))
+    };
+    for standard in [1u8, 2, 3, 4] {
+        assert_eq!(
+            by_type(standard).bar,
+            4,
+            "standard virtio cap {standard} in BAR 4"
+        );
+    }
+    let doorbell = by_type(6);
+    assert_eq!(
+        doorbell.raw.len(),
+        20,
+        "doorbell cap carries the multiplier"
+    );
+    assert_eq!(le32(&doorbell.raw, 16), 4, "doorbell_off_multiplier");
+    assert_eq!(doorbell.bar, 0);
+    assert!(
+        doorbell.length >= u64::from(2 * MAX_VHOST_QUEUES + 1) * 4,
+        "room for call, err and log doorbells"
+    );
+    let notification = by_type(7);
+    assert_eq!((notification.bar, notification.length), (0, 4));
+    assert_ne!(notification.offset, doorbell.offset, "separate structures");
+    let shm = by_type(8);
+    assert_eq!(shm.raw.len(), 24, "virtio_pci_cap64");
+    assert_eq!(
+        (shm.bar, shm.id, shm.offset, shm.length),
+        (2, 1, 0, SHM_SIZE)
+    );
+    assert_ne!(shm.bar, doorbell.bar, "shared memory has a BAR of its own");
+    // BAR 2 is a 64-bit prefetchable memory BAR.
+    let bar2 = le32(c, 0x18);
+    assert_eq!(bar2 & 0xf, 0b1100, "BAR2 flags {bar2:#x}");
+    assert_eq!(
+        msix,
+        Some(3 + MAX_VHOST_QUEUES as u16),
+        "config + rxq + txq + one per vhost queue"
+    );
+
+    // Device config: status, max_vhost_queues, uuid.
+    let cfg = device_cfg_addr(&p);
+    assert_eq!(devmem_read32(&mut vm, cfg), 0, "status after reset");
+    assert_eq!(devmem_read32(&mut vm, cfg + 4), MAX_VHOST_QUEUES);
+    let mut uuid = Vec::new();
+    for i in 0..4 {
+        uuid.extend_from_slice(&devmem_read32(&mut vm, cfg + 8 + 4 * i).to_le_bytes());
+    }
+    let want: Vec<u8> = hex_bytes(&UUID.replace('-', ""));
+    assert_eq!(uuid, want, "uuid");
+
+    // The notification structure: unmapped after reset, range-checked vectors.
+    let notify = p.bars[0] + notification.offset;
+    vm.run_ok(&format!("devmem {notify:#x} 16 3"), MINUTE);
+    assert_eq!(
+        devmem_read32(&mut vm, notify) >> 16,
+        0xffff,
+        "queue 3 unmapped"
+    );
+    vm.run_ok(&format!("devmem {:#x} 16 5", notify + 2), MINUTE);
+    assert_eq!(devmem_read32(&mut vm, notify) >> 16, 5, "vector 5 mapped");
+    vm.run_ok(&format!("devmem {:#x} 16 4000", notify + 2), MINUTE);
+    assert_eq!(
+        devmem_read32(&mut vm, notify) >> 16,
+        0xffff,
+        "out-of-range vector refused"
+    );
+    vm.run_ok(
+        &format!("devmem {notify:#x} 16 200; devmem {:#x} 16 1", notify + 2),
+        MINUTE,
+    );
+    assert_eq!(
+        devmem_read32(&mut vm, notify) >> 16,
+        0xffff,
+        "out-of-range select reads unmapped"
+    );
+    assert!(vm.is_running());
+}
+
+/// A stock consumer QEMU pointed at the device's socket.
+fn stock_consumer(socket: &Path, dir: &Path) -> Process {
+    let image = ConsumerImage::get();
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        "q35,accel=tcg",
+        "-m",
+        "256M",
+        "-nodefaults",
+        "-display",
+        "none",
+    ])
+    .args([
+        "-object",
+        "memory-backend-memfd,id=mem,size=256M,share=on",
+        "-numa",
+        "node,memdev=mem",
+    ])
+    .arg("-kernel")
+    .arg(image.dir.join("vmlinuz"))
+    .arg("-chardev")
+    .arg(format!("socket,id=blk0,path={}", socket.display()))
+    .args(["-device", "vhost-user-blk-pci,chardev=blk0"]);
+    Process::spawn(cmd, &dir.join("consumer.log"), "consumer qemu")
+}
+
+#[test]
+fn backend_up_gates_frontends_and_hostile_frontends_leave_the_vm_running() {
+    let dir = scratch_dir();
+    let socket = dir.path().join("vvu.sock");
+    let mut vm = appliance_vm(&socket);
+    let p = probe(&mut vm);
+    let status = device_cfg_addr(&p);
+
+    // Without BACKEND_UP a connecting front-end is not taken on.
+    let idle = UnixStream::connect(&socket).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(devmem_read32(&mut vm, status), 0);
+    devmem_write32(&mut vm, status, 1);
+    wait_status(&mut vm, status, 3, Duration::from_secs(10));
+    drop(idle);
+    wait_status(&mut vm, status, 1, Duration::from_secs(10));
+
+    // A stock QEMU vhost-user-blk front-end connects; the device accepts it and forwards
+    // its first request, which waits for the (absent) driver's rx buffers.
+    let mut consumer = stock_consumer(&socket, dir.path());
+    wait_status(&mut vm, status, 3, Duration::from_secs(30));
+    assert!(
+        consumer.try_wait().is_none(),
+        "consumer exited:\n{}",
+        consumer.log()
+    );
+    drop(consumer); // killed mid-handshake
+    wait_status(&mut vm, status, 1, Duration::from_secs(10));
+
+    // Garbage, a bad version, an oversized size: each ends that session only.
+    let hostile: Vec<Vec<u8>> = vec![
+        vec![0xff; 37],
+        [1u32.to_le_bytes(), 2u32.to_le_bytes(), 0u32.to_le_bytes()].concat(),
+        [
+            1u32.to_le_bytes(),
+            1u32.to_le_bytes(),
+            1_000_000u32.to_le_bytes(),
+        ]
+        .concat(),
+        // SET_MEM_TABLE claiming one region but carrying no file descriptor.
+        [
+            5u32.to_le_bytes(),
+            1u32.to_le_bytes(),
+            40u32.to_le_bytes(),
+            1u32.to_le_bytes(),
+            0u32.to_le_bytes(),
+        ]
+        .concat()
+        .into_iter()
+        .chain(vec![0u8; 32])
+        .collect(),
+    ];
+    for junk in hostile {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = s.write_all(&junk);
+        let mut buf = [0u8; 64];
+        // The device hangs up on us (EOF), or we time out if it keeps waiting for bytes.
+        let n = s.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "device answered garbage");
+        drop(s);
+        wait_status(&mut vm, status, 1, Duration::from_secs(10));
+        assert!(vm.is_running());
+    }
+
+    // A request the device refuses with NEED_REPLY set gets an error reply, not a hang-up.
+    let mut s = UnixStream::connect(&socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    wait_status(&mut vm, status, 3, Duration::from_secs(10));
+    let kick_beyond_max: u64 = 200 | (1 << 8); // vring 200, NOFD
+    let msg = [
+        &12u32.to_le_bytes()[..],
+        &(1u32 | 1 << 3).to_le_bytes()[..],
+        &8u32.to_le_bytes()[..],
+        &kick_beyond_max.to_le_bytes()[..],
+    ]
+    .concat();
+    s.write_all(&msg).unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(le32(&reply, 0), 12, "reply to SET_VRING_KICK");
+    assert_eq!(le32(&reply, 4) & 0x4, 0x4, "REPLY flag");
+    assert_eq!(
+        u64::from_le_bytes(reply[12..20].try_into().unwrap()),
+        1,
+        "error status"
+    );
+    drop(s);
+    wait_status(&mut vm, status, 1, Duration::from_secs(10));
+
+    // A driver that writes reserved status bits breaks only the device.
+    devmem_write32(&mut vm, status, 0x5);
+    assert!(vm.is_running());
+    vm.run_ok("true", MINUTE);
+    // Clearing BACKEND_UP closes any session and leaves the device idle.
+    devmem_write32(&mut vm, status, 0);
+    assert!(vm.is_running());
+}
