@@ -18,14 +18,13 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+pub use crate::chain::Memory;
+use crate::chain::{gather, host_iovecs, scatter, split_segments, total, Chain, Segment};
 use crate::disk::{DiskCompletion, DiskInfo, DiskOp, DiskQueue};
 use crate::iobuf::AlignedBuf;
 use crate::stats::QueueStats;
-
-/// Guest memory as the transports map it.
-pub type Memory = GuestMemoryMmap<()>;
 
 /// virtio-blk sectors are always 512 bytes, whatever the logical block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -255,84 +254,6 @@ pub struct Completed {
     pub used_len: u32,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Segment {
-    addr: GuestAddress,
-    len: usize,
-}
-
-/// Splits `segs` after `n` bytes.
-fn split_segments(segs: &[Segment], mut n: usize) -> (Vec<Segment>, Vec<Segment>) {
-    let mut head = Vec::new();
-    let mut tail = Vec::new();
-    for s in segs {
-        if n == 0 {
-            tail.push(*s);
-        } else if s.len <= n {
-            head.push(*s);
-            n -= s.len;
-        } else {
-            head.push(Segment {
-                addr: s.addr,
-                len: n,
-            });
-            tail.push(Segment {
-                addr: GuestAddress(s.addr.0.wrapping_add(n as u64)),
-                len: s.len - n,
-            });
-            n = 0;
-        }
-    }
-    (head, tail)
-}
-
-fn total(segs: &[Segment]) -> usize {
-    segs.iter().map(|s| s.len).sum()
-}
-
-/// Reads exactly `buf.len()` bytes gathered from `segs`.
-fn gather(mem: &Memory, segs: &[Segment], buf: &mut [u8]) -> Option<()> {
-    let mut pos = 0;
-    for s in segs {
-        if pos == buf.len() {
-            break;
-        }
-        let n = s.len.min(buf.len() - pos);
-        mem.read_slice(&mut buf[pos..pos + n], s.addr).ok()?;
-        pos += n;
-    }
-    (pos == buf.len()).then_some(())
-}
-
-/// Writes `data` scattered over `segs`; returns bytes written.
-fn scatter(mem: &Memory, segs: &[Segment], data: &[u8]) -> Option<usize> {
-    let mut pos = 0;
-    for s in segs {
-        if pos == data.len() {
-            break;
-        }
-        let n = s.len.min(data.len() - pos);
-        mem.write_slice(&data[pos..pos + n], s.addr).ok()?;
-        pos += n;
-    }
-    Some(pos)
-}
-
-/// Host iovecs for guest segments (a segment may span memory regions).
-fn host_iovecs(mem: &Memory, segs: &[Segment]) -> Option<Vec<libc::iovec>> {
-    let mut iovecs = Vec::with_capacity(segs.len());
-    for s in segs {
-        for slice in mem.get_slices(s.addr, s.len) {
-            let slice = slice.ok()?;
-            iovecs.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
-    }
-    Some(iovecs)
-}
-
 /// What a request turned into.
 enum Action {
     /// Finished without disk I/O.
@@ -415,25 +336,13 @@ impl BlkQueue {
     ) where
         M: Deref<Target = Memory>,
     {
-        let head = chain.head_index();
+        let Chain {
+            head,
+            readable,
+            writable,
+            misordered,
+        } = Chain::collect(chain);
         let max_descriptors = self.device.seg_max() as usize + 2;
-        let mut readable = Vec::new();
-        let mut writable = Vec::new();
-        let mut misordered = false;
-        // virtio-queue bounds a chain by the queue (or indirect table) size, so collecting it
-        // whole is bounded too; the real status byte is in its last descriptor.
-        for desc in chain {
-            let seg = Segment {
-                addr: desc.addr(),
-                len: desc.len() as usize,
-            };
-            if desc.is_write_only() {
-                writable.push(seg);
-            } else {
-                misordered |= !writable.is_empty();
-                readable.push(seg);
-            }
-        }
         let too_long = readable.len() + writable.len() > max_descriptors;
         // The status byte is the last writable byte; without one nothing can be reported.
         let writable_len = total(&writable);

@@ -1,15 +1,19 @@
 //! Device logic with no vhost-user or VVU dependency.
 //!
 //! - [`blk`]: virtio-blk feature bits, config space and per-queue request handling.
+//! - `chain`: descriptor chains as readable/writable byte streams (shared by the devices).
 //! - [`disk`]: backing stores behind one asynchronous per-queue interface; raw files and
 //!   block devices on io_uring.
 //! - [`iobuf`]: aligned bounce buffers.
+//! - [`scsi`]: SCSI command emulation and virtio-scsi request handling.
 //! - [`stats`]: per-queue counters for the metrics endpoint.
 //!
 //! The transports (vhost-user unix sockets, virtio-vhost-user) live in `appliance` and hand
 //! this crate descriptor chains over guest memory.
 
 pub mod blk;
+mod chain;
 pub mod disk;
 pub mod iobuf;
+pub mod scsi;
 pub mod stats;

@@ -1,0 +1,611 @@
+//! SCSI command emulation, command by command: good CDBs, malformed ones, truncated
+//! allocation lengths, and the sense each error gets.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use targets::scsi::emulation::{report_luns, IoRequest, Lun, LunSettings, Outcome};
+use targets::scsi::sense::Sense;
+
+const BLOCKS: u64 = 2048;
+
+fn settings() -> LunSettings {
+    LunSettings {
+        block_size: 512,
+        blocks: BLOCKS,
+        readonly: false,
+        serial: "SER123".into(),
+        wwn: 0x6001_4050_0000_0001,
+        rotational: false,
+        write_cache: true,
+        discard: true,
+        unmapped_reads_zero: true,
+    }
+}
+
+fn lun() -> Lun {
+    Lun::new(settings())
+}
+
+fn data(o: Outcome) -> Vec<u8> {
+    match o {
+        Outcome::Data(d) => d,
+        other => panic!("expected data, got {other:?}"),
+    }
+}
+
+fn cdb(bytes: &[u8]) -> Vec<u8> {
+    let mut c = bytes.to_vec();
+    c.resize(32, 0);
+    c
+}
+
+fn check(o: Outcome) -> Sense {
+    match o {
+        Outcome::Check(s) => s,
+        other => panic!("expected CHECK CONDITION, got {other:?}"),
+    }
+}
+
+#[test]
+fn test_unit_ready_and_unknown_opcodes() {
+    assert_eq!(lun().execute(&cdb(&[0x00]), &[]), Outcome::Good);
+    assert_eq!(
+        check(lun().execute(&cdb(&[0xee]), &[])),
+        Sense::INVALID_OPCODE
+    );
+    assert_eq!(
+        check(lun().execute(&cdb(&[0x02]), &[])),
+        Sense::INVALID_OPCODE
+    );
+    assert_eq!(check(lun().execute(&[], &[])), Sense::INVALID_OPCODE);
+    // A CDB shorter than its group's length.
+    assert_eq!(
+        check(lun().execute(&[0x28, 0, 0], &[])),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    // NACA set in the control byte.
+    assert_eq!(
+        check(lun().execute(&cdb(&[0x00, 0, 0, 0, 0, 0x04]), &[])),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+}
+
+#[test]
+fn standard_inquiry_and_truncation() {
+    let d = data(lun().execute(&cdb(&[0x12, 0, 0, 0, 96]), &[]));
+    assert_eq!(d.len(), 36);
+    assert_eq!(d[0], 0x00, "direct access block device");
+    assert_eq!(d[4] as usize, d.len() - 5);
+    assert_eq!(&d[8..16], b"VHOSTAPP");
+    let d = data(lun().execute(&cdb(&[0x12, 0, 0, 0, 5]), &[]));
+    assert_eq!(d.len(), 5, "cut to the allocation length");
+    assert_eq!(d[4], 31, "additional length still tells the full length");
+    // EVPD clear with a page code, reserved bits.
+    assert_eq!(
+        check(lun().execute(&cdb(&[0x12, 0, 0x80, 0, 96]), &[])),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    assert_eq!(
+        check(lun().execute(&cdb(&[0x12, 0x02, 0, 0, 96]), &[])),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    assert_eq!(Lun::standard_inquiry(true)[0], 0x7f, "absent LUN qualifier");
+}
+
+#[test]
+fn vpd_pages() {
+    let l = lun();
+    let vpd = |page: u8| data(l.execute(&cdb(&[0x12, 1, page, 0x10, 0]), &[]));
+    let supported = vpd(0x00);
+    assert_eq!(&supported[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+    let serial = vpd(0x80);
+    assert_eq!(&serial[4..], b"SER123");
+    let ids = vpd(0x83);
+    assert_eq!(
+        &ids[4..8],
+        &[0x01, 0x03, 0x00, 0x08],
+        "binary NAA designator"
+    );
+    assert_eq!(&ids[8..16], &0x6001_4050_0000_0001u64.to_be_bytes());
+    assert_eq!(ids[16] & 0x0f, 0x02, "ASCII T10 vendor id designator");
+    let limits = vpd(0xb0);
+    assert_eq!(u16::from_be_bytes([limits[2], limits[3]]), 0x3c);
+    let max_transfer = u32::from_be_bytes(limits[8..12].try_into().unwrap());
+    assert!(max_transfer > 0);
+    let max_unmap = u32::from_be_bytes(limits[20..24].try_into().unwrap());
+    let max_descriptors = u32::from_be_bytes(limits[24..28].try_into().unwrap());
+    assert!(max_unmap > 0 && max_descriptors > 0);
+    let chars = vpd(0xb1);
+    assert_eq!(u16::from_be_bytes([chars[4], chars[5]]), 1, "non-rotating");
+    let lbp = vpd(0xb2);
+    assert_eq!(lbp[5] & 0xe4, 0xe4, "LBPU, LBPWS, LBPWS10, LBPRZ");
+    assert_eq!(lbp[6] & 0x07, 0x02, "thin provisioned");
+    assert_eq!(
+        check(l.execute(&cdb(&[0x12, 1, 0x99, 0, 64]), &[])),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    // LBPRZ only when unmapped blocks really read back as zero.
+    let no_rz = Lun::new(LunSettings {
+        unmapped_reads_zero: false,
+        ..settings()
+    });
+    let lbp = data(no_rz.execute(&cdb(&[0x12, 1, 0xb2, 0, 64]), &[]));
+    assert_eq!(lbp[5] & 0x1c, 0);
+    // Without discard nothing is advertised.
+    let thick = Lun::new(LunSettings {
+        discard: false,
+        ..settings()
+    });
+    assert_eq!(
+        data(thick.execute(&cdb(&[0x12, 1, 0xb2, 0, 64]), &[]))[5],
+        0
+    );
+}
+
+#[test]
+fn read_capacity() {
+    let d = data(lun().execute(&cdb(&[0x25]), &[]));
+    assert_eq!(
+        u32::from_be_bytes(d[0..4].try_into().unwrap()),
+        BLOCKS as u32 - 1
+    );
+    assert_eq!(u32::from_be_bytes(d[4..8].try_into().unwrap()), 512);
+    let d = data(lun().execute(
+        &cdb(&[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32]),
+        &[],
+    ));
+    assert_eq!(u64::from_be_bytes(d[0..8].try_into().unwrap()), BLOCKS - 1);
+    assert_eq!(d[13], 3, "8 logical blocks per 4 KiB physical block");
+    assert_eq!(d[14] & 0xc0, 0xc0, "LBPME and LBPRZ");
+    let d = data(lun().execute(
+        &cdb(&[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12]),
+        &[],
+    ));
+    assert_eq!(d.len(), 12);
+    // Huge disks report 0xffffffff in READ CAPACITY(10).
+    let big = Lun::new(LunSettings {
+        blocks: 1 << 33,
+        ..settings()
+    });
+    let d = data(big.execute(&cdb(&[0x25]), &[]));
+    assert_eq!(&d[0..4], &[0xff; 4]);
+}
+
+#[test]
+fn reads_and_writes_all_sizes() {
+    let l = lun();
+    assert_eq!(
+        l.execute(&cdb(&[0x08, 0, 0, 10, 4]), &[]),
+        Outcome::Io(IoRequest::Read { lba: 10, blocks: 4 })
+    );
+    assert_eq!(
+        l.execute(&cdb(&[0x08, 0, 0, 0, 0]), &[]),
+        Outcome::Io(IoRequest::Read {
+            lba: 0,
+            blocks: 256
+        }),
+        "READ(6) length 0 = 256"
+    );
+    assert_eq!(
+        l.execute(&cdb(&[0x0a, 0, 0, 1, 1]), &[]),
+        Outcome::Io(IoRequest::Write {
+            lba: 1,
+            blocks: 1,
+            fua: false
+        })
+    );
+    assert_eq!(
+        l.execute(&cdb(&[0x2a, 0x08, 0, 0, 0, 7, 0, 0, 2]), &[]),
+        Outcome::Io(IoRequest::Write {
+            lba: 7,
+            blocks: 2,
+            fua: true
+        })
+    );
+    assert_eq!(
+        l.execute(&cdb(&[0xa8, 0, 0, 0, 0, 5, 0, 0, 0, 3]), &[]),
+        Outcome::Io(IoRequest::Read { lba: 5, blocks: 3 })
+    );
+    let mut r16 = cdb(&[0x88]);
+    r16[9] = 100;
+    r16[13] = 8;
+    assert_eq!(
+        l.execute(&r16, &[]),
+        Outcome::Io(IoRequest::Read {
+            lba: 100,
+            blocks: 8
+        })
+    );
+    // Zero-length transfers do nothing.
+    assert_eq!(
+        l.execute(&cdb(&[0x28, 0, 0, 0, 0, 0, 0, 0, 0]), &[]),
+        Outcome::Good
+    );
+}
+
+#[test]
+fn out_of_range_protected_and_oversized_io() {
+    let l = lun();
+    let last = (BLOCKS - 1) as u8;
+    let mut r16 = cdb(&[0x88]);
+    r16[2..10].copy_from_slice(&(BLOCKS - 1).to_be_bytes());
+    r16[13] = 2;
+    assert_eq!(check(l.execute(&r16, &[])), Sense::LBA_OUT_OF_RANGE);
+    r16[2..10].copy_from_slice(&u64::MAX.to_be_bytes());
+    r16[13] = 1;
+    assert_eq!(
+        check(l.execute(&r16, &[])),
+        Sense::LBA_OUT_OF_RANGE,
+        "LBA + length overflows"
+    );
+    assert_eq!(
+        check(l.execute(&cdb(&[0x28, 0, 0, 0, 0x08, 0, 0, 0, 1]), &[])),
+        Sense::LBA_OUT_OF_RANGE
+    );
+    let _ = last;
+    // RDPROTECT set.
+    assert_eq!(
+        check(l.execute(&cdb(&[0x28, 0x20, 0, 0, 0, 0, 0, 0, 1]), &[])),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    // More than the maximum transfer length.
+    let big = Lun::new(LunSettings {
+        blocks: 1 << 30,
+        ..settings()
+    });
+    assert_eq!(
+        check(big.execute(&cdb(&[0xa8, 0, 0, 0, 0, 0, 0, 1, 0, 0]), &[])),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    let ro = Lun::new(LunSettings {
+        readonly: true,
+        ..settings()
+    });
+    assert_eq!(
+        check(ro.execute(&cdb(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 1]), &[])),
+        Sense::WRITE_PROTECTED
+    );
+    assert_eq!(
+        ro.execute(&cdb(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1]), &[]),
+        Outcome::Io(IoRequest::Read { lba: 0, blocks: 1 })
+    );
+}
+
+#[test]
+fn verify_and_synchronize_cache() {
+    let l = lun();
+    assert_eq!(
+        l.execute(&cdb(&[0x2f, 0, 0, 0, 0, 0, 0, 0, 8]), &[]),
+        Outcome::Good
+    );
+    assert_eq!(
+        check(l.execute(&cdb(&[0x2f, 0x02, 0, 0, 0, 0, 0, 0, 8]), &[])),
+        Sense::INVALID_FIELD_IN_CDB,
+        "BYTCHK"
+    );
+    assert_eq!(
+        check(l.execute(&cdb(&[0x2f, 0, 0, 0, 0x08, 0, 0, 0, 1]), &[])),
+        Sense::LBA_OUT_OF_RANGE
+    );
+    assert_eq!(l.execute(&cdb(&[0x35]), &[]), Outcome::Io(IoRequest::Flush));
+    assert_eq!(l.execute(&cdb(&[0x91]), &[]), Outcome::Io(IoRequest::Flush));
+    assert_eq!(
+        check(l.execute(&cdb(&[0x35, 0, 0, 0, 0x08, 0, 0, 0, 1]), &[])),
+        Sense::LBA_OUT_OF_RANGE
+    );
+}
+
+fn unmap_list(ranges: &[(u64, u32)]) -> Vec<u8> {
+    let mut p = vec![0u8; 8];
+    let desc_len = (ranges.len() * 16) as u16;
+    p[0..2].copy_from_slice(&(desc_len + 6).to_be_bytes());
+    p[2..4].copy_from_slice(&desc_len.to_be_bytes());
+    for &(lba, blocks) in ranges {
+        p.extend_from_slice(&lba.to_be_bytes());
+        p.extend_from_slice(&blocks.to_be_bytes());
+        p.extend_from_slice(&[0; 4]);
+    }
+    p
+}
+
+fn unmap_cdb(len: usize) -> Vec<u8> {
+    cdb(&[0x42, 0, 0, 0, 0, 0, 0, (len >> 8) as u8, len as u8])
+}
+
+#[test]
+fn unmap_parameter_lists() {
+    let l = lun();
+    let p = unmap_list(&[(0, 8), (100, 16)]);
+    assert_eq!(
+        l.execute(&unmap_cdb(p.len()), &p),
+        Outcome::Io(IoRequest::Unmap(vec![(0, 8), (100, 16)]))
+    );
+    assert_eq!(l.execute(&unmap_cdb(0), &[]), Outcome::Good, "empty list");
+    // Truncated list, list longer than the data, descriptor out of range.
+    assert_eq!(
+        check(l.execute(&unmap_cdb(p.len()), &p[..20])),
+        Sense::PARAMETER_LIST_LENGTH_ERROR
+    );
+    assert_eq!(
+        check(l.execute(&unmap_cdb(6), &p)),
+        Sense::PARAMETER_LIST_LENGTH_ERROR
+    );
+    let bad = unmap_list(&[(BLOCKS - 1, 2)]);
+    assert_eq!(
+        check(l.execute(&unmap_cdb(bad.len()), &bad)),
+        Sense::LBA_OUT_OF_RANGE
+    );
+    let mut odd = p.clone();
+    odd[2..4].copy_from_slice(&10u16.to_be_bytes());
+    assert_eq!(
+        check(l.execute(&unmap_cdb(odd.len()), &odd)),
+        Sense::PARAMETER_LIST_LENGTH_ERROR
+    );
+    let many: Vec<(u64, u32)> = (0..300).map(|i| (i, 1)).collect();
+    let many = unmap_list(&many);
+    assert_eq!(
+        check(l.execute(&unmap_cdb(many.len()), &many)),
+        Sense::INVALID_FIELD_IN_PARAMETER_LIST
+    );
+    // ANCHOR, read-only, no discard support.
+    assert_eq!(
+        check(l.execute(&cdb(&[0x42, 1, 0, 0, 0, 0, 0, 0, 24]), &p)),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    let ro = Lun::new(LunSettings {
+        readonly: true,
+        ..settings()
+    });
+    assert_eq!(
+        check(ro.execute(&unmap_cdb(p.len()), &p)),
+        Sense::WRITE_PROTECTED
+    );
+    let thick = Lun::new(LunSettings {
+        discard: false,
+        ..settings()
+    });
+    assert_eq!(
+        check(thick.execute(&unmap_cdb(p.len()), &p)),
+        Sense::INVALID_OPCODE
+    );
+}
+
+#[test]
+fn write_same_variants() {
+    let l = lun();
+    let zero = vec![0u8; 512];
+    let mut ones = vec![0u8; 512];
+    ones[0] = 1;
+    let ws10 = |flags: u8, blocks: u16| {
+        cdb(&[
+            0x41,
+            flags,
+            0,
+            0,
+            0,
+            4,
+            0,
+            (blocks >> 8) as u8,
+            blocks as u8,
+        ])
+    };
+    assert_eq!(
+        l.execute(&ws10(0, 8), &zero),
+        Outcome::Io(IoRequest::WriteZeroes {
+            lba: 4,
+            blocks: 8,
+            unmap: false
+        })
+    );
+    assert_eq!(
+        l.execute(&ws10(0x08, 8), &zero),
+        Outcome::Io(IoRequest::WriteZeroes {
+            lba: 4,
+            blocks: 8,
+            unmap: true
+        })
+    );
+    assert_eq!(
+        l.execute(&ws10(0, 8), &ones),
+        Outcome::Io(IoRequest::WriteSame {
+            lba: 4,
+            blocks: 8,
+            pattern: ones.clone()
+        })
+    );
+    assert_eq!(
+        check(l.execute(&ws10(0, 0), &zero)),
+        Sense::INVALID_FIELD_IN_CDB,
+        "WSNZ"
+    );
+    assert_eq!(
+        check(l.execute(&ws10(0, 8), &zero[..100])),
+        Sense::PARAMETER_LIST_LENGTH_ERROR
+    );
+    assert_eq!(
+        check(l.execute(&ws10(0x10, 8), &zero)),
+        Sense::INVALID_FIELD_IN_CDB,
+        "ANCHOR"
+    );
+    let mut ws16 = cdb(&[0x93, 0x09]);
+    ws16[9] = 9;
+    ws16[13] = 3;
+    assert_eq!(
+        l.execute(&ws16, &[]),
+        Outcome::Io(IoRequest::WriteZeroes {
+            lba: 9,
+            blocks: 3,
+            unmap: true
+        }),
+        "NDOB"
+    );
+    ws16[9] = 0;
+    ws16[2..10].copy_from_slice(&(BLOCKS - 1).to_be_bytes());
+    assert_eq!(check(l.execute(&ws16, &[])), Sense::LBA_OUT_OF_RANGE);
+    // UNMAP is honoured only where unmapped blocks read zero.
+    let no_rz = Lun::new(LunSettings {
+        unmapped_reads_zero: false,
+        ..settings()
+    });
+    assert_eq!(
+        no_rz.execute(&ws10(0x08, 8), &zero),
+        Outcome::Io(IoRequest::WriteZeroes {
+            lba: 4,
+            blocks: 8,
+            unmap: false
+        })
+    );
+}
+
+#[test]
+fn mode_sense_pages_headers_and_truncation() {
+    let l = lun();
+    let d = data(l.execute(&cdb(&[0x1a, 0, 0x08, 0, 255]), &[]));
+    assert_eq!(d[0] as usize, d.len() - 1);
+    assert_eq!(d[2] & 0x80, 0, "not write protected");
+    assert_eq!(d[3], 8, "block descriptor");
+    assert_eq!(&d[9..12], &[0, 2, 0], "block length 512");
+    assert_eq!(d[12], 0x08, "caching page");
+    assert_eq!(d[14] & 0x04, 0x04, "WCE reflects the write cache");
+    let d = data(l.execute(&cdb(&[0x1a, 0x08, 0x3f, 0, 255]), &[]));
+    assert_eq!(d[3], 0, "DBD");
+    assert_eq!(d.len(), 4 + 20 + 12, "caching and control pages");
+    let d = data(l.execute(&cdb(&[0x5a, 0, 0x0a, 0, 0, 0, 0, 0, 255]), &[]));
+    assert_eq!(u16::from_be_bytes([d[0], d[1]]) as usize, d.len() - 2);
+    assert_eq!(u16::from_be_bytes([d[6], d[7]]), 8);
+    assert_eq!(d[16], 0x0a, "control page");
+    let d = data(l.execute(&cdb(&[0x1a, 0, 0x3f, 0, 4]), &[]));
+    assert_eq!(d.len(), 4, "truncated");
+    // Changeable values: nothing can change.
+    let d = data(l.execute(&cdb(&[0x1a, 0x08, 0x48, 0, 255]), &[]));
+    assert_eq!(d[6] & 0x04, 0);
+    assert_eq!(
+        check(l.execute(&cdb(&[0x1a, 0, 0xc8, 0, 255]), &[])),
+        Sense::SAVING_PARAMETERS_NOT_SUPPORTED
+    );
+    assert_eq!(
+        check(l.execute(&cdb(&[0x1a, 0, 0x19, 0, 255]), &[])),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    let ro = Lun::new(LunSettings {
+        readonly: true,
+        write_cache: false,
+        ..settings()
+    });
+    let d = data(ro.execute(&cdb(&[0x1a, 0, 0x08, 0, 255]), &[]));
+    assert_eq!(d[2] & 0x80, 0x80, "WP");
+    assert_eq!(d[14] & 0x04, 0, "WCE off");
+}
+
+#[test]
+fn mode_select_accepts_only_current_values() {
+    let l = lun();
+    let current = data(l.execute(&cdb(&[0x1a, 0x08, 0x08, 0, 255]), &[]));
+    let mut list = vec![0u8; 4];
+    list.extend_from_slice(&current[4..]);
+    let select = |len: usize| cdb(&[0x15, 0x10, 0, 0, len as u8]);
+    assert_eq!(l.execute(&select(list.len()), &list), Outcome::Good);
+    let mut changed = list.clone();
+    changed[6] ^= 0x04; // flip WCE
+    assert_eq!(
+        check(l.execute(&select(changed.len()), &changed)),
+        Sense::INVALID_FIELD_IN_PARAMETER_LIST
+    );
+    assert_eq!(
+        check(l.execute(&select(list.len()), &list[..5])),
+        Sense::PARAMETER_LIST_LENGTH_ERROR
+    );
+    assert_eq!(
+        check(l.execute(&cdb(&[0x15, 0x11, 0, 0, list.len() as u8]), &list)),
+        Sense::SAVING_PARAMETERS_NOT_SUPPORTED
+    );
+    assert_eq!(
+        check(l.execute(&cdb(&[0x15, 0x00, 0, 0, list.len() as u8]), &list)),
+        Sense::INVALID_FIELD_IN_CDB,
+        "PF clear"
+    );
+    assert_eq!(l.execute(&select(0), &[]), Outcome::Good);
+}
+
+#[test]
+fn report_luns_lists_all_and_truncates() {
+    let luns = [0u16, 1, 2, 300];
+    let d = data(report_luns(&cdb(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0]), &luns));
+    assert_eq!(u32::from_be_bytes(d[0..4].try_into().unwrap()), 32);
+    assert_eq!(&d[8..16], &[0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(&d[16..18], &[0, 1]);
+    assert_eq!(&d[32..34], &[0x41, 0x2c], "flat addressing above 255");
+    let d = data(report_luns(
+        &cdb(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 16]),
+        &luns,
+    ));
+    assert_eq!(d.len(), 16, "truncated to the allocation length");
+    assert_eq!(
+        u32::from_be_bytes(d[0..4].try_into().unwrap()),
+        32,
+        "full list length kept"
+    );
+    assert_eq!(
+        check(report_luns(&cdb(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 8]), &luns)),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    assert_eq!(
+        check(report_luns(
+            &cdb(&[0xa0, 0, 0x05, 0, 0, 0, 0, 0, 1, 0]),
+            &luns
+        )),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    let d = data(report_luns(
+        &cdb(&[0xa0, 0, 0x01, 0, 0, 0, 0, 0, 1, 0]),
+        &luns,
+    ));
+    assert_eq!(
+        u32::from_be_bytes(d[0..4].try_into().unwrap()),
+        0,
+        "no well-known LUNs"
+    );
+}
+
+#[test]
+fn report_supported_operation_codes() {
+    let l = lun();
+    let all = data(l.execute(&cdb(&[0xa3, 0x0c, 0, 0, 0, 0, 0, 0, 4, 0]), &[]));
+    let len = u32::from_be_bytes(all[0..4].try_into().unwrap()) as usize;
+    assert_eq!(len % 8, 0);
+    let ops: Vec<u8> = all[4..].chunks(8).map(|c| c[0]).collect();
+    for op in [0x28u8, 0x2a, 0x42, 0x93, 0x12, 0xa0] {
+        assert!(ops.contains(&op), "{op:#x} missing from {ops:x?}");
+    }
+    let one = data(l.execute(&cdb(&[0xa3, 0x0c, 1, 0x28, 0, 0, 0, 0, 0, 64]), &[]));
+    assert_eq!(one[1] & 0x07, 3, "READ(10) supported");
+    assert_eq!(u16::from_be_bytes([one[2], one[3]]), 10);
+    let none = data(l.execute(&cdb(&[0xa3, 0x0c, 1, 0xee, 0, 0, 0, 0, 0, 64]), &[]));
+    assert_eq!(none[1] & 0x07, 1, "unknown opcode not supported");
+    let sa = data(l.execute(&cdb(&[0xa3, 0x0c, 2, 0x9e, 0, 0x10, 0, 0, 0, 64]), &[]));
+    assert_eq!(sa[1] & 0x07, 3, "READ CAPACITY(16) by service action");
+    assert_eq!(
+        check(l.execute(&cdb(&[0xa3, 0x0c, 1, 0x9e, 0, 0, 0, 0, 0, 64]), &[])),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    assert_eq!(
+        check(l.execute(&cdb(&[0xa3, 0x0c, 7, 0, 0, 0, 0, 0, 0, 64]), &[])),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    let cut = data(l.execute(&cdb(&[0xa3, 0x0c, 0, 0, 0, 0, 0, 0, 0, 6]), &[]));
+    assert_eq!(cut.len(), 6);
+}
+
+#[test]
+fn request_sense_and_start_stop() {
+    let d = data(lun().execute(&cdb(&[0x03, 0, 0, 0, 252]), &[]));
+    assert_eq!(d.len(), 18);
+    assert_eq!((d[0], d[2]), (0x70, 0));
+    assert_eq!(data(lun().execute(&cdb(&[0x03, 0, 0, 0, 8]), &[])).len(), 8);
+    assert_eq!(
+        check(lun().execute(&cdb(&[0x03, 1, 0, 0, 252]), &[])),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    assert_eq!(lun().execute(&cdb(&[0x1b, 0, 0, 0, 1]), &[]), Outcome::Good);
+}
