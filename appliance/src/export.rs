@@ -13,16 +13,19 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context};
-use config::{Export, SocketPermissions, WriteCache};
+use config::{Device, Disk, Export, ScsiLun, SocketPermissions, WriteCache};
 use nix::unistd::{chown, Gid, Group, Uid, User};
 use targets::blk::{BlkDevice, BlkQueue, BlkSettings};
-use targets::disk::{RawDisk, RawDiskOptions};
+use targets::device::{QueueHandler, VirtioDevice};
+use targets::disk::{DiskQueue, RawDisk, RawDiskOptions};
+use targets::scsi::emulation::{Lun, LunSettings};
+use targets::scsi::virtio::{ControlQueue, EventQueue, RequestQueue, ScsiDevice};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::blk_backend::{completion_event, BlkBackend};
+use crate::backend::{completion_event, VirtioBackend};
 
 /// Where an export gets its frontend connections from.
 pub enum SocketSource<'a> {
@@ -35,38 +38,19 @@ pub enum SocketSource<'a> {
 /// A running export.
 pub struct RunningExport {
     name: String,
-    backend: Arc<BlkBackend>,
-    disk: Arc<RawDisk>,
+    backend: Arc<VirtioBackend>,
+    disks: Vec<RawDisk>,
     connection: Arc<Mutex<Option<ShutdownHandle>>>,
     _acceptor: JoinHandle<()>,
 }
 
 impl RunningExport {
-    /// Opens the backing store, binds the socket and starts accepting frontends.
+    /// Opens the backing stores, binds the socket and starts accepting frontends.
     pub fn start(export: &Export, socket: SocketSource<'_>) -> anyhow::Result<Self> {
-        let disk = RawDisk::open(&RawDiskOptions {
-            path: export.path.clone(),
-            readonly: export.readonly,
-            direct: export.direct,
-            create_size: export.create.map(|c| c.size),
-        })?;
-        let settings = BlkSettings {
-            logical_block_size: export.logical_block_size,
-            readonly: export.readonly,
-            serial: export.serial.clone(),
-            num_queues: export.num_queues,
-            queue_size: export.queue_size,
-            writeback: export.write_cache == WriteCache::Writeback,
+        let (backend, disks) = match &export.device {
+            Device::Blk(disk) => build_blk(export, disk)?,
+            Device::Scsi(luns) => build_scsi(export, luns)?,
         };
-        let device = Arc::new(BlkDevice::new(settings, disk.info())?);
-        let mut queues = Vec::with_capacity(usize::from(export.num_queues));
-        for _ in 0..export.num_queues {
-            let ring = disk
-                .new_queue(u32::from(export.queue_size))
-                .context("cannot create an io_uring for a queue")?;
-            queues.push(BlkQueue::new(Arc::clone(&device), Box::new(ring)));
-        }
-        let backend = Arc::new(BlkBackend::new(Arc::clone(&device), queues));
         let listener = match socket {
             SocketSource::Path(path, permissions) => bind_socket(path, permissions)?,
             SocketSource::Fd(fd) => listener_from_fd(fd)?,
@@ -80,20 +64,27 @@ impl RunningExport {
                 .name(format!("accept-{}", export.name))
                 .spawn(move || serve_connections(&name, &backend, listener, &connection))?
         };
+        for (disk, spec) in disks.iter().zip(export.disks()) {
+            tracing::info!(
+                export = export.name,
+                path = %spec.path.display(),
+                size = disk.info().size,
+                readonly = spec.readonly,
+                direct = ?disk.info().direct,
+                "backing store open"
+            );
+        }
         tracing::info!(
             export = export.name,
             socket = %export.socket.display(),
-            path = %export.path.display(),
-            size = device.capacity_bytes(),
             queues = export.num_queues,
-            readonly = export.readonly,
-            direct = ?disk.info().direct,
+            kind = match export.device { Device::Blk(_) => "blk", Device::Scsi(_) => "scsi" },
             "export ready"
         );
         Ok(RunningExport {
             name: export.name.clone(),
             backend,
-            disk: Arc::new(disk),
+            disks,
             connection,
             _acceptor: acceptor,
         })
@@ -115,19 +106,119 @@ impl RunningExport {
             handle.shutdown();
         }
         self.backend.disconnected();
-        if let Err(e) = self.disk.sync() {
-            tracing::error!(
-                export = self.name,
-                "final sync of the backing file failed: {e}"
-            );
+        for disk in &self.disks {
+            if let Err(e) = disk.sync() {
+                tracing::error!(
+                    export = self.name,
+                    path = %disk.path().display(),
+                    "final sync of the backing file failed: {e}"
+                );
+            }
         }
     }
+}
+
+fn open_disk(disk: &Disk) -> anyhow::Result<RawDisk> {
+    Ok(RawDisk::open(&RawDiskOptions {
+        path: disk.path.clone(),
+        readonly: disk.readonly,
+        direct: disk.direct,
+        create_size: disk.create.map(|c| c.size),
+    })?)
+}
+
+fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<(Arc<VirtioBackend>, Vec<RawDisk>)> {
+    let disk = open_disk(spec)?;
+    let settings = BlkSettings {
+        logical_block_size: spec.logical_block_size,
+        readonly: spec.readonly,
+        serial: spec.serial.clone(),
+        num_queues: export.num_queues,
+        queue_size: export.queue_size,
+        writeback: spec.write_cache == WriteCache::Writeback,
+    };
+    let device = Arc::new(BlkDevice::new(settings, disk.info())?);
+    let mut queues: Vec<Box<dyn QueueHandler>> = Vec::new();
+    for _ in 0..export.num_queues {
+        let ring = disk
+            .new_queue(u32::from(export.queue_size))
+            .context("cannot create an io_uring for a queue")?;
+        queues.push(Box::new(BlkQueue::new(Arc::clone(&device), Box::new(ring))));
+    }
+    let device: Arc<dyn VirtioDevice> = device;
+    Ok((Arc::new(VirtioBackend::new(device, queues)), vec![disk]))
+}
+
+fn build_scsi(
+    export: &Export,
+    specs: &[ScsiLun],
+) -> anyhow::Result<(Arc<VirtioBackend>, Vec<RawDisk>)> {
+    let mut disks = Vec::with_capacity(specs.len());
+    let mut luns = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let disk = open_disk(&spec.disk).with_context(|| format!("LUN {}", spec.lun))?;
+        let info = disk.info();
+        let bs = u64::from(spec.disk.logical_block_size);
+        if let Some(direct) = info.direct {
+            if direct.offset as u64 > bs {
+                anyhow::bail!(
+                    "LUN {}: the backing file needs {}-byte aligned direct I/O but logical_block_size is {bs}; set logical_block_size: {} or direct: false",
+                    spec.lun, direct.offset, direct.offset
+                );
+            }
+        }
+        if info.size < bs {
+            anyhow::bail!(
+                "LUN {}: the backing file is smaller than one logical block",
+                spec.lun
+            );
+        }
+        luns.push(targets::scsi::virtio::ScsiLun {
+            id: spec.lun,
+            emulation: Lun::new(LunSettings {
+                block_size: spec.disk.logical_block_size,
+                blocks: info.size / bs,
+                readonly: spec.disk.readonly,
+                serial: spec.disk.serial.clone(),
+                wwn: spec.wwn,
+                rotational: spec.rotational,
+                write_cache: spec.disk.write_cache == WriteCache::Writeback,
+                discard: !spec.disk.readonly,
+                // A punched hole reads back as zeroes, in files and on block devices.
+                unmapped_reads_zero: true,
+            }),
+            disk: info,
+        });
+        disks.push(disk);
+    }
+    let device = Arc::new(ScsiDevice::new(luns, export.num_queues, export.queue_size));
+    // The device sorted its LUNs by id; open each queue's rings in that order.
+    let order: Vec<usize> = device
+        .luns()
+        .iter()
+        .filter_map(|l| specs.iter().position(|s| s.lun == l.id))
+        .collect();
+    let mut queues: Vec<Box<dyn QueueHandler>> = vec![
+        Box::new(ControlQueue::new(Arc::clone(&device))),
+        Box::new(EventQueue),
+    ];
+    for _ in 0..export.num_queues {
+        let queue = RequestQueue::new(Arc::clone(&device), |i, notifier| {
+            let disk = &disks[order[i]];
+            let ring = disk.new_queue_with_notifier(u32::from(export.queue_size), notifier)?;
+            Ok(Box::new(ring) as Box<dyn DiskQueue>)
+        })
+        .context("cannot create the io_urings of a queue")?;
+        queues.push(Box::new(queue));
+    }
+    let device: Arc<dyn VirtioDevice> = device;
+    Ok((Arc::new(VirtioBackend::new(device, queues)), disks))
 }
 
 /// Accept loop of one export; runs until the process exits.
 fn serve_connections(
     name: &str,
-    backend: &Arc<BlkBackend>,
+    backend: &Arc<VirtioBackend>,
     mut listener: Listener,
     connection: &Mutex<Option<ShutdownHandle>>,
 ) {
@@ -142,7 +233,7 @@ fn serve_connections(
 
 fn serve_one(
     name: &str,
-    backend: &Arc<BlkBackend>,
+    backend: &Arc<VirtioBackend>,
     listener: &mut Listener,
     connection: &Mutex<Option<ShutdownHandle>>,
 ) -> anyhow::Result<()> {
@@ -151,13 +242,13 @@ fn serve_one(
         .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e:?}"))?;
     let event = completion_event(backend.num_queues());
     for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        let fd = backend
-            .completion_fd(thread)
-            .context("more vring threads than queues")?;
-        handler
-            .register_listener(fd, EventSet::IN, event)
-            .context("cannot register the io_uring eventfd")?;
+        if let Some(fd) = backend.completion_fd(thread) {
+            handler
+                .register_listener(fd, EventSet::IN, event)
+                .context("cannot register the io_uring eventfd")?;
+        }
     }
+    backend.session_started();
     daemon
         .start(listener)
         .map_err(|e| anyhow::anyhow!("accepting a frontend failed: {e:?}"))?;

@@ -1,15 +1,16 @@
-//! `vhost-appliance`: serves vhost-user-blk exports from raw files and block devices.
+//! `vhost-appliance`: serves vhost-user-blk and vhost-user-scsi exports from raw files and
+//! block devices.
 //!
 //! Two ways to run it:
 //! - `--config exports.yaml`: every export in the file, one unix socket each.
 //! - QEMU's backend-program conventions for a single export: `--socket-path` or `--fd`,
 //!   `--blk-file`, `--read-only`, `--print-capabilities`.
 //!
-//! Modules: [`blk_backend`] (the `VhostUserBackend`), [`export`] (sockets and connection
+//! Modules: [`backend`] (the `VhostUserBackend`), [`export`] (sockets and connection
 //! lifecycle). The process never daemonizes; it exits cleanly on SIGTERM/SIGINT after
 //! completing in-flight I/O, and tells systemd it is ready when `NOTIFY_SOCKET` is set.
 
-mod blk_backend;
+mod backend;
 mod export;
 
 use std::os::fd::RawFd;
@@ -183,6 +184,7 @@ fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {
             direct: Some(!cli.no_direct),
             write_cache: None,
             create: None,
+            luns: None,
         },
         &std::env::current_dir().context("cannot read the current directory")?,
     )?;

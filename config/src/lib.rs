@@ -15,6 +15,6 @@ mod validate;
 pub use diff::{diff, ConfigDiff};
 pub use size::parse_size;
 pub use validate::{
-    load_file, parse_str, single_export, BackingFormat, Config, ConfigError, CreateSpec, Export,
-    ExportType, SocketPermissions, WriteCache, DEFAULT_SOCKET_MODE,
+    load_file, parse_str, single_export, BackingFormat, Config, ConfigError, CreateSpec, Device,
+    Disk, Export, ScsiLun, SocketPermissions, WriteCache, DEFAULT_SOCKET_MODE,
 };

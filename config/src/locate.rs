@@ -75,6 +75,82 @@ impl<'a> LineIndex<'a> {
             .or(Some(start + 1))
     }
 
+    /// 0-based line range of export `index`.
+    fn export_range(&self, index: usize) -> Option<(usize, usize)> {
+        let start = *self.item_starts.get(index)?;
+        let end = self
+            .item_starts
+            .get(index + 1)
+            .copied()
+            .unwrap_or(self.lines.len());
+        Some((start, end))
+    }
+
+    /// 0-based start lines of the items of the `luns:` list inside export `index`.
+    fn lun_starts(&self, index: usize) -> Vec<usize> {
+        let Some((start, end)) = self.export_range(index) else {
+            return Vec::new();
+        };
+        let Some(key) = (start..end).find(|&i| {
+            let t = self.lines[i].trim_start();
+            t.strip_prefix("- ")
+                .unwrap_or(t)
+                .trim_start()
+                .starts_with("luns:")
+        }) else {
+            return Vec::new();
+        };
+        let key_indent = indent(self.lines[key]);
+        let mut items = Vec::new();
+        let mut item_indent = None;
+        for i in key + 1..end {
+            let line = self.lines[i];
+            if is_blank_or_comment(line) {
+                continue;
+            }
+            if indent(line) <= key_indent && !line.trim_start().starts_with("- ") {
+                break;
+            }
+            let t = line.trim_start();
+            if t.starts_with("- ") || t == "-" {
+                match item_indent {
+                    None => {
+                        item_indent = Some(indent(line));
+                        items.push(i);
+                    }
+                    Some(level) if level == indent(line) => items.push(i),
+                    _ => {}
+                }
+            }
+        }
+        items
+    }
+
+    /// 1-based line of `field` in LUN `lun` of export `index`, falling back to the LUN's
+    /// line, then the export's `luns:` field.
+    pub(crate) fn lun_field_line(&self, index: usize, lun: usize, field: &str) -> Option<usize> {
+        let starts = self.lun_starts(index);
+        let Some(&start) = starts.get(lun) else {
+            return self.field_line(index, "luns");
+        };
+        let end = starts
+            .get(lun + 1)
+            .copied()
+            .or_else(|| self.export_range(index).map(|(_, e)| e))
+            .unwrap_or(self.lines.len());
+        let key = format!("{field}:");
+        (start..end)
+            .find(|&i| {
+                let t = self.lines[i].trim_start();
+                t.strip_prefix("- ")
+                    .unwrap_or(t)
+                    .trim_start()
+                    .starts_with(&key)
+            })
+            .map(|i| i + 1)
+            .or(Some(start + 1))
+    }
+
     /// 1-based line of a top-level key.
     pub(crate) fn top_level_line(&self, key: &str) -> Option<usize> {
         let key = format!("{key}:");
@@ -101,5 +177,21 @@ mod tests {
         assert_eq!(index.field_line(1, "name"), Some(7));
         assert_eq!(index.field_line(1, "serial"), Some(7));
         assert_eq!(index.top_level_line("metrics"), Some(10));
+    }
+
+    #[test]
+    fn finds_lun_items_and_fields() {
+        let text = "exports:\n  - name: s\n    type: scsi\n    luns:\n      - path: /a\n        serial: x\n      - lun: 5\n        path: /b\n  - name: t\n";
+        let index = LineIndex::new(text);
+        assert_eq!(index.lun_field_line(0, 0, "path"), Some(5));
+        assert_eq!(index.lun_field_line(0, 0, "serial"), Some(6));
+        assert_eq!(index.lun_field_line(0, 1, "path"), Some(8));
+        assert_eq!(index.lun_field_line(0, 1, "wwn"), Some(7));
+        assert_eq!(
+            index.lun_field_line(0, 2, "path"),
+            Some(4),
+            "falls back to luns:"
+        );
+        assert_eq!(index.export_line(1), Some(9));
     }
 }

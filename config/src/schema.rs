@@ -64,7 +64,7 @@ pub enum SizeValue {
 pub struct ExportFile {
     /// Unique export name (also the default serial).
     pub name: Option<String>,
-    /// `blk` (vhost-user-blk).
+    /// `blk` (vhost-user-blk) or `scsi` (vhost-user-scsi).
     #[serde(rename = "type")]
     pub export_type: Option<String>,
     /// Unix socket the frontend connects to.
@@ -83,6 +83,36 @@ pub struct ExportFile {
     pub logical_block_size: Option<u32>,
     /// Up to 20 ASCII bytes reported by GET_ID.
     pub serial: Option<String>,
+    /// Open the backing file with O_DIRECT.
+    pub direct: Option<bool>,
+    /// `writeback` or `writethrough`.
+    pub write_cache: Option<String>,
+    /// Create a sparse backing file of this size when it does not exist.
+    pub create: Option<CreateFile>,
+    /// The logical units of a `scsi` export.
+    pub luns: Option<Vec<LunFile>>,
+}
+
+/// One entry of a scsi export's `luns:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LunFile {
+    /// LUN number (default: the position in the list).
+    pub lun: Option<u16>,
+    /// Backing file or block device.
+    pub path: Option<String>,
+    /// `raw`.
+    pub format: Option<String>,
+    /// Refuse writes.
+    pub readonly: Option<bool>,
+    /// 512 or 4096.
+    pub logical_block_size: Option<u32>,
+    /// VPD 0x80 unit serial number.
+    pub serial: Option<String>,
+    /// NAA identifier for VPD 0x83, 16 hex digits (NAA type 3 or 5), e.g. `"0x3000123456789abc"`.
+    pub wwn: Option<String>,
+    /// Report a rotating medium.
+    pub rotational: Option<bool>,
     /// Open the backing file with O_DIRECT.
     pub direct: Option<bool>,
     /// `writeback` or `writethrough`.

@@ -18,6 +18,8 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 pub const MAX_NUM_QUEUES: u32 = 64;
 /// Default maximum virtqueue size; frontends choose any power of two up to it (QEMU: 128).
 pub const DEFAULT_QUEUE_SIZE: u32 = 256;
+/// Highest SCSI LUN number (flat addressing, 14 bits).
+pub const MAX_LUN: u16 = 16383;
 /// Upper bound on the virtqueue size (QEMU's vhost-user-blk limit).
 pub const MAX_QUEUE_SIZE: u32 = 1024;
 /// virtio-blk GET_ID returns at most 20 bytes.
@@ -57,13 +59,6 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Device type of an export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExportType {
-    /// vhost-user-blk.
-    Blk,
-}
-
 /// On-disk format of the backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackingFormat {
@@ -87,28 +82,18 @@ pub struct CreateSpec {
     pub size: u64,
 }
 
-/// One validated export.
+/// A backing store and how it is presented (a blk export, or one SCSI LUN).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Export {
-    /// Unique name.
-    pub name: String,
-    /// Device type.
-    pub export_type: ExportType,
-    /// Listening socket.
-    pub socket: PathBuf,
+pub struct Disk {
     /// Backing file or block device.
     pub path: PathBuf,
     /// Backing format.
     pub format: BackingFormat,
     /// Refuse writes.
     pub readonly: bool,
-    /// Virtqueues offered.
-    pub num_queues: u16,
-    /// Maximum virtqueue size.
-    pub queue_size: u16,
     /// 512 or 4096.
     pub logical_block_size: u32,
-    /// GET_ID serial (≤ 20 ASCII bytes).
+    /// Serial number (virtio-blk GET_ID, SCSI VPD 0x80); ≤ 20 printable ASCII bytes.
     pub serial: String,
     /// O_DIRECT on the backing file.
     pub direct: bool,
@@ -116,6 +101,53 @@ pub struct Export {
     pub write_cache: WriteCache,
     /// Create the backing file when missing.
     pub create: Option<CreateSpec>,
+}
+
+/// One logical unit of a scsi export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScsiLun {
+    /// LUN number.
+    pub lun: u16,
+    /// Its backing store.
+    pub disk: Disk,
+    /// Report a rotating medium.
+    pub rotational: bool,
+    /// NAA identifier (VPD 0x83).
+    pub wwn: u64,
+}
+
+/// What an export presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Device {
+    /// vhost-user-blk over one disk.
+    Blk(Disk),
+    /// vhost-user-scsi with these LUNs (one target).
+    Scsi(Vec<ScsiLun>),
+}
+
+/// One validated export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    /// Unique name.
+    pub name: String,
+    /// Listening socket.
+    pub socket: PathBuf,
+    /// Request virtqueues offered (scsi adds its control and event queues).
+    pub num_queues: u16,
+    /// Maximum virtqueue size.
+    pub queue_size: u16,
+    /// The device and its backing stores.
+    pub device: Device,
+}
+
+impl Export {
+    /// Every backing store of the export.
+    pub fn disks(&self) -> Vec<&Disk> {
+        match &self.device {
+            Device::Blk(d) => vec![d],
+            Device::Scsi(luns) => luns.iter().map(|l| &l.disk).collect(),
+        }
+    }
 }
 
 /// Ownership and mode of export sockets (names are resolved by the daemon).
@@ -189,22 +221,82 @@ struct Validator<'a> {
     index: LineIndex<'a>,
 }
 
-/// Per-export error context.
+/// Per-export (and per-LUN) error context.
 struct At<'v, 'a> {
     validator: &'v Validator<'a>,
     index: usize,
     export: String,
+    /// Position in `luns:` when validating a LUN.
+    lun: Option<usize>,
 }
 
 impl At<'_, '_> {
     fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        let index = &self.validator.index;
+        let (line, field) = match self.lun {
+            None => (index.field_line(self.index, field), field.to_string()),
+            Some(lun) => (
+                index.lun_field_line(self.index, lun, field),
+                format!("luns[{lun}].{field}"),
+            ),
+        };
         ConfigError {
             file: self.validator.file.to_path_buf(),
-            line: self.validator.index.field_line(self.index, field),
+            line,
             export: Some(self.export.clone()),
-            field: Some(field.to_string()),
+            field: Some(field),
             message: message.into(),
         }
+    }
+
+    fn for_lun(&self, lun: usize) -> At<'_, '_> {
+        At {
+            validator: self.validator,
+            index: self.index,
+            export: self.export.clone(),
+            lun: Some(lun),
+        }
+    }
+}
+
+/// The disk fields as written, wherever they appear (blk export or SCSI LUN).
+struct DiskFields {
+    path: Option<String>,
+    format: Option<String>,
+    readonly: Option<bool>,
+    logical_block_size: Option<u32>,
+    serial: Option<String>,
+    direct: Option<bool>,
+    write_cache: Option<String>,
+    create: Option<crate::schema::CreateFile>,
+}
+
+/// A stable locally assigned NAA (type 3) identifier for an export's LUN.
+fn default_wwn(export: &str, lun: u16) -> u64 {
+    // FNV-1a over "export/lun": the same name always gets the same identifier.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{export}/{lun}").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (3u64 << 60) | (h & 0x0fff_ffff_ffff_ffff)
+}
+
+fn parse_wwn(text: &str) -> Result<u64, String> {
+    let hex = text
+        .trim()
+        .trim_start_matches("naa.")
+        .trim_start_matches("0x")
+        .replace(':', "");
+    let value = u64::from_str_radix(&hex, 16)
+        .ok()
+        .filter(|_| hex.len() == 16)
+        .ok_or_else(|| format!("{text:?} is not 16 hex digits (e.g. \"0x3000123456789abc\")"))?;
+    match value >> 60 {
+        2 | 3 | 5 => Ok(value),
+        naa => Err(format!(
+            "NAA type {naa} is not an 8-byte identifier (use 2, 3 or 5)"
+        )),
     }
 }
 
@@ -291,8 +383,12 @@ impl Validator<'_> {
             validator: self,
             index,
             export: format!("#{}", index + 1),
+            lun: None,
         };
-        let name = raw.name.ok_or_else(|| at.err("name", "is required"))?;
+        let name = raw
+            .name
+            .clone()
+            .ok_or_else(|| at.err("name", "is required"))?;
         if name.is_empty()
             || !name
                 .chars()
@@ -304,32 +400,11 @@ impl Validator<'_> {
             ));
         }
         at.export = name.clone();
-
-        let export_type = match raw.export_type.as_deref() {
-            None => return Err(at.err("type", "is required (blk)")),
-            Some("blk") => ExportType::Blk,
-            Some("scsi") => {
-                return Err(at.err("type", "scsi exports are not supported by this version"))
-            }
-            Some(other) => return Err(at.err("type", format!("unknown type {other:?} (use blk)"))),
-        };
         let socket = raw
             .socket
             .as_deref()
             .map(|s| self.resolve(s))
             .ok_or_else(|| at.err("socket", "is required"))?;
-        let path = raw
-            .path
-            .as_deref()
-            .map(|s| self.resolve(s))
-            .ok_or_else(|| at.err("path", "is required"))?;
-        let format = match raw.format.as_deref() {
-            None | Some("raw") => BackingFormat::Raw,
-            Some("qcow2") => return Err(at.err("format", "qcow2 is not supported by this version")),
-            Some(other) => {
-                return Err(at.err("format", format!("unknown format {other:?} (use raw)")))
-            }
-        };
         let num_queues = raw.num_queues.unwrap_or(1);
         if !(1..=MAX_NUM_QUEUES).contains(&num_queues) {
             return Err(at.err(
@@ -344,6 +419,124 @@ impl Validator<'_> {
                 format!("{queue_size} must be a power of two in 2..={MAX_QUEUE_SIZE}"),
             ));
         }
+        let fields = DiskFields {
+            path: raw.path,
+            format: raw.format,
+            readonly: raw.readonly,
+            logical_block_size: raw.logical_block_size,
+            serial: raw.serial,
+            direct: raw.direct,
+            write_cache: raw.write_cache,
+            create: raw.create,
+        };
+        let device = match raw.export_type.as_deref() {
+            None => return Err(at.err("type", "is required (blk or scsi)")),
+            Some("blk") => {
+                if raw.luns.is_some() {
+                    return Err(at.err("luns", "only scsi exports have luns"));
+                }
+                let mut serial = name.clone();
+                serial.truncate(MAX_SERIAL_LEN);
+                Device::Blk(self.disk(&at, fields, serial)?)
+            }
+            Some("scsi") => {
+                for (field, set) in [
+                    ("path", fields.path.is_some()),
+                    ("format", fields.format.is_some()),
+                    ("readonly", fields.readonly.is_some()),
+                    ("logical_block_size", fields.logical_block_size.is_some()),
+                    ("serial", fields.serial.is_some()),
+                    ("direct", fields.direct.is_some()),
+                    ("write_cache", fields.write_cache.is_some()),
+                    ("create", fields.create.is_some()),
+                ] {
+                    if set {
+                        return Err(at.err(field, "belongs to each entry of luns in a scsi export"));
+                    }
+                }
+                Device::Scsi(self.luns(&at, &name, raw.luns.unwrap_or_default())?)
+            }
+            Some(other) => {
+                return Err(at.err("type", format!("unknown type {other:?} (use blk or scsi)")))
+            }
+        };
+        Ok(Export {
+            name,
+            socket,
+            // Range-checked above.
+            num_queues: num_queues as u16,
+            queue_size: queue_size as u16,
+            device,
+        })
+    }
+
+    fn luns(
+        &self,
+        at: &At<'_, '_>,
+        export: &str,
+        raw: Vec<crate::schema::LunFile>,
+    ) -> Result<Vec<ScsiLun>, ConfigError> {
+        if raw.is_empty() {
+            return Err(at.err("luns", "a scsi export needs at least one LUN"));
+        }
+        let mut luns: Vec<ScsiLun> = Vec::with_capacity(raw.len());
+        for (i, l) in raw.into_iter().enumerate() {
+            let at = at.for_lun(i);
+            let lun = l.lun.unwrap_or(i as u16);
+            if lun > MAX_LUN {
+                return Err(at.err("lun", format!("{lun} is beyond {MAX_LUN}")));
+            }
+            if luns.iter().any(|x| x.lun == lun) {
+                return Err(at.err("lun", format!("LUN {lun} is listed twice")));
+            }
+            let wwn = match l.wwn.as_deref() {
+                None => default_wwn(export, lun),
+                Some(text) => parse_wwn(text).map_err(|m| at.err("wwn", m))?,
+            };
+            let mut serial = format!("{export}-{lun}");
+            serial.truncate(MAX_SERIAL_LEN);
+            let disk = self.disk(
+                &at,
+                DiskFields {
+                    path: l.path,
+                    format: l.format,
+                    readonly: l.readonly,
+                    logical_block_size: l.logical_block_size,
+                    serial: l.serial,
+                    direct: l.direct,
+                    write_cache: l.write_cache,
+                    create: l.create,
+                },
+                serial,
+            )?;
+            luns.push(ScsiLun {
+                lun,
+                disk,
+                rotational: l.rotational.unwrap_or(false),
+                wwn,
+            });
+        }
+        Ok(luns)
+    }
+
+    fn disk(
+        &self,
+        at: &At<'_, '_>,
+        raw: DiskFields,
+        default_serial: String,
+    ) -> Result<Disk, ConfigError> {
+        let path = raw
+            .path
+            .as_deref()
+            .map(|s| self.resolve(s))
+            .ok_or_else(|| at.err("path", "is required"))?;
+        let format = match raw.format.as_deref() {
+            None | Some("raw") => BackingFormat::Raw,
+            Some("qcow2") => return Err(at.err("format", "qcow2 is not supported by this version")),
+            Some(other) => {
+                return Err(at.err("format", format!("unknown format {other:?} (use raw)")))
+            }
+        };
         let logical_block_size = raw.logical_block_size.unwrap_or(512);
         if !matches!(logical_block_size, 512 | 4096) {
             return Err(at.err(
@@ -351,17 +544,14 @@ impl Validator<'_> {
                 format!("{logical_block_size} must be 512 or 4096"),
             ));
         }
-        let serial = raw.serial.unwrap_or_else(|| {
-            let mut s = name.clone();
-            s.truncate(MAX_SERIAL_LEN);
-            s
-        });
-        if serial.len() > MAX_SERIAL_LEN
+        let serial = raw.serial.unwrap_or(default_serial);
+        if serial.is_empty()
+            || serial.len() > MAX_SERIAL_LEN
             || !serial.chars().all(|c| c.is_ascii_graphic() || c == ' ')
         {
             return Err(at.err(
                 "serial",
-                format!("{serial:?} must be at most {MAX_SERIAL_LEN} printable ASCII characters"),
+                format!("{serial:?} must be 1 to {MAX_SERIAL_LEN} printable ASCII characters"),
             ));
         }
         let write_cache = match raw.write_cache.as_deref() {
@@ -398,16 +588,10 @@ impl Validator<'_> {
                 Some(CreateSpec { size })
             }
         };
-        Ok(Export {
-            name,
-            export_type,
-            socket,
+        Ok(Disk {
             path,
             format,
             readonly,
-            // Range-checked above.
-            num_queues: num_queues as u16,
-            queue_size: queue_size as u16,
             logical_block_size,
             serial,
             direct: raw.direct.unwrap_or(true),
@@ -416,16 +600,17 @@ impl Validator<'_> {
         })
     }
 
-    /// Names and sockets are unique; a backing file is shared only between readonly exports.
+    /// Names and sockets are unique; a backing file is shared only between readonly disks.
     fn check_unique(&self, exports: &[Export]) -> Result<(), ConfigError> {
         let mut names: HashMap<&str, usize> = HashMap::new();
         let mut sockets: HashMap<&Path, usize> = HashMap::new();
-        let mut paths: HashMap<&Path, usize> = HashMap::new();
+        let mut paths: HashMap<&Path, (usize, bool)> = HashMap::new();
         for (i, e) in exports.iter().enumerate() {
             let at = At {
                 validator: self,
                 index: i,
                 export: e.name.clone(),
+                lun: None,
             };
             let first_line = |j: usize| {
                 self.index
@@ -456,20 +641,26 @@ impl Validator<'_> {
                 ));
             }
             sockets.insert(&e.socket, i);
-            if let Some(&j) = paths.get(e.path.as_path()) {
-                if !(e.readonly && exports[j].readonly) {
-                    return Err(at.err(
-                        "path",
-                        format!(
-                            "backing file {} is also used by export {:?}{}; only readonly exports may share one",
-                            e.path.display(),
-                            exports[j].name,
-                            first_line(j)
-                        ),
-                    ));
+            for (k, disk) in e.disks().into_iter().enumerate() {
+                if let Some(&(j, readonly)) = paths.get(disk.path.as_path()) {
+                    if !(disk.readonly && readonly) {
+                        let at = match e.device {
+                            Device::Scsi(_) => at.for_lun(k),
+                            Device::Blk(_) => At { lun: None, ..at },
+                        };
+                        return Err(at.err(
+                            "path",
+                            format!(
+                                "backing file {} is also used by export {:?}{}; only readonly disks may share one",
+                                disk.path.display(),
+                                exports[j].name,
+                                first_line(j)
+                            ),
+                        ));
+                    }
                 }
+                paths.insert(&disk.path, (i, disk.readonly));
             }
-            paths.insert(&e.path, i);
         }
         Ok(())
     }

@@ -6,10 +6,17 @@
 
 use std::path::Path;
 
-use config::{diff, parse_str, ConfigError, WriteCache};
+use config::{diff, parse_str, ConfigError, Device, Disk, WriteCache};
 
 fn parse(text: &str) -> Result<config::Config, ConfigError> {
     parse_str(text, Path::new("exports.yaml"), Path::new("/etc/appliance"))
+}
+
+fn blk(e: &config::Export) -> &Disk {
+    match &e.device {
+        Device::Blk(d) => d,
+        other => panic!("not a blk export: {other:?}"),
+    }
 }
 
 fn parse_err(text: &str) -> ConfigError {
@@ -43,7 +50,7 @@ fn example_config_is_valid() {
     let vol0 = &cfg.exports[0];
     assert_eq!(vol0.name, "vol0");
     assert_eq!(vol0.num_queues, 4);
-    assert_eq!(vol0.create.map(|c| c.size), Some(1 << 30));
+    assert_eq!(blk(vol0).create.map(|c| c.size), Some(1 << 30));
     assert_eq!(cfg.socket_permissions.mode, 0o660);
     assert_eq!(cfg.metrics_listen.map(|a| a.port()), Some(9410));
 }
@@ -54,12 +61,13 @@ fn defaults_and_relative_paths() {
     let a = &cfg.exports[0];
     assert_eq!(a.num_queues, 1);
     assert_eq!(a.queue_size, 256);
-    assert_eq!(a.logical_block_size, 512);
-    assert!(a.direct);
-    assert!(!a.readonly);
-    assert_eq!(a.write_cache, WriteCache::Writeback);
-    assert_eq!(a.serial, "a");
-    let b = &cfg.exports[1];
+    let d = blk(a);
+    assert_eq!(d.logical_block_size, 512);
+    assert!(d.direct);
+    assert!(!d.readonly);
+    assert_eq!(d.write_cache, WriteCache::Writeback);
+    assert_eq!(d.serial, "a");
+    let b = blk(&cfg.exports[1]);
     assert_eq!(b.path, Path::new("/etc/appliance/b.raw"));
     assert_eq!(b.write_cache, WriteCache::Writethrough);
     assert!(b.readonly);
@@ -224,4 +232,65 @@ fn diff_reports_added_removed_changed() {
     assert_eq!(d.changed.len(), 1);
     assert_eq!(d.changed[0].1.num_queues, 2);
     assert!(diff(&old, &old).is_empty());
+}
+
+const SCSI: &str = "\
+exports:
+  - name: s0
+    type: scsi
+    socket: /run/s0.sock
+    num_queues: 2
+    luns:
+      - path: /data/l0.raw
+        create: { size: 64M }
+      - lun: 7
+        path: /data/l7.raw
+        readonly: true
+        rotational: true
+        wwn: \"0x3000123456789abc\"
+        logical_block_size: 4096
+";
+
+fn scsi_luns(cfg: &config::Config) -> &[config::ScsiLun] {
+    match &cfg.exports[0].device {
+        Device::Scsi(l) => l,
+        other => panic!("not scsi: {other:?}"),
+    }
+}
+
+#[test]
+fn scsi_export_with_luns() {
+    let cfg = parse(SCSI).unwrap();
+    let luns = scsi_luns(&cfg);
+    assert_eq!(luns.len(), 2);
+    assert_eq!(luns[0].lun, 0);
+    assert_eq!(luns[0].disk.serial, "s0-0");
+    assert_eq!(luns[0].wwn >> 60, 3, "locally assigned NAA");
+    assert_eq!(luns[1].lun, 7);
+    assert!(luns[1].rotational && luns[1].disk.readonly);
+    assert_eq!(luns[1].wwn, 0x3000_1234_5678_9abc);
+    assert_eq!(luns[1].disk.logical_block_size, 4096);
+    // The default WWN is stable.
+    assert_eq!(scsi_luns(&parse(SCSI).unwrap())[0].wwn, luns[0].wwn);
+}
+
+#[test]
+fn scsi_errors_name_the_lun_and_line() {
+    let e = parse_err(&SCSI.replace("      - lun: 7\n", "      - lun: 0\n"));
+    assert_eq!(e.field.as_deref(), Some("luns[1].lun"), "{e}");
+    assert_eq!(e.line, Some(9), "{e}");
+    let e = parse_err(&SCSI.replace("0x3000123456789abc", "0x6000123456789abc"));
+    assert_eq!(e.field.as_deref(), Some("luns[1].wwn"), "{e}");
+    assert_eq!(e.line, Some(13), "{e}");
+    let e = parse_err(&SCSI.replace("        path: /data/l7.raw\n", ""));
+    assert_eq!(e.field.as_deref(), Some("luns[1].path"), "{e}");
+    let e = parse_err(&SCSI.replace("    num_queues: 2\n", "    num_queues: 2\n    path: /x\n"));
+    assert_eq!(e.field.as_deref(), Some("path"));
+    assert!(e.to_string().contains("each entry of luns"), "{e}");
+    let e = parse_err("exports:\n  - name: s\n    type: scsi\n    socket: /s\n");
+    assert_eq!(e.field.as_deref(), Some("luns"));
+    let e = parse_err(&SCSI.replace("lun: 7", "lun: 20000"));
+    assert_eq!(e.field.as_deref(), Some("luns[1].lun"));
+    let e = parse_err(&SCSI.replace("/data/l7.raw", "/data/l0.raw"));
+    assert_eq!(e.field.as_deref(), Some("luns[1].path"), "{e}");
 }

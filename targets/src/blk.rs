@@ -8,7 +8,6 @@
 //! panic; chains without a writable status byte are returned with used length 0.
 
 use std::io;
-use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -21,7 +20,11 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 pub use crate::chain::Memory;
-use crate::chain::{gather, host_iovecs, scatter, split_segments, total, Chain, Segment};
+use crate::chain::{
+    bounce_alignment, gather, host_iovecs, scatter, split_segments, total, Chain, Segment,
+};
+pub use crate::device::Completed;
+use crate::device::{QueueHandler, VirtioDevice};
 use crate::disk::{DiskCompletion, DiskInfo, DiskOp, DiskQueue};
 use crate::iobuf::AlignedBuf;
 use crate::stats::QueueStats;
@@ -245,15 +248,6 @@ pub enum ConfigWriteError {
     BadValue(u8),
 }
 
-/// A request the transport must put on the used ring.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Completed {
-    /// Head descriptor index.
-    pub head: u16,
-    /// Bytes written into the chain's writable buffers.
-    pub used_len: u32,
-}
-
 /// What a request turned into.
 enum Action {
     /// Finished without disk I/O.
@@ -317,25 +311,18 @@ impl BlkQueue {
         &self.stats
     }
 
-    /// Readable when disk completions are ready.
-    pub fn completion_fd(&self) -> std::os::fd::RawFd {
-        self.disk.completion_fd()
-    }
-
     /// Requests submitted to the disk and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.inflight.len() - self.free.len()
     }
 
     /// Handles one descriptor chain: queues its disk I/O, or completes it at once into `done`.
-    pub fn handle_chain<M>(
+    fn handle(
         &mut self,
-        chain: DescriptorChain<M>,
+        chain: DescriptorChain<&Memory>,
         mem: &Arc<Memory>,
         done: &mut Vec<Completed>,
-    ) where
-        M: Deref<Target = Memory>,
-    {
+    ) {
         let Chain {
             head,
             readable,
@@ -548,7 +535,7 @@ impl BlkQueue {
         let op = match io.kind {
             Kind::Read | Kind::Write => {
                 let mut iovecs = host_iovecs(mem, &io.data).ok_or(IOERR)?;
-                if let Some(align) = self.needs_bounce(&iovecs) {
+                if let Some(align) = bounce_alignment(self.device.disk.direct, &iovecs) {
                     let mut buf = AlignedBuf::new(io.len as usize, align).ok_or(IOERR)?;
                     if io.kind == Kind::Write {
                         gather(mem, &io.data, buf.as_mut_slice()).ok_or(IOERR)?;
@@ -605,40 +592,6 @@ impl BlkQueue {
         Ok(())
     }
 
-    /// The alignment to bounce through, when O_DIRECT is on and a buffer is unaligned.
-    fn needs_bounce(&self, iovecs: &[libc::iovec]) -> Option<usize> {
-        let align = self.device.disk.direct?.memory;
-        iovecs
-            .iter()
-            .any(|v| {
-                !(v.iov_base as usize).is_multiple_of(align) || !v.iov_len.is_multiple_of(align)
-            })
-            .then_some(align)
-    }
-
-    /// Hands queued disk I/O to the kernel.
-    pub fn submit(&mut self) -> io::Result<()> {
-        self.disk.submit()
-    }
-
-    /// Collects finished requests into `done` (status written to guest memory).
-    pub fn reap(&mut self, done: &mut Vec<Completed>) {
-        let mut completions = std::mem::take(&mut self.scratch);
-        self.disk.reap(&mut completions);
-        self.complete_all(&mut completions, done);
-        self.scratch = completions;
-    }
-
-    /// Waits for every in-flight request and collects them into `done`.
-    pub fn drain(&mut self, done: &mut Vec<Completed>) -> io::Result<()> {
-        while self.in_flight() > 0 {
-            let mut completions = Vec::new();
-            self.disk.drain(&mut completions)?;
-            self.complete_all(&mut completions, done);
-        }
-        Ok(())
-    }
-
     fn complete_all(&mut self, completions: &mut Vec<DiskCompletion>, done: &mut Vec<Completed>) {
         for c in completions.drain(..) {
             let slot = c.token as usize;
@@ -647,32 +600,15 @@ impl BlkQueue {
                 continue;
             };
             self.free.push(slot);
-            if let Some(request) = self.complete(request, c.result, slot) {
-                done.push(request);
-            }
+            let completed = self.complete(request, c.result);
+            done.push(completed);
         }
     }
 
-    /// Finishes one request; `None` when it was resubmitted in another form.
-    fn complete(&mut self, mut request: InFlight, result: i32, slot: usize) -> Option<Completed> {
-        if request.io.kind == (Kind::WriteZeroes { unmap: false }) && result == -libc::EOPNOTSUPP {
-            // No ZERO_RANGE on this file system or device: a punched hole reads back as zeroes.
-            request.io.kind = Kind::WriteZeroes { unmap: true };
-            let op = DiskOp::WriteZeroes {
-                offset: request.io.offset,
-                len: request.io.len,
-                unmap: true,
-            };
-            if self.disk.push(op, slot as u64).is_ok() {
-                self.free.retain(|&f| f != slot);
-                self.inflight[slot] = Some(request);
-                return None;
-            }
-            return Some(self.finish(request, false));
-        }
+    /// Finishes one request with the disk's result.
+    fn complete(&mut self, request: InFlight, result: i32) -> Completed {
         let ok = match request.io.kind {
             Kind::Read | Kind::Write => result >= 0 && result as u64 == request.io.len,
-            Kind::Discard if result == -libc::EOPNOTSUPP => true, // discard is only a hint
             _ => result >= 0,
         };
         if !ok {
@@ -684,7 +620,7 @@ impl BlkQueue {
                 "disk I/O failed"
             );
         }
-        Some(self.finish(request, ok))
+        self.finish(request, ok)
     }
 
     /// Counts a finished request and writes its status.
@@ -736,5 +672,66 @@ impl BlkQueue {
             head: request.head,
             used_len,
         }
+    }
+}
+
+impl QueueHandler for BlkQueue {
+    fn handle_chain(
+        &mut self,
+        chain: DescriptorChain<&Memory>,
+        mem: &Arc<Memory>,
+        done: &mut Vec<Completed>,
+    ) {
+        self.handle(chain, mem, done);
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        self.disk.submit()
+    }
+
+    fn reap(&mut self, done: &mut Vec<Completed>) {
+        let mut completions = std::mem::take(&mut self.scratch);
+        self.disk.reap(&mut completions);
+        self.complete_all(&mut completions, done);
+        self.scratch = completions;
+    }
+
+    fn drain(&mut self, done: &mut Vec<Completed>) -> io::Result<()> {
+        while self.in_flight() > 0 {
+            let mut completions = Vec::new();
+            self.disk.drain(&mut completions)?;
+            self.complete_all(&mut completions, done);
+        }
+        Ok(())
+    }
+
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.disk.completion_fd())
+    }
+}
+
+impl VirtioDevice for BlkDevice {
+    fn num_queues(&self) -> usize {
+        usize::from(self.settings.num_queues)
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.settings.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        BlkDevice::features(self)
+    }
+
+    fn set_acked_features(&self, features: u64) {
+        BlkDevice::set_acked_features(self, features)
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        BlkDevice::config_space(self).to_vec()
+    }
+
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), String> {
+        BlkDevice::write_config(self, offset, data).map_err(|e| e.to_string())
     }
 }

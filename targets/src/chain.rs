@@ -11,6 +11,8 @@ use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::disk::DirectAlignment;
+
 /// Guest memory as the transports map it.
 pub type Memory = GuestMemoryMmap<()>;
 
@@ -135,4 +137,17 @@ pub(crate) fn host_iovecs(mem: &Memory, segs: &[Segment]) -> Option<Vec<libc::io
         }
     }
     Some(iovecs)
+}
+
+/// With O_DIRECT, the alignment to bounce through when a buffer does not meet the
+/// kernel's memory alignment; `None` when the iovecs can be used as they are.
+pub(crate) fn bounce_alignment(
+    direct: Option<DirectAlignment>,
+    iovecs: &[libc::iovec],
+) -> Option<usize> {
+    let align = direct?.memory;
+    iovecs
+        .iter()
+        .any(|v| !(v.iov_base as usize).is_multiple_of(align) || !v.iov_len.is_multiple_of(align))
+        .then_some(align)
 }

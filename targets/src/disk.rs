@@ -222,9 +222,16 @@ impl RawDisk {
         self.file.sync_data()
     }
 
-    /// A new per-queue io_uring for up to `depth` operations in flight.
+    /// A new per-queue io_uring for up to `depth` operations in flight, with its own
+    /// completion eventfd.
     pub fn new_queue(&self, depth: u32) -> io::Result<RawQueue> {
-        RawQueue::new(self.file.try_clone()?, depth)
+        RawQueue::new(self.file.try_clone()?, depth, None)
+    }
+
+    /// As [`RawDisk::new_queue`], signalling completions on `notifier`, which several
+    /// rings may share; its owner resets it before reaping them all.
+    pub fn new_queue_with_notifier(&self, depth: u32, notifier: &EventFd) -> io::Result<RawQueue> {
+        RawQueue::new(self.file.try_clone()?, depth, Some(notifier))
     }
 }
 
@@ -285,6 +292,19 @@ fn direct_alignment(file: &File) -> (usize, usize) {
 struct Slot {
     token: u64,
     _iovecs: Vec<libc::iovec>,
+    /// What to do if the file system does not support the operation.
+    unsupported: Unsupported,
+}
+
+/// Handling of `EOPNOTSUPP` for an operation.
+#[derive(Clone, Copy)]
+enum Unsupported {
+    /// Report it.
+    Fail,
+    /// Report success: discard is only a hint.
+    Succeed,
+    /// ZERO_RANGE is missing here: punch a hole instead, which also reads back as zeroes.
+    PunchHole { offset: u64, len: u64 },
 }
 
 // SAFETY: the iovecs point into guest memory or bounce buffers owned by the caller, who keeps
@@ -297,6 +317,7 @@ pub struct RawQueue {
     ring: IoUring,
     file: File,
     eventfd: EventFd,
+    owns_eventfd: bool,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     queued: usize,
@@ -304,15 +325,19 @@ pub struct RawQueue {
 }
 
 impl RawQueue {
-    fn new(file: File, depth: u32) -> io::Result<Self> {
+    fn new(file: File, depth: u32, shared: Option<&EventFd>) -> io::Result<Self> {
         let entries = depth.max(1).next_power_of_two();
         let ring = IoUring::builder().build(entries)?;
-        let eventfd = EventFd::new(EFD_NONBLOCK)?;
+        let (eventfd, owns_eventfd) = match shared {
+            Some(e) => (e.try_clone()?, false),
+            None => (EventFd::new(EFD_NONBLOCK)?, true),
+        };
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(RawQueue {
             ring,
             file,
             eventfd,
+            owns_eventfd,
             slots: Vec::new(),
             free: Vec::new(),
             queued: 0,
@@ -368,6 +393,15 @@ impl DiskQueue for RawQueue {
             }
         };
         let entry = self.entry(&op).user_data(index as u64);
+        let unsupported = match op {
+            DiskOp::Discard { .. } => Unsupported::Succeed,
+            DiskOp::WriteZeroes {
+                offset,
+                len,
+                unmap: false,
+            } => Unsupported::PunchHole { offset, len },
+            _ => Unsupported::Fail,
+        };
         let iovecs = match op {
             DiskOp::Read { iovecs, .. } | DiskOp::Write { iovecs, .. } => iovecs,
             _ => Vec::new(),
@@ -375,6 +409,7 @@ impl DiskQueue for RawQueue {
         self.slots[index] = Some(Slot {
             token,
             _iovecs: iovecs,
+            unsupported,
         });
         loop {
             // SAFETY: the entry's buffers (iovec array in the slot, and the memory it points
@@ -414,18 +449,41 @@ impl DiskQueue for RawQueue {
     }
 
     fn reap(&mut self, out: &mut Vec<DiskCompletion>) {
-        // Reset the eventfd first so a completion arriving after the scan re-arms it.
-        let _ = self.eventfd.read();
-        for cqe in self.ring.completion() {
-            let index = cqe.user_data() as usize;
+        // Reset the eventfd first so a completion arriving after the scan re-arms it. A
+        // shared notifier is reset by its owner, once, before it reaps every ring.
+        if self.owns_eventfd {
+            let _ = self.eventfd.read();
+        }
+        let completed: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
+            .collect();
+        for (user_data, result) in completed {
+            let index = user_data as usize;
             let Some(slot) = self.slots.get_mut(index).and_then(Option::take) else {
                 continue;
             };
             self.free.push(index);
             self.in_flight -= 1;
+            let result = match (result, slot.unsupported) {
+                (r, Unsupported::Succeed) if r == -libc::EOPNOTSUPP => 0,
+                (r, Unsupported::PunchHole { offset, len }) if r == -libc::EOPNOTSUPP => {
+                    let retry = DiskOp::WriteZeroes {
+                        offset,
+                        len,
+                        unmap: true,
+                    };
+                    match self.push(retry, slot.token) {
+                        Ok(()) => continue,
+                        Err(_) => r,
+                    }
+                }
+                (r, _) => r,
+            };
             out.push(DiskCompletion {
                 token: slot.token,
-                result: cqe.result(),
+                result,
             });
         }
     }

@@ -2,6 +2,8 @@
 //!
 //! - [`blk`]: virtio-blk feature bits, config space and per-queue request handling.
 //! - `chain`: descriptor chains as readable/writable byte streams (shared by the devices).
+//! - [`device`]: the traits a transport drives: device-wide [`device::VirtioDevice`] and
+//!   per-queue [`device::QueueHandler`].
 //! - [`disk`]: backing stores behind one asynchronous per-queue interface; raw files and
 //!   block devices on io_uring.
 //! - [`iobuf`]: aligned bounce buffers.
@@ -13,6 +15,7 @@
 
 pub mod blk;
 mod chain;
+pub mod device;
 pub mod disk;
 pub mod iobuf;
 pub mod scsi;

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use targets::blk::{BlkDevice, BlkQueue, BlkSettings, Completed, Memory};
+use targets::device::QueueHandler;
 use targets::disk::{RawDisk, RawDiskOptions};
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;

@@ -24,13 +24,21 @@ const RING_BASE: u64 = 0x1000;
 /// First guest address free for test buffers.
 pub const DATA_START: u64 = 0x10_0000;
 
-/// A connected frontend driving queue 0 of a vhost-user device.
-pub struct RawFrontend {
-    frontend: Frontend,
-    mem: GuestMemoryMmap,
+/// One virtqueue driven by the frontend.
+struct DriverQueue {
     ring: SplitRing,
     kick: EventFd,
     call: EventFd,
+}
+
+/// Guest memory reserved for each queue's ring.
+const RING_STRIDE: u64 = 0x1_0000;
+
+/// A connected frontend driving the queues of a vhost-user device.
+pub struct RawFrontend {
+    frontend: Frontend,
+    mem: GuestMemoryMmap,
+    queues: Vec<DriverQueue>,
     /// Virtio features acked (without PROTOCOL_FEATURES).
     pub features: u64,
     _memfd: File,
@@ -39,7 +47,18 @@ pub struct RawFrontend {
 impl RawFrontend {
     /// Connects and sets up queue 0 with `queue_size` entries, acking `features & offered`.
     pub fn connect(socket: &Path, queue_size: u16, wanted_features: u64) -> Self {
-        let mut frontend = Frontend::connect(socket, 1).expect("connect to the vhost-user socket");
+        Self::connect_queues(socket, 1, queue_size, wanted_features)
+    }
+
+    /// Connects and sets up queues `0..num_queues`.
+    pub fn connect_queues(
+        socket: &Path,
+        num_queues: usize,
+        queue_size: u16,
+        wanted_features: u64,
+    ) -> Self {
+        let mut frontend =
+            Frontend::connect(socket, num_queues as u64).expect("connect to the vhost-user socket");
         frontend.set_owner().expect("SET_OWNER");
         let offered = frontend.get_features().expect("GET_FEATURES");
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -56,7 +75,9 @@ impl RawFrontend {
         let protocol = frontend
             .get_protocol_features()
             .expect("GET_PROTOCOL_FEATURES");
-        let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK;
+        let wanted = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ;
         frontend
             .set_protocol_features(protocol & wanted)
             .expect("SET_PROTOCOL_FEATURES");
@@ -87,38 +108,41 @@ impl RawFrontend {
             }])
             .expect("SET_MEM_TABLE");
 
-        let (ring, _) = SplitRing::new(&mem, GuestAddress(RING_BASE), queue_size).expect("ring");
-        let kick = EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd");
-        let call = EventFd::new(libc::EFD_NONBLOCK).expect("call eventfd");
-        frontend
-            .set_vring_num(0, queue_size)
-            .expect("SET_VRING_NUM");
-        frontend
-            .set_vring_addr(
-                0,
-                &VringConfigData {
-                    queue_max_size: queue_size,
-                    queue_size,
-                    flags: 0,
-                    desc_table_addr: host(ring.desc_addr().0),
-                    used_ring_addr: host(ring.used_addr().0),
-                    avail_ring_addr: host(ring.avail_addr().0),
-                    log_addr: None,
-                },
-            )
-            .expect("SET_VRING_ADDR");
-        frontend.set_vring_base(0, 0).expect("SET_VRING_BASE");
-        frontend.set_vring_call(0, &call).expect("SET_VRING_CALL");
-        frontend.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
-        frontend
-            .set_vring_enable(0, true)
-            .expect("SET_VRING_ENABLE");
+        let mut queues = Vec::with_capacity(num_queues);
+        for q in 0..num_queues {
+            let base = GuestAddress(RING_BASE + q as u64 * RING_STRIDE);
+            let (ring, _) = SplitRing::new(&mem, base, queue_size).expect("ring");
+            let kick = EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd");
+            let call = EventFd::new(libc::EFD_NONBLOCK).expect("call eventfd");
+            frontend
+                .set_vring_num(q, queue_size)
+                .expect("SET_VRING_NUM");
+            frontend
+                .set_vring_addr(
+                    q,
+                    &VringConfigData {
+                        queue_max_size: queue_size,
+                        queue_size,
+                        flags: 0,
+                        desc_table_addr: host(ring.desc_addr().0),
+                        used_ring_addr: host(ring.used_addr().0),
+                        avail_ring_addr: host(ring.avail_addr().0),
+                        log_addr: None,
+                    },
+                )
+                .expect("SET_VRING_ADDR");
+            frontend.set_vring_base(q, 0).expect("SET_VRING_BASE");
+            frontend.set_vring_call(q, &call).expect("SET_VRING_CALL");
+            frontend.set_vring_kick(q, &kick).expect("SET_VRING_KICK");
+            frontend
+                .set_vring_enable(q, true)
+                .expect("SET_VRING_ENABLE");
+            queues.push(DriverQueue { ring, kick, call });
+        }
         RawFrontend {
             frontend,
             mem,
-            ring,
-            kick,
-            call,
+            queues,
             features,
             _memfd: memfd,
         }
@@ -129,38 +153,52 @@ impl RawFrontend {
         &self.mem
     }
 
-    /// Makes a chain available and kicks the device; returns its head.
+    /// Makes a chain available on queue 0 and kicks the device; returns its head.
     pub fn submit(&mut self, buffers: &[Buffer]) -> u16 {
-        let head = self.ring.add(&self.mem, buffers).expect("add chain");
-        self.kick.write(1).expect("kick");
+        self.submit_on(0, buffers)
+    }
+
+    /// Makes a chain available on queue `q` and kicks it; returns its head.
+    pub fn submit_on(&mut self, q: usize, buffers: &[Buffer]) -> u16 {
+        let dq = &mut self.queues[q];
+        let head = dq.ring.add(&self.mem, buffers).expect("add chain");
+        dq.kick.write(1).expect("kick");
         head
     }
 
-    /// Makes a chain available through an indirect table at `table`; returns its head.
+    /// Makes a chain available on queue 0 through an indirect table at `table`.
     pub fn submit_indirect(&mut self, table: u64, buffers: &[Buffer]) -> u16 {
-        let head = self
+        let dq = &mut self.queues[0];
+        let head = dq
             .ring
             .add_indirect(&self.mem, GuestAddress(table), buffers)
             .expect("add indirect chain");
-        self.kick.write(1).expect("kick");
+        dq.kick.write(1).expect("kick");
         head
     }
 
     /// As [`RawFrontend::submit`] with explicit descriptor flags.
     pub fn submit_with_flags(&mut self, buffers: &[Buffer], flags: &[u16]) -> u16 {
-        let head = self
+        let dq = &mut self.queues[0];
+        let head = dq
             .ring
             .add_with_flags(&self.mem, buffers, flags)
             .expect("add chain");
-        self.kick.write(1).expect("kick");
+        dq.kick.write(1).expect("kick");
         head
     }
 
-    /// Waits for the next used element: `(head, written_len)`.
+    /// Waits for the next used element of queue 0: `(head, written_len)`.
     pub fn wait_used(&mut self, timeout: Duration) -> (u16, u32) {
+        self.wait_used_on(0, timeout)
+    }
+
+    /// Waits for the next used element of queue `q`.
+    pub fn wait_used_on(&mut self, q: usize, timeout: Duration) -> (u16, u32) {
         let deadline = std::time::Instant::now() + timeout;
         loop {
-            if let Some(used) = self.ring.pop_used(&self.mem).expect("used ring") {
+            let dq = &mut self.queues[q];
+            if let Some(used) = dq.ring.pop_used(&self.mem).expect("used ring") {
                 return used;
             }
             assert!(
@@ -168,13 +206,13 @@ impl RawFrontend {
                 "no used element within {timeout:?}"
             );
             let mut pfd = libc::pollfd {
-                fd: self.call.as_raw_fd(),
+                fd: dq.call.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };
             // SAFETY: one valid pollfd for the duration of the call.
             unsafe { libc::poll(&mut pfd, 1, 100) };
-            let _ = self.call.read();
+            let _ = dq.call.read();
         }
     }
 

@@ -1,17 +1,19 @@
-//! The vhost-user-blk backend: glue between vhost-user-backend's vring threads and
-//! `targets::blk`.
+//! The vhost-user backend of every export: glue between vhost-user-backend's vring threads
+//! and a `targets` device (virtio-blk or virtio-scsi).
 //!
 //! Queue *i* is served by worker thread *i* (`queues_per_thread`), which owns queue *i*'s
-//! [`BlkQueue`] and io_uring. The ring's completion eventfd is registered in that thread's
-//! epoll loop as [`COMPLETION_EVENT`], so completions arrive as events on the same thread
-//! that submitted them; no lock is shared between queues on the I/O path. The `Mutex` around
-//! each worker is only ever contended by the control path (GET_VRING_BASE drain, disconnect).
+//! [`QueueHandler`] and its io_uring(s). A queue's completion eventfd is registered in that
+//! thread's epoll loop as [`completion_event`], so completions arrive as events on the
+//! thread that submitted them; no lock is shared between queues on the I/O path. The
+//! `Mutex` around each worker is only contended by the control path (GET_VRING_BASE drain,
+//! disconnect).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use targets::blk::{BlkDevice, BlkQueue, Completed, Memory};
+use targets::blk::Memory;
+use targets::device::{Completed, QueueHandler, VirtioDevice};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -26,7 +28,7 @@ const MAX_CONFIG_READ: usize = 256;
 
 /// One queue's handler and the vring it completes into.
 struct Worker {
-    queue: BlkQueue,
+    queue: Box<dyn QueueHandler>,
     /// The vring of the current connection, known from its first event.
     vring: Option<VringRwLock>,
     done: Vec<Completed>,
@@ -66,9 +68,9 @@ impl Worker {
     }
 }
 
-/// A virtio-blk export's backend, shared (`Arc`) by successive connections.
-pub struct BlkBackend {
-    device: Arc<BlkDevice>,
+/// An export's backend, shared (`Arc`) by successive connections.
+pub struct VirtioBackend {
+    device: Arc<dyn VirtioDevice>,
     workers: Vec<Mutex<Worker>>,
     memory: RwLock<GuestMemoryAtomic<Memory>>,
     event_idx: AtomicBool,
@@ -79,10 +81,10 @@ pub fn completion_event(num_queues: usize) -> u64 {
     num_queues as u64 + 1
 }
 
-impl BlkBackend {
+impl VirtioBackend {
     /// A backend over `device`, with one queue handler per virtqueue.
-    pub fn new(device: Arc<BlkDevice>, queues: Vec<BlkQueue>) -> Self {
-        BlkBackend {
+    pub fn new(device: Arc<dyn VirtioDevice>, queues: Vec<Box<dyn QueueHandler>>) -> Self {
+        VirtioBackend {
             device,
             workers: queues
                 .into_iter()
@@ -105,9 +107,14 @@ impl BlkBackend {
             .map(|w| w.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
-    /// The completion eventfd of queue `index`.
+    /// The completion eventfd of queue `index`, if it does disk I/O.
     pub fn completion_fd(&self, index: usize) -> Option<std::os::fd::RawFd> {
-        self.worker(index).map(|w| w.queue.completion_fd())
+        self.worker(index).and_then(|w| w.queue.completion_fd())
+    }
+
+    /// A new frontend session: the device may need to tell the driver (unit attentions).
+    pub fn session_started(&self) {
+        self.device.session_started();
     }
 
     /// Completes all in-flight I/O and forgets the connection's vrings.
@@ -124,7 +131,7 @@ impl BlkBackend {
         let Some(mut worker) = self.worker(index) else {
             return Ok(());
         };
-        if !vring.get_ref().get_queue().ready() {
+        if !vring.get_ref().get_queue().ready() || !worker.queue.takes_chains() {
             return Ok(());
         }
         if worker.vring.is_none() {
@@ -175,7 +182,7 @@ fn queue_error(e: virtio_queue::Error) -> io::Error {
     io::Error::other(format!("virtqueue: {e}"))
 }
 
-impl VhostUserBackend for BlkBackend {
+impl VhostUserBackend for VirtioBackend {
     type Bitmap = ();
     type Vring = VringRwLock;
 
@@ -184,7 +191,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn max_queue_size(&self) -> usize {
-        usize::from(self.device.settings().queue_size)
+        usize::from(self.device.max_queue_size())
     }
 
     fn features(&self) -> u64 {
@@ -205,6 +212,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn reset_device(&self) {
         self.disconnected();
+        self.device.session_started();
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -218,7 +226,7 @@ impl VhostUserBackend for BlkBackend {
             return Vec::new();
         };
         // Fields past the ones we offer read as zero.
-        let mut space = self.device.config_space().to_vec();
+        let mut space = self.device.config_space();
         space.resize(MAX_CONFIG_READ, 0);
         space[offset..end].to_vec()
     }

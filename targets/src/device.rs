@@ -1,0 +1,68 @@
+//! What a transport (vhost-user today, virtio-vhost-user next) needs of a virtio device:
+//! [`VirtioDevice`] for feature bits and config space, and one [`QueueHandler`] per
+//! virtqueue that turns descriptor chains into [`Completed`] used-ring entries.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use virtio_queue::DescriptorChain;
+
+use crate::chain::Memory;
+
+/// A request the transport must put on the used ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completed {
+    /// Head descriptor index.
+    pub head: u16,
+    /// Bytes written into the chain's writable buffers.
+    pub used_len: u32,
+}
+
+/// A virtio device as a whole: shared by all of its queues.
+pub trait VirtioDevice: Send + Sync {
+    /// Number of virtqueues.
+    fn num_queues(&self) -> usize;
+    /// Largest virtqueue size a driver may choose.
+    fn max_queue_size(&self) -> u16;
+    /// virtio feature bits offered.
+    fn features(&self) -> u64;
+    /// Records the features the driver accepted.
+    fn set_acked_features(&self, features: u64);
+    /// The device-specific configuration space.
+    fn config_space(&self) -> Vec<u8>;
+    /// Applies a driver write to the configuration space.
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), String>;
+    /// A new driver session starts (a frontend connected, or the device was reset).
+    fn session_started(&self) {}
+}
+
+/// The request handler of one virtqueue, owned by that queue's worker thread.
+pub trait QueueHandler: Send {
+    /// Handles one chain: queues disk I/O, or completes it at once into `done`.
+    fn handle_chain(
+        &mut self,
+        chain: DescriptorChain<&Memory>,
+        mem: &Arc<Memory>,
+        done: &mut Vec<Completed>,
+    );
+    /// Hands queued disk I/O to the kernel.
+    fn submit(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Collects requests whose disk I/O finished.
+    fn reap(&mut self, _done: &mut Vec<Completed>) {}
+    /// Waits for every in-flight request and collects them.
+    fn drain(&mut self, _done: &mut Vec<Completed>) -> io::Result<()> {
+        Ok(())
+    }
+    /// Readable when disk completions are ready; `None` for queues without disk I/O.
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// False for queues whose buffers the device keeps until it has something to say
+    /// (virtio-scsi's event queue): their chains are left on the ring.
+    fn takes_chains(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,874 @@
+//! virtio-scsi (virtio 1.x §5.6): one target with many LUNs.
+//!
+//! Queue 0 is the control queue ([`ControlQueue`]: task management and asynchronous
+//! notification requests), queue 1 the event queue ([`EventQueue`]), queues 2.. the request
+//! queues ([`RequestQueue`]). A request is the 51-byte `virtio_scsi_cmd_req` (with a 32-byte
+//! CDB) followed by data-out bytes, and the 108-byte `virtio_scsi_cmd_resp` (96-byte sense)
+//! followed by data-in bytes. Commands are emulated by [`Lun`]; disk I/O runs on one ring per
+//! LUN per queue, all signalling one completion eventfd.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::DescriptorChain;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::emulation::{
+    ignores_unit_attention, report_luns, wants_parameter_list, IoRequest, Lun, Outcome,
+    MAX_PARAMETER_LIST, MAX_TRANSFER_BLOCKS,
+};
+use super::sense::{status, Sense, FIXED_SENSE_LEN};
+use crate::chain::{
+    bounce_alignment, gather, host_iovecs, scatter, split_segments, total, Chain, Memory, Segment,
+};
+use crate::device::{Completed, QueueHandler, VirtioDevice};
+use crate::disk::{DiskCompletion, DiskInfo, DiskOp, DiskQueue};
+use crate::iobuf::AlignedBuf;
+use crate::stats::QueueStats;
+
+/// CDB bytes in a request (the config space's default `cdb_size`).
+pub const CDB_SIZE: usize = 32;
+/// Sense bytes in a response (the config space's default `sense_size`).
+pub const SENSE_SIZE: usize = 96;
+/// `virtio_scsi_cmd_req`: lun[8], tag, task_attr, prio, crn, cdb.
+pub const REQ_SIZE: usize = 8 + 8 + 3 + CDB_SIZE;
+/// `virtio_scsi_cmd_resp`: sense_len, resid, status_qualifier, status, response, sense.
+pub const RESP_SIZE: usize = 4 + 4 + 2 + 1 + 1 + SENSE_SIZE;
+/// Size of `struct virtio_scsi_config`.
+pub const CONFIG_SPACE_SIZE: usize = 36;
+/// Bytes of the write-same pattern buffer (the pattern repeated).
+const WRITE_SAME_CHUNK: usize = 1 << 20;
+
+/// virtio-scsi response codes.
+pub mod response {
+    /// Command completed (see status).
+    pub const OK: u8 = 0;
+    /// Data buffers too small for the transfer.
+    pub const OVERRUN: u8 = 1;
+    /// No such target.
+    pub const BAD_TARGET: u8 = 3;
+    /// Request failed (unsupported framing).
+    pub const FAILURE: u8 = 9;
+    /// TMF: function complete.
+    pub const FUNCTION_COMPLETE: u8 = 0;
+    /// TMF: function succeeded.
+    pub const FUNCTION_SUCCEEDED: u8 = 10;
+    /// TMF: function rejected.
+    pub const FUNCTION_REJECTED: u8 = 11;
+    /// TMF: no such LUN.
+    pub const INCORRECT_LUN: u8 = 12;
+}
+
+/// Decodes an 8-byte virtio-scsi LUN field: `Some(lun)` for target 0, single level.
+pub fn decode_lun(field: &[u8; 8]) -> Option<u16> {
+    if field[0] != 1 || field[1] != 0 || field[4..] != [0, 0, 0, 0] {
+        return None;
+    }
+    Some(u16::from_be_bytes([field[2], field[3]]) & 0x3fff)
+}
+
+/// One logical unit of an export: its emulation and its disk.
+#[derive(Debug)]
+pub struct ScsiLun {
+    /// LUN number.
+    pub id: u16,
+    /// Command emulation.
+    pub emulation: Lun,
+    /// How the backing store was opened.
+    pub disk: DiskInfo,
+}
+
+/// A virtio-scsi device: its LUNs and what all queues share.
+#[derive(Debug)]
+pub struct ScsiDevice {
+    luns: Vec<ScsiLun>,
+    request_queues: u16,
+    queue_size: u16,
+    /// Pending unit attention per LUN (index into `luns`).
+    unit_attention: Vec<Mutex<Option<Sense>>>,
+    acked_features: AtomicU64,
+}
+
+impl ScsiDevice {
+    /// A device with these LUNs (sorted by id here) and `request_queues` request queues.
+    pub fn new(mut luns: Vec<ScsiLun>, request_queues: u16, queue_size: u16) -> Self {
+        luns.sort_by_key(|l| l.id);
+        let unit_attention = luns.iter().map(|_| Mutex::new(None)).collect();
+        ScsiDevice {
+            luns,
+            request_queues,
+            queue_size,
+            unit_attention,
+            acked_features: AtomicU64::new(0),
+        }
+    }
+
+    /// The LUNs, by id.
+    pub fn luns(&self) -> &[ScsiLun] {
+        &self.luns
+    }
+
+    fn lun_index(&self, id: u16) -> Option<usize> {
+        self.luns.binary_search_by_key(&id, |l| l.id).ok()
+    }
+
+    fn lun_ids(&self) -> Vec<u16> {
+        self.luns.iter().map(|l| l.id).collect()
+    }
+
+    /// Raises `sense` as a unit attention on one LUN (`Some(index)`) or all of them.
+    pub fn set_unit_attention(&self, lun: Option<usize>, sense: Sense) {
+        for (i, ua) in self.unit_attention.iter().enumerate() {
+            if lun.is_none_or(|l| l == i) {
+                *ua.lock().unwrap_or_else(|p| p.into_inner()) = Some(sense);
+            }
+        }
+    }
+
+    fn take_unit_attention(&self, lun: usize) -> Option<Sense> {
+        self.unit_attention
+            .get(lun)
+            .and_then(|ua| ua.lock().unwrap_or_else(|p| p.into_inner()).take())
+    }
+
+    /// `seg_max`: the ring minus request and response headers.
+    fn seg_max(&self) -> u32 {
+        u32::from(self.queue_size).saturating_sub(2).max(1)
+    }
+
+    fn config_bytes(&self) -> [u8; CONFIG_SPACE_SIZE] {
+        let mut c = [0u8; CONFIG_SPACE_SIZE];
+        let max_block = self
+            .luns
+            .iter()
+            .map(|l| l.emulation.settings().block_size)
+            .max()
+            .unwrap_or(512);
+        let max_sectors = MAX_TRANSFER_BLOCKS * (max_block / 512);
+        let max_lun = self.luns.iter().map(|l| u32::from(l.id)).max().unwrap_or(0);
+        let fields: [(usize, u32); 8] = [
+            (0, u32::from(self.request_queues)),
+            (4, self.seg_max()),
+            (8, max_sectors),
+            (12, u32::from(self.queue_size)), // cmd_per_lun
+            (16, 16),                         // event_info_size
+            (20, SENSE_SIZE as u32),
+            (24, CDB_SIZE as u32),
+            (32, max_lun),
+        ];
+        for (off, v) in fields {
+            c[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        // max_channel (28, u16) = 0, max_target (30, u16) = 0: one target.
+        c
+    }
+}
+
+impl VirtioDevice for ScsiDevice {
+    fn num_queues(&self) -> usize {
+        2 + usize::from(self.request_queues)
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+        ]
+        .into_iter()
+        .fold(0, |acc, bit| acc | (1u64 << bit))
+    }
+
+    fn set_acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        self.config_bytes().to_vec()
+    }
+
+    /// Only `sense_size` and `cdb_size` are driver-writable; only their defaults are
+    /// supported.
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), String> {
+        let current = self.config_bytes();
+        let (start, end) = (offset as usize, offset as usize + data.len());
+        if start < 20 || end > 28 || current[start..end] != *data {
+            return Err(format!(
+                "config write of {} bytes at {offset}: only the default sense_size {SENSE_SIZE} and cdb_size {CDB_SIZE} are supported",
+                data.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every LUN reports POWER ON, RESET OR BUS DEVICE RESET to the new initiator.
+    fn session_started(&self) {
+        self.set_unit_attention(None, Sense::POWER_ON_RESET);
+    }
+}
+
+/// The response to write into `virtio_scsi_cmd_resp`.
+struct Response {
+    response: u8,
+    status: u8,
+    sense: Option<Sense>,
+    residual: u32,
+}
+
+impl Response {
+    fn ok(residual: u32) -> Self {
+        Response {
+            response: response::OK,
+            status: status::GOOD,
+            sense: None,
+            residual,
+        }
+    }
+
+    fn check(sense: Sense, residual: u32) -> Self {
+        Response {
+            response: response::OK,
+            status: status::CHECK_CONDITION,
+            sense: Some(sense),
+            residual,
+        }
+    }
+
+    fn transport(code: u8) -> Self {
+        Response {
+            response: code,
+            status: status::GOOD,
+            sense: None,
+            residual: 0,
+        }
+    }
+
+    fn bytes(&self) -> [u8; RESP_SIZE] {
+        let mut r = [0u8; RESP_SIZE];
+        if let Some(sense) = self.sense {
+            r[0..4].copy_from_slice(&(FIXED_SENSE_LEN as u32).to_le_bytes());
+            r[12..12 + FIXED_SENSE_LEN].copy_from_slice(&sense.fixed());
+        }
+        r[4..8].copy_from_slice(&self.residual.to_le_bytes());
+        r[10] = self.status;
+        r[11] = self.response;
+        r
+    }
+}
+
+/// Which disk operation a request runs, for completion handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IoKind {
+    Read,
+    Write,
+    Flush,
+    Unmap,
+    Zero,
+}
+
+/// A request with disk I/O in flight (one or more operations).
+struct InFlight {
+    head: u16,
+    mem: Arc<Memory>,
+    resp: Vec<Segment>,
+    kind: IoKind,
+    /// Bytes a read or write moves (checked against each operation's result).
+    bytes: u64,
+    data_in_len: usize,
+    /// Where a bounced read's data goes.
+    read_into: Vec<Segment>,
+    pending: usize,
+    failed: Option<i32>,
+    /// Bounce buffer (reads and writes) or write-same pattern buffer.
+    buffer: Option<AlignedBuf>,
+}
+
+/// A request queue of a virtio-scsi device.
+pub struct RequestQueue {
+    device: Arc<ScsiDevice>,
+    /// One ring per LUN, in the device's LUN order.
+    disks: Vec<Box<dyn DiskQueue>>,
+    notifier: EventFd,
+    inflight: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    stats: Arc<QueueStats>,
+}
+
+impl RequestQueue {
+    /// A queue over `device`; `make_disk(lun_index, notifier)` opens each LUN's ring,
+    /// signalling `notifier`.
+    pub fn new(
+        device: Arc<ScsiDevice>,
+        mut make_disk: impl FnMut(usize, &EventFd) -> io::Result<Box<dyn DiskQueue>>,
+    ) -> io::Result<Self> {
+        let notifier = EventFd::new(EFD_NONBLOCK)?;
+        let disks = (0..device.luns.len())
+            .map(|i| make_disk(i, &notifier))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(RequestQueue {
+            device,
+            disks,
+            notifier,
+            inflight: Vec::new(),
+            free: Vec::new(),
+            stats: Arc::new(QueueStats::default()),
+        })
+    }
+
+    /// Counters of this queue.
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inflight.len() - self.free.len()
+    }
+
+    fn respond(
+        mem: &Memory,
+        head: u16,
+        resp: &[Segment],
+        r: &Response,
+        data_written: usize,
+        done: &mut Vec<Completed>,
+    ) {
+        let used_len = match scatter(mem, resp, &r.bytes()) {
+            Some(n) if n == RESP_SIZE => (RESP_SIZE + data_written) as u32,
+            _ => 0,
+        };
+        done.push(Completed { head, used_len });
+    }
+
+    fn handle(
+        &mut self,
+        chain: DescriptorChain<&Memory>,
+        mem: &Arc<Memory>,
+        done: &mut Vec<Completed>,
+    ) {
+        let Chain {
+            head,
+            readable,
+            writable,
+            misordered,
+        } = Chain::collect(chain);
+        let (req_segs, data_out) = split_segments(&readable, REQ_SIZE);
+        let (resp, data_in) = split_segments(&writable, RESP_SIZE);
+        let mut req = [0u8; REQ_SIZE];
+        if misordered || total(&resp) < RESP_SIZE || gather(mem, &req_segs, &mut req).is_none() {
+            tracing::debug!(head, "malformed virtio-scsi request");
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            if total(&resp) >= RESP_SIZE {
+                Self::respond(
+                    mem,
+                    head,
+                    &resp,
+                    &Response::transport(response::FAILURE),
+                    0,
+                    done,
+                );
+            } else {
+                done.push(Completed { head, used_len: 0 });
+            }
+            return;
+        }
+        let data_out_len = total(&data_out);
+        let data_in_len = total(&data_in);
+        if data_out_len > 0 && data_in_len > 0 {
+            // Bidirectional commands need VIRTIO_SCSI_F_INOUT, which is not offered.
+            Self::respond(
+                mem,
+                head,
+                &resp,
+                &Response::transport(response::FAILURE),
+                0,
+                done,
+            );
+            return;
+        }
+        let mut lun_field = [0u8; 8];
+        lun_field.copy_from_slice(&req[..8]);
+        let cdb = &req[19..19 + CDB_SIZE];
+        let Some(lun_id) = decode_lun(&lun_field) else {
+            Self::respond(
+                mem,
+                head,
+                &resp,
+                &Response::transport(response::BAD_TARGET),
+                0,
+                done,
+            );
+            return;
+        };
+        let outcome = match self.device.lun_index(lun_id) {
+            None => Self::absent_lun(cdb, &self.device.lun_ids()),
+            Some(index) => {
+                let ua = if ignores_unit_attention(cdb) {
+                    None
+                } else {
+                    self.device.take_unit_attention(index)
+                };
+                match ua {
+                    Some(sense) => Outcome::Check(sense),
+                    None if cdb[0] == 0xa0 => report_luns(cdb, &self.device.lun_ids()),
+                    None => {
+                        let mut params = Vec::new();
+                        if wants_parameter_list(cdb) {
+                            params = vec![0u8; data_out_len.min(MAX_PARAMETER_LIST)];
+                            if gather(mem, &data_out, &mut params).is_none() {
+                                params.clear();
+                            }
+                        }
+                        let lun = &self.device.luns[index];
+                        match lun.emulation.execute(cdb, &params) {
+                            Outcome::Io(io) => {
+                                let data = if matches!(io, IoRequest::Read { .. }) {
+                                    data_in
+                                } else {
+                                    data_out
+                                };
+                                if let Err(r) = self.submit_io(
+                                    index,
+                                    io,
+                                    head,
+                                    mem,
+                                    resp.clone(),
+                                    data,
+                                    data_in_len,
+                                ) {
+                                    Self::respond(mem, head, &resp, &r, 0, done);
+                                }
+                                return;
+                            }
+                            other => other,
+                        }
+                    }
+                }
+            }
+        };
+        let (r, written) = match outcome {
+            Outcome::Good => (Response::ok(data_in_len as u32), 0),
+            Outcome::Check(sense) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                (Response::check(sense, data_in_len as u32), 0)
+            }
+            Outcome::Data(bytes) if bytes.len() > data_in_len => {
+                (Response::transport(response::OVERRUN), 0)
+            }
+            Outcome::Data(bytes) => match scatter(mem, &data_in, &bytes) {
+                Some(n) => (Response::ok((data_in_len - n) as u32), n),
+                None => (Response::transport(response::FAILURE), 0),
+            },
+            Outcome::Io(_) => (Response::transport(response::FAILURE), 0),
+        };
+        Self::respond(mem, head, &resp, &r, written, done);
+    }
+
+    /// Commands to a LUN that does not exist (SPC-4 4.6.20).
+    fn absent_lun(cdb: &[u8], luns: &[u16]) -> Outcome {
+        match cdb[0] {
+            0x12 if cdb[1] & 0x01 == 0 => {
+                let alloc = usize::from(u16::from_be_bytes([cdb[3], cdb[4]]));
+                let mut d = Lun::standard_inquiry(true);
+                d.truncate(alloc);
+                Outcome::Data(d)
+            }
+            0xa0 => report_luns(cdb, luns),
+            0x03 => {
+                let mut d = Sense::LUN_NOT_SUPPORTED.fixed().to_vec();
+                d.truncate(usize::from(cdb[4]));
+                Outcome::Data(d)
+            }
+            _ => Outcome::Check(Sense::LUN_NOT_SUPPORTED),
+        }
+    }
+
+    /// Turns an I/O request into disk operations; `Err` is the response to give at once.
+    #[allow(clippy::too_many_arguments)]
+    fn submit_io(
+        &mut self,
+        lun: usize,
+        io: IoRequest,
+        head: u16,
+        mem: &Arc<Memory>,
+        resp: Vec<Segment>,
+        data: Vec<Segment>,
+        data_in_len: usize,
+    ) -> Result<(), Response> {
+        let settings = self.device.luns[lun].emulation.settings();
+        let bs = u64::from(settings.block_size);
+        let direct = self.device.luns[lun].disk.direct;
+        let write_cache = settings.write_cache;
+        let internal = Response::check(Sense::INTERNAL_TARGET_FAILURE, 0);
+        let mut buffer = None;
+        let mut read_into = Vec::new();
+        let (kind, bytes, ops) = match io {
+            IoRequest::Read { lba, blocks } | IoRequest::Write { lba, blocks, .. } => {
+                let is_read = matches!(io, IoRequest::Read { .. });
+                let bytes = u64::from(blocks) * bs;
+                if (total(&data) as u64) < bytes {
+                    return Err(Response::transport(response::OVERRUN));
+                }
+                let (segs, _) = split_segments(&data, bytes as usize);
+                let mut iovecs = host_iovecs(mem, &segs)
+                    .ok_or_else(|| Response::transport(response::FAILURE))?;
+                if let Some(align) = bounce_alignment(direct, &iovecs) {
+                    let mut b = AlignedBuf::new(bytes as usize, align).ok_or(internal)?;
+                    if !is_read {
+                        gather(mem, &segs, b.as_mut_slice())
+                            .ok_or_else(|| Response::transport(response::FAILURE))?;
+                    }
+                    iovecs = vec![libc::iovec {
+                        iov_base: b.as_mut_slice().as_mut_ptr().cast(),
+                        iov_len: b.len(),
+                    }];
+                    buffer = Some(b);
+                    if is_read {
+                        read_into = segs;
+                    }
+                }
+                let offset = lba * bs;
+                let op = match io {
+                    IoRequest::Write { fua, .. } => DiskOp::Write {
+                        offset,
+                        iovecs,
+                        durable: fua || !write_cache,
+                    },
+                    _ => DiskOp::Read { offset, iovecs },
+                };
+                (
+                    if is_read { IoKind::Read } else { IoKind::Write },
+                    bytes,
+                    vec![op],
+                )
+            }
+            IoRequest::Flush => (IoKind::Flush, 0, vec![DiskOp::Flush]),
+            IoRequest::Unmap(ranges) => {
+                let ops = ranges
+                    .into_iter()
+                    .map(|(lba, blocks)| DiskOp::Discard {
+                        offset: lba * bs,
+                        len: u64::from(blocks) * bs,
+                    })
+                    .collect();
+                (IoKind::Unmap, 0, ops)
+            }
+            IoRequest::WriteZeroes { lba, blocks, unmap } => (
+                IoKind::Zero,
+                0,
+                vec![DiskOp::WriteZeroes {
+                    offset: lba * bs,
+                    len: u64::from(blocks) * bs,
+                    unmap,
+                }],
+            ),
+            IoRequest::WriteSame {
+                lba,
+                blocks,
+                pattern,
+            } => {
+                let len = u64::from(blocks) * bs;
+                let chunk = (len as usize).min(WRITE_SAME_CHUNK);
+                let mut b = AlignedBuf::new(chunk, 4096).ok_or(internal)?;
+                for block in b.as_mut_slice().chunks_mut(pattern.len()) {
+                    block.copy_from_slice(&pattern[..block.len()]);
+                }
+                let base = b.as_mut_slice().as_mut_ptr();
+                let mut ops = Vec::new();
+                let mut done_bytes = 0u64;
+                while done_bytes < len {
+                    let n = (len - done_bytes).min(chunk as u64);
+                    ops.push(DiskOp::Write {
+                        offset: lba * bs + done_bytes,
+                        iovecs: vec![libc::iovec {
+                            iov_base: base.cast(),
+                            iov_len: n as usize,
+                        }],
+                        durable: !write_cache,
+                    });
+                    done_bytes += n;
+                }
+                buffer = Some(b);
+                (IoKind::Zero, 0, ops)
+            }
+        };
+        let slot = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.inflight.push(None);
+                self.inflight.len() - 1
+            }
+        };
+        let count = ops.len();
+        let token = ((lun as u64) << 32) | slot as u64;
+        let mut pushed = 0;
+        for op in ops {
+            if let Err(e) = self.disks[lun].push(op, token) {
+                tracing::warn!("cannot queue disk I/O: {e}");
+                break;
+            }
+            pushed += 1;
+        }
+        if pushed == 0 {
+            self.free.push(slot);
+            return Err(Response::check(Sense::INTERNAL_TARGET_FAILURE, 0));
+        }
+        self.inflight[slot] = Some(InFlight {
+            head,
+            mem: Arc::clone(mem),
+            resp,
+            kind,
+            bytes,
+            data_in_len,
+            read_into,
+            pending: pushed,
+            // Operations that could not be queued count as failed.
+            failed: (pushed < count).then_some(-libc::EAGAIN),
+            buffer,
+        });
+        Ok(())
+    }
+
+    fn complete_all(&mut self, completions: Vec<DiskCompletion>, done: &mut Vec<Completed>) {
+        for c in completions {
+            let slot = (c.token & 0xffff_ffff) as usize;
+            let Some(Some(request)) = self.inflight.get_mut(slot) else {
+                tracing::error!(token = c.token, "completion for an unknown request");
+                continue;
+            };
+            let expected_ok = match request.kind {
+                IoKind::Read | IoKind::Write => c.result >= 0 && c.result as u64 == request.bytes,
+                _ => c.result >= 0,
+            };
+            if !expected_ok && request.failed.is_none() {
+                request.failed = Some(if c.result < 0 { c.result } else { -libc::EIO });
+            }
+            request.pending -= 1;
+            if request.pending > 0 {
+                continue;
+            }
+            let Some(request) = self.inflight[slot].take() else {
+                continue;
+            };
+            self.free.push(slot);
+            self.finish(request, done);
+        }
+    }
+
+    fn finish(&self, request: InFlight, done: &mut Vec<Completed>) {
+        let stats = &self.stats;
+        let mut written = 0;
+        let r = match request.failed {
+            None => {
+                match request.kind {
+                    IoKind::Read => {
+                        stats.read_ops.fetch_add(1, Ordering::Relaxed);
+                        stats.read_bytes.fetch_add(request.bytes, Ordering::Relaxed);
+                    }
+                    IoKind::Write => {
+                        stats.write_ops.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .write_bytes
+                            .fetch_add(request.bytes, Ordering::Relaxed);
+                    }
+                    IoKind::Flush => {
+                        stats.flush_ops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    IoKind::Unmap => {
+                        stats.discard_ops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    IoKind::Zero => {
+                        stats.write_zeroes_ops.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let bounced_ok = match (&request.buffer, request.kind, request.read_into.is_empty())
+                {
+                    (Some(b), IoKind::Read, false) => {
+                        scatter(&request.mem, &request.read_into, b.as_slice()) == Some(b.len())
+                    }
+                    _ => true,
+                };
+                if bounced_ok {
+                    if request.kind == IoKind::Read {
+                        written = request.bytes as usize;
+                    }
+                    Response::ok((request.data_in_len - written) as u32)
+                } else {
+                    Response::check(Sense::INTERNAL_TARGET_FAILURE, request.data_in_len as u32)
+                }
+            }
+            Some(err) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(kind = ?request.kind, result = err, "SCSI disk I/O failed");
+                let sense = match (err, request.kind) {
+                    (e, _) if e == -libc::ENOSPC => Sense::SPACE_ALLOCATION_FAILED,
+                    (_, IoKind::Read) => Sense::UNRECOVERED_READ_ERROR,
+                    (_, IoKind::Unmap) => Sense::INTERNAL_TARGET_FAILURE,
+                    _ => Sense::WRITE_ERROR,
+                };
+                Response::check(sense, request.data_in_len as u32)
+            }
+        };
+        Self::respond(&request.mem, request.head, &request.resp, &r, written, done);
+    }
+}
+
+impl QueueHandler for RequestQueue {
+    fn handle_chain(
+        &mut self,
+        chain: DescriptorChain<&Memory>,
+        mem: &Arc<Memory>,
+        done: &mut Vec<Completed>,
+    ) {
+        self.handle(chain, mem, done);
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        for d in &mut self.disks {
+            d.submit()?;
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, done: &mut Vec<Completed>) {
+        // One reset of the shared notifier, then every ring: no completion is missed.
+        let _ = self.notifier.read();
+        let mut completions = Vec::new();
+        for d in &mut self.disks {
+            d.reap(&mut completions);
+        }
+        self.complete_all(completions, done);
+    }
+
+    fn drain(&mut self, done: &mut Vec<Completed>) -> io::Result<()> {
+        while self.in_flight() > 0 {
+            let mut completions = Vec::new();
+            for d in &mut self.disks {
+                d.drain(&mut completions)?;
+            }
+            self.complete_all(completions, done);
+        }
+        Ok(())
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.notifier.as_raw_fd())
+    }
+}
+
+/// The control queue: task management functions and asynchronous notification requests.
+pub struct ControlQueue {
+    device: Arc<ScsiDevice>,
+}
+
+impl ControlQueue {
+    /// The control queue of `device`.
+    pub fn new(device: Arc<ScsiDevice>) -> Self {
+        ControlQueue { device }
+    }
+
+    /// Answers a TMF; in-flight commands are not aborted but complete normally, which
+    /// is what an initiator waiting on an abort or reset then sees.
+    fn tmf(&self, req: &[u8]) -> u8 {
+        let subtype = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
+        let mut lun = [0u8; 8];
+        lun.copy_from_slice(&req[8..16]);
+        let index = decode_lun(&lun).and_then(|id| self.device.lun_index(id));
+        match subtype {
+            // ABORT TASK, ABORT TASK SET, CLEAR TASK SET, QUERY TASK, QUERY TASK SET
+            0 | 1 | 3 | 6 | 7 => match index {
+                Some(_) => response::FUNCTION_COMPLETE,
+                None => response::INCORRECT_LUN,
+            },
+            // I_T NEXUS RESET
+            4 => {
+                self.device.set_unit_attention(None, Sense::I_T_NEXUS_LOSS);
+                response::FUNCTION_SUCCEEDED
+            }
+            // LOGICAL UNIT RESET
+            5 => match index {
+                Some(i) => {
+                    self.device
+                        .set_unit_attention(Some(i), Sense::LUN_RESET_OCCURRED);
+                    response::FUNCTION_SUCCEEDED
+                }
+                None => response::INCORRECT_LUN,
+            },
+            // CLEAR ACA (no ACA support) and anything unknown.
+            _ => response::FUNCTION_REJECTED,
+        }
+    }
+}
+
+impl QueueHandler for ControlQueue {
+    fn handle_chain(
+        &mut self,
+        chain: DescriptorChain<&Memory>,
+        mem: &Arc<Memory>,
+        done: &mut Vec<Completed>,
+    ) {
+        let Chain {
+            head,
+            readable,
+            writable,
+            ..
+        } = Chain::collect(chain);
+        let mut req = [0u8; 24];
+        let req_len = total(&readable).min(req.len());
+        let req_ok = gather(mem, &readable, &mut req[..req_len]).is_some();
+        let kind = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
+        let reply: Vec<u8> = match kind {
+            // VIRTIO_SCSI_T_TMF
+            0 if req_ok && req_len >= 24 => vec![self.tmf(&req)],
+            // VIRTIO_SCSI_T_AN_QUERY / AN_SUBSCRIBE: no asynchronous events are supported.
+            1 | 2 if req_ok && req_len >= 16 => {
+                let mut r = 0u32.to_le_bytes().to_vec();
+                r.push(response::OK);
+                r
+            }
+            _ => {
+                tracing::debug!(kind, req_len, "malformed control request");
+                if total(&writable) >= 5 {
+                    let mut r = vec![0u8; 4];
+                    r.push(response::FAILURE);
+                    r
+                } else {
+                    vec![response::FAILURE]
+                }
+            }
+        };
+        let used_len = scatter(mem, &writable, &reply).unwrap_or(0) as u32;
+        done.push(Completed { head, used_len });
+    }
+}
+
+/// The event queue: buffers wait there until the device has an event to report.
+pub struct EventQueue;
+
+impl QueueHandler for EventQueue {
+    fn handle_chain(
+        &mut self,
+        chain: DescriptorChain<&Memory>,
+        _mem: &Arc<Memory>,
+        done: &mut Vec<Completed>,
+    ) {
+        // Not reached: takes_chains() is false. Return the buffer unused if it happens.
+        done.push(Completed {
+            head: chain.head_index(),
+            used_len: 0,
+        });
+    }
+
+    fn takes_chains(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,321 @@
+//! vhost-user-scsi end to end: the real daemon serving a 3-LUN export, driven over its
+//! socket by the raw frontend speaking virtio-scsi (control queue 0, event queue 1, request
+//! queue 2). Data is checked in the backing files.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use appliance_tests::daemon::{scratch_dir, Appliance};
+use appliance_tests::frontend::{RawFrontend, DATA_START};
+use vvu_transport::split_ring::Buffer;
+
+const REQ: u64 = DATA_START;
+const RESP: u64 = DATA_START + 0x1000;
+const DATA: u64 = DATA_START + 0x2000;
+const REQUEST_QUEUE: usize = 2;
+const TIMEOUT: Duration = Duration::from_secs(10);
+const MIB: usize = 1 << 20;
+
+const CONFIG: &str = "exports:
+  - name: s0
+    type: scsi
+    socket: @DIR@/s0.sock
+    num_queues: 1
+    queue_size: 64
+    luns:
+      - path: @DIR@/lun0.raw
+        create: { size: 8M }
+      - lun: 1
+        path: @DIR@/lun1.raw
+        create: { size: 16M }
+        logical_block_size: 4096
+        serial: LUNONE
+      - lun: 2
+        path: @DIR@/lun2.raw
+        readonly: true
+";
+
+/// A completed SCSI command: virtio response code, SCSI status, sense key/asc/ascq,
+/// residual, bytes written.
+#[derive(Debug)]
+struct Reply {
+    response: u8,
+    status: u8,
+    sense: (u8, u8, u8),
+    residual: u32,
+    used: u32,
+}
+
+struct Scsi {
+    fe: RawFrontend,
+}
+
+impl Scsi {
+    fn connect(appliance: &Appliance) -> Self {
+        Scsi {
+            fe: RawFrontend::connect_queues(&appliance.path("s0.sock"), 3, 64, u64::MAX),
+        }
+    }
+
+    fn lun_field(lun: u16) -> [u8; 8] {
+        [1, 0, 0x40 | (lun >> 8) as u8, lun as u8, 0, 0, 0, 0]
+    }
+
+    /// Sends `cdb` to `lun` with `data_out` bytes or a `data_in` buffer of that length.
+    fn command_raw(
+        &mut self,
+        lun_field: [u8; 8],
+        cdb: &[u8],
+        data_out: &[u8],
+        data_in: u32,
+    ) -> Reply {
+        let mut req = vec![0u8; 51];
+        req[..8].copy_from_slice(&lun_field);
+        req[8..16].copy_from_slice(&7u64.to_le_bytes());
+        req[19..19 + cdb.len()].copy_from_slice(cdb);
+        self.fe.write_mem(REQ, &req);
+        self.fe.write_mem(RESP, &[0xee; 108]);
+        let mut chain = vec![Buffer::readable(REQ, 51)];
+        if !data_out.is_empty() {
+            self.fe.write_mem(DATA, data_out);
+            chain.push(Buffer::readable(DATA, data_out.len() as u32));
+        }
+        chain.push(Buffer::writable(RESP, 108));
+        if data_in > 0 {
+            chain.push(Buffer::writable(DATA, data_in));
+        }
+        let head = self.fe.submit_on(REQUEST_QUEUE, &chain);
+        let (used_head, used) = self.fe.wait_used_on(REQUEST_QUEUE, TIMEOUT);
+        assert_eq!(used_head, head);
+        let resp = self.fe.read_mem(RESP, 108);
+        Reply {
+            response: resp[11],
+            status: resp[10],
+            sense: (resp[12 + 2] & 0x0f, resp[12 + 12], resp[12 + 13]),
+            residual: u32::from_le_bytes(resp[4..8].try_into().unwrap()),
+            used,
+        }
+    }
+
+    fn command(&mut self, lun: u16, cdb: &[u8], data_out: &[u8], data_in: u32) -> Reply {
+        self.command_raw(Self::lun_field(lun), cdb, data_out, data_in)
+    }
+
+    /// Runs a command expecting GOOD; returns the data-in bytes.
+    fn good(&mut self, lun: u16, cdb: &[u8], data_out: &[u8], data_in: u32) -> Vec<u8> {
+        let r = self.command(lun, cdb, data_out, data_in);
+        assert_eq!(
+            (r.response, r.status),
+            (0, 0),
+            "{cdb:02x?} on LUN {lun}: {r:?}"
+        );
+        let n = r.used as usize - 108;
+        self.fe.read_mem(DATA, n)
+    }
+
+    /// Clears the power-on unit attention of `lun` (the first command sees it).
+    fn clear_ua(&mut self, lun: u16) {
+        let r = self.command(lun, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+        assert_eq!(
+            (r.status, r.sense),
+            (2, (0x06, 0x29, 0x00)),
+            "first TUR: {r:?}"
+        );
+        let r = self.command(lun, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+        assert_eq!(r.status, 0, "{r:?}");
+    }
+}
+
+fn file_bytes(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+fn start() -> Appliance {
+    let dir = scratch_dir();
+    std::fs::write(dir.path().join("lun2.raw"), vec![0x22u8; 4 * MIB]).unwrap();
+    Appliance::start_in(dir, CONFIG, &["s0.sock"])
+}
+
+#[test]
+fn inquiry_report_luns_capacity_and_unit_attention() {
+    let appliance = start();
+    let mut s = Scsi::connect(&appliance);
+    // INQUIRY and REPORT LUNS do not consume the power-on unit attention.
+    let inq = s.good(0, &[0x12, 0, 0, 0, 96, 0], &[], 96);
+    assert_eq!((inq[0], &inq[8..16]), (0x00, &b"VHOSTAPP"[..]));
+    let luns = s.good(0, &[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[], 256);
+    assert_eq!(
+        u32::from_be_bytes(luns[0..4].try_into().unwrap()),
+        24,
+        "three LUNs"
+    );
+    assert_eq!(&luns[8..10], &[0, 0]);
+    assert_eq!(&luns[16..18], &[0, 1]);
+    assert_eq!(&luns[24..26], &[0, 2]);
+    for lun in 0..3 {
+        s.clear_ua(lun);
+    }
+    let cap = s.good(
+        1,
+        &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+        &[],
+        32,
+    );
+    assert_eq!(
+        u64::from_be_bytes(cap[0..8].try_into().unwrap()),
+        16 * MIB as u64 / 4096 - 1
+    );
+    assert_eq!(u32::from_be_bytes(cap[8..12].try_into().unwrap()), 4096);
+    let serial = s.good(1, &[0x12, 1, 0x80, 0, 64, 0], &[], 64);
+    assert_eq!(&serial[4..], b"LUNONE");
+    let ids = s.good(0, &[0x12, 1, 0x83, 0, 64, 0], &[], 64);
+    assert_eq!(ids[5] & 0x0f, 3, "NAA designator");
+    // A LUN that does not exist, and a target that does not exist.
+    let inq = s.good(9, &[0x12, 0, 0, 0, 36, 0], &[], 36);
+    assert_eq!(inq[0], 0x7f);
+    let r = s.command(9, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!((r.status, r.sense), (2, (0x05, 0x25, 0x00)));
+    let r = s.command_raw([1, 3, 0, 0, 0, 0, 0, 0], &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(r.response, 3, "BAD_TARGET");
+}
+
+#[test]
+fn write_read_unmap_write_same_land_in_the_backing_files() {
+    let appliance = start();
+    let mut s = Scsi::connect(&appliance);
+    s.clear_ua(1);
+    let lun1 = appliance.path("lun1.raw");
+    // WRITE(10) 2 blocks at LBA 3, FUA; READ(16) them back.
+    let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+    s.good(1, &[0x2a, 0x08, 0, 0, 0, 3, 0, 0, 2, 0], &pattern, 0);
+    assert_eq!(file_bytes(&lun1, 3 * 4096, 8192), pattern);
+    let back = s.good(
+        1,
+        &[0x88, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 2, 0, 0],
+        &[],
+        8192,
+    );
+    assert_eq!(back, pattern);
+    // A read buffer larger than the transfer: the residual says so.
+    let r = s.command(1, &[0x28, 0, 0, 0, 0, 3, 0, 0, 1, 0], &[], 8192);
+    assert_eq!((r.status, r.residual), (0, 4096));
+    // Too small a buffer for the transfer: OVERRUN.
+    let r = s.command(1, &[0x28, 0, 0, 0, 0, 3, 0, 0, 2, 0], &[], 4096);
+    assert_eq!(r.response, 1, "OVERRUN");
+    // UNMAP LBA 3 (one block): reads zero, LBA 4 kept.
+    let mut list = vec![0u8; 8];
+    list[0..2].copy_from_slice(&22u16.to_be_bytes());
+    list[2..4].copy_from_slice(&16u16.to_be_bytes());
+    list.extend_from_slice(&3u64.to_be_bytes());
+    list.extend_from_slice(&1u32.to_be_bytes());
+    list.extend_from_slice(&[0; 4]);
+    s.good(1, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &list, 0);
+    assert!(file_bytes(&lun1, 3 * 4096, 4096).iter().all(|&b| b == 0));
+    assert_eq!(file_bytes(&lun1, 4 * 4096, 4096), pattern[4096..]);
+    // WRITE SAME(16) of a pattern block over 300 blocks (more than one 1 MiB chunk).
+    let block: Vec<u8> = (0..4096u32).map(|i| (i % 7) as u8 + 1).collect();
+    let mut ws = [0u8; 16];
+    ws[0] = 0x93;
+    ws[2..10].copy_from_slice(&100u64.to_be_bytes());
+    ws[10..14].copy_from_slice(&300u32.to_be_bytes());
+    s.good(1, &ws, &block, 0);
+    let written = file_bytes(&lun1, 100 * 4096, 300 * 4096);
+    assert!(written.chunks(4096).all(|c| c == &block[..]));
+    // WRITE SAME(16) with NDOB and UNMAP zeroes them again.
+    ws[1] = 0x09;
+    s.good(1, &ws, &[], 0);
+    assert!(file_bytes(&lun1, 100 * 4096, 300 * 4096)
+        .iter()
+        .all(|&b| b == 0));
+    // SYNCHRONIZE CACHE(10).
+    s.good(1, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0);
+    // Out of range.
+    let r = s.command(1, &[0x28, 0, 0, 0, 0x10, 0, 0, 0, 1, 0], &[], 4096);
+    assert_eq!((r.status, r.sense), (2, (0x05, 0x21, 0x00)));
+}
+
+#[test]
+fn readonly_lun_refuses_writes_and_file_is_untouched() {
+    let appliance = start();
+    let mut s = Scsi::connect(&appliance);
+    s.clear_ua(2);
+    let r = s.command(2, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[0x55; 512], 0);
+    assert_eq!((r.status, r.sense), (2, (0x07, 0x27, 0x00)), "DATA PROTECT");
+    let mode = s.good(2, &[0x1a, 0, 0x3f, 0, 255, 0], &[], 255);
+    assert_eq!(mode[2] & 0x80, 0x80, "WP in MODE SENSE");
+    let data = s.good(2, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[], 512);
+    assert!(data.iter().all(|&b| b == 0x22));
+    assert!(std::fs::read(appliance.path("lun2.raw"))
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0x22));
+}
+
+#[test]
+fn control_queue_tmfs_and_malformed_requests() {
+    let appliance = start();
+    let mut s = Scsi::connect(&appliance);
+    s.clear_ua(0);
+    // LOGICAL UNIT RESET on LUN 0 (TMF subtype 5): succeeded, then a unit attention.
+    let mut tmf = vec![0u8; 24];
+    tmf[4..8].copy_from_slice(&5u32.to_le_bytes());
+    tmf[8..16].copy_from_slice(&Scsi::lun_field(0));
+    s.fe.write_mem(REQ, &tmf);
+    s.fe.write_mem(RESP, &[0xee]);
+    let head =
+        s.fe.submit_on(0, &[Buffer::readable(REQ, 24), Buffer::writable(RESP, 1)]);
+    assert_eq!(s.fe.wait_used_on(0, TIMEOUT), (head, 1));
+    assert_eq!(s.fe.read_mem(RESP, 1)[0], 10, "FUNCTION SUCCEEDED");
+    let r = s.command(0, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(r.sense, (0x06, 0x29, 0x03), "LUN reset unit attention");
+    // ABORT TASK on a missing LUN, and an AN query.
+    tmf[4..8].copy_from_slice(&0u32.to_le_bytes());
+    tmf[8..16].copy_from_slice(&Scsi::lun_field(77));
+    s.fe.write_mem(REQ, &tmf);
+    let head =
+        s.fe.submit_on(0, &[Buffer::readable(REQ, 24), Buffer::writable(RESP, 1)]);
+    assert_eq!(s.fe.wait_used_on(0, TIMEOUT), (head, 1));
+    assert_eq!(s.fe.read_mem(RESP, 1)[0], 12, "INCORRECT LUN");
+    let mut an = vec![0u8; 16];
+    an[0..4].copy_from_slice(&1u32.to_le_bytes());
+    s.fe.write_mem(REQ, &an);
+    let head =
+        s.fe.submit_on(0, &[Buffer::readable(REQ, 16), Buffer::writable(RESP, 5)]);
+    assert_eq!(s.fe.wait_used_on(0, TIMEOUT), (head, 5));
+    assert_eq!(s.fe.read_mem(RESP, 5), [0, 0, 0, 0, 0]);
+    // Malformed: a response buffer too small to answer in, a short request header,
+    // and a bidirectional request.
+    let head = s.fe.submit_on(
+        REQUEST_QUEUE,
+        &[Buffer::readable(REQ, 51), Buffer::writable(RESP, 20)],
+    );
+    assert_eq!(s.fe.wait_used_on(REQUEST_QUEUE, TIMEOUT), (head, 0));
+    let head = s.fe.submit_on(
+        REQUEST_QUEUE,
+        &[Buffer::readable(REQ, 20), Buffer::writable(RESP, 108)],
+    );
+    assert_eq!(s.fe.wait_used_on(REQUEST_QUEUE, TIMEOUT), (head, 108));
+    assert_eq!(s.fe.read_mem(RESP + 11, 1)[0], 9, "FAILURE");
+    let head = s.fe.submit_on(
+        REQUEST_QUEUE,
+        &[
+            Buffer::readable(REQ, 51),
+            Buffer::readable(DATA, 512),
+            Buffer::writable(RESP, 108),
+            Buffer::writable(DATA + 4096, 512),
+        ],
+    );
+    assert_eq!(s.fe.wait_used_on(REQUEST_QUEUE, TIMEOUT).0, head);
+    assert_eq!(s.fe.read_mem(RESP + 11, 1)[0], 9, "bidirectional: FAILURE");
+    // The queue still works.
+    let r = s.command(0, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(r.status, 0, "{r:?}");
+}
