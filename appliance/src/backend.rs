@@ -203,11 +203,15 @@ impl VhostUserBackend for VirtioBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let features = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::RESET_DEVICE;
+        if self.device.offers_config() {
+            features | VhostUserProtocolFeatures::CONFIG
+        } else {
+            features
+        }
     }
 
     fn reset_device(&self) {

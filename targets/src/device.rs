@@ -35,6 +35,11 @@ pub trait VirtioDevice: Send + Sync {
     fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), String>;
     /// A new driver session starts (a frontend connected, or the device was reset).
     fn session_started(&self) {}
+    /// Whether frontends should read the config space from the backend (vhost-user
+    /// CONFIG); false where the frontend keeps its own.
+    fn offers_config(&self) -> bool {
+        true
+    }
 }
 
 /// The request handler of one virtqueue, owned by that queue's worker thread.

@@ -74,13 +74,18 @@ fn test_unit_ready_and_unknown_opcodes() {
 #[test]
 fn standard_inquiry_and_truncation() {
     let d = data(lun().execute(&cdb(&[0x12, 0, 0, 0, 96]), &[]));
-    assert_eq!(d.len(), 36);
+    assert_eq!(d.len(), 74);
+    assert_eq!(
+        &d[58..64],
+        &[0x00, 0xa0, 0x04, 0x60, 0x04, 0xc0],
+        "SAM-5, SPC-4, SBC-3"
+    );
     assert_eq!(d[0], 0x00, "direct access block device");
     assert_eq!(d[4] as usize, d.len() - 5);
     assert_eq!(&d[8..16], b"VHOSTAPP");
     let d = data(lun().execute(&cdb(&[0x12, 0, 0, 0, 5]), &[]));
     assert_eq!(d.len(), 5, "cut to the allocation length");
-    assert_eq!(d[4], 31, "additional length still tells the full length");
+    assert_eq!(d[4], 69, "additional length still tells the full length");
     // EVPD clear with a page code, reserved bits.
     assert_eq!(
         check(lun().execute(&cdb(&[0x12, 0, 0x80, 0, 96]), &[])),
@@ -279,10 +284,39 @@ fn verify_and_synchronize_cache() {
         l.execute(&cdb(&[0x2f, 0, 0, 0, 0, 0, 0, 0, 8]), &[]),
         Outcome::Good
     );
+    // BYTCHK 01b: data-out holds every block.
+    let data_out: Vec<u8> = (0..1024u32).map(|i| i as u8).collect();
+    assert_eq!(
+        l.execute(&cdb(&[0x2f, 0x02, 0, 0, 0, 4, 0, 0, 2]), &data_out),
+        Outcome::Io(IoRequest::Compare {
+            lba: 4,
+            blocks: 2,
+            expected: data_out.clone()
+        })
+    );
+    // BYTCHK 11b: one block, compared with each.
+    assert_eq!(
+        l.execute(&cdb(&[0x2f, 0x06, 0, 0, 0, 4, 0, 0, 2]), &data_out[..512]),
+        Outcome::Io(IoRequest::Compare {
+            lba: 4,
+            blocks: 2,
+            expected: data_out[..512].repeat(2)
+        })
+    );
     assert_eq!(
         check(l.execute(&cdb(&[0x2f, 0x02, 0, 0, 0, 0, 0, 0, 8]), &[])),
+        Sense::PARAMETER_LIST_LENGTH_ERROR,
+        "BYTCHK without the data"
+    );
+    assert_eq!(
+        check(l.execute(&cdb(&[0x2f, 0x04, 0, 0, 0, 0, 0, 0, 8]), &[0; 4096])),
         Sense::INVALID_FIELD_IN_CDB,
-        "BYTCHK"
+        "BYTCHK 10b"
+    );
+    // The range is checked first, whatever BYTCHK says.
+    assert_eq!(
+        check(l.execute(&cdb(&[0x2f, 0x02, 0, 0, 0x08, 0, 0, 0, 1]), &[0; 512])),
+        Sense::LBA_OUT_OF_RANGE
     );
     assert_eq!(
         check(l.execute(&cdb(&[0x2f, 0, 0, 0, 0x08, 0, 0, 0, 1]), &[])),
@@ -422,6 +456,11 @@ fn write_same_variants() {
     assert_eq!(
         check(l.execute(&ws10(0, 8), &zero[..100])),
         Sense::PARAMETER_LIST_LENGTH_ERROR
+    );
+    assert_eq!(
+        check(l.execute(&ws10(0, 8), &[0u8; 1024])),
+        Sense::PARAMETER_LIST_LENGTH_ERROR,
+        "exactly one block of data-out"
     );
     assert_eq!(
         check(l.execute(&ws10(0x10, 8), &zero)),
@@ -583,6 +622,11 @@ fn report_supported_operation_codes() {
     assert_eq!(u16::from_be_bytes([one[2], one[3]]), 10);
     let none = data(l.execute(&cdb(&[0xa3, 0x0c, 1, 0xee, 0, 0, 0, 0, 0, 64]), &[]));
     assert_eq!(none[1] & 0x07, 1, "unknown opcode not supported");
+    assert_eq!(
+        check(l.execute(&cdb(&[0xa3, 0x0c, 2, 0x28, 0, 0, 0, 0, 0, 64]), &[])),
+        Sense::INVALID_FIELD_IN_CDB,
+        "option 2 on an opcode without service actions"
+    );
     let sa = data(l.execute(&cdb(&[0xa3, 0x0c, 2, 0x9e, 0, 0x10, 0, 0, 0, 64]), &[]));
     assert_eq!(sa[1] & 0x07, 3, "READ CAPACITY(16) by service action");
     assert_eq!(

@@ -13,9 +13,10 @@ pub const MAX_TRANSFER_BLOCKS: u32 = 8192;
 /// Most block descriptors per UNMAP.
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// Most blocks per UNMAP (all descriptors together).
-pub const MAX_UNMAP_BLOCKS: u32 = 1 << 22;
+pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
 /// Most blocks per WRITE SAME.
-pub const MAX_WRITE_SAME_BLOCKS: u32 = 1 << 22;
+/// (LIO reports the same limit.)
+pub const MAX_WRITE_SAME_BLOCKS: u32 = 65535;
 /// Largest parameter list accepted (UNMAP, MODE SELECT, WRITE SAME data).
 pub const MAX_PARAMETER_LIST: usize = 64 * 1024;
 
@@ -78,6 +79,15 @@ pub enum IoRequest {
         /// Deallocation allowed.
         unmap: bool,
     },
+    /// Read a range and compare it with `expected` (VERIFY with BYTCHK).
+    Compare {
+        /// First block.
+        lba: u64,
+        /// Block count.
+        blocks: u32,
+        /// The data the medium must hold.
+        expected: Vec<u8>,
+    },
     /// Write one block's `pattern` to every block of a range.
     WriteSame {
         /// First block.
@@ -102,9 +112,17 @@ pub enum Outcome {
     Io(IoRequest),
 }
 
-/// Which commands want their data-out bytes gathered (parameter lists, not bulk data).
-pub fn wants_parameter_list(cdb: &[u8]) -> bool {
-    matches!(cdb.first(), Some(0x15 | 0x55 | 0x42 | 0x41 | 0x93))
+/// Largest data-out a VERIFY with BYTCHK may carry (the maximum transfer at 4 KiB blocks).
+pub const MAX_VERIFY_BYTES: usize = MAX_TRANSFER_BLOCKS as usize * 4096;
+
+/// How many data-out bytes a command wants gathered for [`Lun::execute`]: parameter lists,
+/// and the data VERIFY compares. Bulk WRITE data is not gathered (it goes straight to disk).
+pub fn data_out_to_gather(cdb: &[u8]) -> usize {
+    match cdb.first() {
+        Some(0x15 | 0x55 | 0x42 | 0x41 | 0x93) => MAX_PARAMETER_LIST,
+        Some(0x2f | 0x8f) if cdb.get(1).is_some_and(|b| b & 0x06 != 0) => MAX_VERIFY_BYTES,
+        _ => 0,
+    }
 }
 
 /// True for commands that do not report (or clear) a pending unit attention (SPC-4 5.14).
@@ -161,7 +179,7 @@ const SUPPORTED: &[(u8, Option<u16>, usize)] = &[
     (0x25, None, 10),       // READ CAPACITY(10)
     (0x28, None, 10),       // READ(10)
     (0x2a, None, 10),       // WRITE(10)
-    (0x2f, None, 10),       // VERIFY(10)
+    (0x2f, None, 10),       // VERIFY(10) (BYTCHK 00b, 01b, 11b)
     (0x35, None, 10),       // SYNCHRONIZE CACHE(10)
     (0x41, None, 10),       // WRITE SAME(10)
     (0x42, None, 10),       // UNMAP
@@ -215,7 +233,7 @@ impl Lun {
             0x9e if cdb[1] & 0x1f == 0x10 => self.read_capacity_16(cdb),
             0x08 | 0x0a => self.rw6(cdb),
             0x28 | 0x2a | 0xa8 | 0xaa | 0x88 | 0x8a => self.rw(cdb),
-            0x2f | 0x8f => self.verify(cdb),
+            0x2f | 0x8f => self.verify(cdb, parameters),
             0x35 | 0x91 => self.synchronize_cache(cdb),
             0x42 => self.unmap(cdb, parameters),
             0x41 | 0x93 => self.write_same(cdb, parameters),
@@ -235,9 +253,13 @@ impl Lun {
         truncated(Sense::NO_SENSE.fixed().to_vec(), usize::from(cdb[4]))
     }
 
-    /// Standard INQUIRY data for a connected disk (`qualifier_absent` for a missing LUN).
+    /// Standard INQUIRY data for a connected disk (`qualifier_absent` for a missing LUN),
+    /// with version descriptors claiming SAM-5, SPC-4 and SBC-3.
     pub fn standard_inquiry(absent: bool) -> Vec<u8> {
-        let mut d = vec![0u8; 36];
+        let mut d = vec![0u8; 74];
+        for (i, version) in [0x00a0u16, 0x0460, 0x04c0].iter().enumerate() {
+            d[58 + 2 * i..60 + 2 * i].copy_from_slice(&version.to_be_bytes());
+        }
         d[0] = if absent { 0x7f } else { 0x00 };
         d[2] = 0x06; // SPC-4
         d[3] = 0x12; // HISUP, response data format 2
@@ -398,19 +420,40 @@ impl Lun {
         })
     }
 
-    fn verify(&self, cdb: &[u8]) -> Outcome {
+    fn verify(&self, cdb: &[u8], data_out: &[u8]) -> Outcome {
         let (lba, blocks) = if cdb[0] == 0x2f {
             (u64::from(be32(cdb, 2)), u32::from(be16(cdb, 7)))
         } else {
             (be64(cdb, 2), be32(cdb, 10))
         };
-        // BYTCHK != 0 (compare with data-out) and VRPROTECT are not supported.
-        if cdb[1] & 0xe6 != 0 {
+        if let Err(sense) = self.check_range(lba, u64::from(blocks)) {
+            return Outcome::Check(sense);
+        }
+        // VRPROTECT (protection information) is not supported.
+        if cdb[1] & 0xe0 != 0 {
             return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
         }
-        match self.check_range(lba, u64::from(blocks)) {
-            Ok(()) => Outcome::Good,
-            Err(sense) => Outcome::Check(sense),
+        let bs = self.settings.block_size as usize;
+        let len = blocks as usize * bs;
+        match (cdb[1] >> 1) & 0x03 {
+            // No data-out: the medium is readable, which a range check establishes here.
+            0b00 => Outcome::Good,
+            _ if blocks == 0 => Outcome::Good,
+            _ if len > MAX_VERIFY_BYTES => Outcome::Check(Sense::INVALID_FIELD_IN_CDB),
+            // Data-out holds every block.
+            0b01 if data_out.len() >= len => Outcome::Io(IoRequest::Compare {
+                lba,
+                blocks,
+                expected: data_out[..len].to_vec(),
+            }),
+            // Data-out holds one block, compared with each.
+            0b11 if data_out.len() >= bs => Outcome::Io(IoRequest::Compare {
+                lba,
+                blocks,
+                expected: data_out[..bs].repeat(blocks as usize),
+            }),
+            0b01 | 0b11 => Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR),
+            _ => Outcome::Check(Sense::INVALID_FIELD_IN_CDB),
         }
     }
 
@@ -506,7 +549,8 @@ impl Lun {
             return Outcome::Io(IoRequest::WriteZeroes { lba, blocks, unmap });
         }
         let bs = self.settings.block_size as usize;
-        if params.len() < bs {
+        // Exactly one logical block of data-out.
+        if params.len() != bs {
             return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
         }
         let pattern = &params[..bs];
@@ -691,15 +735,18 @@ impl Lun {
                 truncated(d, alloc)
             }
             1 | 2 => {
+                // Option 1 names an opcode without service actions, option 2 one with them;
+                // asking the other way round is an error (SPC-4 6.35.2).
+                let has_service_actions = SUPPORTED
+                    .iter()
+                    .find(|&&(op, _, _)| op == req_op)
+                    .map(|&(_, sa, _)| sa.is_some());
+                if has_service_actions == Some(options == 1) {
+                    return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
+                }
                 let entry = SUPPORTED
                     .iter()
                     .find(|&&(op, sa, _)| op == req_op && (options == 1 || sa == Some(req_sa)));
-                // Options 1 on a service-action opcode (or 2 on one without) is an error.
-                if let Some(&(_, sa, _)) = entry {
-                    if (options == 1) == sa.is_some() {
-                        return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
-                    }
-                }
                 let mut d = vec![0u8; 4];
                 match entry {
                     Some(&(op, _, len)) => {

@@ -53,6 +53,8 @@ impl Sense {
     pub const WRITE_ERROR: Sense = Sense::new(0x03, 0x0c, 0x00);
     /// Any other internal failure.
     pub const INTERNAL_TARGET_FAILURE: Sense = Sense::new(0x04, 0x44, 0x00);
+    /// VERIFY with BYTCHK found different data.
+    pub const MISCOMPARE_DURING_VERIFY: Sense = Sense::new(0x0e, 0x1d, 0x00);
     /// Unit attention: power on, reset or bus device reset occurred.
     pub const POWER_ON_RESET: Sense = Sense::new(0x06, 0x29, 0x00);
     /// Unit attention: logical unit reset.
@@ -61,6 +63,14 @@ impl Sense {
     pub const I_T_NEXUS_LOSS: Sense = Sense::new(0x06, 0x29, 0x07);
     /// Unit attention: the LUN inventory changed.
     pub const REPORTED_LUNS_DATA_CHANGED: Sense = Sense::new(0x06, 0x3f, 0x0e);
+
+    /// Fixed-format sense data with the INFORMATION field set (and VALID).
+    pub fn fixed_with_information(&self, information: u32) -> [u8; FIXED_SENSE_LEN] {
+        let mut s = self.fixed();
+        s[0] |= 0x80;
+        s[3..7].copy_from_slice(&information.to_be_bytes());
+        s
+    }
 
     /// Fixed-format sense data (response code 0x70, current error).
     pub fn fixed(&self) -> [u8; FIXED_SENSE_LEN] {

@@ -16,12 +16,13 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use virtio_bindings::bindings::virtio_scsi::VIRTIO_SCSI_F_CHANGE;
 use virtio_queue::DescriptorChain;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::emulation::{
-    ignores_unit_attention, report_luns, wants_parameter_list, IoRequest, Lun, Outcome,
-    MAX_PARAMETER_LIST, MAX_TRANSFER_BLOCKS,
+    data_out_to_gather, ignores_unit_attention, report_luns, IoRequest, Lun, Outcome,
+    MAX_TRANSFER_BLOCKS,
 };
 use super::sense::{status, Sense, FIXED_SENSE_LEN};
 use crate::chain::{
@@ -179,14 +180,22 @@ impl VirtioDevice for ScsiDevice {
         self.queue_size
     }
 
+    /// VIRTIO_SCSI_F_CHANGE is offered because QEMU's vhost-user-scsi passes the guest's
+    /// ack of it through without checking the backend; no parameter-change events are sent.
     fn features(&self) -> u64 {
         [
             VIRTIO_F_VERSION_1,
             VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_SCSI_F_CHANGE,
         ]
         .into_iter()
         .fold(0, |acc, bit| acc | (1u64 << bit))
+    }
+
+    /// QEMU's vhost-user-scsi keeps its own config space (and warns about CONFIG).
+    fn offers_config(&self) -> bool {
+        false
     }
 
     fn set_acked_features(&self, features: u64) {
@@ -222,6 +231,8 @@ struct Response {
     response: u8,
     status: u8,
     sense: Option<Sense>,
+    /// Sense INFORMATION field (e.g. the offset of a miscompare).
+    information: Option<u32>,
     residual: u32,
 }
 
@@ -231,6 +242,7 @@ impl Response {
             response: response::OK,
             status: status::GOOD,
             sense: None,
+            information: None,
             residual,
         }
     }
@@ -240,6 +252,7 @@ impl Response {
             response: response::OK,
             status: status::CHECK_CONDITION,
             sense: Some(sense),
+            information: None,
             residual,
         }
     }
@@ -249,6 +262,7 @@ impl Response {
             response: code,
             status: status::GOOD,
             sense: None,
+            information: None,
             residual: 0,
         }
     }
@@ -257,7 +271,11 @@ impl Response {
         let mut r = [0u8; RESP_SIZE];
         if let Some(sense) = self.sense {
             r[0..4].copy_from_slice(&(FIXED_SENSE_LEN as u32).to_le_bytes());
-            r[12..12 + FIXED_SENSE_LEN].copy_from_slice(&sense.fixed());
+            let bytes = match self.information {
+                Some(info) => sense.fixed_with_information(info),
+                None => sense.fixed(),
+            };
+            r[12..12 + FIXED_SENSE_LEN].copy_from_slice(&bytes);
         }
         r[4..8].copy_from_slice(&self.residual.to_le_bytes());
         r[10] = self.status;
@@ -270,6 +288,7 @@ impl Response {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum IoKind {
     Read,
+    Compare,
     Write,
     Flush,
     Unmap,
@@ -289,8 +308,10 @@ struct InFlight {
     read_into: Vec<Segment>,
     pending: usize,
     failed: Option<i32>,
-    /// Bounce buffer (reads and writes) or write-same pattern buffer.
+    /// Bounce buffer (reads and writes), compare buffer, or write-same pattern buffer.
     buffer: Option<AlignedBuf>,
+    /// What a compare must find.
+    expected: Vec<u8>,
 }
 
 /// A request queue of a virtio-scsi device.
@@ -421,12 +442,9 @@ impl RequestQueue {
                     Some(sense) => Outcome::Check(sense),
                     None if cdb[0] == 0xa0 => report_luns(cdb, &self.device.lun_ids()),
                     None => {
-                        let mut params = Vec::new();
-                        if wants_parameter_list(cdb) {
-                            params = vec![0u8; data_out_len.min(MAX_PARAMETER_LIST)];
-                            if gather(mem, &data_out, &mut params).is_none() {
-                                params.clear();
-                            }
+                        let mut params = vec![0u8; data_out_len.min(data_out_to_gather(cdb))];
+                        if gather(mem, &data_out, &mut params).is_none() {
+                            params.clear();
                         }
                         let lun = &self.device.luns[index];
                         match lun.emulation.execute(cdb, &params) {
@@ -511,7 +529,30 @@ impl RequestQueue {
         let internal = Response::check(Sense::INTERNAL_TARGET_FAILURE, 0);
         let mut buffer = None;
         let mut read_into = Vec::new();
+        let mut expected = Vec::new();
         let (kind, bytes, ops) = match io {
+            IoRequest::Compare {
+                lba,
+                blocks,
+                expected: e,
+            } => {
+                let bytes = u64::from(blocks) * bs;
+                let mut b = AlignedBuf::new(bytes as usize, 4096).ok_or(internal)?;
+                let iovecs = vec![libc::iovec {
+                    iov_base: b.as_mut_slice().as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                }];
+                buffer = Some(b);
+                expected = e;
+                (
+                    IoKind::Compare,
+                    bytes,
+                    vec![DiskOp::Read {
+                        offset: lba * bs,
+                        iovecs,
+                    }],
+                )
+            }
             IoRequest::Read { lba, blocks } | IoRequest::Write { lba, blocks, .. } => {
                 let is_read = matches!(io, IoRequest::Read { .. });
                 let bytes = u64::from(blocks) * bs;
@@ -631,6 +672,7 @@ impl RequestQueue {
             data_in_len,
             read_into,
             pending: pushed,
+            expected,
             // Operations that could not be queued count as failed.
             failed: (pushed < count).then_some(-libc::EAGAIN),
             buffer,
@@ -646,7 +688,9 @@ impl RequestQueue {
                 continue;
             };
             let expected_ok = match request.kind {
-                IoKind::Read | IoKind::Write => c.result >= 0 && c.result as u64 == request.bytes,
+                IoKind::Read | IoKind::Write | IoKind::Compare => {
+                    c.result >= 0 && c.result as u64 == request.bytes
+                }
                 _ => c.result >= 0,
             };
             if !expected_ok && request.failed.is_none() {
@@ -670,7 +714,7 @@ impl RequestQueue {
         let r = match request.failed {
             None => {
                 match request.kind {
-                    IoKind::Read => {
+                    IoKind::Read | IoKind::Compare => {
                         stats.read_ops.fetch_add(1, Ordering::Relaxed);
                         stats.read_bytes.fetch_add(request.bytes, Ordering::Relaxed);
                     }
@@ -697,7 +741,23 @@ impl RequestQueue {
                     }
                     _ => true,
                 };
-                if bounced_ok {
+                let miscompare = match (&request.buffer, request.kind) {
+                    (Some(b), IoKind::Compare) => b
+                        .as_slice()
+                        .iter()
+                        .zip(&request.expected)
+                        .position(|(have, want)| have != want),
+                    _ => None,
+                };
+                if let Some(offset) = miscompare {
+                    Response {
+                        information: Some(offset as u32),
+                        ..Response::check(
+                            Sense::MISCOMPARE_DURING_VERIFY,
+                            request.data_in_len as u32,
+                        )
+                    }
+                } else if bounced_ok {
                     if request.kind == IoKind::Read {
                         written = request.bytes as usize;
                     }
@@ -711,7 +771,7 @@ impl RequestQueue {
                 tracing::warn!(kind = ?request.kind, result = err, "SCSI disk I/O failed");
                 let sense = match (err, request.kind) {
                     (e, _) if e == -libc::ENOSPC => Sense::SPACE_ALLOCATION_FAILED,
-                    (_, IoKind::Read) => Sense::UNRECOVERED_READ_ERROR,
+                    (_, IoKind::Read | IoKind::Compare) => Sense::UNRECOVERED_READ_ERROR,
                     (_, IoKind::Unmap) => Sense::INTERNAL_TARGET_FAILURE,
                     _ => Sense::WRITE_ERROR,
                 };
