@@ -2,8 +2,16 @@
 //!
 //! - [`split_ring`]: the driver side of a virtio split virtqueue. The virtio-vhost-user
 //!   driver runs rxq/txq on it; the end-to-end tests drive vhost-user backends with it.
+//! - [`pci`]: what the driver needs of a PCI device ([`pci::PciTransport`]) and the walk of
+//!   the virtio and virtio-vhost-user capabilities.
+//! - [`driver`]: the virtio-vhost-user driver: device initialisation, rxq/txq messages,
+//!   kick vectors, doorbells, BACKEND_UP (`design/VVU-SPEC.md`).
 //!
-//! The vfio-pci driver for the 1af4:106b device and the bridge into the daemon's vhost-user
-//! backend come next (see `design/VVU-SPEC.md`).
+//! The vfio-pci implementation of `PciTransport` and the bridge into the daemon's vhost-user
+//! backend come next.
 
+pub mod driver;
+#[cfg(test)]
+mod fake;
+pub mod pci;
 pub mod split_ring;
