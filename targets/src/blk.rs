@@ -26,6 +26,7 @@ use crate::chain::{
 pub use crate::device::Completed;
 use crate::device::{QueueHandler, VirtioDevice};
 use crate::disk::{DiskCompletion, DiskInfo, DiskOp, DiskQueue};
+use crate::inflight::InFlightTable;
 use crate::iobuf::AlignedBuf;
 use crate::stats::QueueStats;
 
@@ -287,8 +288,7 @@ struct InFlight {
 pub struct BlkQueue {
     device: Arc<BlkDevice>,
     disk: Box<dyn DiskQueue>,
-    inflight: Vec<Option<InFlight>>,
-    free: Vec<usize>,
+    inflight: InFlightTable<InFlight>,
     stats: Arc<QueueStats>,
     scratch: Vec<DiskCompletion>,
 }
@@ -299,8 +299,7 @@ impl BlkQueue {
         BlkQueue {
             device,
             disk,
-            inflight: Vec::new(),
-            free: Vec::new(),
+            inflight: InFlightTable::new(),
             stats: Arc::new(QueueStats::default()),
             scratch: Vec::new(),
         }
@@ -313,7 +312,7 @@ impl BlkQueue {
 
     /// Requests submitted to the disk and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.inflight.len() - self.free.len()
+        self.inflight.len()
     }
 
     /// Handles one descriptor chain: queues its disk I/O, or completes it at once into `done`.
@@ -570,36 +569,32 @@ impl BlkQueue {
                 unmap,
             },
         };
-        let slot = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.inflight.push(None);
-                self.inflight.len() - 1
-            }
-        };
+        let slot = self.inflight.reserve();
         if let Err(e) = self.disk.push(op, slot as u64) {
             tracing::warn!("cannot queue disk I/O: {e}");
-            self.free.push(slot);
+            self.inflight.release(slot);
             return Err(IOERR);
         }
-        self.inflight[slot] = Some(InFlight {
-            head,
-            status,
-            mem: Arc::clone(mem),
-            io,
-            bounce,
-        });
+        self.inflight.fill(
+            slot,
+            InFlight {
+                head,
+                status,
+                mem: Arc::clone(mem),
+                io,
+                bounce,
+            },
+        );
         Ok(())
     }
 
     fn complete_all(&mut self, completions: &mut Vec<DiskCompletion>, done: &mut Vec<Completed>) {
         for c in completions.drain(..) {
             let slot = c.token as usize;
-            let Some(request) = self.inflight.get_mut(slot).and_then(Option::take) else {
+            let Some(request) = self.inflight.take(slot) else {
                 tracing::error!(token = c.token, "completion for an unknown request");
                 continue;
             };
-            self.free.push(slot);
             let completed = self.complete(request, c.result);
             done.push(completed);
         }

@@ -6,6 +6,7 @@
 //!   per-queue [`device::QueueHandler`].
 //! - [`disk`]: backing stores behind one asynchronous per-queue interface; raw files and
 //!   block devices on io_uring.
+//! - `inflight`: the per-queue table of requests handed to the disk.
 //! - [`iobuf`]: aligned bounce buffers.
 //! - [`scsi`]: SCSI command emulation and virtio-scsi request handling.
 //! - [`stats`]: per-queue counters for the metrics endpoint.
@@ -17,6 +18,7 @@ pub mod blk;
 mod chain;
 pub mod device;
 pub mod disk;
+mod inflight;
 pub mod iobuf;
 pub mod scsi;
 pub mod stats;

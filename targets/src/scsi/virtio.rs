@@ -30,6 +30,7 @@ use crate::chain::{
 };
 use crate::device::{Completed, QueueHandler, VirtioDevice};
 use crate::disk::{DiskCompletion, DiskInfo, DiskOp, DiskQueue};
+use crate::inflight::InFlightTable;
 use crate::iobuf::AlignedBuf;
 use crate::stats::QueueStats;
 
@@ -320,8 +321,7 @@ pub struct RequestQueue {
     /// One ring per LUN, in the device's LUN order.
     disks: Vec<Box<dyn DiskQueue>>,
     notifier: EventFd,
-    inflight: Vec<Option<InFlight>>,
-    free: Vec<usize>,
+    inflight: InFlightTable<InFlight>,
     stats: Arc<QueueStats>,
 }
 
@@ -340,8 +340,7 @@ impl RequestQueue {
             device,
             disks,
             notifier,
-            inflight: Vec::new(),
-            free: Vec::new(),
+            inflight: InFlightTable::new(),
             stats: Arc::new(QueueStats::default()),
         })
     }
@@ -352,7 +351,7 @@ impl RequestQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.inflight.len() - self.free.len()
+        self.inflight.len()
     }
 
     fn respond(
@@ -642,13 +641,7 @@ impl RequestQueue {
                 (IoKind::Zero, 0, ops)
             }
         };
-        let slot = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.inflight.push(None);
-                self.inflight.len() - 1
-            }
-        };
+        let slot = self.inflight.reserve();
         let count = ops.len();
         let token = ((lun as u64) << 32) | slot as u64;
         let mut pushed = 0;
@@ -660,30 +653,33 @@ impl RequestQueue {
             pushed += 1;
         }
         if pushed == 0 {
-            self.free.push(slot);
+            self.inflight.release(slot);
             return Err(Response::check(Sense::INTERNAL_TARGET_FAILURE, 0));
         }
-        self.inflight[slot] = Some(InFlight {
-            head,
-            mem: Arc::clone(mem),
-            resp,
-            kind,
-            bytes,
-            data_in_len,
-            read_into,
-            pending: pushed,
-            expected,
-            // Operations that could not be queued count as failed.
-            failed: (pushed < count).then_some(-libc::EAGAIN),
-            buffer,
-        });
+        self.inflight.fill(
+            slot,
+            InFlight {
+                head,
+                mem: Arc::clone(mem),
+                resp,
+                kind,
+                bytes,
+                data_in_len,
+                read_into,
+                pending: pushed,
+                expected,
+                // Operations that could not be queued count as failed.
+                failed: (pushed < count).then_some(-libc::EAGAIN),
+                buffer,
+            },
+        );
         Ok(())
     }
 
     fn complete_all(&mut self, completions: Vec<DiskCompletion>, done: &mut Vec<Completed>) {
         for c in completions {
             let slot = (c.token & 0xffff_ffff) as usize;
-            let Some(Some(request)) = self.inflight.get_mut(slot) else {
+            let Some(request) = self.inflight.get_mut(slot) else {
                 tracing::error!(token = c.token, "completion for an unknown request");
                 continue;
             };
@@ -700,10 +696,9 @@ impl RequestQueue {
             if request.pending > 0 {
                 continue;
             }
-            let Some(request) = self.inflight[slot].take() else {
+            let Some(request) = self.inflight.take(slot) else {
                 continue;
             };
-            self.free.push(slot);
             self.finish(request, done);
         }
     }
