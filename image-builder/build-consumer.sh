@@ -12,18 +12,9 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cache="${VHOST_APPLIANCE_CACHE:-/var/cache/vhost-appliance}"
 log() { echo "build-consumer: $*" >&2; }
 
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO=sudo
+. "$here/../tests/scripts/debian.sh"
 tools=(busybox-static fio sg3-utils libiscsi-bin e2fsprogs util-linux kmod cpio)
-missing=()
-for p in "${tools[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing ${missing[*]}"
-    $SUDO apt-get update -q >&2
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
-fi
+ensure_debs "${tools[@]}"
 
 kernel_pkg="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9].*\)/\1/p' | head -1)"
 if [ -z "$kernel_pkg" ]; then

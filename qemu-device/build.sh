@@ -14,8 +14,7 @@ QEMU_VERSION=10.0.2
 TARBALL="qemu_${QEMU_VERSION}+ds.orig.tar.xz"
 log() { echo "qemu-device: $*" >&2; }
 
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO=sudo
+. "$here/../tests/scripts/debian.sh"
 
 key="$( (cat "$0"; find "$here/hw" "$here/include" "$here/patches" -type f | sort | xargs cat) | sha256sum | cut -c1-16)"
 out="$cache/qemu-vvu-$key"
@@ -26,17 +25,8 @@ if [ -x "$out/qemu-system-x86_64" ]; then
 fi
 
 # Build dependencies.
-debs=(build-essential ninja-build pkg-config libglib2.0-dev libpixman-1-dev libfdt-dev
-      liburing-dev libcap-ng-dev flex bison python3-venv xz-utils)
-missing=()
-for p in "${debs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing ${missing[*]}"
-    $SUDO apt-get update -q >&2
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
-fi
+ensure_debs build-essential ninja-build pkg-config libglib2.0-dev libpixman-1-dev libfdt-dev \
+    liburing-dev libcap-ng-dev flex bison python3-venv xz-utils
 python3 -c 'import mesonbuild' 2>/dev/null && python3 -c 'import pycotap' 2>/dev/null ||
     pip install -q meson pycotap >&2
 
@@ -44,16 +34,7 @@ python3 -c 'import mesonbuild' 2>/dev/null && python3 -c 'import pycotap' 2>/dev
 src_dir="$cache/qemu-src"
 $SUDO mkdir -p "$src_dir"
 if [ ! -f "$src_dir/$TARBALL" ]; then
-    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/ ||
-       ! grep -rqs 'deb-src' /etc/apt/sources.list.d/bookworm-backports.sources; then
-        $SUDO tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<'SOURCES'
-Types: deb deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SOURCES
-    fi
+    ensure_backports_sources || true
     $SUDO apt-get update -q >&2
     log "downloading the QEMU source"
     (cd "$src_dir" && apt-get source --download-only -t bookworm-backports qemu >&2 || true)

@@ -7,27 +7,7 @@
 # Runs as root, or through sudo when available. Does nothing when all is present.
 set -euo pipefail
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || { echo "install-deps: run as root (or install sudo)" >&2; exit 1; }
-    SUDO=sudo
-fi
-
-BACKPORTS_SOURCES=/etc/apt/sources.list.d/bookworm-backports.sources
-
-add_backports() {
-    if grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        return
-    fi
-    echo "install-deps: adding bookworm-backports to $BACKPORTS_SOURCES"
-    $SUDO tee "$BACKPORTS_SOURCES" >/dev/null <<'SOURCES'
-Types: deb deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SOURCES
-}
+. "$(dirname "$0")/debian.sh"
 
 qemu_major() {
     "$1" --version 2>/dev/null | sed -n '1s/.* version \([0-9]*\)\..*/\1/p'
@@ -45,7 +25,7 @@ if [ "${#missing[@]}" -eq 0 ]; then
     echo "install-deps: everything present"
     exit 0
 fi
-add_backports
-echo "install-deps: installing ${missing[*]} from bookworm-backports"
+ensure_backports_sources || true
+# Installed (possibly older) versions are upgraded from backports.
 $SUDO apt-get update -q
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q -t bookworm-backports "${missing[@]}"
