@@ -131,7 +131,7 @@ impl VirtioBackend {
         let Some(mut worker) = self.worker(index) else {
             return Ok(());
         };
-        if !vring.get_ref().get_queue().ready() || !worker.queue.takes_chains() {
+        if !vring.get_ref().get_queue().ready() {
             return Ok(());
         }
         if worker.vring.is_none() {

@@ -191,7 +191,7 @@ fn build_scsi(
         });
         disks.push(disk);
     }
-    let device = Arc::new(ScsiDevice::new(luns, export.num_queues, export.queue_size));
+    let device = Arc::new(ScsiDevice::new(luns, export.num_queues, export.queue_size)?);
     // The device sorted its LUNs by id; open each queue's rings in that order.
     let order: Vec<usize> = device
         .luns()
@@ -200,7 +200,7 @@ fn build_scsi(
         .collect();
     let mut queues: Vec<Box<dyn QueueHandler>> = vec![
         Box::new(ControlQueue::new(Arc::clone(&device))),
-        Box::new(EventQueue),
+        Box::new(EventQueue::new(Arc::clone(&device))),
     ];
     for _ in 0..export.num_queues {
         let queue = RequestQueue::new(Arc::clone(&device), |i, notifier| {

@@ -65,9 +65,4 @@ pub trait QueueHandler: Send {
     fn completion_fd(&self) -> Option<RawFd> {
         None
     }
-    /// False for queues whose buffers the device keeps until it has something to say
-    /// (virtio-scsi's event queue): their chains are left on the ring.
-    fn takes_chains(&self) -> bool {
-        true
-    }
 }

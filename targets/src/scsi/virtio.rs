@@ -16,7 +16,7 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_bindings::bindings::virtio_scsi::VIRTIO_SCSI_F_CHANGE;
+use virtio_bindings::bindings::virtio_scsi::{VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG};
 use virtio_queue::DescriptorChain;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -95,20 +95,99 @@ pub struct ScsiDevice {
     /// Pending unit attention per LUN (index into `luns`).
     unit_attention: Vec<Mutex<Option<Sense>>>,
     acked_features: AtomicU64,
+    /// Events waiting for an event-queue buffer.
+    events: Mutex<PendingEvents>,
+    /// Signalled when an event is queued; the event queue's worker waits on it.
+    event_notifier: EventFd,
+}
+
+/// Size of `struct virtio_scsi_event`: event, lun[8], reason.
+pub const EVENT_SIZE: usize = 16;
+/// Events kept while the driver has no event buffer; beyond that they are dropped and the
+/// next one delivered carries VIRTIO_SCSI_T_EVENTS_MISSED.
+const MAX_PENDING_EVENTS: usize = 64;
+const VIRTIO_SCSI_T_TRANSPORT_RESET: u32 = 1;
+const VIRTIO_SCSI_T_EVENTS_MISSED: u32 = 0x8000_0000;
+const VIRTIO_SCSI_EVT_RESET_RESCAN: u32 = 0;
+const VIRTIO_SCSI_EVT_RESET_REMOVED: u32 = 2;
+
+#[derive(Debug, Default)]
+struct PendingEvents {
+    queue: std::collections::VecDeque<[u8; EVENT_SIZE]>,
+    missed: bool,
+}
+
+/// The 8-byte virtio-scsi LUN field for target 0, `lun` (flat addressing).
+pub fn encode_lun(lun: u16) -> [u8; 8] {
+    [
+        1,
+        0,
+        0x40 | ((lun >> 8) as u8 & 0x3f),
+        lun as u8,
+        0,
+        0,
+        0,
+        0,
+    ]
 }
 
 impl ScsiDevice {
     /// A device with these LUNs (sorted by id here) and `request_queues` request queues.
-    pub fn new(mut luns: Vec<ScsiLun>, request_queues: u16, queue_size: u16) -> Self {
+    pub fn new(mut luns: Vec<ScsiLun>, request_queues: u16, queue_size: u16) -> io::Result<Self> {
         luns.sort_by_key(|l| l.id);
         let unit_attention = luns.iter().map(|_| Mutex::new(None)).collect();
-        ScsiDevice {
+        Ok(ScsiDevice {
             luns,
             request_queues,
             queue_size,
             unit_attention,
             acked_features: AtomicU64::new(0),
+            events: Mutex::new(PendingEvents::default()),
+            event_notifier: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Tells the initiator that LUN `id` appeared (`added`) or went away: a TRANSPORT_RESET
+    /// event makes Linux rescan or remove it, and every LUN raises REPORTED LUNS DATA
+    /// CHANGED (SPC-4) for initiators that do not listen to events.
+    pub fn report_lun_change(&self, id: u16, added: bool) {
+        let reason = if added {
+            VIRTIO_SCSI_EVT_RESET_RESCAN
+        } else {
+            VIRTIO_SCSI_EVT_RESET_REMOVED
+        };
+        let mut event = [0u8; EVENT_SIZE];
+        event[0..4].copy_from_slice(&VIRTIO_SCSI_T_TRANSPORT_RESET.to_le_bytes());
+        event[4..12].copy_from_slice(&encode_lun(id));
+        event[12..16].copy_from_slice(&reason.to_le_bytes());
+        {
+            let mut pending = self.events.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.queue.len() < MAX_PENDING_EVENTS {
+                pending.queue.push_back(event);
+            } else {
+                pending.missed = true;
+            }
         }
+        self.set_unit_attention(None, Sense::REPORTED_LUNS_DATA_CHANGED);
+        if let Err(e) = self.event_notifier.write(1) {
+            tracing::warn!("cannot wake the event queue: {e}");
+        }
+    }
+
+    /// The next event to deliver, flagged if events were dropped before it.
+    fn next_event(&self) -> Option<[u8; EVENT_SIZE]> {
+        let mut pending = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let mut event = match pending.queue.pop_front() {
+            Some(e) => e,
+            // VIRTIO_SCSI_T_NO_EVENT, to carry the EVENTS_MISSED flag alone.
+            None if pending.missed => [0u8; EVENT_SIZE],
+            None => return None,
+        };
+        if std::mem::take(&mut pending.missed) {
+            let kind = u32::from_le_bytes([event[0], event[1], event[2], event[3]]);
+            event[0..4].copy_from_slice(&(kind | VIRTIO_SCSI_T_EVENTS_MISSED).to_le_bytes());
+        }
+        Some(event)
     }
 
     /// The LUNs, by id.
@@ -188,6 +267,7 @@ impl VirtioDevice for ScsiDevice {
             VIRTIO_F_VERSION_1,
             VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_SCSI_F_HOTPLUG,
             VIRTIO_SCSI_F_CHANGE,
         ]
         .into_iter()
@@ -906,24 +986,68 @@ impl QueueHandler for ControlQueue {
     }
 }
 
-/// The event queue: buffers wait there until the device has an event to report.
-pub struct EventQueue;
+/// The event queue: the driver's buffers wait here until the device has an event.
+pub struct EventQueue {
+    device: Arc<ScsiDevice>,
+    /// Buffers taken from the ring, waiting for events: head and writable bytes.
+    buffers: std::collections::VecDeque<(u16, Vec<Segment>, Arc<Memory>)>,
+}
+
+impl EventQueue {
+    /// The event queue of `device`.
+    pub fn new(device: Arc<ScsiDevice>) -> Self {
+        EventQueue {
+            device,
+            buffers: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Puts queued events into waiting buffers.
+    fn deliver(&mut self, done: &mut Vec<Completed>) {
+        while !self.buffers.is_empty() {
+            let Some(event) = self.device.next_event() else {
+                return;
+            };
+            if let Some((head, segs, mem)) = self.buffers.pop_front() {
+                let used_len = scatter(&mem, &segs, &event).unwrap_or(0) as u32;
+                done.push(Completed { head, used_len });
+            }
+        }
+    }
+}
 
 impl QueueHandler for EventQueue {
     fn handle_chain(
         &mut self,
         chain: DescriptorChain<&Memory>,
-        _mem: &Arc<Memory>,
+        mem: &Arc<Memory>,
         done: &mut Vec<Completed>,
     ) {
-        // Not reached: takes_chains() is false. Return the buffer unused if it happens.
-        done.push(Completed {
-            head: chain.head_index(),
-            used_len: 0,
-        });
+        let Chain { head, writable, .. } = Chain::collect(chain);
+        if total(&writable) < EVENT_SIZE {
+            tracing::debug!(head, "event buffer too small");
+            done.push(Completed { head, used_len: 0 });
+            return;
+        }
+        self.buffers.push_back((head, writable, Arc::clone(mem)));
+        self.deliver(done);
     }
 
-    fn takes_chains(&self) -> bool {
-        false
+    fn reap(&mut self, done: &mut Vec<Completed>) {
+        let _ = self.device.event_notifier.read();
+        self.deliver(done);
+    }
+
+    /// The ring is stopping: held buffers go back holding VIRTIO_SCSI_T_NO_EVENT.
+    fn drain(&mut self, done: &mut Vec<Completed>) -> io::Result<()> {
+        for (head, segs, mem) in self.buffers.drain(..) {
+            let used_len = scatter(&mem, &segs, &[0u8; EVENT_SIZE]).unwrap_or(0) as u32;
+            done.push(Completed { head, used_len });
+        }
+        Ok(())
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.device.event_notifier.as_raw_fd())
     }
 }

@@ -1,0 +1,211 @@
+//! virtio-scsi events: TRANSPORT_RESET on LUN changes reaches the driver's event buffers,
+//! overflow is flagged with EVENTS_MISSED, held buffers come back when the ring stops, and
+//! every LUN raises REPORTED LUNS DATA CHANGED.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use targets::blk::Memory;
+use targets::device::{QueueHandler, VirtioDevice};
+use targets::disk::{DiskQueue, RawDisk, RawDiskOptions};
+use targets::scsi::emulation::{Lun, LunSettings};
+use targets::scsi::virtio::{
+    encode_lun, EventQueue, RequestQueue, ScsiDevice, ScsiLun, EVENT_SIZE, REQ_SIZE, RESP_SIZE,
+};
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+
+const EVENT_BUF: u64 = 0x10_0000;
+
+fn lun(id: u16, disk: &RawDisk) -> ScsiLun {
+    ScsiLun {
+        id,
+        emulation: Lun::new(LunSettings {
+            block_size: 512,
+            blocks: disk.info().size / 512,
+            readonly: false,
+            serial: format!("L{id}"),
+            wwn: 0x3000_0000_0000_0000 | u64::from(id),
+            rotational: false,
+            write_cache: true,
+            discard: true,
+            unmapped_reads_zero: true,
+        }),
+        disk: disk.info(),
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    disk: RawDisk,
+    device: Arc<ScsiDevice>,
+    mem: Arc<Memory>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let disk = RawDisk::open(&RawDiskOptions {
+        path: dir.path().join("l.raw"),
+        readonly: false,
+        direct: false,
+        create_size: Some(1 << 20),
+    })
+    .unwrap();
+    let device = Arc::new(ScsiDevice::new(vec![lun(0, &disk), lun(5, &disk)], 1, 16).unwrap());
+    let mem = Arc::new(Memory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+    Fixture {
+        _dir: dir,
+        disk,
+        device,
+        mem,
+    }
+}
+
+fn writable(addr: u64, len: u32) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(
+        addr,
+        len,
+        VRING_DESC_F_WRITE as u16,
+        0,
+    ))
+}
+
+fn post_event_buffer(
+    eq: &mut EventQueue,
+    mem: &Arc<Memory>,
+    slot: u64,
+) -> Vec<targets::device::Completed> {
+    let vq = MockSplitQueue::new(&**mem, 16);
+    let chain = vq
+        .build_desc_chain(&[writable(EVENT_BUF + slot * 0x100, EVENT_SIZE as u32)])
+        .unwrap();
+    let mut done = Vec::new();
+    eq.handle_chain(chain, mem, &mut done);
+    done
+}
+
+fn event_at(mem: &Memory, slot: u64) -> (u32, [u8; 8], u32) {
+    let mut e = [0u8; EVENT_SIZE];
+    mem.read_slice(&mut e, GuestAddress(EVENT_BUF + slot * 0x100))
+        .unwrap();
+    let mut lun = [0u8; 8];
+    lun.copy_from_slice(&e[4..12]);
+    (
+        u32::from_le_bytes(e[0..4].try_into().unwrap()),
+        lun,
+        u32::from_le_bytes(e[12..16].try_into().unwrap()),
+    )
+}
+
+#[test]
+fn hotplug_is_offered_and_buffers_wait_for_events() {
+    let f = fixture();
+    assert_ne!(f.device.features() & (1 << 1), 0, "VIRTIO_SCSI_F_HOTPLUG");
+    let mut eq = EventQueue::new(Arc::clone(&f.device));
+    assert!(
+        post_event_buffer(&mut eq, &f.mem, 0).is_empty(),
+        "held until an event"
+    );
+    f.device.report_lun_change(5, true);
+    let mut done = Vec::new();
+    eq.reap(&mut done);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].used_len, EVENT_SIZE as u32);
+    assert_eq!(
+        event_at(&f.mem, 0),
+        (1, encode_lun(5), 0),
+        "TRANSPORT_RESET, RESCAN"
+    );
+    // An event queued before a buffer arrives is delivered when it does.
+    f.device.report_lun_change(0, false);
+    let done = post_event_buffer(&mut eq, &f.mem, 1);
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        event_at(&f.mem, 1),
+        (1, encode_lun(0), 2),
+        "TRANSPORT_RESET, REMOVED"
+    );
+}
+
+#[test]
+fn overflow_is_reported_as_events_missed() {
+    let f = fixture();
+    let mut eq = EventQueue::new(Arc::clone(&f.device));
+    for i in 0..100 {
+        f.device.report_lun_change(i, true);
+    }
+    let mut delivered = Vec::new();
+    for slot in 0..70 {
+        delivered.extend(post_event_buffer(&mut eq, &f.mem, slot));
+    }
+    assert_eq!(delivered.len(), 64, "64 kept, the rest dropped");
+    let (first, _, _) = event_at(&f.mem, 0);
+    assert_eq!(
+        first, 0x8000_0001,
+        "the first delivery says events were missed"
+    );
+    let (second, _, _) = event_at(&f.mem, 1);
+    assert_eq!(second, 1, "then the flag is cleared");
+}
+
+#[test]
+fn held_buffers_come_back_when_the_ring_stops() {
+    let f = fixture();
+    let mut eq = EventQueue::new(Arc::clone(&f.device));
+    post_event_buffer(&mut eq, &f.mem, 0);
+    post_event_buffer(&mut eq, &f.mem, 1);
+    let mut done = Vec::new();
+    eq.drain(&mut done).unwrap();
+    assert_eq!(done.len(), 2);
+    assert_eq!(
+        event_at(&f.mem, 0),
+        (0, [0; 8], 0),
+        "VIRTIO_SCSI_T_NO_EVENT"
+    );
+    let mut done = Vec::new();
+    eq.reap(&mut done);
+    assert!(done.is_empty());
+}
+
+#[test]
+fn lun_changes_raise_reported_luns_data_changed() {
+    let f = fixture();
+    let mut rq = RequestQueue::new(Arc::clone(&f.device), |_, notifier| {
+        Ok(Box::new(f.disk.new_queue_with_notifier(16, notifier)?) as Box<dyn DiskQueue>)
+    })
+    .unwrap();
+    f.device.report_lun_change(7, true);
+    // TEST UNIT READY on LUN 5 sees the unit attention once.
+    const REQ: u64 = 0x20_0000;
+    const RESP: u64 = 0x21_0000;
+    let mut req = [0u8; REQ_SIZE];
+    req[..8].copy_from_slice(&encode_lun(5));
+    f.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+    for expect_ua in [true, false] {
+        let vq = MockSplitQueue::new(&*f.mem, 16);
+        let chain = vq
+            .build_desc_chain(&[
+                RawDescriptor::from(SplitDescriptor::new(REQ, REQ_SIZE as u32, 0, 0)),
+                writable(RESP, RESP_SIZE as u32),
+            ])
+            .unwrap();
+        let mut done = Vec::new();
+        rq.handle_chain(chain, &f.mem, &mut done);
+        assert_eq!(done.len(), 1);
+        let mut resp = [0u8; RESP_SIZE];
+        f.mem.read_slice(&mut resp, GuestAddress(RESP)).unwrap();
+        if expect_ua {
+            assert_eq!(resp[10], 2, "CHECK CONDITION");
+            assert_eq!(
+                (resp[12 + 2], resp[12 + 12], resp[12 + 13]),
+                (0x06, 0x3f, 0x0e)
+            );
+        } else {
+            assert_eq!(resp[10], 0, "GOOD once the unit attention was reported");
+        }
+    }
+}
