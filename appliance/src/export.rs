@@ -13,17 +13,19 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context};
-use config::{Device, Disk, Export, ScsiLun, SocketPermissions, WriteCache};
+use config::{BackingFormat, Device, Disk, Export, ScsiLun, SocketPermissions, WriteCache};
 use nix::unistd::{chown, Gid, Group, Uid, User};
 use targets::blk::{BlkDevice, BlkQueue, BlkSettings};
 use targets::device::{QueueHandler, VirtioDevice};
-use targets::disk::{DiskQueue, RawDisk, RawDiskOptions};
+use targets::disk::{DiskInfo, DiskQueue, RawDisk, RawDiskOptions};
+use targets::qcow2::{Qcow2Disk, Qcow2Options};
 use targets::scsi::emulation::{Lun, LunSettings};
 use targets::scsi::virtio::{ControlQueue, EventQueue, RequestQueue, ScsiDevice};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{completion_event, VirtioBackend};
 
@@ -39,7 +41,7 @@ pub enum SocketSource<'a> {
 pub struct RunningExport {
     name: String,
     backend: Arc<VirtioBackend>,
-    disks: Vec<RawDisk>,
+    disks: Vec<Backing>,
     connection: Arc<Mutex<Option<ShutdownHandle>>>,
     _acceptor: JoinHandle<()>,
 }
@@ -118,17 +120,62 @@ impl RunningExport {
     }
 }
 
-fn open_disk(disk: &Disk) -> anyhow::Result<RawDisk> {
-    Ok(RawDisk::open(&RawDiskOptions {
-        path: disk.path.clone(),
-        readonly: disk.readonly,
-        direct: disk.direct,
-        create_size: disk.create.map(|c| c.size),
-    })?)
+/// An open backing store: a raw file or block device, or a qcow2 image.
+enum Backing {
+    Raw(RawDisk),
+    Qcow2(Qcow2Disk),
 }
 
-fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<(Arc<VirtioBackend>, Vec<RawDisk>)> {
-    let disk = open_disk(spec)?;
+impl Backing {
+    fn open(disk: &Disk) -> anyhow::Result<Self> {
+        Ok(match disk.format {
+            BackingFormat::Raw => Backing::Raw(RawDisk::open(&RawDiskOptions {
+                path: disk.path.clone(),
+                readonly: disk.readonly,
+                direct: disk.direct,
+                create_size: disk.create.as_ref().map(|c| c.size),
+            })?),
+            BackingFormat::Qcow2 => Backing::Qcow2(Qcow2Disk::open(&Qcow2Options {
+                path: disk.path.clone(),
+                readonly: disk.readonly,
+                create: disk.create.as_ref().map(|c| (c.size, c.backing.clone())),
+            })?),
+        })
+    }
+
+    fn info(&self) -> DiskInfo {
+        match self {
+            Backing::Raw(d) => d.info(),
+            Backing::Qcow2(d) => d.info(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Backing::Raw(d) => d.path(),
+            Backing::Qcow2(d) => d.path(),
+        }
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        match self {
+            Backing::Raw(d) => d.sync(),
+            Backing::Qcow2(d) => d.sync(),
+        }
+    }
+
+    /// A per-queue I/O context, signalling `notifier` if given.
+    fn new_queue(&self, depth: u32, notifier: Option<&EventFd>) -> io::Result<Box<dyn DiskQueue>> {
+        Ok(match (self, notifier) {
+            (Backing::Raw(d), None) => Box::new(d.new_queue(depth)?),
+            (Backing::Raw(d), Some(n)) => Box::new(d.new_queue_with_notifier(depth, n)?),
+            (Backing::Qcow2(d), n) => Box::new(d.new_queue(n)?),
+        })
+    }
+}
+
+fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<(Arc<VirtioBackend>, Vec<Backing>)> {
+    let disk = Backing::open(spec)?;
     let settings = BlkSettings {
         logical_block_size: spec.logical_block_size,
         readonly: spec.readonly,
@@ -141,9 +188,9 @@ fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<(Arc<VirtioBackend>
     let mut queues: Vec<Box<dyn QueueHandler>> = Vec::new();
     for _ in 0..export.num_queues {
         let ring = disk
-            .new_queue(u32::from(export.queue_size))
-            .context("cannot create an io_uring for a queue")?;
-        queues.push(Box::new(BlkQueue::new(Arc::clone(&device), Box::new(ring))));
+            .new_queue(u32::from(export.queue_size), None)
+            .context("cannot create the I/O context of a queue")?;
+        queues.push(Box::new(BlkQueue::new(Arc::clone(&device), ring)));
     }
     let device: Arc<dyn VirtioDevice> = device;
     Ok((Arc::new(VirtioBackend::new(device, queues)), vec![disk]))
@@ -152,11 +199,11 @@ fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<(Arc<VirtioBackend>
 fn build_scsi(
     export: &Export,
     specs: &[ScsiLun],
-) -> anyhow::Result<(Arc<VirtioBackend>, Vec<RawDisk>)> {
+) -> anyhow::Result<(Arc<VirtioBackend>, Vec<Backing>)> {
     let mut disks = Vec::with_capacity(specs.len());
     let mut luns = Vec::with_capacity(specs.len());
     for spec in specs {
-        let disk = open_disk(&spec.disk).with_context(|| format!("LUN {}", spec.lun))?;
+        let disk = Backing::open(&spec.disk).with_context(|| format!("LUN {}", spec.lun))?;
         let info = disk.info();
         let bs = u64::from(spec.disk.logical_block_size);
         if let Some(direct) = info.direct {
@@ -204,9 +251,7 @@ fn build_scsi(
     ];
     for _ in 0..export.num_queues {
         let queue = RequestQueue::new(Arc::clone(&device), |i, notifier| {
-            let disk = &disks[order[i]];
-            let ring = disk.new_queue_with_notifier(u32::from(export.queue_size), notifier)?;
-            Ok(Box::new(ring) as Box<dyn DiskQueue>)
+            disks[order[i]].new_queue(u32::from(export.queue_size), Some(notifier))
         })
         .context("cannot create the io_urings of a queue")?;
         queues.push(Box::new(queue));

@@ -71,7 +71,7 @@ pub struct ExportFile {
     pub socket: Option<String>,
     /// Backing file or block device.
     pub path: Option<String>,
-    /// `raw`.
+    /// `raw` or `qcow2`.
     pub format: Option<String>,
     /// Refuse writes.
     pub readonly: Option<bool>,
@@ -125,6 +125,9 @@ pub struct LunFile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateFile {
-    /// Size of the new backing file.
+    /// Size of the new backing file (the virtual size of a qcow2 image).
     pub size: SizeValue,
+    /// qcow2 only: the backing file of the new image, as qemu-img takes it (relative paths
+    /// are relative to the image's folder).
+    pub backing: Option<String>,
 }

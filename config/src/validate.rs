@@ -64,6 +64,8 @@ impl std::error::Error for ConfigError {}
 pub enum BackingFormat {
     /// Raw file or block device.
     Raw,
+    /// qcow2 image (with its backing chain).
+    Qcow2,
 }
 
 /// Write cache mode presented to the guest (the guest may toggle it via CONFIG_WCE).
@@ -76,10 +78,13 @@ pub enum WriteCache {
 }
 
 /// `create:` of an export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateSpec {
-    /// Size in bytes of the sparse file created when the backing path does not exist.
+    /// Size in bytes of the sparse file (or virtual size of the qcow2 image) created when the
+    /// backing path does not exist.
     pub size: u64,
+    /// qcow2 only: the new image's backing file, as written into the image.
+    pub backing: Option<PathBuf>,
 }
 
 /// A backing store and how it is presented (a blk export, or one SCSI LUN).
@@ -532,9 +537,12 @@ impl Validator<'_> {
             .ok_or_else(|| at.err("path", "is required"))?;
         let format = match raw.format.as_deref() {
             None | Some("raw") => BackingFormat::Raw,
-            Some("qcow2") => return Err(at.err("format", "qcow2 is not supported by this version")),
+            Some("qcow2") => BackingFormat::Qcow2,
             Some(other) => {
-                return Err(at.err("format", format!("unknown format {other:?} (use raw)")))
+                return Err(at.err(
+                    "format",
+                    format!("unknown format {other:?} (use raw or qcow2)"),
+                ))
             }
         };
         let logical_block_size = raw.logical_block_size.unwrap_or(512);
@@ -585,7 +593,13 @@ impl Validator<'_> {
                         at.err("create", "a readonly export cannot create its backing file")
                     );
                 }
-                Some(CreateSpec { size })
+                if c.backing.is_some() && format != BackingFormat::Qcow2 {
+                    return Err(at.err("create", "a backing file needs format: qcow2"));
+                }
+                Some(CreateSpec {
+                    size,
+                    backing: c.backing.map(PathBuf::from),
+                })
             }
         };
         Ok(Disk {

@@ -50,7 +50,7 @@ fn example_config_is_valid() {
     let vol0 = &cfg.exports[0];
     assert_eq!(vol0.name, "vol0");
     assert_eq!(vol0.num_queues, 4);
-    assert_eq!(blk(vol0).create.map(|c| c.size), Some(1 << 30));
+    assert_eq!(blk(vol0).create.as_ref().map(|c| c.size), Some(1 << 30));
     assert_eq!(cfg.socket_permissions.mode, 0o660);
     assert_eq!(cfg.metrics_listen.map(|a| a.port()), Some(9410));
 }
@@ -140,6 +140,11 @@ fn bad_values_name_their_field() {
             "type",
         ),
         ("path: b.raw", "path: b.raw\n    format: vmdk", "format"),
+        (
+            "path: b.raw",
+            "path: b.raw\n    create: { size: 1M, backing: base.raw }",
+            "create",
+        ),
         (
             "path: b.raw",
             "path: b.raw\n    create: { size: 1X }",
@@ -293,4 +298,22 @@ fn scsi_errors_name_the_lun_and_line() {
     assert_eq!(e.field.as_deref(), Some("luns[1].lun"));
     let e = parse_err(&SCSI.replace("/data/l7.raw", "/data/l0.raw"));
     assert_eq!(e.field.as_deref(), Some("luns[1].path"), "{e}");
+}
+
+#[test]
+fn qcow2_with_a_backing_file_to_create() {
+    let text = TWO_EXPORTS.replace(
+        "    path: b.raw\n    readonly: true\n",
+        "    path: b.qcow2\n    format: qcow2\n    create: { size: 1G, backing: base.qcow2 }\n",
+    );
+    let cfg = parse(&text).unwrap();
+    let d = blk(&cfg.exports[1]);
+    assert_eq!(d.format, config::BackingFormat::Qcow2);
+    let create = d.create.as_ref().unwrap();
+    assert_eq!(create.size, 1 << 30);
+    assert_eq!(
+        create.backing.as_deref(),
+        Some(Path::new("base.qcow2")),
+        "kept as written"
+    );
 }

@@ -8,6 +8,7 @@
 //!   block devices on io_uring.
 //! - `inflight`: the per-queue table of requests handed to the disk.
 //! - [`iobuf`]: aligned bounce buffers.
+//! - [`qcow2`]: qcow2 images through imago, on per-queue helper threads.
 //! - [`scsi`]: SCSI command emulation and virtio-scsi request handling.
 //! - [`stats`]: per-queue counters for the metrics endpoint.
 //!
@@ -20,5 +21,6 @@ pub mod device;
 pub mod disk;
 mod inflight;
 pub mod iobuf;
+pub mod qcow2;
 pub mod scsi;
 pub mod stats;

@@ -16,12 +16,14 @@ pub fn appliance_binary() -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/vhost-appliance
+    // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (benchmarks).
     let bin = exe
-        .parent()
-        .and_then(Path::parent)
+        .ancestors()
+        .skip(1)
+        .take(2)
         .map(|dir| dir.join("vhost-appliance"))
-        .expect("target directory");
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("target/debug/vhost-appliance"));
     assert!(
         bin.exists(),
         "{} not found: run `cargo build -p appliance` first (or set VHOST_APPLIANCE_BIN)",

@@ -5,109 +5,15 @@
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::Duration;
 
+use appliance_tests::blkio_frontend::{random_ops, replay, Frontend};
 use appliance_tests::daemon::{qemu_storage_daemon, scratch_dir, Appliance};
 use appliance_tests::rng::Rng;
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use blkio::ReqFlags;
 
 const MIB: u64 = 1 << 20;
-const BUF_SIZE: usize = 16 << 20;
-
-/// A connected blkio frontend with one mapped buffer region.
-struct Frontend {
-    queues: Vec<Blkioq>,
-    region: MemoryRegion,
-    capacity: u64,
-    // Dropped last: the queues and region belong to it.
-    _blkio: Blkio,
-}
-
-impl Frontend {
-    fn connect(socket: &Path, num_queues: i32) -> Self {
-        Self::connect_with(socket, num_queues, false)
-    }
-
-    fn connect_with(socket: &Path, num_queues: i32, read_only: bool) -> Self {
-        let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
-        blkio.set_str("path", socket.to_str().unwrap()).unwrap();
-        blkio.set_bool("read-only", read_only).unwrap();
-        blkio.connect().unwrap();
-        blkio.set_i32("queue-size", 128).unwrap();
-        blkio.set_i32("num-queues", num_queues).unwrap();
-        let outcome = blkio.start().unwrap();
-        let region = blkio.alloc_mem_region(BUF_SIZE).unwrap();
-        blkio.map_mem_region(&region).unwrap();
-        let capacity = blkio.get_u64("capacity").unwrap();
-        Frontend {
-            queues: outcome.queues,
-            region,
-            capacity,
-            _blkio: blkio,
-        }
-    }
-
-    fn buf(&mut self, offset: usize, len: usize) -> &mut [u8] {
-        assert!(offset + len <= BUF_SIZE);
-        // SAFETY: the region is a live mapping of BUF_SIZE bytes owned by this frontend.
-        unsafe { std::slice::from_raw_parts_mut((self.region.addr + offset) as *mut u8, len) }
-    }
-
-    fn ptr(&self, offset: usize) -> *mut u8 {
-        (self.region.addr + offset) as *mut u8
-    }
-
-    /// Waits for `n` completions on queue `q`; returns `(user_data, ret)` pairs.
-    fn wait(&mut self, q: usize, n: usize) -> Vec<(usize, i32)> {
-        let mut completions: Vec<MaybeUninit<Completion>> =
-            (0..n).map(|_| MaybeUninit::uninit()).collect();
-        let mut got = Vec::new();
-        while got.len() < n {
-            let mut timeout = Duration::from_secs(30);
-            let want = n - got.len();
-            let k = self.queues[q]
-                .do_io(&mut completions[..want], want, Some(&mut timeout), None)
-                .unwrap();
-            assert!(k > 0, "no completion within 30 s");
-            for c in &completions[..k] {
-                // SAFETY: do_io initialised the first k completions.
-                let c = unsafe { c.assume_init_ref() };
-                got.push((c.user_data, c.ret));
-            }
-        }
-        got
-    }
-
-    fn write(&mut self, q: usize, offset: u64, buf_off: usize, len: usize) -> i32 {
-        let ptr = self.ptr(buf_off);
-        self.queues[q].write(offset, ptr, len, 0, ReqFlags::empty());
-        self.wait(q, 1)[0].1
-    }
-
-    fn read(&mut self, q: usize, offset: u64, buf_off: usize, len: usize) -> i32 {
-        let ptr = self.ptr(buf_off);
-        self.queues[q].read(offset, ptr, len, 0, ReqFlags::empty());
-        self.wait(q, 1)[0].1
-    }
-
-    fn flush(&mut self, q: usize) -> i32 {
-        self.queues[q].flush(0, ReqFlags::empty());
-        self.wait(q, 1)[0].1
-    }
-
-    fn discard(&mut self, q: usize, offset: u64, len: u64) -> i32 {
-        self.queues[q].discard(offset, len, 0, ReqFlags::empty());
-        self.wait(q, 1)[0].1
-    }
-
-    fn write_zeroes(&mut self, q: usize, offset: u64, len: u64) -> i32 {
-        self.queues[q].write_zeroes(offset, len, 0, ReqFlags::empty());
-        self.wait(q, 1)[0].1
-    }
-}
 
 fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
@@ -244,70 +150,6 @@ fn out_of_range_requests_fail_and_the_export_keeps_serving() {
     assert_eq!(fe.write(0, capacity - 512, 0, 4096), -libc::EIO);
     assert_eq!(fe.read(0, u64::MAX - 4095, 0, 4096), -libc::EIO);
     assert_eq!(fe.write(0, 0, 0, 4096), 0, "the export still serves");
-}
-
-/// One randomized operation sequence, replayed against a frontend.
-#[derive(Debug, Clone, Copy)]
-enum Op {
-    Write { offset: u64, len: usize, seed: u64 },
-    Read { offset: u64, len: usize },
-    WriteZeroes { offset: u64, len: u64 },
-    Discard { offset: u64, len: u64 },
-    Flush,
-}
-
-fn random_ops(seed: u64, count: usize, capacity: u64) -> Vec<Op> {
-    let mut rng = Rng::new(seed);
-    let blocks = capacity / 4096;
-    (0..count)
-        .map(|_| {
-            let offset = rng.below(blocks - 64) * 4096;
-            match rng.below(10) {
-                0..=4 => Op::Write {
-                    offset,
-                    len: (1 + rng.below(32) as usize) * 4096,
-                    seed: rng.next_u64(),
-                },
-                5 | 6 => Op::Read {
-                    offset,
-                    len: (1 + rng.below(32) as usize) * 4096,
-                },
-                7 => Op::WriteZeroes {
-                    offset,
-                    len: (1 + rng.below(64)) * 4096,
-                },
-                8 => Op::Discard {
-                    offset,
-                    len: (1 + rng.below(64)) * 4096,
-                },
-                _ => Op::Flush,
-            }
-        })
-        .collect()
-}
-
-/// Runs `ops`; returns a digest of everything read so the two backends can be compared.
-fn replay(fe: &mut Frontend, ops: &[Op]) -> Vec<u8> {
-    let mut reads = Vec::new();
-    for (i, op) in ops.iter().enumerate() {
-        let ret = match *op {
-            Op::Write { offset, len, seed } => {
-                Rng::new(seed).fill(fe.buf(0, len));
-                fe.write(0, offset, 0, len)
-            }
-            Op::Read { offset, len } => {
-                let ret = fe.read(0, offset, 0, len);
-                reads.extend_from_slice(fe.buf(0, len));
-                ret
-            }
-            Op::WriteZeroes { offset, len } => fe.write_zeroes(0, offset, len),
-            Op::Discard { offset, len } => fe.discard(0, offset, len),
-            Op::Flush => fe.flush(0),
-        };
-        assert_eq!(ret, 0, "op {i} {op:?} failed");
-    }
-    assert_eq!(fe.flush(0), 0);
-    reads
 }
 
 #[test]

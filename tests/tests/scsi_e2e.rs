@@ -319,3 +319,53 @@ fn control_queue_tmfs_and_malformed_requests() {
     let r = s.command(0, &[0x00, 0, 0, 0, 0, 0], &[], 0);
     assert_eq!(r.status, 0, "{r:?}");
 }
+
+#[test]
+fn qcow2_lun_serves_scsi_io_and_checks_clean() {
+    let config = "exports:
+  - name: s0
+    type: scsi
+    socket: @DIR@/s0.sock
+    luns:
+      - path: @DIR@/lun0.qcow2
+        format: qcow2
+        create: { size: 8M }
+";
+    let mut appliance = Appliance::start(config, &["s0.sock"]);
+    let mut s = Scsi::connect(&appliance);
+    s.clear_ua(0);
+    let cap = s.good(0, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    assert_eq!(
+        u32::from_be_bytes(cap[0..4].try_into().unwrap()),
+        (8 * MIB / 512) as u32 - 1
+    );
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
+    s.good(0, &[0x2a, 0, 0, 0, 0, 16, 0, 0, 8, 0], &pattern, 0);
+    assert_eq!(
+        s.good(0, &[0x28, 0, 0, 0, 0, 16, 0, 0, 8, 0], &[], 4096),
+        pattern
+    );
+    let mut list = vec![0u8; 8];
+    list[0..2].copy_from_slice(&22u16.to_be_bytes());
+    list[2..4].copy_from_slice(&16u16.to_be_bytes());
+    list.extend_from_slice(&16u64.to_be_bytes());
+    list.extend_from_slice(&8u32.to_be_bytes());
+    list.extend_from_slice(&[0; 4]);
+    s.good(0, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &list, 0);
+    assert!(s
+        .good(0, &[0x28, 0, 0, 0, 0, 16, 0, 0, 8, 0], &[], 4096)
+        .iter()
+        .all(|&b| b == 0));
+    s.good(0, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0);
+    drop(s);
+    assert!(appliance.process.terminate(TIMEOUT).success());
+    let out = std::process::Command::new("qemu-img")
+        .arg("check")
+        .arg(appliance.path("lun0.qcow2"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("No errors were found"),
+        "{out:?}"
+    );
+}

@@ -1,0 +1,118 @@
+//! Benchmark: raw vs qcow2 exports under the same workload, through the same frontend
+//! (libblkio's virtio-blk-vhost-user driver), VM-less. Prints a table and writes JSON to
+//! `target/bench/backends.json`. Not a test: numbers depend on the machine.
+//!
+//!     cargo build --release --workspace --bins
+//!     cargo run --release -p appliance-tests --bin bench-backends [seconds per phase]
+
+// A benchmark program: failures abort with their message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::mem::MaybeUninit;
+use std::time::{Duration, Instant};
+
+use appliance_tests::blkio_frontend::Frontend;
+use appliance_tests::daemon::Appliance;
+use appliance_tests::rng::Rng;
+use blkio::{Completion, ReqFlags};
+
+const SIZE: u64 = 512 << 20;
+const BS: usize = 4096;
+const DEPTH: usize = 32;
+
+/// Keeps `DEPTH` requests in flight for `secs`; returns completed operations.
+fn run(fe: &mut Frontend, write: bool, secs: f64, seed: u64) -> (u64, f64) {
+    let mut rng = Rng::new(seed);
+    rng.fill(fe.buf(0, DEPTH * BS));
+    let blocks = SIZE / BS as u64;
+    let submit = |fe: &mut Frontend, rng: &mut Rng, slot: usize| {
+        let offset = rng.below(blocks) * BS as u64;
+        let ptr = fe.ptr(slot * BS);
+        if write {
+            fe.queues[0].write(offset, ptr, BS, slot, ReqFlags::empty());
+        } else {
+            fe.queues[0].read(offset, ptr, BS, slot, ReqFlags::empty());
+        }
+    };
+    for slot in 0..DEPTH {
+        submit(fe, &mut rng, slot);
+    }
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut completions: Vec<MaybeUninit<Completion>> =
+        (0..DEPTH).map(|_| MaybeUninit::uninit()).collect();
+    let mut in_flight = DEPTH;
+    while in_flight > 0 {
+        let mut timeout = Duration::from_secs(10);
+        let n = fe.queues[0]
+            .do_io(&mut completions, 1, Some(&mut timeout), None)
+            .unwrap();
+        for c in &completions[..n] {
+            // SAFETY: do_io initialised the first n completions.
+            let c = unsafe { c.assume_init_ref() };
+            assert_eq!(c.ret, 0, "I/O failed");
+            done += 1;
+            in_flight -= 1;
+            if start.elapsed().as_secs_f64() < secs {
+                submit(fe, &mut rng, c.user_data);
+                in_flight += 1;
+            }
+        }
+    }
+    (done, start.elapsed().as_secs_f64())
+}
+
+fn main() {
+    let secs: f64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(3.0);
+    let config = "exports:
+  - name: raw
+    type: blk
+    socket: @DIR@/raw.sock
+    path: @DIR@/disk.raw
+    create: { size: 512M }
+  - name: raw-buffered
+    type: blk
+    socket: @DIR@/raw-buffered.sock
+    path: @DIR@/disk-buffered.raw
+    direct: false
+    create: { size: 512M }
+  - name: qcow2
+    type: blk
+    socket: @DIR@/qcow2.sock
+    path: @DIR@/disk.qcow2
+    format: qcow2
+    create: { size: 512M }
+";
+    let appliance = Appliance::start(config, &["raw.sock", "raw-buffered.sock", "qcow2.sock"]);
+    let mut rows = Vec::new();
+    println!(
+        "{:<13} {:<22} {:>10} {:>10}",
+        "backend", "workload", "IOPS", "MiB/s"
+    );
+    // raw is O_DIRECT (the default); qcow2 goes through the page cache, so compare it with
+    // raw-buffered.
+    for backend in ["raw", "raw-buffered", "qcow2"] {
+        let mut fe = Frontend::connect(&appliance.path(&format!("{backend}.sock")), 1);
+        // First writes allocate (qcow2 clusters, file blocks); then rewrite and read.
+        for (name, write) in [
+            ("4k randwrite (fresh)", true),
+            ("4k randwrite", true),
+            ("4k randread", false),
+        ] {
+            let (ops, elapsed) = run(&mut fe, write, secs, 42);
+            let iops = ops as f64 / elapsed;
+            let mibs = iops * BS as f64 / f64::from(1 << 20);
+            println!("{backend:<13} {name:<22} {iops:>10.0} {mibs:>10.1}");
+            rows.push(format!(
+                "{{\"backend\":\"{backend}\",\"workload\":\"{name}\",\"qd\":{DEPTH},\"iops\":{iops:.0},\"mib_s\":{mibs:.1}}}"
+            ));
+        }
+    }
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("backends.json"), format!("[{}]\n", rows.join(","))).unwrap();
+    println!("(QD {DEPTH}, one queue, {secs} s per phase, 512 MiB export; JSON in target/bench/backends.json)");
+}
