@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 bash tests/scripts/install-deps.sh
 echo "== consumer VM image (cached by content hash)"
-bash image-builder/build-consumer.sh
+bash image-builder/build-image.sh consumer
 echo "== QEMU with the virtio-vhost-user device (cached by content hash; ~4-5 min when built)"
 bash qemu-device/build.sh
 

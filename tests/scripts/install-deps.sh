@@ -3,7 +3,7 @@
 #   - bookworm-backports in apt sources (QEMU 10.0 lives there),
 #   - qemu-utils 10.0 (qemu-storage-daemon: the reference backend of differential tests),
 #   - qemu-system-x86 10.0 (the consumer VMs of the guest tests).
-# The consumer image's own packages are installed by image-builder/build-consumer.sh.
+# The consumer image's own packages are installed by image-builder/build-image.sh.
 # Runs as root, or through sudo when available. Does nothing when all is present.
 set -euo pipefail
 

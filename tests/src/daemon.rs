@@ -15,18 +15,23 @@ pub fn appliance_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("VHOST_APPLIANCE_BIN") {
         return PathBuf::from(path);
     }
+    workspace_binary("vhost-appliance")
+}
+
+/// A binary of this workspace, as cargo built it next to the running executable.
+pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (benchmarks).
     let bin = exe
         .ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join("vhost-appliance"))
+        .map(|dir| dir.join(name))
         .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("target/debug/vhost-appliance"));
+        .unwrap_or_else(|| PathBuf::from("target/debug").join(name));
     assert!(
         bin.exists(),
-        "{} not found: run `cargo build -p appliance` first (or set VHOST_APPLIANCE_BIN)",
+        "{} not found: run `cargo build --workspace --bins` first",
         bin.display()
     );
     bin

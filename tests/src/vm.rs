@@ -1,5 +1,5 @@
 //! Consumer VMs for tests: stock `qemu-system-x86_64` booting the image from
-//! `image-builder/build-consumer.sh`, with guest RAM shared (memfd) as vhost-user requires,
+//! `image-builder/build-image.sh`, with guest RAM shared (memfd) as vhost-user requires,
 //! the serial console as a command channel, and a QMP socket for hotplug.
 //!
 //! KVM is used only where it can run a stock guest kernel (vmx/svm present, no `kvm_pvm`),
@@ -16,40 +16,47 @@ use serde_json::{json, Value};
 
 use crate::daemon::{scratch_dir, Process};
 
-/// Kernel and initramfs of the consumer test VM.
+/// Kernel and initramfs of a test VM.
 #[derive(Debug, Clone)]
 pub struct ConsumerImage {
     /// Directory holding `vmlinuz` and `initrd.img`.
     pub dir: PathBuf,
 }
 
+/// Runs `image-builder/build-image.sh` with `args`; returns the image directory.
+fn build_image(args: &[&str]) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-builder/build-image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .output()
+        .expect("run build-image.sh");
+    assert!(
+        out.status.success(),
+        "build-image.sh {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(stdout.lines().last().expect("image directory").trim())
+}
+
 impl ConsumerImage {
     /// Builds (or takes from the cache) the consumer image, once per test process.
     pub fn get() -> &'static ConsumerImage {
         static IMAGE: OnceLock<ConsumerImage> = OnceLock::new();
-        IMAGE.get_or_init(|| {
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-builder/build-consumer.sh");
-            let out = Command::new("bash")
-                .arg(&script)
-                .output()
-                .expect("run build-consumer.sh");
-            assert!(
-                out.status.success(),
-                "build-consumer.sh failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let dir = stdout
-                .lines()
-                .last()
-                .expect("image directory")
-                .trim()
-                .to_string();
-            ConsumerImage {
-                dir: PathBuf::from(dir),
-            }
+        IMAGE.get_or_init(|| ConsumerImage {
+            dir: build_image(&["consumer"]),
         })
+    }
+
+    /// An appliance image carrying `programs` (built or taken from the cache).
+    pub fn appliance(programs: &[&Path]) -> ConsumerImage {
+        let mut args = vec!["appliance"];
+        let paths: Vec<String> = programs.iter().map(|p| p.display().to_string()).collect();
+        args.extend(paths.iter().map(String::as_str));
+        ConsumerImage {
+            dir: build_image(&args),
+        }
     }
 }
 
@@ -124,6 +131,8 @@ pub struct VmOptions {
     pub kernel_args: String,
     /// Extra QEMU arguments, appended as given.
     pub extra_args: Vec<String>,
+    /// The guest image (default: the consumer image).
+    pub image: Option<ConsumerImage>,
 }
 
 impl Default for VmOptions {
@@ -137,6 +146,7 @@ impl Default for VmOptions {
             machine_options: String::new(),
             kernel_args: String::new(),
             extra_args: Vec::new(),
+            image: None,
         }
     }
 }
@@ -179,7 +189,10 @@ impl Vm {
     }
 
     fn try_boot(options: &VmOptions, accel: Accel) -> Result<Vm, String> {
-        let image = ConsumerImage::get();
+        let image = options
+            .image
+            .clone()
+            .unwrap_or_else(|| ConsumerImage::get().clone());
         let dir = scratch_dir();
         let serial_path = dir.path().join("serial.sock");
         let qmp_path = dir.path().join("qmp.sock");

@@ -158,8 +158,8 @@ fn wait_status(vm: &mut Vm, addr: u64, want: u32, timeout: Duration) {
     }
 }
 
-fn appliance_vm(socket: &Path) -> Vm {
-    Vm::boot(&VmOptions {
+fn appliance_options(socket: &Path) -> VmOptions {
+    VmOptions {
         qemu: std::env::var_os("VVU_QEMU").map(Into::into).unwrap_or_else(|| patched_qemu().to_path_buf()),
         kernel_args: "intel_iommu=on".into(),
         extra_args: vec![
@@ -173,7 +173,11 @@ fn appliance_vm(socket: &Path) -> Vm {
             ),
         ],
         ..VmOptions::default()
-    })
+    }
+}
+
+fn appliance_vm(socket: &Path) -> Vm {
+    Vm::boot(&appliance_options(socket))
 }
 
 #[test]
@@ -393,5 +397,58 @@ fn backend_up_gates_frontends_and_hostile_frontends_leave_the_vm_running() {
     vm.run_ok("true", MINUTE);
     // Clearing BACKEND_UP closes any session and leaves the device idle.
     devmem_write32(&mut vm, status, 0);
+    assert!(vm.is_running());
+}
+
+#[test]
+fn vfio_driver_brings_the_device_up_and_answers_a_stock_frontend() {
+    let dir = scratch_dir();
+    let socket = dir.path().join("vvu.sock");
+    let probe = appliance_tests::daemon::workspace_binary("vvu-probe");
+    let image = ConsumerImage::appliance(&[&probe]);
+    let mut vm = Vm::boot(&VmOptions {
+        image: Some(image),
+        ..appliance_options(&socket)
+    });
+    vm.run_ok(
+        r#"set -e
+modprobe vfio_pci
+modprobe vfio_iommu_type1
+for d in /sys/bus/pci/devices/*; do
+  if [ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x106b ]; then dev=$d; fi
+done
+bdf=$(basename $dev)
+echo vfio-pci > $dev/driver_override
+if [ -e $dev/driver ]; then echo $bdf > $dev/driver/unbind; fi
+echo $bdf > /sys/bus/pci/drivers_probe
+test "$(basename $(readlink $dev/driver))" = vfio-pci
+ls /dev/vfio/
+vvu-probe $dev 120 > /tmp/probe.log 2>&1 &
+i=0; while ! grep -q BACKEND_UP /tmp/probe.log && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
+cat /tmp/probe.log
+grep -q BACKEND_UP /tmp/probe.log"#,
+        MINUTE,
+    );
+    let consumer = stock_consumer(&socket, dir.path());
+    let out = vm.run(
+        "i=0; while ! grep -q 'replied to request=15' /tmp/probe.log && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /tmp/probe.log",
+        2 * MINUTE,
+    );
+    eprintln!("vvu-probe log:\n{}", out.output);
+    let log = out.output;
+    assert!(log.contains("frontend connected"), "{log}");
+    assert!(
+        log.contains("message request=1 "),
+        "GET_FEATURES not received:\n{log}"
+    );
+    assert!(
+        log.contains("replied to request=1\n") || log.contains("replied to request=1\r"),
+        "{log}"
+    );
+    assert!(
+        log.contains("message request=15 "),
+        "the frontend did not continue after our reply:\n{log}"
+    );
+    drop(consumer);
     assert!(vm.is_running());
 }

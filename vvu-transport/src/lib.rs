@@ -7,11 +7,13 @@
 //! - [`driver`]: the virtio-vhost-user driver: device initialisation, rxq/txq messages,
 //!   kick vectors, doorbells, BACKEND_UP (`design/VVU-SPEC.md`).
 //!
-//! The vfio-pci implementation of `PciTransport` and the bridge into the daemon's vhost-user
-//! backend come next.
+//! - [`vfio`]: `PciTransport` over vfio-pci (type1v2 container, DMA memory by IOVA).
+//!
+//! The bridge into the daemon's vhost-user backend comes next.
 
 pub mod driver;
 #[cfg(test)]
 mod fake;
 pub mod pci;
 pub mod split_ring;
+pub mod vfio;

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Builds the consumer test image: Debian's cloud kernel plus a busybox initramfs holding
-# fio, sg3-utils, e2fsprogs, util-linux and libiscsi-bin's iscsi-test-cu with their shared
-# libraries, and the storage modules (virtio_pci, virtio_blk, virtio_scsi, sd_mod, sg).
+# Builds a guest image: Debian's cloud kernel plus a busybox initramfs.
+#
+#   build-image.sh consumer                 the consumer test VM: fio, sg3-utils, e2fsprogs,
+#                                           util-linux, iscsi-test-cu, storage modules
+#   build-image.sh appliance PROGRAM...     the same plus the VFIO modules (vfio_pci,
+#                                           vfio_iommu_type1) and PROGRAMs in /usr/bin
 #
 # The result is cached by content hash (this script, the init, the kernel and tool package
 # versions) under $VHOST_APPLIANCE_CACHE (default /var/cache/vhost-appliance), outside the
@@ -9,8 +12,16 @@
 # vmlinuz, initrd.img, kernel-release) as the last line of stdout.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+kind="${1:-consumer}"
+shift || true
+extra_programs=("$@")
+case "$kind" in
+    consumer) [ "${#extra_programs[@]}" -eq 0 ] || { echo "build-image: consumer takes no programs" >&2; exit 2; } ;;
+    appliance) ;;
+    *) echo "usage: build-image.sh consumer | appliance PROGRAM..." >&2; exit 2 ;;
+esac
 cache="${VHOST_APPLIANCE_CACHE:-/var/cache/vhost-appliance}"
-log() { echo "build-consumer: $*" >&2; }
+log() { echo "build-image: $*" >&2; }
 
 . "$here/../tests/scripts/debian.sh"
 tools=(busybox-static fio sg3-utils libiscsi-bin e2fsprogs util-linux kmod cpio)
@@ -28,8 +39,10 @@ key="$( {
     cat "$0" "$here/consumer/init"
     echo "$kernel_pkg $kernel_ver"
     dpkg-query -W "${tools[@]}"
+    echo "$kind"
+    for p in "${extra_programs[@]}"; do sha256sum < "$p"; done
 } | sha256sum | cut -c1-16)"
-out="$cache/consumer-$key"
+out="$cache/$kind-$key"
 if [ -f "$out/initrd.img" ] && [ -f "$out/vmlinuz" ]; then
     log "cached: $out"
     echo "$out"
@@ -54,6 +67,14 @@ install -m 0755 "$here/consumer/init" "$root/init"
 binaries=(/usr/bin/fio /usr/bin/iscsi-test-cu /sbin/mkfs.ext4 /sbin/e2fsck /sbin/fsck.ext4
           /sbin/blkdiscard /usr/bin/lsblk /sbin/blockdev /sbin/fstrim)
 for b in /usr/bin/sg_*; do binaries+=("$b"); done
+for p in "${extra_programs[@]}"; do
+    [ -x "$p" ] || { log "$p is not an executable"; exit 1; }
+    install -D -m 0755 "$p" "$root/usr/bin/$(basename "$p")"
+    ldd "$p" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
+        mkdir -p "$root$(dirname "$lib")"
+        [ -e "$root$lib" ] || cp -L "$lib" "$root$lib"
+    done
+done
 for b in "${binaries[@]}"; do
     [ -e "$b" ] || { log "missing $b"; exit 1; }
     mkdir -p "$root$(dirname "$b")"
@@ -67,6 +88,7 @@ done
 # The storage modules with their dependencies; depmod builds a modules.dep for the subset.
 moddir="$work/kernel/lib/modules/$kver"
 wanted=(virtio_pci virtio_blk virtio_scsi sd_mod sg)
+[ "$kind" = appliance ] && wanted+=(vfio_pci vfio_iommu_type1)
 declare -A seen=()
 add_module() {
     local name="$1" path dep
@@ -84,7 +106,7 @@ for m in "${wanted[@]}"; do add_module "$m"; done
 cp "$moddir"/modules.builtin* "$moddir"/modules.order "$root/lib/modules/$kver/" 2>/dev/null || true
 depmod -b "$root" "$kver"
 
-tmp_out="$(mktemp -d "$cache/.consumer-XXXXXX")"
+tmp_out="$(mktemp -d "$cache/.$kind-XXXXXX")"
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$tmp_out/initrd.img"
 cp "$work/kernel/boot/vmlinuz-$kver" "$tmp_out/vmlinuz"
 echo "$kver" > "$tmp_out/kernel-release"

@@ -1,0 +1,104 @@
+//! `vvu-probe SYSFS_PATH [SECONDS]`: brings up a virtio-vhost-user device bound to vfio-pci,
+//! sets BACKEND_UP and answers a frontend's first requests (GET_FEATURES,
+//! GET_PROTOCOL_FEATURES, GET_QUEUE_NUM), printing every message it sees. It proves the
+//! device/driver path inside an appliance VM before the full bridge exists.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use vm_memory::GuestAddress;
+use vvu_transport::driver::{VvuDriver, FRONTEND_UP, HEADER_SIZE};
+use vvu_transport::vfio::{VfioPci, DMA_IOVA};
+
+const GET_FEATURES: u32 = 1;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const GET_QUEUE_NUM: u32 = 17;
+/// VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES.
+const FEATURES: u64 = (1 << 32) | (1 << 30);
+/// MQ | REPLY_ACK | CONFIG.
+const PROTOCOL_FEATURES: u64 = (1 << 0) | (1 << 3) | (1 << 9);
+
+fn reply(request: u32, value: u64) -> Vec<u8> {
+    let mut m = request.to_le_bytes().to_vec();
+    m.extend_from_slice(&(1u32 | 1 << 2).to_le_bytes());
+    m.extend_from_slice(&8u32.to_le_bytes());
+    m.extend_from_slice(&value.to_le_bytes());
+    m
+}
+
+fn run() -> Result<(), String> {
+    let mut args = std::env::args().skip(1);
+    let sysfs = PathBuf::from(args.next().ok_or("usage: vvu-probe SYSFS_PATH [SECONDS]")?);
+    let seconds: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let pci = VfioPci::open(&sysfs).map_err(|e| format!("vfio: {e}"))?;
+    let mut driver = VvuDriver::new(pci, 64, GuestAddress(DMA_IOVA)).map_err(|e| e.to_string())?;
+    println!(
+        "vvu-probe: device up, max_vhost_queues={} kick0_vector={}",
+        driver.max_vhost_queues(),
+        driver.kick_vector(0)
+    );
+    driver.set_backend_up(true).map_err(|e| e.to_string())?;
+    println!("vvu-probe: BACKEND_UP");
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut frontend_seen = false;
+    while Instant::now() < deadline {
+        let mut pfd = [
+            libc::pollfd {
+                fd: driver.rx_event().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: driver.config_event().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds for the duration of the call.
+        unsafe { libc::poll(pfd.as_mut_ptr(), 2, 200) };
+        if pfd[1].revents != 0 {
+            let _ = driver.config_event().read();
+            let status = driver.device_status().map_err(|e| e.to_string())?;
+            let up = status & FRONTEND_UP != 0;
+            if up != frontend_seen {
+                println!(
+                    "vvu-probe: frontend {}",
+                    if up { "connected" } else { "gone" }
+                );
+                frontend_seen = up;
+            }
+        }
+        let _ = driver.rx_event().read();
+        while let Some(msg) = driver.recv().map_err(|e| e.to_string())? {
+            let request = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
+            let flags = u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]);
+            println!(
+                "vvu-probe: message request={request} flags={flags:#x} size={}",
+                msg.len() - HEADER_SIZE
+            );
+            let answer = match request {
+                GET_FEATURES => Some(reply(request, FEATURES)),
+                GET_PROTOCOL_FEATURES => Some(reply(request, PROTOCOL_FEATURES)),
+                GET_QUEUE_NUM => Some(reply(request, 1)),
+                _ => None,
+            };
+            if let Some(answer) = answer {
+                driver.send(&answer).map_err(|e| e.to_string())?;
+                println!("vvu-probe: replied to request={request}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vvu-probe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

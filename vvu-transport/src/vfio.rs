@@ -1,0 +1,99 @@
+//! [`PciTransport`] over vfio-pci, for the appliance VM (which has a vIOMMU: the Debian
+//! kernel has no VFIO_NOIOMMU, so the container is type1v2).
+//!
+//! DMA memory is an anonymous mapping made visible to the device at [`DMA_IOVA`]; rings and
+//! message buffers live there, addressed by IOVA.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use vfio_ioctls::{VfioContainer, VfioDevice};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::pci::PciTransport;
+
+/// Where the driver's DMA memory appears to the device.
+pub const DMA_IOVA: u64 = 0x1000_0000;
+/// Size of the DMA memory: rings and 4 KiB buffers of rxq and txq.
+pub const DMA_SIZE: usize = 4 << 20;
+
+const CONFIG_REGION: u32 = 7; // VFIO_PCI_CONFIG_REGION_INDEX
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MEMORY: u16 = 0x2;
+const PCI_COMMAND_MASTER: u16 = 0x4;
+
+/// A PCI device bound to vfio-pci.
+pub struct VfioPci {
+    device: VfioDevice,
+    _container: Arc<VfioContainer>,
+    mem: GuestMemoryMmap,
+}
+
+fn vfio_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl VfioPci {
+    /// Opens the device at `sysfs` (e.g. `/sys/bus/pci/devices/0000:00:03.0`), which must be
+    /// bound to vfio-pci, maps DMA memory and enables memory decoding and bus mastering.
+    pub fn open(sysfs: &Path) -> io::Result<Self> {
+        let container = Arc::new(VfioContainer::new(None).map_err(vfio_err)?);
+        let device = VfioDevice::new(sysfs, container.clone(), false).map_err(vfio_err)?;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(DMA_IOVA), DMA_SIZE)])
+            .map_err(vfio_err)?;
+        let host = mem
+            .get_host_address(GuestAddress(DMA_IOVA))
+            .map_err(vfio_err)?;
+        // SAFETY: `host` is the start of a DMA_SIZE-byte mapping owned by `mem`, which lives
+        // as long as the container mapping (both are fields of the returned value, and the
+        // device is reset before they go).
+        unsafe { container.vfio_dma_map(DMA_IOVA, DMA_SIZE, host) }.map_err(vfio_err)?;
+        let pci = VfioPci {
+            device,
+            _container: container,
+            mem,
+        };
+        let mut command = [0u8; 2];
+        pci.config_read(PCI_COMMAND, &mut command)?;
+        let command = u16::from_le_bytes(command) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        pci.config_write(PCI_COMMAND, &command.to_le_bytes())?;
+        Ok(pci)
+    }
+
+    /// The VFIO device (its fd maps BARs for the bridge).
+    pub fn device(&self) -> &VfioDevice {
+        &self.device
+    }
+}
+
+impl PciTransport for VfioPci {
+    fn config_read(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        self.device.region_read(CONFIG_REGION, data, offset);
+        Ok(())
+    }
+
+    fn config_write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.device.region_write(CONFIG_REGION, data, offset);
+        Ok(())
+    }
+
+    fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        self.device.region_read(u32::from(bar), data, offset);
+        Ok(())
+    }
+
+    fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.device.region_write(u32::from(bar), data, offset);
+        Ok(())
+    }
+
+    fn enable_msix(&self, eventfds: &[&EventFd]) -> io::Result<()> {
+        self.device.enable_msix(eventfds.to_vec()).map_err(vfio_err)
+    }
+
+    fn dma_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
