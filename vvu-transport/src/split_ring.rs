@@ -62,6 +62,15 @@ impl Buffer {
         }
     }
 
+    /// Its descriptor flags (NEXT aside).
+    fn flags(&self) -> u16 {
+        if self.device_writable {
+            VRING_DESC_F_WRITE as u16
+        } else {
+            0
+        }
+    }
+
     /// A buffer the device writes.
     pub fn writable(addr: u64, len: u32) -> Self {
         Buffer {
@@ -153,16 +162,7 @@ impl SplitRing {
 
     /// Writes a chain of `buffers` and makes it available; returns its head index.
     pub fn add(&mut self, mem: &GuestMemoryMmap, buffers: &[Buffer]) -> Result<u16, RingError> {
-        let flags: Vec<u16> = buffers
-            .iter()
-            .map(|b| {
-                if b.device_writable {
-                    VRING_DESC_F_WRITE as u16
-                } else {
-                    0
-                }
-            })
-            .collect();
+        let flags: Vec<u16> = buffers.iter().map(Buffer::flags).collect();
         self.add_with_flags(mem, buffers, &flags)
     }
 
@@ -214,16 +214,7 @@ impl SplitRing {
             return Err(RingError::EmptyChain);
         }
         let ids: Vec<u16> = (0..buffers.len() as u16).collect();
-        let flags: Vec<u16> = buffers
-            .iter()
-            .map(|b| {
-                if b.device_writable {
-                    VRING_DESC_F_WRITE as u16
-                } else {
-                    0
-                }
-            })
-            .collect();
+        let flags: Vec<u16> = buffers.iter().map(Buffer::flags).collect();
         write_chain(mem, table, &ids, buffers, &flags)?;
         let table_len = (buffers.len() as u64 * DESC_SIZE) as u32;
         self.add_with_flags(
