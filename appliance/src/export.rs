@@ -231,8 +231,7 @@ fn build_scsi(
                 rotational: spec.rotational,
                 write_cache: spec.disk.write_cache == WriteCache::Writeback,
                 discard: !spec.disk.readonly,
-                // A punched hole reads back as zeroes, in files and on block devices.
-                unmapped_reads_zero: true,
+                unmapped_reads_zero: info.deallocate_zeroes,
             }),
             disk: info,
         });

@@ -165,7 +165,11 @@ impl BlkDevice {
         if self.settings.readonly {
             bits.push(VIRTIO_BLK_F_RO);
         } else {
-            bits.extend([VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]);
+            bits.push(VIRTIO_BLK_F_DISCARD);
+            // Zeroing is done by fallocate; without it the driver writes zeroes itself.
+            if self.disk.deallocate_zeroes {
+                bits.push(VIRTIO_BLK_F_WRITE_ZEROES);
+            }
         }
         bits.into_iter().fold(0, |acc, bit| acc | (1u64 << bit))
     }
@@ -455,6 +459,10 @@ impl BlkQueue {
                     Some(written) => Action::Done(VIRTIO_BLK_S_OK as u8, written as u32),
                     None => Action::Done(IOERR, 0),
                 }
+            }
+            VIRTIO_BLK_T_WRITE_ZEROES if !readonly && !self.device.disk.deallocate_zeroes => {
+                // Not offered: the backing store cannot zero a range without writing it.
+                Action::Done(UNSUPP, 0)
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let is_discard = request_type == VIRTIO_BLK_T_DISCARD;

@@ -8,7 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use io_uring::{opcode, types, IoUring};
@@ -89,6 +89,10 @@ pub struct DiskInfo {
     pub direct: Option<DirectAlignment>,
     /// Block device rather than regular file.
     pub is_block_device: bool,
+    /// Deallocating a range works and the range then reads back as zeroes (SCSI LBPRZ,
+    /// virtio-blk WRITE_ZEROES). False on file systems without `FALLOC_FL_PUNCH_HOLE` and on
+    /// block devices without write-zeroes support, where zeroes must be written as data.
+    pub deallocate_zeroes: bool,
 }
 
 /// O_DIRECT alignment requirements.
@@ -192,6 +196,13 @@ impl RawDisk {
             let (memory, offset) = direct_alignment(&file);
             DirectAlignment { memory, offset }
         });
+        let deallocate_zeroes = !options.readonly && deallocate_zeroes(&file, size, &meta);
+        if !options.readonly && !deallocate_zeroes {
+            tracing::info!(
+                path = %path.display(),
+                "the backing store cannot deallocate ranges: discard is a no-op and zeroes are written as data"
+            );
+        }
         Ok(RawDisk {
             file,
             info: DiskInfo {
@@ -199,6 +210,7 @@ impl RawDisk {
                 readonly: options.readonly,
                 direct,
                 is_block_device,
+                deallocate_zeroes,
             },
             path,
         })
@@ -246,6 +258,38 @@ fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
         .open(path)?;
     file.set_len(size)?;
     file.sync_all()
+}
+
+/// Whether `FALLOC_FL_PUNCH_HOLE` works on `file` (a writable file or block device of
+/// `size` bytes). A regular file is asked directly with a punch past its end, which leaves
+/// data and size alone; a block device punches through write-zeroes (`BLKDEV_ZERO_NOFALLBACK`),
+/// so its queue must advertise `write_zeroes_max_bytes`.
+fn deallocate_zeroes(file: &File, size: u64, meta: &std::fs::Metadata) -> bool {
+    if meta.file_type().is_block_device() {
+        let dev = meta.rdev();
+        let (major, minor) = (libc::major(dev), libc::minor(dev));
+        // A partition's queue limits live in its parent disk's directory.
+        ["queue", "../queue"].iter().any(|queue| {
+            let limit = format!("/sys/dev/block/{major}:{minor}/{queue}/write_zeroes_max_bytes");
+            std::fs::read_to_string(limit)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .is_some_and(|bytes| bytes > 0)
+        })
+    } else {
+        const PROBE: i64 = 4096;
+        let past_end = (size as i64).saturating_add(PROBE - 1) / PROBE * PROBE;
+        // SAFETY: fallocate only reads its integer arguments; `file` is a valid open fd.
+        let r = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                past_end,
+                PROBE,
+            )
+        };
+        r == 0
+    }
 }
 
 /// Byte layout of `struct statx` fields this module reads (glibc's `libc::statx` lacks them).
@@ -546,6 +590,31 @@ mod tests {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         }]
+    }
+
+    #[test]
+    fn deallocation_probe_leaves_size_and_data_alone() {
+        let (dir, disk) = disk_with(10_000, false);
+        assert!(disk.info().deallocate_zeroes, "ext4 punches holes");
+        let path = dir.path().join("sub/disk.raw");
+        std::fs::write(&path, vec![0x42u8; 10_000]).unwrap();
+        let reopened = RawDisk::open(&RawDiskOptions {
+            path: path.clone(),
+            readonly: false,
+            direct: false,
+            create_size: None,
+        })
+        .unwrap();
+        assert!(reopened.info().deallocate_zeroes);
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0x42u8; 10_000]);
+        let readonly = RawDisk::open(&RawDiskOptions {
+            path,
+            readonly: true,
+            direct: false,
+            create_size: None,
+        })
+        .unwrap();
+        assert!(!readonly.info().deallocate_zeroes, "never probed read-only");
     }
 
     #[test]

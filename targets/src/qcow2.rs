@@ -82,6 +82,8 @@ impl Qcow2Disk {
             readonly: options.readonly,
             direct: None,
             is_block_device: false,
+            // imago's discard_to_zero makes the range read back as zeroes in any image.
+            deallocate_zeroes: true,
         };
         Ok(Qcow2Disk {
             image: Arc::new(RwLock::new(image)),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use targets::blk::{BlkDevice, BlkQueue, BlkSettings, Completed, Memory};
 use targets::device::QueueHandler;
-use targets::disk::{RawDisk, RawDiskOptions};
+use targets::disk::{DiskInfo, RawDisk, RawDiskOptions};
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -60,6 +60,11 @@ fn settings() -> BlkSettings {
 }
 
 fn fixture_with(settings: BlkSettings, direct: bool) -> Fixture {
+    fixture_on_disk(settings, direct, |_| {})
+}
+
+/// As [`fixture_with`], with the opened disk's properties adjusted by `adjust`.
+fn fixture_on_disk(settings: BlkSettings, direct: bool, adjust: fn(&mut DiskInfo)) -> Fixture {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let path = dir.path().join("disk.raw");
     if settings.readonly {
@@ -72,7 +77,9 @@ fn fixture_with(settings: BlkSettings, direct: bool) -> Fixture {
         create_size: Some(DISK_SIZE),
     })
     .unwrap();
-    let device = Arc::new(BlkDevice::new(settings, disk.info()).unwrap());
+    let mut info = disk.info();
+    adjust(&mut info);
+    let device = Arc::new(BlkDevice::new(settings, info).unwrap());
     let queue = BlkQueue::new(Arc::clone(&device), Box::new(disk.new_queue(16).unwrap()));
     let mem = Arc::new(Memory::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap());
     Fixture {
@@ -386,6 +393,32 @@ fn discard_and_write_zeroes_zero_the_range() {
     assert_eq!(f.discard_segment(VIRTIO_BLK_T_DISCARD, 16, 8, 0), OK);
     assert!(f.file_bytes(0, 12288).iter().all(|&b| b == 0));
     assert!(f.file_bytes(12288, 4096).iter().all(|&b| b == 0x77));
+}
+
+#[test]
+fn write_zeroes_is_not_offered_where_ranges_cannot_be_zeroed() {
+    let mut f = fixture_with(settings(), true);
+    assert!(f.device.features() & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0);
+    let mut f_without = fixture_on_disk(settings(), true, |info| {
+        info.deallocate_zeroes = false;
+    });
+    let features = f_without.device.features();
+    assert_eq!(features & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    assert!(
+        features & (1 << VIRTIO_BLK_F_DISCARD) != 0,
+        "discard stays a hint"
+    );
+    f_without
+        .mem
+        .write_slice(&[0x77u8; 4096], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(f_without.rw(VIRTIO_BLK_T_OUT, 0, 4096).1, OK);
+    assert_eq!(
+        f_without.discard_segment(VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 0),
+        UNSUPP
+    );
+    assert!(f_without.file_bytes(0, 4096).iter().all(|&b| b == 0x77));
+    assert_eq!(f.discard_segment(VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 0), OK);
 }
 
 #[test]

@@ -482,19 +482,23 @@ fn write_same_variants() {
     ws16[9] = 0;
     ws16[2..10].copy_from_slice(&(BLOCKS - 1).to_be_bytes());
     assert_eq!(check(l.execute(&ws16, &[])), Sense::LBA_OUT_OF_RANGE);
-    // UNMAP is honoured only where unmapped blocks read zero.
+    // Where the backing store cannot zero a range itself, zeroes are written as data,
+    // UNMAP or not, and NDOB too.
     let no_rz = Lun::new(LunSettings {
         unmapped_reads_zero: false,
         ..settings()
     });
-    assert_eq!(
-        no_rz.execute(&ws10(0x08, 8), &zero),
-        Outcome::Io(IoRequest::WriteZeroes {
-            lba: 4,
-            blocks: 8,
-            unmap: false
+    let written_zeroes = |lba, blocks| {
+        Outcome::Io(IoRequest::WriteSame {
+            lba,
+            blocks,
+            pattern: zero.clone(),
         })
-    );
+    };
+    assert_eq!(no_rz.execute(&ws10(0x08, 8), &zero), written_zeroes(4, 8));
+    assert_eq!(no_rz.execute(&ws10(0, 8), &zero), written_zeroes(4, 8));
+    ws16[2..10].copy_from_slice(&9u64.to_be_bytes());
+    assert_eq!(no_rz.execute(&ws16, &[]), written_zeroes(9, 3), "NDOB");
 }
 
 #[test]

@@ -369,3 +369,74 @@ fn qcow2_lun_serves_scsi_io_and_checks_clean() {
         "{out:?}"
     );
 }
+
+/// Mounts a ramfs (no `fallocate` at all) on `dir`; unmounts it when dropped.
+struct Ramfs(std::path::PathBuf);
+
+impl Ramfs {
+    fn mount(dir: std::path::PathBuf) -> Self {
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a ramfs needs root");
+        Ramfs(dir)
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn lun_on_a_file_system_without_punch_hole_writes_zeroes_as_data() {
+    const RAMFS_CONFIG: &str = "exports:
+  - name: s0
+    type: scsi
+    socket: @DIR@/s0.sock
+    num_queues: 1
+    queue_size: 64
+    luns:
+      - path: @DIR@/ramfs/lun0.raw
+        create: { size: 8M }
+        direct: false
+      - lun: 1
+        path: @DIR@/lun1.raw
+        create: { size: 8M }
+";
+    let dir = scratch_dir();
+    let _ramfs = Ramfs::mount(dir.path().join("ramfs"));
+    let appliance = Appliance::start_in(dir, RAMFS_CONFIG, &["s0.sock"]);
+    let mut s = Scsi::connect(&appliance);
+    s.clear_ua(0);
+    s.clear_ua(1);
+    // READ CAPACITY(16): both LUNs take UNMAP (LBPME); only the one whose file system
+    // punches holes promises that unmapped blocks read zero (LBPRZ).
+    let read_capacity = [0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0];
+    let ramfs_lun = s.good(0, &read_capacity, &[], 32);
+    let ext4_lun = s.good(1, &read_capacity, &[], 32);
+    assert_eq!(ramfs_lun[14] & 0xc0, 0x80, "ramfs: LBPME without LBPRZ");
+    assert_eq!(ext4_lun[14] & 0xc0, 0xc0, "ext4: LBPME and LBPRZ");
+    // Data, then WRITE SAME(16) NDOB+UNMAP over it: zeroes land in the file as data.
+    let lun0 = appliance.path("ramfs/lun0.raw");
+    s.good(0, &[0x2a, 0, 0, 0, 0, 10, 0, 0, 8, 0], &[0x5au8; 4096], 0);
+    assert!(file_bytes(&lun0, 10 * 512, 4096).iter().all(|&b| b == 0x5a));
+    let mut ws = [0u8; 16];
+    ws[0] = 0x93;
+    ws[1] = 0x09;
+    ws[2..10].copy_from_slice(&10u64.to_be_bytes());
+    ws[10..14].copy_from_slice(&8u32.to_be_bytes());
+    s.good(0, &ws, &[], 0);
+    assert!(file_bytes(&lun0, 10 * 512, 4096).iter().all(|&b| b == 0));
+    // A zero-pattern WRITE SAME(10) with UNMAP as well.
+    s.good(0, &[0x2a, 0, 0, 0, 0, 20, 0, 0, 1, 0], &[0x33u8; 512], 0);
+    s.good(0, &[0x41, 0x08, 0, 0, 0, 20, 0, 0, 1, 0], &[0u8; 512], 0);
+    assert!(file_bytes(&lun0, 20 * 512, 512).iter().all(|&b| b == 0));
+}

@@ -545,18 +545,18 @@ impl Lun {
         if unmap && !self.settings.discard {
             return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
         }
-        if ndob {
-            return Outcome::Io(IoRequest::WriteZeroes { lba, blocks, unmap });
-        }
         let bs = self.settings.block_size as usize;
-        // Exactly one logical block of data-out.
-        if params.len() != bs {
+        let zeroes = vec![0u8; bs];
+        let pattern = if ndob {
+            &zeroes[..]
+        } else if params.len() == bs {
+            &params[..bs]
+        } else {
+            // Exactly one logical block of data-out.
             return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
-        }
-        let pattern = &params[..bs];
-        if pattern.iter().all(|&b| b == 0) {
-            // Deallocating is allowed only when unmapped blocks read back as zeroes.
-            let unmap = unmap && self.settings.unmapped_reads_zero;
+        };
+        if self.settings.unmapped_reads_zero && pattern.iter().all(|&b| b == 0) {
+            // The backing store zeroes ranges itself (deallocating them if UNMAP is set).
             return Outcome::Io(IoRequest::WriteZeroes { lba, blocks, unmap });
         }
         Outcome::Io(IoRequest::WriteSame {
