@@ -12,8 +12,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use std::os::fd::AsRawFd;
+
 use appliance_tests::daemon::{scratch_dir, Process};
 use appliance_tests::vm::{patched_qemu, ConsumerImage, Vm, VmOptions};
+use vhost::vhost_user::Frontend;
+use vhost::VhostBackend;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const UUID: &str = "6c1e7d52-3b0a-4f4e-9d41-0123456789ab";
@@ -423,7 +428,7 @@ if [ -e $dev/driver ]; then echo $bdf > $dev/driver/unbind; fi
 echo $bdf > /sys/bus/pci/drivers_probe
 test "$(basename $(readlink $dev/driver))" = vfio-pci
 ls /dev/vfio/
-vvu-probe $dev 120 > /tmp/probe.log 2>&1 &
+vvu-probe $dev 300 > /tmp/probe.log 2>&1 &
 i=0; while ! grep -q BACKEND_UP /tmp/probe.log && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
 cat /tmp/probe.log
 grep -q BACKEND_UP /tmp/probe.log"#,
@@ -450,5 +455,45 @@ grep -q BACKEND_UP /tmp/probe.log"#,
         "the frontend did not continue after our reply:\n{log}"
     );
     drop(consumer);
+    assert!(vm.is_running());
+
+    // A second frontend on the same socket hands over a call eventfd: the probe wires a
+    // doorbell to an eventfd of its own with VFIO_DEVICE_IOEVENTFD and signals that, so the
+    // kernel does the MMIO store and ours fires with no thread forwarding it.
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    let deadline = Instant::now() + MINUTE;
+    let frontend = loop {
+        // The device takes a new frontend once it has dropped the last one's session.
+        let f = Frontend::connect(&socket, 1).unwrap();
+        if f.set_owner().is_ok() && f.set_vring_call(0, &call).is_ok() {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the device refused a second frontend"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let mut pfd = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 60_000) };
+    let out = vm.run("cat /tmp/probe.log", MINUTE);
+    assert_eq!(
+        ready, 1,
+        "the call eventfd never fired; probe log:\n{}",
+        out.output
+    );
+    assert_eq!(call.read().unwrap(), 1);
+    assert!(
+        out.output
+            .contains("call of vring 0 signalled through the kernel"),
+        "{}",
+        out.output
+    );
+    drop(frontend);
     assert!(vm.is_running());
 }

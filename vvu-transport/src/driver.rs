@@ -363,6 +363,17 @@ impl<T: PciTransport> VvuDriver<T> {
         Ok(())
     }
 
+    /// Wires doorbell `i` to `eventfd` (or unwires it with `None`): each signal of the
+    /// eventfd rings the doorbell in the kernel. This is how a backend's ordinary call
+    /// eventfd reaches the frontend with no forwarding thread.
+    pub fn wire_doorbell(&self, i: u32, eventfd: Option<&EventFd>) -> Result<(), DriverError> {
+        let (bar, offset) = self
+            .doorbell(i)
+            .ok_or_else(|| DriverError::Malformed(format!("doorbell {i} out of range")))?;
+        self.pci.store_on_signal(bar, offset, eventfd)?;
+        Ok(())
+    }
+
     /// Takes the next message the device delivered on rxq, re-posting its buffer.
     pub fn recv(&mut self) -> Result<Option<Vec<u8>>, DriverError> {
         let mem = self.pci.dma_memory();
@@ -774,6 +785,19 @@ mod tests {
         d.ring_doorbell(8 + 3).unwrap(); // err doorbell of vhost queue 3
         assert_eq!(d.pci().state.borrow().doorbell_writes, [(12, 2), (44, 2)]);
         assert!(d.ring_doorbell(17).is_err(), "beyond 2N");
+        // A wired eventfd rings its doorbell when signalled, until it is unwired.
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        d.wire_doorbell(5, Some(&call)).unwrap();
+        assert!(d.wire_doorbell(17, Some(&call)).is_err(), "beyond 2N");
+        call.write(1).unwrap();
+        d.pci().deliver_signals();
+        d.wire_doorbell(5, None).unwrap();
+        call.write(1).unwrap();
+        d.pci().deliver_signals();
+        assert_eq!(
+            d.pci().state.borrow().doorbell_writes,
+            [(12, 2), (44, 2), (20, 2)]
+        );
         assert_eq!(d.device_status().unwrap(), 0);
         d.set_backend_up(true).unwrap();
         assert_eq!(d.device_status().unwrap(), BACKEND_UP);

@@ -56,6 +56,8 @@ pub(crate) struct FakeVvu {
     pub state: RefCell<State>,
     mem: GuestMemoryMmap,
     msix: RefCell<Vec<EventFd>>,
+    /// Eventfds wired to BAR locations by `store_on_signal`.
+    wired: RefCell<Vec<(u8, u64, EventFd)>>,
 }
 
 fn put_cap(config: &mut [u8; 256], at: usize, next: u8, bytes: &[u8]) {
@@ -173,6 +175,7 @@ impl FakeVvu {
             state: RefCell::new(state),
             mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap(),
             msix: RefCell::new(Vec::new()),
+            wired: RefCell::new(Vec::new()),
         }
     }
 
@@ -334,6 +337,21 @@ impl FakeVvu {
     }
 
     /// Number of rx buffers the driver has made available.
+    /// Performs the 16-bit store of every wired eventfd that was signalled (what the
+    /// kernel does on its own for a real device).
+    pub fn deliver_signals(&self) {
+        let fired: Vec<(u8, u64)> = self
+            .wired
+            .borrow()
+            .iter()
+            .filter(|(_, _, e)| e.read().is_ok())
+            .map(|(b, o, _)| (*b, *o))
+            .collect();
+        for (bar, offset) in fired {
+            let _ = self.bar_write(bar, offset, &0u16.to_le_bytes());
+        }
+    }
+
     pub fn rx_available(&self) -> u16 {
         let mut s = self.state.borrow_mut();
         let q = Self::device_queue(&mut s, 0);
@@ -428,5 +446,14 @@ impl PciTransport for FakeVvu {
 
     fn dma_memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    fn store_on_signal(&self, bar: u8, offset: u64, eventfd: Option<&EventFd>) -> io::Result<()> {
+        let mut wired = self.wired.borrow_mut();
+        wired.retain(|(b, o, _)| (*b, *o) != (bar, offset));
+        if let Some(e) = eventfd {
+            wired.push((bar, offset, e.try_clone()?));
+        }
+        Ok(())
     }
 }

@@ -5,7 +5,8 @@
 //! - [`pci`]: what the driver needs of a PCI device ([`pci::PciTransport`]) and the walk of
 //!   the virtio and virtio-vhost-user capabilities.
 //! - [`driver`]: the virtio-vhost-user driver: device initialisation, rxq/txq messages,
-//!   kick vectors, doorbells, BACKEND_UP (`design/VVU-SPEC.md`).
+//!   kick vectors, doorbells (rung directly, or wired to an eventfd so the kernel rings them),
+//!   BACKEND_UP (`design/VVU-SPEC.md`).
 //!
 //! - [`vfio`]: `PciTransport` over vfio-pci (type1v2 container, DMA memory by IOVA).
 //!

@@ -86,6 +86,9 @@ pub trait PciTransport {
     fn enable_msix(&self, eventfds: &[&EventFd]) -> io::Result<()>;
     /// Memory the device can DMA to, addressed by device-visible address (IOVA).
     fn dma_memory(&self) -> &GuestMemoryMmap;
+    /// Makes every signal of `eventfd` perform a 16-bit store at `bar`:`offset` without a
+    /// user-space thread in between; `None` removes the wiring of that location.
+    fn store_on_signal(&self, bar: u8, offset: u64, eventfd: Option<&EventFd>) -> io::Result<()>;
 }
 
 /// Capability walk errors.

@@ -8,9 +8,14 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
+use std::os::fd::AsRawFd;
+
+use vfio_bindings::bindings::vfio::{vfio_device_ioeventfd, VFIO_DEVICE_IOEVENTFD_16};
 use vfio_ioctls::{VfioContainer, VfioDevice};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_io_nr;
 
 use crate::pci::PciTransport;
 
@@ -18,6 +23,9 @@ use crate::pci::PciTransport;
 pub const DMA_IOVA: u64 = 0x1000_0000;
 /// Size of the DMA memory: rings and 4 KiB buffers of rxq and txq.
 pub const DMA_SIZE: usize = 4 << 20;
+
+// VFIO_DEVICE_IOEVENTFD = _IO(VFIO_TYPE, VFIO_BASE + 16); vfio-ioctls does not wrap it.
+ioctl_io_nr!(VFIO_DEVICE_IOEVENTFD, 59, 100 + 16);
 
 const CONFIG_REGION: u32 = 7; // VFIO_PCI_CONFIG_REGION_INDEX
 const PCI_COMMAND: u64 = 0x04;
@@ -66,6 +74,26 @@ impl VfioPci {
     pub fn device(&self) -> &VfioDevice {
         &self.device
     }
+
+    /// Wires `fd` (or with -1 unwires) a 16-bit store of 0 at device-fd offset `offset`.
+    fn ioeventfd(&self, offset: u64, fd: i32) -> io::Result<()> {
+        let request = vfio_device_ioeventfd {
+            argsz: std::mem::size_of::<vfio_device_ioeventfd>() as u32,
+            flags: VFIO_DEVICE_IOEVENTFD_16,
+            offset,
+            data: 0,
+            fd,
+            reserved: 0,
+        };
+        // SAFETY: the ioctl reads a fully initialised `vfio_device_ioeventfd` that outlives
+        // the call; the device fd is valid while `self.device` lives, and the kernel takes its
+        // own reference to the eventfd.
+        let r = unsafe { ioctl_with_ref(&self.device, VFIO_DEVICE_IOEVENTFD(), &request) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 impl PciTransport for VfioPci {
@@ -95,5 +123,21 @@ impl PciTransport for VfioPci {
 
     fn dma_memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// VFIO_DEVICE_IOEVENTFD: vfio-pci performs the store itself when the eventfd fires.
+    /// The kernel keys a wiring by location and refuses a second one, so any previous wiring
+    /// of the location is removed first.
+    fn store_on_signal(&self, bar: u8, offset: u64, eventfd: Option<&EventFd>) -> io::Result<()> {
+        let offset = self.device.get_region_offset(u32::from(bar)) + offset;
+        let removed = self.ioeventfd(offset, -1);
+        match eventfd {
+            Some(e) => self.ioeventfd(offset, e.as_raw_fd()),
+            // Nothing wired there is not an error for the caller.
+            None => match removed {
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+                other => other,
+            },
+        }
     }
 }

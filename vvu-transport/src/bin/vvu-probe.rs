@@ -1,7 +1,9 @@
 //! `vvu-probe SYSFS_PATH [SECONDS]`: brings up a virtio-vhost-user device bound to vfio-pci,
 //! sets BACKEND_UP and answers a frontend's first requests (GET_FEATURES,
-//! GET_PROTOCOL_FEATURES, GET_QUEUE_NUM), printing every message it sees. It proves the
-//! device/driver path inside an appliance VM before the full bridge exists.
+//! GET_PROTOCOL_FEATURES, GET_QUEUE_NUM), printing every message it sees. For each
+//! SET_VRING_CALL it wires a fresh eventfd to that vring's call doorbell and signals it once,
+//! so the frontend's call eventfd fires with no user-space hop in the appliance VM. It proves
+//! the device/driver path inside an appliance VM before the full bridge exists.
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -9,12 +11,16 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vvu_transport::driver::{VvuDriver, FRONTEND_UP, HEADER_SIZE};
 use vvu_transport::vfio::{VfioPci, DMA_IOVA};
 
 const GET_FEATURES: u32 = 1;
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const GET_QUEUE_NUM: u32 = 17;
+const SET_VRING_CALL: u32 = 13;
+/// Vring index bits of a SET_VRING_* u64 payload.
+const VRING_INDEX_MASK: u64 = 0xff;
 /// VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES.
 const FEATURES: u64 = (1 << 32) | (1 << 30);
 /// MQ | REPLY_ACK | CONFIG.
@@ -43,6 +49,8 @@ fn run() -> Result<(), String> {
     println!("vvu-probe: BACKEND_UP");
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut frontend_seen = false;
+    // Call eventfds wired to doorbells (kept so they stay open as long as their wiring).
+    let mut calls = Vec::new();
     while Instant::now() < deadline {
         let mut pfd = [
             libc::pollfd {
@@ -78,6 +86,18 @@ fn run() -> Result<(), String> {
                 "vvu-probe: message request={request} flags={flags:#x} size={}",
                 msg.len() - HEADER_SIZE
             );
+            if request == SET_VRING_CALL && msg.len() >= HEADER_SIZE + 8 {
+                let mut payload = [0u8; 8];
+                payload.copy_from_slice(&msg[HEADER_SIZE..HEADER_SIZE + 8]);
+                let vring = (u64::from_le_bytes(payload) & VRING_INDEX_MASK) as u32;
+                let call = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+                driver
+                    .wire_doorbell(vring, Some(&call))
+                    .map_err(|e| format!("wiring the call doorbell of vring {vring}: {e}"))?;
+                call.write(1).map_err(|e| e.to_string())?;
+                println!("vvu-probe: call of vring {vring} signalled through the kernel");
+                calls.push(call);
+            }
             let answer = match request {
                 GET_FEATURES => Some(reply(request, FEATURES)),
                 GET_PROTOCOL_FEATURES => Some(reply(request, PROTOCOL_FEATURES)),
