@@ -494,6 +494,24 @@ grep -q BACKEND_UP /tmp/probe.log"#,
         "{}",
         out.output
     );
+    assert!(
+        !out.output.contains("kick of vring"),
+        "no frontend has kicked yet:\n{}",
+        out.output
+    );
+    // A kick from the frontend arrives on the MSI-X vector the driver chose for vring 0.
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    frontend.set_vring_kick(0, &kick).unwrap();
+    kick.write(1).unwrap();
+    let out = vm.run(
+        "i=0; while ! grep -q 'kick of vring 0 received' /tmp/probe.log && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /tmp/probe.log",
+        2 * MINUTE,
+    );
+    assert!(
+        out.output.contains("kick of vring 0 received"),
+        "{}",
+        out.output
+    );
     drop(frontend);
     assert!(vm.is_running());
 }

@@ -2,7 +2,8 @@
 //! sets BACKEND_UP and answers a frontend's first requests (GET_FEATURES,
 //! GET_PROTOCOL_FEATURES, GET_QUEUE_NUM), printing every message it sees. For each
 //! SET_VRING_CALL it wires a fresh eventfd to that vring's call doorbell and signals it once,
-//! so the frontend's call eventfd fires with no user-space hop in the appliance VM. It proves
+//! so the frontend's call eventfd fires with no user-space hop in the appliance VM, and it
+//! reports kicks arriving on the vhost queues' MSI-X vectors. It proves
 //! the device/driver path inside an appliance VM before the full bridge exists.
 
 use std::os::fd::AsRawFd;
@@ -76,6 +77,13 @@ fn run() -> Result<(), String> {
                     if up { "connected" } else { "gone" }
                 );
                 frontend_seen = up;
+            }
+        }
+        for vring in 0..driver.max_vhost_queues() as usize {
+            if let Some(kick) = driver.kick_event(vring) {
+                if kick.read().is_ok() {
+                    println!("vvu-probe: kick of vring {vring} received");
+                }
             }
         }
         let _ = driver.rx_event().read();
