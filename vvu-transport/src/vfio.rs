@@ -75,6 +75,33 @@ impl VfioPci {
         &self.device
     }
 
+    /// Maps `len` bytes of BAR `bar` from `offset` (page aligned) for reading and writing,
+    /// as the bridge maps frontend memory out of the shared-memory BAR.
+    pub fn map_bar(&self, bar: u8, offset: u64, len: usize) -> io::Result<BarMapping> {
+        let file_offset = self.device.get_region_offset(u32::from(bar)) + offset;
+        let file_offset = libc::off_t::try_from(file_offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: a fresh shared mapping of the device fd chosen by the kernel (no fixed
+        // address), so no existing memory is affected; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.device.as_raw_fd(),
+                file_offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(BarMapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
     /// Wires `fd` (or with -1 unwires) a 16-bit store of 0 at device-fd offset `offset`.
     fn ioeventfd(&self, offset: u64, fd: i32) -> io::Result<()> {
         let request = vfio_device_ioeventfd {
@@ -139,5 +166,44 @@ impl PciTransport for VfioPci {
                 other => other,
             },
         }
+    }
+}
+
+/// A mapping of part of a BAR (see [`VfioPci::map_bar`]); unmapped when dropped.
+pub struct BarMapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl BarMapping {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `out.len()` bytes from `offset` into `out`; `None` if that leaves the mapping.
+    /// The other side may write the memory meanwhile (it is a guest's RAM): the copy is
+    /// a byte snapshot, as a device's DMA read would be.
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Option<()> {
+        let end = offset.checked_add(out.len())?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: `offset..end` lies inside the live mapping, `out` is a distinct buffer of
+        // that length, and byte copies need no alignment.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), out.as_mut_ptr(), out.len()) };
+        Some(())
+    }
+}
+
+impl Drop for BarMapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned, unmapped once, here.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
