@@ -34,6 +34,17 @@ struct DriverQueue {
 /// Guest memory reserved for each queue's ring.
 const RING_STRIDE: u64 = 0x1_0000;
 
+/// A zero-filled memfd of `len` bytes: memory a frontend can share over vhost-user.
+pub fn memfd(len: usize) -> File {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"frontend-memory".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len as u64).expect("size memfd");
+    file
+}
+
 /// A connected frontend driving the queues of a vhost-user device.
 pub struct RawFrontend {
     frontend: Frontend,
@@ -82,12 +93,7 @@ impl RawFrontend {
             .set_protocol_features(protocol & wanted)
             .expect("SET_PROTOCOL_FEATURES");
 
-        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"raw-frontend".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create failed");
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(MEM_SIZE as u64).expect("size memfd");
+        let memfd = memfd(MEM_SIZE);
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(0),
             MEM_SIZE,

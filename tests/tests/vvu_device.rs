@@ -7,15 +7,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::FileExt;
-
 use appliance_tests::daemon::{scratch_dir, Process};
+use appliance_tests::frontend::memfd;
 use appliance_tests::vm::{patched_qemu, ConsumerImage, Vm, VmOptions};
 use vhost::vhost_user::Frontend;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
@@ -556,11 +556,7 @@ fn fnv1a(data: &[u8]) -> u64 {
 
 /// A memfd of `len` bytes, byte `i` set to `byte(i)`.
 fn memfd_with(len: usize, byte: impl Fn(usize) -> u8) -> std::fs::File {
-    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"vvu-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create failed");
-    // SAFETY: `fd` is a fresh descriptor owned by nothing else.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let file = memfd(len);
     let data: Vec<u8> = (0..len).map(byte).collect();
     file.write_all_at(&data, 0).unwrap();
     file

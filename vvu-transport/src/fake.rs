@@ -336,7 +336,6 @@ impl FakeVvu {
             .unwrap();
     }
 
-    /// Number of rx buffers the driver has made available.
     /// Performs the 16-bit store of every wired eventfd that was signalled (what the
     /// kernel does on its own for a real device).
     pub fn deliver_signals(&self) {
@@ -352,6 +351,7 @@ impl FakeVvu {
         }
     }
 
+    /// Number of rx buffers the driver has made available.
     pub fn rx_available(&self) -> u16 {
         let mut s = self.state.borrow_mut();
         let q = Self::device_queue(&mut s, 0);

@@ -5,10 +5,9 @@
 //! message buffers live there, addressed by IOVA.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
-
-use std::os::fd::AsRawFd;
 
 use vfio_bindings::bindings::vfio::{vfio_device_ioeventfd, VFIO_DEVICE_IOEVENTFD_16};
 use vfio_ioctls::{VfioContainer, VfioDevice};

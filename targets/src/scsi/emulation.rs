@@ -6,6 +6,8 @@
 //! for the transport to run. Every length is checked before use; nothing here panics on
 //! what an initiator sends.
 
+use std::borrow::Cow;
+
 use super::sense::Sense;
 
 /// Largest transfer per READ/WRITE, in blocks (VPD B0 MAXIMUM TRANSFER LENGTH).
@@ -546,11 +548,10 @@ impl Lun {
             return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
         }
         let bs = self.settings.block_size as usize;
-        let zeroes = vec![0u8; bs];
-        let pattern = if ndob {
-            &zeroes[..]
+        let pattern: Cow<[u8]> = if ndob {
+            Cow::Owned(vec![0u8; bs])
         } else if params.len() == bs {
-            &params[..bs]
+            Cow::Borrowed(params)
         } else {
             // Exactly one logical block of data-out.
             return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
@@ -562,7 +563,7 @@ impl Lun {
         Outcome::Io(IoRequest::WriteSame {
             lba,
             blocks,
-            pattern: pattern.to_vec(),
+            pattern: pattern.into_owned(),
         })
     }
 

@@ -5,8 +5,8 @@
 //! so the frontend's call eventfd fires with no user-space hop in the appliance VM, and it
 //! reports kicks arriving on the vhost queues' MSI-X vectors. For SET_MEM_TABLE it maps each
 //! frontend region out of the shared-memory BAR and prints its checksum and the copy
-//! bandwidth from the mapping. It proves
-//! the device/driver path inside an appliance VM before the full bridge exists.
+//! bandwidth from the mapping. It proves the device/driver path inside an appliance VM
+//! before the full bridge exists.
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -158,9 +158,7 @@ fn run() -> Result<(), String> {
                 }
             }
             if request == SET_VRING_CALL && msg.len() >= HEADER_SIZE + 8 {
-                let mut payload = [0u8; 8];
-                payload.copy_from_slice(&msg[HEADER_SIZE..HEADER_SIZE + 8]);
-                let vring = (u64::from_le_bytes(payload) & VRING_INDEX_MASK) as u32;
+                let vring = (le64(&msg, HEADER_SIZE) & VRING_INDEX_MASK) as u32;
                 let call = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
                 driver
                     .wire_doorbell(vring, Some(&call))
