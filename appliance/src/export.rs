@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context};
-use config::{BackingFormat, Device, Disk, Export, ScsiLun, SocketPermissions, WriteCache};
+use config::{
+    BackingFormat, Device, Disk, Export, ScsiLun, SocketPermissions, VvuDevice, WriteCache,
+};
 use nix::unistd::{chown, Gid, Group, Uid, User};
 use targets::blk::{BlkDevice, BlkQueue, BlkSettings};
 use targets::device::{QueueHandler, VirtioDevice};
@@ -28,6 +30,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{completion_event, VirtioBackend};
+use crate::vvu::VvuBridge;
 
 /// Where an export gets its frontend connections from.
 pub enum SocketSource<'a> {
@@ -35,6 +38,8 @@ pub enum SocketSource<'a> {
     Path(&'a Path, &'a SocketPermissions),
     /// A listening socket inherited from the parent (`--fd`).
     Fd(RawFd),
+    /// A virtio-vhost-user device (appliance-VM mode).
+    Vvu(&'a VvuDevice),
 }
 
 /// A running export.
@@ -43,19 +48,30 @@ pub struct RunningExport {
     backend: Arc<VirtioBackend>,
     disks: Vec<Backing>,
     connection: Arc<Mutex<Option<ShutdownHandle>>>,
+    /// Appliance-VM mode: the device bridge feeding the accept loop.
+    vvu: Mutex<Option<VvuBridge>>,
     _acceptor: JoinHandle<()>,
 }
 
 impl RunningExport {
     /// Opens the backing stores, binds the socket and starts accepting frontends.
     pub fn start(export: &Export, socket: SocketSource<'_>) -> anyhow::Result<Self> {
+        // Through a virtio-vhost-user device, guest memory is a PCI BAR mapping.
+        let bar_memory = matches!(socket, SocketSource::Vvu(_));
         let (backend, disks) = match &export.device {
-            Device::Blk(disk) => build_blk(export, disk)?,
-            Device::Scsi(luns) => build_scsi(export, luns)?,
+            Device::Blk(disk) => build_blk(export, disk, bar_memory)?,
+            Device::Scsi(luns) => build_scsi(export, luns, bar_memory)?,
         };
+        let mut vvu = None;
         let listener = match socket {
             SocketSource::Path(path, permissions) => bind_socket(path, permissions)?,
             SocketSource::Fd(fd) => listener_from_fd(fd)?,
+            SocketSource::Vvu(device) => {
+                let (listener, bridge) =
+                    VvuBridge::start(&export.name, device, backend.num_queues() as u32)?;
+                vvu = Some(bridge);
+                listener
+            }
         };
         let connection = Arc::new(Mutex::new(None));
         let acceptor = {
@@ -78,7 +94,7 @@ impl RunningExport {
         }
         tracing::info!(
             export = export.name,
-            socket = %export.socket.display(),
+            transport = %export.transport,
             queues = export.num_queues,
             kind = match export.device { Device::Blk(_) => "blk", Device::Scsi(_) => "scsi" },
             "export ready"
@@ -88,6 +104,7 @@ impl RunningExport {
             backend,
             disks,
             connection,
+            vvu: Mutex::new(vvu),
             _acceptor: acceptor,
         })
     }
@@ -99,6 +116,9 @@ impl RunningExport {
 
     /// Disconnects the frontend, completes in-flight I/O and makes written data durable.
     pub fn stop(&self) {
+        if let Some(bridge) = self.vvu.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            bridge.stop();
+        }
         if let Some(handle) = self
             .connection
             .lock()
@@ -174,7 +194,21 @@ impl Backing {
     }
 }
 
-fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<(Arc<VirtioBackend>, Vec<Backing>)> {
+/// How request handling sees a disk. Guest memory mapped from a PCI BAR cannot be an
+/// O_DIRECT target (the kernel cannot pin PFN-mapped pages), so direct I/O always bounces.
+fn device_view(disk: &Backing, bar_memory: bool) -> DiskInfo {
+    let mut info = disk.info();
+    if let Some(direct) = info.direct.as_mut() {
+        direct.bounce_always = bar_memory;
+    }
+    info
+}
+
+fn build_blk(
+    export: &Export,
+    spec: &Disk,
+    bar_memory: bool,
+) -> anyhow::Result<(Arc<VirtioBackend>, Vec<Backing>)> {
     let disk = Backing::open(spec)?;
     let settings = BlkSettings {
         logical_block_size: spec.logical_block_size,
@@ -184,7 +218,7 @@ fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<(Arc<VirtioBackend>
         queue_size: export.queue_size,
         writeback: spec.write_cache == WriteCache::Writeback,
     };
-    let device = Arc::new(BlkDevice::new(settings, disk.info())?);
+    let device = Arc::new(BlkDevice::new(settings, device_view(&disk, bar_memory))?);
     let mut queues: Vec<Box<dyn QueueHandler>> = Vec::new();
     for _ in 0..export.num_queues {
         let ring = disk
@@ -199,12 +233,13 @@ fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<(Arc<VirtioBackend>
 fn build_scsi(
     export: &Export,
     specs: &[ScsiLun],
+    bar_memory: bool,
 ) -> anyhow::Result<(Arc<VirtioBackend>, Vec<Backing>)> {
     let mut disks = Vec::with_capacity(specs.len());
     let mut luns = Vec::with_capacity(specs.len());
     for spec in specs {
         let disk = Backing::open(&spec.disk).with_context(|| format!("LUN {}", spec.lun))?;
-        let info = disk.info();
+        let info = device_view(&disk, bar_memory);
         let bs = u64::from(spec.disk.logical_block_size);
         if let Some(direct) = info.direct {
             if direct.offset as u64 > bs {

@@ -7,11 +7,13 @@
 //!   `--blk-file`, `--read-only`, `--print-capabilities`.
 //!
 //! Modules: [`backend`] (the `VhostUserBackend`), [`export`] (sockets and connection
-//! lifecycle). The process never daemonizes; it exits cleanly on SIGTERM/SIGINT after
+//! lifecycle), [`vvu`] (appliance-VM mode: exports served through a virtio-vhost-user
+//! device). The process never daemonizes; it exits cleanly on SIGTERM/SIGINT after
 //! completing in-flight I/O, and tells systemd it is ready when `NOTIFY_SOCKET` is set.
 
 mod backend;
 mod export;
+mod vvu;
 
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
@@ -137,7 +139,10 @@ fn start_from_config(path: &Path) -> anyhow::Result<Vec<RunningExport>> {
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
     let mut running = Vec::new();
     for export in &config.exports {
-        let socket = SocketSource::Path(&export.socket, &config.socket_permissions);
+        let socket = match &export.transport {
+            config::Transport::Socket(path) => SocketSource::Path(path, &config.socket_permissions),
+            config::Transport::Vvu(device) => SocketSource::Vvu(device),
+        };
         match RunningExport::start(export, socket) {
             Ok(r) => running.push(r),
             // One broken LUN must not take the others down.
@@ -174,6 +179,7 @@ fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {
             name: Some("export0".into()),
             export_type: Some("blk".into()),
             socket: Some(socket_path.to_string_lossy().into_owned()),
+            vvu: None,
             path: Some(blk_file.to_string_lossy().into_owned()),
             format: None,
             readonly: Some(cli.read_only),
@@ -193,9 +199,10 @@ fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {
         owner: None,
         group: None,
     };
-    let socket = match cli.fd {
-        Some(fd) => SocketSource::Fd(fd),
-        None => SocketSource::Path(&export.socket, &permissions),
+    let socket = match (cli.fd, &export.transport) {
+        (Some(fd), _) => SocketSource::Fd(fd),
+        (None, config::Transport::Socket(path)) => SocketSource::Path(path, &permissions),
+        (None, config::Transport::Vvu(_)) => anyhow::bail!("a single export takes a socket"),
     };
     RunningExport::start(&export, socket)
 }

@@ -16,5 +16,6 @@ pub use diff::{diff, ConfigDiff};
 pub use size::parse_size;
 pub use validate::{
     load_file, parse_str, single_export, BackingFormat, Config, ConfigError, CreateSpec, Device,
-    Disk, Export, ScsiLun, SocketPermissions, WriteCache, DEFAULT_SOCKET_MODE,
+    Disk, Export, ScsiLun, SocketPermissions, Transport, VvuDevice, WriteCache,
+    DEFAULT_SOCKET_MODE,
 };

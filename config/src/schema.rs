@@ -67,8 +67,11 @@ pub struct ExportFile {
     /// `blk` (vhost-user-blk) or `scsi` (vhost-user-scsi).
     #[serde(rename = "type")]
     pub export_type: Option<String>,
-    /// Unix socket the frontend connects to.
+    /// Unix socket the frontend connects to (host mode).
     pub socket: Option<String>,
+    /// Appliance-VM mode: the virtio-vhost-user device that carries this export, by PCI
+    /// address (`0000:00:10.0`) or uuid.
+    pub vvu: Option<String>,
     /// Backing file or block device.
     pub path: Option<String>,
     /// `raw` or `qcow2`.

@@ -130,13 +130,75 @@ pub enum Device {
     Scsi(Vec<ScsiLun>),
 }
 
+/// How frontends reach an export.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// Host mode: a listening unix socket.
+    Socket(PathBuf),
+    /// Appliance-VM mode: a virtio-vhost-user device.
+    Vvu(VvuDevice),
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Socket(path) => write!(f, "socket {}", path.display()),
+            Transport::Vvu(VvuDevice::PciAddress(a)) => write!(f, "vvu device {a}"),
+            Transport::Vvu(VvuDevice::Uuid(u)) => write!(f, "vvu device uuid {u}"),
+        }
+    }
+}
+
+/// How an export names its virtio-vhost-user device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum VvuDevice {
+    /// PCI address in sysfs form, `dddd:bb:dd.f` (lower case).
+    PciAddress(String),
+    /// The device's `uuid` property, lower-case hyphenated form.
+    Uuid(String),
+}
+
+impl VvuDevice {
+    /// Parses `0000:00:10.0`, `00:10.0` or a uuid.
+    pub fn parse(text: &str) -> Result<VvuDevice, String> {
+        let t = text.trim().to_ascii_lowercase();
+        let hex = |s: &str, n: usize| s.len() == n && s.chars().all(|c| c.is_ascii_hexdigit());
+        let groups: Vec<&str> = t.split('-').collect();
+        if groups.len() == 5 && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| hex(g, n)) {
+            return Ok(VvuDevice::Uuid(t));
+        }
+        let full = if t.matches(':').count() == 1 {
+            format!("0000:{t}")
+        } else {
+            t.clone()
+        };
+        let pci_ok = full.split_once('.').is_some_and(|(bdf, function)| {
+            let parts: Vec<&str> = bdf.split(':').collect();
+            parts.len() == 3
+                && hex(parts[0], 4)
+                && hex(parts[1], 2)
+                && hex(parts[2], 2)
+                && u8::from_str_radix(parts[2], 16).is_ok_and(|d| d < 32)
+                && function.len() == 1
+                && matches!(function.as_bytes()[0], b'0'..=b'7')
+        });
+        if pci_ok {
+            Ok(VvuDevice::PciAddress(full))
+        } else {
+            Err(format!(
+                "{text:?} is neither a PCI address (0000:00:10.0) nor a uuid"
+            ))
+        }
+    }
+}
+
 /// One validated export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Export {
     /// Unique name.
     pub name: String,
-    /// Listening socket.
-    pub socket: PathBuf,
+    /// Where frontends connect.
+    pub transport: Transport,
     /// Request virtqueues offered (scsi adds its control and event queues).
     pub num_queues: u16,
     /// Maximum virtqueue size.
@@ -405,11 +467,19 @@ impl Validator<'_> {
             ));
         }
         at.export = name.clone();
-        let socket = raw
-            .socket
-            .as_deref()
-            .map(|s| self.resolve(s))
-            .ok_or_else(|| at.err("socket", "is required"))?;
+        let transport = match (raw.socket.as_deref(), raw.vvu.as_deref()) {
+            (Some(s), None) => Transport::Socket(self.resolve(s)),
+            (None, Some(v)) => Transport::Vvu(VvuDevice::parse(v).map_err(|m| at.err("vvu", m))?),
+            (None, None) => {
+                return Err(at.err(
+                    "socket",
+                    "is required (or vvu: a virtio-vhost-user device in appliance-VM mode)",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(at.err("vvu", "an export has either socket or vvu, not both"))
+            }
+        };
         let num_queues = raw.num_queues.unwrap_or(1);
         if !(1..=MAX_NUM_QUEUES).contains(&num_queues) {
             return Err(at.err(
@@ -467,7 +537,7 @@ impl Validator<'_> {
         };
         Ok(Export {
             name,
-            socket,
+            transport,
             // Range-checked above.
             num_queues: num_queues as u16,
             queue_size: queue_size as u16,
@@ -617,7 +687,7 @@ impl Validator<'_> {
     /// Names and sockets are unique; a backing file is shared only between readonly disks.
     fn check_unique(&self, exports: &[Export]) -> Result<(), ConfigError> {
         let mut names: HashMap<&str, usize> = HashMap::new();
-        let mut sockets: HashMap<&Path, usize> = HashMap::new();
+        let mut transports: HashMap<&Transport, usize> = HashMap::new();
         let mut paths: HashMap<&Path, (usize, bool)> = HashMap::new();
         for (i, e) in exports.iter().enumerate() {
             let at = At {
@@ -643,18 +713,22 @@ impl Validator<'_> {
                 ));
             }
             names.insert(&e.name, i);
-            if let Some(&j) = sockets.get(e.socket.as_path()) {
+            if let Some(&j) = transports.get(&e.transport) {
+                let field = match e.transport {
+                    Transport::Socket(_) => "socket",
+                    Transport::Vvu(_) => "vvu",
+                };
                 return Err(at.err(
-                    "socket",
+                    field,
                     format!(
-                        "duplicate socket {}, also used by export {:?}{}",
-                        e.socket.display(),
+                        "duplicate {}, also used by export {:?}{}",
+                        e.transport,
                         exports[j].name,
                         first_line(j)
                     ),
                 ));
             }
-            sockets.insert(&e.socket, i);
+            transports.insert(&e.transport, i);
             for (k, disk) in e.disks().into_iter().enumerate() {
                 if let Some(&(j, readonly)) = paths.get(disk.path.as_path()) {
                     if !(disk.readonly && readonly) {

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use config::{diff, parse_str, ConfigError, Device, Disk, WriteCache};
+use config::{diff, parse_str, ConfigError, Device, Disk, Transport, VvuDevice, WriteCache};
 
 fn parse(text: &str) -> Result<config::Config, ConfigError> {
     parse_str(text, Path::new("exports.yaml"), Path::new("/etc/appliance"))
@@ -315,5 +315,65 @@ fn qcow2_with_a_backing_file_to_create() {
         create.backing.as_deref(),
         Some(Path::new("base.qcow2")),
         "kept as written"
+    );
+}
+
+#[test]
+fn vvu_transport_by_pci_address_or_uuid() {
+    let text = TWO_EXPORTS
+        .replace("socket: /run/a.sock", "vvu: 00:10.0")
+        .replace(
+            "socket: /run/b.sock",
+            "vvu: 6C1E7D52-3B0A-4F4E-9D41-0123456789AB",
+        );
+    let cfg = parse(&text).unwrap();
+    assert_eq!(
+        cfg.exports[0].transport,
+        Transport::Vvu(VvuDevice::PciAddress("0000:00:10.0".into()))
+    );
+    assert_eq!(
+        cfg.exports[1].transport,
+        Transport::Vvu(VvuDevice::Uuid(
+            "6c1e7d52-3b0a-4f4e-9d41-0123456789ab".into()
+        ))
+    );
+    let cfg = parse(TWO_EXPORTS).unwrap();
+    assert_eq!(
+        cfg.exports[0].transport,
+        Transport::Socket("/run/a.sock".into())
+    );
+}
+
+#[test]
+fn vvu_transport_errors_name_the_field() {
+    for bad in [
+        "vvu: 00:40.0",
+        "vvu: 0000:00:10.8",
+        "vvu: eth0",
+        "vvu: 6c1e7d52-3b0a",
+    ] {
+        let e = parse_err(&TWO_EXPORTS.replace("socket: /run/a.sock", bad));
+        assert_eq!(e.field.as_deref(), Some("vvu"), "{bad}: {e}");
+        assert_eq!(e.line, Some(5), "{bad}: {e}");
+        assert!(
+            e.to_string().contains("neither a PCI address"),
+            "{bad}: {e}"
+        );
+    }
+    let both = TWO_EXPORTS.replace(
+        "socket: /run/a.sock",
+        "socket: /run/a.sock\n    vvu: 0000:00:10.0",
+    );
+    let e = parse_err(&both);
+    assert_eq!(e.field.as_deref(), Some("vvu"));
+    assert!(e.to_string().contains("not both"), "{e}");
+    let twice = TWO_EXPORTS
+        .replace("socket: /run/a.sock", "vvu: 0000:00:10.0")
+        .replace("socket: /run/b.sock", "vvu: 00:10.0");
+    let e = parse_err(&twice);
+    assert_eq!(e.export.as_deref(), Some("b"));
+    assert!(
+        e.to_string().contains("duplicate vvu device 0000:00:10.0"),
+        "{e}"
     );
 }

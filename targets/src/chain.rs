@@ -140,14 +140,48 @@ pub(crate) fn host_iovecs(mem: &Memory, segs: &[Segment]) -> Option<Vec<libc::io
 }
 
 /// With O_DIRECT, the alignment to bounce through when a buffer does not meet the
-/// kernel's memory alignment; `None` when the iovecs can be used as they are.
+/// kernel's memory alignment (or guest memory can never be used, see
+/// [`DirectAlignment::bounce_always`]); `None` when the iovecs can be used as they are.
 pub(crate) fn bounce_alignment(
     direct: Option<DirectAlignment>,
     iovecs: &[libc::iovec],
 ) -> Option<usize> {
-    let align = direct?.memory;
-    iovecs
-        .iter()
-        .any(|v| !(v.iov_base as usize).is_multiple_of(align) || !v.iov_len.is_multiple_of(align))
-        .then_some(align)
+    let direct = direct?;
+    let align = direct.memory;
+    (direct.bounce_always
+        || iovecs.iter().any(|v| {
+            !(v.iov_base as usize).is_multiple_of(align) || !v.iov_len.is_multiple_of(align)
+        }))
+    .then_some(align)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iovec(base: usize, len: usize) -> libc::iovec {
+        libc::iovec {
+            iov_base: base as *mut libc::c_void,
+            iov_len: len,
+        }
+    }
+
+    #[test]
+    fn bounce_only_misaligned_buffers_unless_guest_memory_cannot_be_pinned() {
+        let direct = DirectAlignment {
+            memory: 512,
+            offset: 512,
+            bounce_always: false,
+        };
+        let aligned = [iovec(0x1000, 4096)];
+        let misaligned = [iovec(0x1001, 4096)];
+        assert_eq!(bounce_alignment(None, &misaligned), None, "buffered I/O");
+        assert_eq!(bounce_alignment(Some(direct), &aligned), None);
+        assert_eq!(bounce_alignment(Some(direct), &misaligned), Some(512));
+        let bar = DirectAlignment {
+            bounce_always: true,
+            ..direct
+        };
+        assert_eq!(bounce_alignment(Some(bar), &aligned), Some(512));
+    }
 }

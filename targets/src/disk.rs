@@ -102,6 +102,10 @@ pub struct DirectAlignment {
     pub memory: usize,
     /// File offsets and lengths.
     pub offset: usize,
+    /// Guest memory cannot be a direct-I/O target at all, whatever its alignment: in
+    /// appliance-VM mode it is a PFN-mapped PCI BAR, which the kernel cannot pin. Every
+    /// request then goes through a bounce buffer.
+    pub bounce_always: bool,
 }
 
 /// Options for [`RawDisk::open`].
@@ -194,7 +198,11 @@ impl RawDisk {
             })?;
         let direct = options.direct.then(|| {
             let (memory, offset) = direct_alignment(&file);
-            DirectAlignment { memory, offset }
+            DirectAlignment {
+                memory,
+                offset,
+                bounce_always: false,
+            }
         });
         let deallocate_zeroes = !options.readonly && deallocate_zeroes(&file, size, &meta);
         if !options.readonly && !deallocate_zeroes {

@@ -19,6 +19,8 @@ const DEVICE: u64 = 0x2000;
 const NOTIFY: u64 = 0x3000;
 const NOTIFICATION: u64 = 0x1000;
 pub(crate) const SHM_SIZE: u64 = 1 << 30;
+/// Where the shared-memory BAR starts in `FakeVvu::shm`.
+pub(crate) const SHM_FILE_OFFSET: u64 = 2 << 20;
 
 #[derive(Default, Clone, Copy)]
 struct QueueRegs {
@@ -49,6 +51,8 @@ pub(crate) struct State {
     pub kick_vectors: Vec<u16>,
     pub msix_vectors: u16,
     pub doorbell_writes: Vec<(u64, usize)>,
+    /// Every value the driver wrote to the config status.
+    pub status_writes: Vec<u32>,
     pub notifies: Vec<u16>,
 }
 
@@ -58,6 +62,8 @@ pub(crate) struct FakeVvu {
     msix: RefCell<Vec<EventFd>>,
     /// Eventfds wired to BAR locations by `store_on_signal`.
     wired: RefCell<Vec<(u8, u64, EventFd)>>,
+    /// Backs the shared-memory BAR (sparse).
+    pub shm: std::fs::File,
 }
 
 fn put_cap(config: &mut [u8; 256], at: usize, next: u8, bytes: &[u8]) {
@@ -169,6 +175,7 @@ impl FakeVvu {
             kick_vectors: vec![0xffff; max_vhost_queues as usize],
             msix_vectors,
             doorbell_writes: Vec::new(),
+            status_writes: Vec::new(),
             notifies: Vec::new(),
         };
         FakeVvu {
@@ -176,6 +183,15 @@ impl FakeVvu {
             mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap(),
             msix: RefCell::new(Vec::new()),
             wired: RefCell::new(Vec::new()),
+            shm: {
+                // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+                let fd = unsafe { libc::memfd_create(c"fake-shm".as_ptr(), libc::MFD_CLOEXEC) };
+                assert!(fd >= 0, "memfd_create failed");
+                // SAFETY: `fd` is a fresh descriptor nothing else owns.
+                let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                file.set_len(SHM_FILE_OFFSET + SHM_SIZE).unwrap();
+                file
+            },
         }
     }
 
@@ -272,7 +288,19 @@ impl FakeVvu {
         })
     }
 
-    fn signal(&self, vector: u16) {
+    /// A frontend connects (`true`) or leaves: FRONTEND_UP changes and a config interrupt
+    /// is raised, as the device does.
+    pub fn frontend(&self, up: bool) {
+        let vector = {
+            let mut s = self.state.borrow_mut();
+            s.vvu_status = (s.vvu_status & 1) | if up { 2 } else { 0 };
+            s.msix_config
+        };
+        self.signal(vector);
+    }
+
+    /// Raises MSI-X `vector`.
+    pub fn signal(&self, vector: u16) {
         if let Some(e) = self.msix.borrow().get(usize::from(vector)) {
             e.write(1).unwrap();
         }
@@ -417,6 +445,8 @@ impl PciTransport for FakeVvu {
                 let mut v = [0u8; 4];
                 v.copy_from_slice(data);
                 s.vvu_status = u32::from_le_bytes(v) & 1;
+                let status = s.vvu_status;
+                s.status_writes.push(status);
             }
             (4, o) if o >= NOTIFY => s.notifies.push(((o - NOTIFY) / 4) as u16),
             (0, o) if o < NOTIFICATION => s.doorbell_writes.push((o, data.len())),
@@ -455,5 +485,12 @@ impl PciTransport for FakeVvu {
             wired.push((bar, offset, e.try_clone()?));
         }
         Ok(())
+    }
+
+    /// The shared-memory BAR is backed by a memfd, placed at a non-zero file offset so a
+    /// user that ignores the offset reads the wrong bytes.
+    fn bar_file(&self, bar: u8) -> io::Result<(std::fs::File, u64)> {
+        assert_eq!(bar, 2, "only the shared-memory BAR is mappable");
+        Ok((self.shm.try_clone()?, SHM_FILE_OFFSET))
     }
 }

@@ -8,10 +8,12 @@
 //!   kick vectors, doorbells (rung directly, or wired to an eventfd so the kernel rings them),
 //!   BACKEND_UP (`design/VVU-SPEC.md`).
 //!
-//! - [`vfio`]: `PciTransport` over vfio-pci (type1v2 container, DMA memory by IOVA).
-//!
-//! The bridge into the daemon's vhost-user backend comes next.
+//! - [`vfio`]: `PciTransport` over vfio-pci (type1v2 container, DMA memory by IOVA), and
+//!   finding and binding a device by PCI address or uuid.
+//! - [`bridge`]: carries a device's frontend sessions to an ordinary vhost-user backend over
+//!   a unix stream, standing in for the file descriptors the device cannot carry.
 
+pub mod bridge;
 pub mod driver;
 #[cfg(test)]
 mod fake;

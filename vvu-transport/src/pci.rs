@@ -89,6 +89,9 @@ pub trait PciTransport {
     /// Makes every signal of `eventfd` perform a 16-bit store at `bar`:`offset` without a
     /// user-space thread in between; `None` removes the wiring of that location.
     fn store_on_signal(&self, bar: u8, offset: u64, eventfd: Option<&EventFd>) -> io::Result<()>;
+    /// A file that maps BAR `bar` from the returned file offset: how another component (the
+    /// vhost-user backend) maps frontend memory out of the shared-memory BAR by itself.
+    fn bar_file(&self, bar: u8) -> io::Result<(std::fs::File, u64)>;
 }
 
 /// Capability walk errors.

@@ -4,9 +4,10 @@
 //! DMA memory is an anonymous mapping made visible to the device at [`DMA_IOVA`]; rings and
 //! message buffers live there, addressed by IOVA.
 
+use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{vfio_device_ioeventfd, VFIO_DEVICE_IOEVENTFD_16};
@@ -30,6 +31,74 @@ const CONFIG_REGION: u32 = 7; // VFIO_PCI_CONFIG_REGION_INDEX
 const PCI_COMMAND: u64 = 0x04;
 const PCI_COMMAND_MEMORY: u16 = 0x2;
 const PCI_COMMAND_MASTER: u16 = 0x4;
+
+/// Where the kernel lists PCI devices.
+pub const SYSFS_PCI_DEVICES: &str = "/sys/bus/pci/devices";
+/// PCI vendor and device ID of virtio-vhost-user (sysfs spelling).
+const VVU_IDS: (&str, &str) = ("0x1af4", "0x106b");
+
+fn sysfs_read(path: &Path) -> io::Result<String> {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+fn sysfs_write(path: &Path, value: &str) -> io::Result<()> {
+    fs::write(path, value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("writing {value:?} to {}: {e}", path.display()),
+        )
+    })
+}
+
+/// Whether the device at `sysfs` is a virtio-vhost-user device.
+pub fn is_vvu_device(sysfs: &Path) -> bool {
+    let id = |f: &str| sysfs_read(&sysfs.join(f)).unwrap_or_default();
+    (id("vendor").as_str(), id("device").as_str()) == VVU_IDS
+}
+
+/// Every virtio-vhost-user device in the system, by sysfs path, in address order.
+pub fn vvu_devices() -> io::Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = fs::read_dir(SYSFS_PCI_DEVICES)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| is_vvu_device(p))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Binds the device at `sysfs` to vfio-pci (through `driver_override`, so no other device
+/// of the same IDs is affected), unbinding it from another driver first. The vfio-pci
+/// module must be loaded and the device must be behind an IOMMU.
+pub fn bind_vfio_pci(sysfs: &Path) -> io::Result<()> {
+    let driver = |p: &Path| {
+        fs::read_link(p.join("driver"))
+            .ok()
+            .and_then(|l| l.file_name().map(|n| n.to_string_lossy().into_owned()))
+    };
+    if driver(sysfs).as_deref() == Some("vfio-pci") {
+        return Ok(());
+    }
+    let address = sysfs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| io::Error::other(format!("{} names no PCI device", sysfs.display())))?;
+    if driver(sysfs).is_some() {
+        sysfs_write(&sysfs.join("driver/unbind"), &address)?;
+    }
+    sysfs_write(&sysfs.join("driver_override"), "vfio-pci")?;
+    // Probing reports an error when no driver takes the device; the check below says why.
+    let _ = sysfs_write(Path::new("/sys/bus/pci/drivers_probe"), &address);
+    match driver(sysfs) {
+        Some(d) if d == "vfio-pci" => Ok(()),
+        other => Err(io::Error::other(format!(
+            "{address} did not bind to vfio-pci (driver now {}): is the vfio-pci module loaded and an IOMMU present (intel_iommu=on)?",
+            other.as_deref().unwrap_or("none")
+        ))),
+    }
+}
 
 /// A PCI device bound to vfio-pci.
 pub struct VfioPci {
@@ -165,6 +234,14 @@ impl PciTransport for VfioPci {
                 other => other,
             },
         }
+    }
+
+    /// A duplicate of the VFIO device fd and the BAR's region offset in it.
+    fn bar_file(&self, bar: u8) -> io::Result<(std::fs::File, u64)> {
+        // SAFETY: the device fd is valid while `self.device` lives, which outlives this call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.device.as_raw_fd()) };
+        let file = std::fs::File::from(fd.try_clone_to_owned()?);
+        Ok((file, self.device.get_region_offset(u32::from(bar))))
     }
 }
 

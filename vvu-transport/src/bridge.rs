@@ -1,0 +1,650 @@
+//! The bridge between a virtio-vhost-user device and an ordinary vhost-user backend.
+//!
+//! A vhost-user backend (the daemon's, unchanged) serves a unix stream; the device delivers
+//! the frontend's messages on rxq without file descriptors. The bridge forwards each message
+//! to a stream connected to the backend and stands in for the descriptors the frontend sent
+//! (`design/VVU-SPEC.md`, "Frontend memory" and "Notifications"):
+//!
+//! - memory regions (SET_MEM_TABLE, ADD_MEM_REG) become the shared-memory BAR's file (the
+//!   VFIO device fd) with `mmap_offset` moved to where the device placed the region, so the
+//!   backend maps frontend memory out of the BAR by itself;
+//! - SET_VRING_KICK becomes the eventfd of the vring's kick MSI-X vector, so the backend's
+//!   worker wakes on the interrupt directly;
+//! - SET_VRING_CALL/ERR become a fresh eventfd wired to the vring's doorbell with
+//!   [`VvuDriver::wire_doorbell`]: the backend's worker thread signals its call eventfd as
+//!   it always does and the kernel performs the doorbell store. Calls take no extra hop and
+//!   the backend needs no notifier abstraction.
+//!
+//! Replies go back on txq. One frontend connection is one session: a configuration
+//! interrupt during a session means its frontend left, and the backend's stream is closed
+//! so it drains and resets. Messages that would need a descriptor the device cannot carry
+//! (their protocol features are masked by the device), regions outside the BAR, bad vring
+//! indices and a backend that closes its end are protocol errors: the bridge drops the
+//! frontend by cycling BACKEND_UP, and a frontend with `reconnect-ms` comes back.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::driver::{DriverError, VvuDriver, BUFFER_SIZE, FRONTEND_UP, HEADER_SIZE};
+use crate::pci::PciTransport;
+
+/// vhost-user request codes the bridge acts on.
+mod request {
+    pub const SET_MEM_TABLE: u32 = 5;
+    pub const SET_LOG_BASE: u32 = 6;
+    pub const SET_LOG_FD: u32 = 7;
+    pub const SET_VRING_KICK: u32 = 12;
+    pub const SET_VRING_CALL: u32 = 13;
+    pub const SET_VRING_ERR: u32 = 14;
+    pub const SET_BACKEND_REQ_FD: u32 = 21;
+    pub const GET_INFLIGHT_FD: u32 = 31;
+    pub const SET_INFLIGHT_FD: u32 = 32;
+    pub const ADD_MEM_REG: u32 = 37;
+    pub const REM_MEM_REG: u32 = 38;
+    pub const SET_DEVICE_STATE_FD: u32 = 42;
+}
+
+/// Vring index bits of a SET_VRING_* payload.
+const VRING_INDEX_MASK: u64 = 0xff;
+/// "No file descriptor" flag of a SET_VRING_* payload.
+const VRING_NOFD: u64 = 0x100;
+/// Size of one memory region description.
+const REGION_SIZE: usize = 32;
+/// Offset of `mmap_offset` in a region description.
+const REGION_MMAP_OFFSET: usize = 24;
+/// How long a reply may wait for a free tx buffer before the session is given up.
+const TX_WAIT: Duration = Duration::from_secs(5);
+
+/// Bridge errors.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The device failed.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// The connection to the backend failed.
+    #[error("backend connection: {0}")]
+    Backend(#[from] io::Error),
+    /// The frontend (through the device) or the backend broke the protocol.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// One frontend connection.
+struct Session {
+    stream: UnixStream,
+    /// Counts sessions, so readiness polled for one is never taken for the next.
+    id: u64,
+    /// Call/err eventfds wired to doorbells, by doorbell index.
+    wired: BTreeMap<u32, EventFd>,
+}
+
+/// Carries one device's frontend sessions to a vhost-user backend.
+pub struct Bridge<T: PciTransport, C> {
+    driver: VvuDriver<T>,
+    /// Maps the shared-memory BAR from `memory_base`.
+    memory: File,
+    memory_base: u64,
+    memory_len: u64,
+    /// Opens a stream to the backend for a new session.
+    connect: C,
+    session: Option<Session>,
+    sessions: u64,
+}
+
+fn le32(b: &[u8], at: usize) -> Option<u32> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn le64(b: &[u8], at: usize) -> Option<u64> {
+    let s = b.get(at..at + 8)?;
+    let mut v = [0u8; 8];
+    v.copy_from_slice(s);
+    Some(u64::from_le_bytes(v))
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
+    /// A bridge over a driven device; `connect` opens a stream to the backend.
+    pub fn new(driver: VvuDriver<T>, connect: C) -> Result<Self, BridgeError> {
+        let shm = driver.shared_memory();
+        let (memory, base) = driver.pci().bar_file(shm.bar)?;
+        Ok(Bridge {
+            driver,
+            memory,
+            memory_base: base + shm.offset,
+            memory_len: shm.length,
+            connect,
+            session: None,
+            sessions: 0,
+        })
+    }
+
+    /// The device driver.
+    pub fn driver(&self) -> &VvuDriver<T> {
+        &self.driver
+    }
+
+    /// Serves frontends until `stop` is signalled: BACKEND_UP while running, cleared (which
+    /// disconnects any frontend) on return.
+    pub fn run(&mut self, stop: &EventFd) -> Result<(), BridgeError> {
+        self.driver.set_backend_up(true)?;
+        let result = loop {
+            match self.poll(stop, -1) {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.end_session();
+        let down = self.driver.set_backend_up(false);
+        result.and(down.map_err(BridgeError::from))
+    }
+
+    /// Waits up to `timeout_ms` (-1: no limit) and handles whatever is ready. Returns true
+    /// when `stop` fired. Errors are the device's; session errors are handled here.
+    pub fn poll(&mut self, stop: &EventFd, timeout_ms: i32) -> Result<bool, BridgeError> {
+        let mut fds = vec![
+            pollfd(stop.as_raw_fd()),
+            pollfd(self.driver.config_event().as_raw_fd()),
+            pollfd(self.driver.rx_event().as_raw_fd()),
+        ];
+        let polled_session = self.session.as_ref().map(|s| {
+            fds.push(pollfd(s.stream.as_raw_fd()));
+            s.id
+        });
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::Interrupted => Ok(false),
+                _ => Err(e.into()),
+            };
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+        if fds[1].revents != 0 {
+            self.on_config()?;
+        }
+        if fds[2].revents != 0 {
+            self.on_rx()?;
+        }
+        let backend_ready = fds.get(3).is_some_and(|f| f.revents != 0);
+        if backend_ready && self.session.as_ref().map(|s| s.id) == polled_session {
+            if let Err(e) = self.on_backend() {
+                self.fail_session(&e)?;
+            }
+        }
+        Ok(false)
+    }
+
+    fn on_config(&mut self) -> Result<(), BridgeError> {
+        let _ = self.driver.config_event().read();
+        if self.session.is_some() {
+            // The only configuration change during a session is its frontend leaving
+            // (possibly followed by the next one connecting).
+            tracing::info!("vvu: frontend disconnected");
+            self.end_session();
+        }
+        if self.driver.device_status()? & FRONTEND_UP != 0 {
+            match (self.connect)() {
+                Ok(stream) => {
+                    self.sessions += 1;
+                    self.session = Some(Session {
+                        stream,
+                        id: self.sessions,
+                        wired: BTreeMap::new(),
+                    });
+                    tracing::info!("vvu: frontend connected");
+                }
+                Err(e) => self.fail_session(&BridgeError::Backend(e))?,
+            }
+        }
+        Ok(())
+    }
+
+    fn on_rx(&mut self) -> Result<(), BridgeError> {
+        let _ = self.driver.rx_event().read();
+        loop {
+            let msg = match self.driver.recv() {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Ok(()),
+                Err(DriverError::Malformed(m)) => {
+                    self.fail_session(&BridgeError::Protocol(m))?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if self.session.is_none() {
+                tracing::warn!(
+                    request = le32(&msg, 0),
+                    "vvu: message outside a frontend session dropped"
+                );
+                continue;
+            }
+            if let Err(e) = self.forward(msg) {
+                self.fail_session(&e)?;
+            }
+        }
+    }
+
+    /// Sends one frontend message to the backend with the descriptors it stands for.
+    fn forward(&mut self, mut msg: Vec<u8>) -> Result<(), BridgeError> {
+        let request = le32(&msg, 0).unwrap_or(0);
+        let payload_len = msg.len() - HEADER_SIZE;
+        let mut fds: Vec<RawFd> = Vec::new();
+        match request {
+            request::SET_MEM_TABLE => {
+                let count = le32(&msg, HEADER_SIZE).unwrap_or(0) as usize;
+                if payload_len != 8 + count * REGION_SIZE {
+                    return Err(BridgeError::Protocol(format!(
+                        "SET_MEM_TABLE of {payload_len} bytes does not hold {count} regions"
+                    )));
+                }
+                for i in 0..count {
+                    self.relocate_region(&mut msg, HEADER_SIZE + 8 + i * REGION_SIZE)?;
+                    fds.push(self.memory.as_raw_fd());
+                }
+            }
+            request::ADD_MEM_REG | request::REM_MEM_REG => {
+                if payload_len != 8 + REGION_SIZE {
+                    return Err(BridgeError::Protocol(format!(
+                        "memory region message of {payload_len} bytes"
+                    )));
+                }
+                self.relocate_region(&mut msg, HEADER_SIZE + 8)?;
+                if request == request::ADD_MEM_REG {
+                    fds.push(self.memory.as_raw_fd());
+                }
+            }
+            request::SET_VRING_KICK | request::SET_VRING_CALL | request::SET_VRING_ERR => {
+                let value = le64(&msg, HEADER_SIZE)
+                    .filter(|_| payload_len == 8)
+                    .ok_or_else(|| {
+                        BridgeError::Protocol(format!(
+                            "vring message {request} of {payload_len} bytes"
+                        ))
+                    })?;
+                let vring = (value & VRING_INDEX_MASK) as u32;
+                if vring >= self.driver.max_vhost_queues() {
+                    return Err(BridgeError::Protocol(format!(
+                        "vring {vring} is beyond the device's {} vhost queues",
+                        self.driver.max_vhost_queues()
+                    )));
+                }
+                if value & VRING_NOFD == 0 {
+                    fds.push(self.stand_in_fd(request, vring)?);
+                } else if request != request::SET_VRING_KICK {
+                    self.unwire(self.doorbell_index(request, vring));
+                }
+            }
+            request::SET_LOG_BASE
+            | request::SET_LOG_FD
+            | request::SET_BACKEND_REQ_FD
+            | request::GET_INFLIGHT_FD
+            | request::SET_INFLIGHT_FD
+            | request::SET_DEVICE_STATE_FD => {
+                return Err(BridgeError::Protocol(format!(
+                    "request {request} needs a file descriptor the device cannot carry"
+                )));
+            }
+            _ => {}
+        }
+        let session = self
+            .session
+            .as_mut()
+            .ok_or_else(|| BridgeError::Protocol("no session".into()))?;
+        let sent = session
+            .stream
+            .send_with_fds(&[&msg[..]], &fds)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        // A stream may take part of a message; the descriptors went with the first part.
+        session.stream.write_all(&msg[sent..])?;
+        Ok(())
+    }
+
+    /// Moves a region's `mmap_offset` from the shared-memory area to the BAR file, after
+    /// checking the region lies inside the BAR.
+    fn relocate_region(&self, msg: &mut [u8], at: usize) -> Result<(), BridgeError> {
+        let size = le64(msg, at + 8).unwrap_or(0);
+        let offset = le64(msg, at + REGION_MMAP_OFFSET).unwrap_or(0);
+        if offset
+            .checked_add(size)
+            .is_none_or(|end| end > self.memory_len)
+        {
+            return Err(BridgeError::Protocol(format!(
+                "memory region at {offset:#x} of {size:#x} bytes lies outside the {:#x}-byte shared-memory BAR",
+                self.memory_len
+            )));
+        }
+        let file_offset = self.memory_base + offset;
+        msg[at + REGION_MMAP_OFFSET..at + REGION_MMAP_OFFSET + 8]
+            .copy_from_slice(&file_offset.to_le_bytes());
+        Ok(())
+    }
+
+    fn doorbell_index(&self, request: u32, vring: u32) -> u32 {
+        match request {
+            request::SET_VRING_ERR => self.driver.max_vhost_queues() + vring,
+            _ => vring,
+        }
+    }
+
+    /// The descriptor that stands for a kick, call or err eventfd of `vring`.
+    fn stand_in_fd(&mut self, request: u32, vring: u32) -> Result<RawFd, BridgeError> {
+        if request == request::SET_VRING_KICK {
+            return self
+                .driver
+                .kick_event(vring as usize)
+                .map(AsRawFd::as_raw_fd)
+                .ok_or_else(|| {
+                    BridgeError::Protocol(format!("vring {vring} has no MSI-X vector for its kick"))
+                });
+        }
+        let index = self.doorbell_index(request, vring);
+        let event = EventFd::new(EFD_NONBLOCK)?;
+        self.driver.wire_doorbell(index, Some(&event))?;
+        let fd = event.as_raw_fd();
+        if let Some(session) = self.session.as_mut() {
+            // Replacing an earlier eventfd of this doorbell closes it; its wiring is gone.
+            session.wired.insert(index, event);
+        }
+        Ok(fd)
+    }
+
+    fn unwire(&mut self, index: u32) {
+        if let Err(e) = self.driver.wire_doorbell(index, None) {
+            tracing::warn!("vvu: unwiring doorbell {index}: {e}");
+        }
+        if let Some(session) = self.session.as_mut() {
+            session.wired.remove(&index);
+        }
+    }
+
+    /// Forwards one backend message (a reply) to txq.
+    fn on_backend(&mut self) -> Result<(), BridgeError> {
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        let mut msg = vec![0u8; HEADER_SIZE];
+        session.stream.read_exact(&mut msg).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                BridgeError::Protocol("the backend closed the session".into())
+            } else {
+                BridgeError::Backend(e)
+            }
+        })?;
+        let size = le32(&msg, 8).unwrap_or(0) as usize;
+        if HEADER_SIZE + size > BUFFER_SIZE {
+            return Err(BridgeError::Protocol(format!(
+                "backend message of {size} bytes does not fit a {BUFFER_SIZE}-byte buffer"
+            )));
+        }
+        msg.resize(HEADER_SIZE + size, 0);
+        session.stream.read_exact(&mut msg[HEADER_SIZE..])?;
+        let deadline = Instant::now() + TX_WAIT;
+        loop {
+            match self.driver.send(&msg) {
+                Err(DriverError::TxFull) if Instant::now() < deadline => {
+                    let mut fd = [pollfd(self.driver.tx_event().as_raw_fd())];
+                    // SAFETY: one valid pollfd for the duration of the call.
+                    unsafe { libc::poll(fd.as_mut_ptr(), 1, 10) };
+                    let _ = self.driver.tx_event().read();
+                }
+                other => return other.map_err(BridgeError::from),
+            }
+        }
+    }
+
+    /// Closes the session's stream (the backend drains and resets) and unwires its doorbells.
+    fn end_session(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        for index in session.wired.keys() {
+            if let Err(e) = self.driver.wire_doorbell(*index, None) {
+                tracing::warn!("vvu: unwiring doorbell {index}: {e}");
+            }
+        }
+        let _ = session.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Ends the session after a protocol error and drops the frontend by cycling
+    /// BACKEND_UP. Only a device failure is returned.
+    fn fail_session(&mut self, error: &BridgeError) -> Result<(), BridgeError> {
+        tracing::warn!("vvu: dropping the frontend: {error}");
+        self.end_session();
+        self.driver.set_backend_up(false)?;
+        self.driver.set_backend_up(true)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::fs::FileExt;
+
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::driver::FIRST_KICK_VECTOR;
+    use crate::fake::{FakeVvu, SHM_FILE_OFFSET, SHM_SIZE};
+
+    const QUEUES: u32 = 4;
+
+    fn message(request: u32, payload: &[u8]) -> Vec<u8> {
+        let mut m = request.to_le_bytes().to_vec();
+        m.extend_from_slice(&1u32.to_le_bytes());
+        m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        m.extend_from_slice(payload);
+        m
+    }
+
+    fn region(gpa: u64, size: u64, offset: u64) -> Vec<u8> {
+        [gpa, size, 0x7f00_0000_0000 + gpa, offset]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    /// A bridge over the fake device with an active session; returns the backend's end.
+    fn connected() -> (
+        Bridge<FakeVvu, impl FnMut() -> io::Result<UnixStream>>,
+        UnixStream,
+        EventFd,
+    ) {
+        let fake = FakeVvu::new(3 + QUEUES as u16, QUEUES);
+        let driver = VvuDriver::new(fake, 16, GuestAddress(0)).unwrap();
+        let (bridge_end, backend_end) = UnixStream::pair().unwrap();
+        let mut slot = Some(bridge_end);
+        let mut bridge = Bridge::new(driver, move || {
+            slot.take()
+                .ok_or_else(|| io::Error::other("one session only"))
+        })
+        .unwrap();
+        bridge.driver.set_backend_up(true).unwrap();
+        let stop = EventFd::new(EFD_NONBLOCK).unwrap();
+        bridge.driver.pci().frontend(true);
+        assert!(!bridge.poll(&stop, 1000).unwrap());
+        assert!(bridge.session.is_some(), "FRONTEND_UP starts a session");
+        (bridge, backend_end, stop)
+    }
+
+    /// Receives one message and its descriptors on the backend's end.
+    fn backend_recv(stream: &UnixStream) -> (Vec<u8>, Vec<OwnedFd>) {
+        let mut buf = vec![0u8; BUFFER_SIZE];
+        let mut fds = [-1; 8];
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec points at `buf`, alive and unaliased for the call.
+        let (len, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }.unwrap();
+        buf.truncate(len);
+        // SAFETY: the kernel installed `nfds` fresh descriptors for this process.
+        let fds = fds[..nfds]
+            .iter()
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        (buf, fds)
+    }
+
+    fn deliver(
+        bridge: &mut Bridge<FakeVvu, impl FnMut() -> io::Result<UnixStream>>,
+        stop: &EventFd,
+        msg: &[u8],
+    ) {
+        assert!(bridge.driver.pci().push_rx(msg));
+        assert!(!bridge.poll(stop, 1000).unwrap());
+    }
+
+    #[test]
+    fn memory_regions_become_the_bar_file_at_the_device_offsets() {
+        let (mut bridge, backend, stop) = connected();
+        let shm = &bridge.driver.pci().shm;
+        shm.write_all_at(b"region one", SHM_FILE_OFFSET + (2 << 20))
+            .unwrap();
+        let mut payload = 2u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&[0; 4]);
+        payload.extend(region(0, 1 << 20, 0));
+        payload.extend(region(1 << 32, 4 << 20, 2 << 20));
+        deliver(
+            &mut bridge,
+            &stop,
+            &message(request::SET_MEM_TABLE, &payload),
+        );
+        let (msg, fds) = backend_recv(&backend);
+        assert_eq!(fds.len(), 2, "one descriptor per region");
+        assert_eq!(le64(&msg, 12 + 8 + 24), Some(SHM_FILE_OFFSET));
+        let second = le64(&msg, 12 + 8 + 32 + 24).unwrap();
+        assert_eq!(second, SHM_FILE_OFFSET + (2 << 20));
+        assert_eq!(le64(&msg, 12 + 8 + 32), Some(1 << 32), "gpa unchanged");
+        let mut got = [0u8; 10];
+        File::from(fds.into_iter().nth(1).unwrap())
+            .read_exact_at(&mut got, second)
+            .unwrap();
+        assert_eq!(&got, b"region one");
+
+        let mut add = vec![0u8; 8];
+        add.extend(region(1 << 33, 2 << 20, 8 << 20));
+        deliver(&mut bridge, &stop, &message(request::ADD_MEM_REG, &add));
+        let (msg, fds) = backend_recv(&backend);
+        assert_eq!(fds.len(), 1);
+        assert_eq!(le64(&msg, 12 + 8 + 24), Some(SHM_FILE_OFFSET + (8 << 20)));
+    }
+
+    #[test]
+    fn a_region_outside_the_bar_drops_the_frontend() {
+        let (mut bridge, backend, stop) = connected();
+        let mut add = vec![0u8; 8];
+        add.extend(region(0, 4 << 20, SHM_SIZE - (2 << 20)));
+        deliver(&mut bridge, &stop, &message(request::ADD_MEM_REG, &add));
+        assert!(bridge.session.is_none());
+        let mut byte = [0u8; 1];
+        assert_eq!((&backend).read(&mut byte).unwrap(), 0, "backend sees EOF");
+        let writes = bridge.driver.pci().state.borrow().status_writes.clone();
+        assert_eq!(writes, [1, 0, 1], "BACKEND_UP cycled to drop the frontend");
+    }
+
+    #[test]
+    fn calls_are_eventfds_wired_to_doorbells_and_kicks_are_msix_eventfds() {
+        let (mut bridge, backend, stop) = connected();
+        deliver(
+            &mut bridge,
+            &stop,
+            &message(request::SET_VRING_CALL, &1u64.to_le_bytes()),
+        );
+        let (_, fds) = backend_recv(&backend);
+        let call = File::from(fds.into_iter().next().unwrap());
+        (&call).write_all(&1u64.to_ne_bytes()).unwrap();
+        bridge.driver.pci().deliver_signals();
+        deliver(
+            &mut bridge,
+            &stop,
+            &message(request::SET_VRING_ERR, &2u64.to_le_bytes()),
+        );
+        let (_, fds) = backend_recv(&backend);
+        let err = File::from(fds.into_iter().next().unwrap());
+        (&err).write_all(&1u64.to_ne_bytes()).unwrap();
+        bridge.driver.pci().deliver_signals();
+        // Doorbell i at 4*i: call of vring 1, err of vring 2 = index QUEUES + 2.
+        assert_eq!(
+            bridge.driver.pci().state.borrow().doorbell_writes,
+            [(4, 2), (4 * (u64::from(QUEUES) + 2), 2)]
+        );
+
+        deliver(
+            &mut bridge,
+            &stop,
+            &message(request::SET_VRING_KICK, &3u64.to_le_bytes()),
+        );
+        let (_, fds) = backend_recv(&backend);
+        let kick = File::from(fds.into_iter().next().unwrap());
+        bridge.driver.pci().signal(FIRST_KICK_VECTOR + 3);
+        let mut count = [0u8; 8];
+        (&kick).read_exact(&mut count).unwrap();
+        assert_eq!(u64::from_ne_bytes(count), 1, "the kick vector's eventfd");
+
+        // Disconnect: the session ends and its doorbells are unwired.
+        bridge.driver.pci().frontend(false);
+        assert!(!bridge.poll(&stop, 1000).unwrap());
+        assert!(bridge.session.is_none());
+        (&call).write_all(&1u64.to_ne_bytes()).unwrap();
+        bridge.driver.pci().deliver_signals();
+        assert_eq!(bridge.driver.pci().state.borrow().doorbell_writes.len(), 2);
+    }
+
+    #[test]
+    fn replies_go_to_txq_and_bad_requests_drop_the_frontend() {
+        let (mut bridge, backend, stop) = connected();
+        let get_features = message(1, &[]);
+        deliver(&mut bridge, &stop, &get_features);
+        let (msg, fds) = backend_recv(&backend);
+        assert_eq!(msg, get_features, "forwarded unchanged");
+        assert!(fds.is_empty());
+        let reply = message(1, &(1u64 << 32).to_le_bytes());
+        (&backend).write_all(&reply).unwrap();
+        assert!(!bridge.poll(&stop, 1000).unwrap());
+        assert_eq!(bridge.driver.pci().pop_tx(), Some(reply));
+
+        let vring = u64::from(QUEUES);
+        deliver(
+            &mut bridge,
+            &stop,
+            &message(request::SET_VRING_CALL, &vring.to_le_bytes()),
+        );
+        assert!(bridge.session.is_none(), "vring beyond max_vhost_queues");
+    }
+
+    #[test]
+    fn requests_needing_uncarried_descriptors_drop_the_frontend() {
+        let (mut bridge, backend, stop) = connected();
+        deliver(
+            &mut bridge,
+            &stop,
+            &message(request::SET_BACKEND_REQ_FD, &[]),
+        );
+        assert!(bridge.session.is_none());
+        let mut byte = [0u8; 1];
+        assert_eq!((&backend).read(&mut byte).unwrap(), 0);
+    }
+}
