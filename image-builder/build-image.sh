@@ -3,8 +3,11 @@
 #
 #   build-image.sh consumer                 the consumer test VM: fio, sg3-utils, e2fsprogs,
 #                                           util-linux, iscsi-test-cu, storage modules
-#   build-image.sh appliance PROGRAM...     the same plus the VFIO modules (vfio_pci,
-#                                           vfio_iommu_type1) and PROGRAMs in /usr/bin
+#   build-image.sh appliance [PROGRAM...]   the appliance VM: the same tools plus the VFIO and
+#                                           ext4 modules, the appliance init (appliance/init:
+#                                           config drive, daemon start) and PROGRAMs in
+#                                           /usr/bin; without PROGRAMs, builds vhost-appliance
+#                                           (cargo, release) and takes that
 #
 # The result is cached by content hash (this script, the init, the kernel and tool package
 # versions) under $VHOST_APPLIANCE_CACHE (default /var/cache/vhost-appliance), outside the
@@ -15,13 +18,21 @@ here="$(cd "$(dirname "$0")" && pwd)"
 kind="${1:-consumer}"
 shift || true
 extra_programs=("$@")
+log() { echo "build-image: $*" >&2; }
 case "$kind" in
-    consumer) [ "${#extra_programs[@]}" -eq 0 ] || { echo "build-image: consumer takes no programs" >&2; exit 2; } ;;
-    appliance) ;;
-    *) echo "usage: build-image.sh consumer | appliance PROGRAM..." >&2; exit 2 ;;
+    consumer)
+        [ "${#extra_programs[@]}" -eq 0 ] || { echo "build-image: consumer takes no programs" >&2; exit 2; }
+        init="$here/consumer/init" ;;
+    appliance)
+        init="$here/appliance/init"
+        if [ "${#extra_programs[@]}" -eq 0 ]; then
+            log "building vhost-appliance (cargo build --release)"
+            (cd "$here/.." && cargo build --release --quiet -p appliance --bin vhost-appliance) >&2
+            extra_programs=("$here/../target/release/vhost-appliance")
+        fi ;;
+    *) echo "usage: build-image.sh consumer | appliance [PROGRAM...]" >&2; exit 2 ;;
 esac
 cache="${VHOST_APPLIANCE_CACHE:-/var/cache/vhost-appliance}"
-log() { echo "build-image: $*" >&2; }
 
 . "$here/../tests/scripts/debian.sh"
 tools=(busybox-static fio sg3-utils libiscsi-bin e2fsprogs util-linux kmod cpio)
@@ -36,7 +47,7 @@ fi
 kernel_ver="$(apt-cache policy "$kernel_pkg" | sed -n 's/ *Candidate: //p')"
 
 key="$( {
-    cat "$0" "$here/consumer/init"
+    cat "$0" "$init"
     echo "$kernel_pkg $kernel_ver"
     dpkg-query -W "${tools[@]}"
     echo "$kind"
@@ -50,6 +61,7 @@ if [ -f "$out/initrd.img" ] && [ -f "$out/vmlinuz" ]; then
 fi
 
 log "building $out (kernel $kernel_pkg $kernel_ver)"
+log "step 1/4: kernel package"
 $SUDO mkdir -p "$cache"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -58,10 +70,11 @@ dpkg -x "$work"/linux-image-*.deb "$work/kernel"
 kver="$(ls "$work/kernel/lib/modules")"
 depmod -b "$work/kernel" "$kver"   # the package ships no modules.dep
 
+log "step 2/4: programs and their libraries"
 root="$work/root"
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,lib,lib64,etc,proc,sys,dev,tmp,mnt,run}
 cp /bin/busybox "$root/bin/busybox"
-install -m 0755 "$here/consumer/init" "$root/init"
+install -m 0755 "$init" "$root/init"
 
 # Binaries and every shared library they load (ldd), at the same paths.
 binaries=(/usr/bin/fio /usr/bin/iscsi-test-cu /sbin/mkfs.ext4 /sbin/e2fsck /sbin/fsck.ext4
@@ -85,10 +98,11 @@ for b in "${binaries[@]}"; do
     done
 done
 
+log "step 3/4: kernel modules"
 # The storage modules with their dependencies; depmod builds a modules.dep for the subset.
 moddir="$work/kernel/lib/modules/$kver"
 wanted=(virtio_pci virtio_blk virtio_scsi sd_mod sg)
-[ "$kind" = appliance ] && wanted+=(vfio_pci vfio_iommu_type1)
+[ "$kind" = appliance ] && wanted+=(vfio_pci vfio_iommu_type1 ext4)
 declare -A seen=()
 add_module() {
     local name="$1" path dep
@@ -106,6 +120,7 @@ for m in "${wanted[@]}"; do add_module "$m"; done
 cp "$moddir"/modules.builtin* "$moddir"/modules.order "$root/lib/modules/$kver/" 2>/dev/null || true
 depmod -b "$root" "$kver"
 
+log "step 4/4: initramfs"
 tmp_out="$(mktemp -d "$cache/.$kind-XXXXXX")"
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$tmp_out/initrd.img"
 cp "$work/kernel/boot/vmlinuz-$kver" "$tmp_out/vmlinuz"

@@ -160,6 +160,29 @@ pub struct GuestOutput {
     pub output: String,
 }
 
+/// Filesystem round trip and a verifying fio run on `/dev/$DEV`, as a user would.
+pub fn filesystem_and_fio_script(dev: &str) -> String {
+    format!(
+        r#"set -e
+DEV=/dev/{dev}
+mkfs.ext4 -q -F $DEV
+mount $DEV /mnt
+i=0; while [ $i -lt 8 ]; do dd if=/dev/urandom of=/mnt/f$i bs=64k count=8 2>/dev/null; i=$((i+1)); done
+sha1sum /mnt/f* > /tmp/sums
+sync
+umount /mnt
+e2fsck -f -n $DEV
+mount $DEV /mnt
+sha1sum -c /tmp/sums
+umount /mnt
+fio --name=verify --filename=$DEV --ioengine=io_uring --iodepth=16 --direct=1 \
+    --rw=randwrite --bs=4k --size=16M --offset=32M --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --randrepeat=0 --output-format=terse --minimal
+echo GUEST-CHECKS-PASSED
+"#
+    )
+}
+
 /// A running consumer VM; QEMU is killed when it is dropped.
 pub struct Vm {
     process: Process,
@@ -259,8 +282,21 @@ impl Vm {
                 ));
         }
         cmd.args(&options.extra_args);
+        Self::start(cmd, dir, accel)
+    }
+
+    /// Starts a VM from a complete QEMU command line (such as the appliance launcher's)
+    /// whose serial port and QMP monitor are the unix sockets `serial.sock` and `qmp.sock`
+    /// in `dir`, and waits for its command prompt.
+    pub fn boot_command(cmd: Command, dir: tempfile::TempDir, accel: Accel) -> Vm {
+        Self::start(cmd, dir, accel).unwrap_or_else(|log| panic!("guest did not boot:\n{log}"))
+    }
+
+    fn start(cmd: Command, dir: tempfile::TempDir, accel: Accel) -> Result<Vm, String> {
+        let serial_path = dir.path().join("serial.sock");
+        let qmp_path = dir.path().join("qmp.sock");
         let mut process = Process::spawn(cmd, &dir.path().join("qemu.log"), "qemu-system-x86_64");
-        process.wait_for_path(&serial_path, Duration::from_secs(20));
+        process.wait_for_path(&serial_path, Duration::from_secs(120));
         process.wait_for_path(&qmp_path, Duration::from_secs(20));
         let serial = UnixStream::connect(&serial_path)
             .map_err(|e| format!("serial: {e}\n{}", process.log()))?;

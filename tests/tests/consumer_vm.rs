@@ -9,33 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use appliance_tests::daemon::{qemu_storage_daemon, scratch_dir, Appliance};
-use appliance_tests::vm::{BlkAtBoot, Vm, VmOptions};
+use appliance_tests::vm::{filesystem_and_fio_script, BlkAtBoot, Vm, VmOptions};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// Filesystem round trip and a verifying fio run on `/dev/$DEV`, as a user would.
-fn filesystem_and_fio_script(dev: &str) -> String {
-    format!(
-        r#"set -e
-DEV=/dev/{dev}
-mkfs.ext4 -q -F $DEV
-mount $DEV /mnt
-i=0; while [ $i -lt 8 ]; do dd if=/dev/urandom of=/mnt/f$i bs=64k count=8 2>/dev/null; i=$((i+1)); done
-sha1sum /mnt/f* > /tmp/sums
-sync
-umount /mnt
-e2fsck -f -n $DEV
-mount $DEV /mnt
-sha1sum -c /tmp/sums
-umount /mnt
-fio --name=verify --filename=$DEV --ioengine=io_uring --iodepth=16 --direct=1 \
-    --rw=randwrite --bs=4k --size=16M --offset=32M --verify=crc32c --verify_fatal=1 \
-    --do_verify=1 --randrepeat=0 --output-format=terse --minimal
-echo GUEST-CHECKS-PASSED
-"#
-    )
-}
 
 fn blk_config(exports: &[(&str, &str)]) -> String {
     let mut cfg = String::from("exports:\n");

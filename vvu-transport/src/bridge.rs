@@ -15,9 +15,9 @@
 //!   it always does and the kernel performs the doorbell store. Calls take no extra hop and
 //!   the backend needs no notifier abstraction.
 //!
-//! Replies go back on txq. One frontend connection is one session: a configuration
-//! interrupt during a session means its frontend left, and the backend's stream is closed
-//! so it drains and resets. Messages that would need a descriptor the device cannot carry
+//! Replies go back on txq. One frontend connection is one session, delimited by the
+//! configuration interrupts the device raises when FRONTEND_UP changes; when a session ends
+//! the backend's stream is closed so the backend drains and resets. Messages that would need a descriptor the device cannot carry
 //! (their protocol features are masked by the device), regions outside the BAR, bad vring
 //! indices and a backend that closes its end are protocol errors: the bridge drops the
 //! frontend by cycling BACKEND_UP, and a frontend with `reconnect-ms` comes back.
@@ -96,6 +96,9 @@ pub struct Bridge<T: PciTransport, C> {
     connect: C,
     session: Option<Session>,
     sessions: u64,
+    /// The current session was opened by its first message; its connect interrupt is
+    /// still to come.
+    connect_interrupt_due: bool,
 }
 
 fn le32(b: &[u8], at: usize) -> Option<u32> {
@@ -131,6 +134,7 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
             connect,
             session: None,
             sessions: 0,
+            connect_interrupt_due: false,
         })
     }
 
@@ -194,29 +198,40 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
         Ok(false)
     }
 
+    /// Configuration interrupts count FRONTEND_UP transitions (connect, disconnect). Each
+    /// one after the interrupt that opened the current session means its frontend left;
+    /// the status then says whether a new one is already there.
     fn on_config(&mut self) -> Result<(), BridgeError> {
-        let _ = self.driver.config_event().read();
-        if self.session.is_some() {
-            // The only configuration change during a session is its frontend leaving
-            // (possibly followed by the next one connecting).
+        let mut transitions = self.driver.config_event().read().unwrap_or(0);
+        if self.connect_interrupt_due && transitions > 0 {
+            // The connect interrupt of a session that its first message already opened.
+            self.connect_interrupt_due = false;
+            transitions -= 1;
+        }
+        if transitions > 0 && self.session.is_some() {
             tracing::info!("vvu: frontend disconnected");
             self.end_session();
         }
-        if self.driver.device_status()? & FRONTEND_UP != 0 {
-            match (self.connect)() {
-                Ok(stream) => {
-                    self.sessions += 1;
-                    self.session = Some(Session {
-                        stream,
-                        id: self.sessions,
-                        wired: BTreeMap::new(),
-                    });
-                    tracing::info!("vvu: frontend connected");
-                }
-                Err(e) => self.fail_session(&BridgeError::Backend(e))?,
-            }
+        if self.session.is_none() && self.driver.device_status()? & FRONTEND_UP != 0 {
+            self.start_session()?;
         }
         Ok(())
+    }
+
+    fn start_session(&mut self) -> Result<(), BridgeError> {
+        match (self.connect)() {
+            Ok(stream) => {
+                self.sessions += 1;
+                self.session = Some(Session {
+                    stream,
+                    id: self.sessions,
+                    wired: BTreeMap::new(),
+                });
+                tracing::info!("vvu: frontend connected");
+                Ok(())
+            }
+            Err(e) => self.fail_session(&BridgeError::Backend(e)),
+        }
     }
 
     fn on_rx(&mut self) -> Result<(), BridgeError> {
@@ -231,6 +246,14 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
                 }
                 Err(e) => return Err(e.into()),
             };
+            if self.session.is_none() {
+                // Interrupts of different vectors race: a new frontend's first message
+                // may be here before its connect interrupt.
+                if self.driver.device_status()? & FRONTEND_UP != 0 {
+                    self.connect_interrupt_due = true;
+                    self.start_session()?;
+                }
+            }
             if self.session.is_none() {
                 tracing::warn!(
                     request = le32(&msg, 0),
@@ -306,6 +329,12 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
             }
             _ => {}
         }
+        tracing::debug!(
+            request,
+            size = payload_len,
+            fds = fds.len(),
+            "vvu: to the backend"
+        );
         let session = self
             .session
             .as_mut()
@@ -398,6 +427,7 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
         }
         msg.resize(HEADER_SIZE + size, 0);
         session.stream.read_exact(&mut msg[HEADER_SIZE..])?;
+        tracing::debug!(request = le32(&msg, 0), size, "vvu: to the frontend");
         let deadline = Instant::now() + TX_WAIT;
         loop {
             match self.driver.send(&msg) {
@@ -491,6 +521,10 @@ mod tests {
 
     /// Receives one message and its descriptors on the backend's end.
     fn backend_recv(stream: &UnixStream) -> (Vec<u8>, Vec<OwnedFd>) {
+        // A message that never comes fails the test instead of hanging it.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut buf = vec![0u8; BUFFER_SIZE];
         let mut fds = [-1; 8];
         let mut iov = [libc::iovec {
@@ -633,6 +667,32 @@ mod tests {
             &message(request::SET_VRING_CALL, &vring.to_le_bytes()),
         );
         assert!(bridge.session.is_none(), "vring beyond max_vhost_queues");
+    }
+
+    #[test]
+    fn a_first_message_ahead_of_its_connect_interrupt_opens_the_session() {
+        let fake = FakeVvu::new(3 + QUEUES as u16, QUEUES);
+        let driver = VvuDriver::new(fake, 16, GuestAddress(0)).unwrap();
+        let (bridge_end, backend) = UnixStream::pair().unwrap();
+        let mut slot = Some(bridge_end);
+        let mut bridge = Bridge::new(driver, move || {
+            slot.take()
+                .ok_or_else(|| io::Error::other("one session only"))
+        })
+        .unwrap();
+        let stop = EventFd::new(EFD_NONBLOCK).unwrap();
+        bridge.driver.pci().state.borrow_mut().vvu_status |= FRONTEND_UP;
+        let get_features = message(1, &[]);
+        deliver(&mut bridge, &stop, &get_features);
+        assert_eq!(backend_recv(&backend).0, get_features);
+        // The late connect interrupt belongs to this session and does not end it.
+        bridge.driver.pci().frontend(true);
+        assert!(!bridge.poll(&stop, 1000).unwrap());
+        assert_eq!(bridge.session.as_ref().map(|s| s.id), Some(1));
+        // The next interrupt is a disconnect.
+        bridge.driver.pci().frontend(false);
+        assert!(!bridge.poll(&stop, 1000).unwrap());
+        assert!(bridge.session.is_none());
     }
 
     #[test]

@@ -23,6 +23,7 @@
 #include "qemu/log.h"
 #include "qemu/main-loop.h"
 #include "qemu/module.h"
+#include "qemu/sockets.h"
 #include "qemu/units.h"
 #include "hw/qdev-properties.h"
 #include "hw/qdev-properties-system.h"
@@ -697,6 +698,15 @@ static void vvu_read(void *opaque, const uint8_t *buf, int size)
 
     nfds = qemu_chr_fe_get_msgfds(&s->chr, fds, ARRAY_SIZE(fds));
     for (int i = 0; i < nfds; i++) {
+        /*
+         * The socket chardev makes every received fd blocking, and O_NONBLOCK
+         * lives in the open file description the front-end shares: its own
+         * reads of the eventfds it sent (QEMU's event_notifier_test_and_clear
+         * on a vring's masked notifier) would then block forever. The
+         * front-end's eventfds are non-blocking, and so is all this device
+         * does with them; restore the flag.
+         */
+        qemu_socket_set_nonblock(fds[i]);
         if (s->msg_nfds < VIRTIO_VHOST_USER_MAX_FDS) {
             s->msg_fds[s->msg_nfds++] = fds[i];
         } else {

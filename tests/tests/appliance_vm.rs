@@ -1,0 +1,245 @@
+//! Appliance-VM mode end to end: the daemon runs inside an appliance VM started by
+//! `image-builder/launch-appliance.sh` (patched QEMU, intel-iommu, config drive, one
+//! virtio-vhost-user-pci device per consumer socket) and serves consumer VMs running stock
+//! QEMU, which attach `vhost-user-blk-pci` at boot and hotplug `vhost-user-scsi-pci` over
+//! QMP. The guests format, fsck and fio-verify the LUNs; the bytes must then be in the
+//! backing files inside the appliance VM. Consumers are killed mid-I/O and replaced while
+//! the appliance VM keeps running.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use appliance_tests::daemon::{appliance_binary, scratch_dir};
+use appliance_tests::vm::{
+    filesystem_and_fio_script, patched_qemu, preferred_accel, Accel, BlkAtBoot, ConsumerImage, Vm,
+    VmOptions,
+};
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const SCSI_UUID: &str = "0b7c3a52-91d4-4c1e-8f3a-5e2d7c9b1a60";
+
+const EXPORTS: &str = "\
+exports:
+  - name: vol0
+    type: blk
+    vvu: 0000:00:10.0
+    path: vol0.raw
+    create: { size: 64M }
+    num_queues: 2
+  - name: scsi0
+    type: scsi
+    vvu: 0b7c3a52-91d4-4c1e-8f3a-5e2d7c9b1a60
+    luns:
+      - path: lun0.raw
+        create: { size: 64M }
+        direct: false
+";
+
+fn launcher() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-builder/launch-appliance.sh")
+}
+
+/// The appliance VM as a user starts it: a config drive made from a directory holding
+/// exports.yaml, and the launcher with one `--vvu` per consumer socket.
+fn start_appliance(sockets: &Path) -> Vm {
+    let config = sockets.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(config.join("exports.yaml"), EXPORTS).unwrap();
+    let drive = sockets.join("config.img");
+    let out = Command::new("bash")
+        .arg(launcher())
+        .args(["make-config-drive"])
+        .arg(&config)
+        .arg(&drive)
+        .arg("256M")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "make-config-drive: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = ConsumerImage::appliance(&[&appliance_binary()]);
+    let accel = preferred_accel();
+    let vm_dir = scratch_dir();
+    let mut cmd = Command::new("bash");
+    cmd.arg(launcher())
+        .arg("--config-drive")
+        .arg(&drive)
+        .arg("--vvu")
+        .arg(sockets.join("vol0.sock"))
+        .arg("--vvu")
+        .arg(format!(
+            "{},uuid={SCSI_UUID}",
+            sockets.join("scsi0.sock").display()
+        ))
+        .args(["--shm-size", "1G", "--memory", "768"])
+        .arg("--serial")
+        .arg(format!(
+            "unix:{}",
+            vm_dir.path().join("serial.sock").display()
+        ))
+        .arg("--qmp")
+        .arg(vm_dir.path().join("qmp.sock"))
+        .arg("--image")
+        .arg(&image.dir)
+        .arg("--qemu")
+        .arg(patched_qemu())
+        .arg("--accel")
+        .arg(match accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        });
+    eprintln!("appliance: starting the appliance VM under {accel:?}");
+    let mut vm = Vm::boot_command(cmd, vm_dir, accel);
+    let log = vm.run_ok(
+        "ready() { n=$(grep -c 'export ready' /config/appliance.log 2>/dev/null); [ \"${n:-0}\" -ge 2 ]; }; i=0; while ! ready && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /config/appliance.log; ready",
+        2 * MINUTE,
+    );
+    eprintln!("appliance log at start:\n{log}");
+    vm
+}
+
+/// An md5 of the first `mib` MiB of a guest block device, read past the page cache.
+fn device_md5(vm: &mut Vm, dev: &str, mib: u32) -> String {
+    let out = vm.run_ok(
+        &format!("dd if=/dev/{dev} bs=1M count={mib} iflag=direct 2>/dev/null | md5sum"),
+        MINUTE,
+    );
+    md5_of(&out)
+}
+
+fn md5_of(out: &str) -> String {
+    out.lines()
+        .rev()
+        .find_map(|l| {
+            let h = l.split_whitespace().next()?;
+            (h.len() == 32 && h.chars().all(|c| c.is_ascii_hexdigit())).then(|| h.to_string())
+        })
+        .unwrap_or_else(|| panic!("no md5 in {out}"))
+}
+
+/// The backing file inside the appliance VM holds what the consumer reads.
+fn assert_backing_file_matches(appliance: &mut Vm, file: &str, consumer_md5: &str) {
+    let out = appliance.run_ok(&format!("md5sum /config/{file}"), MINUTE);
+    assert_eq!(
+        md5_of(&out),
+        consumer_md5,
+        "{file} inside the appliance VM differs from what the consumer reads"
+    );
+}
+
+fn consumer(sockets: &Path) -> Vm {
+    Vm::boot(&VmOptions {
+        blk: vec![BlkAtBoot {
+            id: "vol0".into(),
+            socket: sockets.join("vol0.sock"),
+            num_queues: 2,
+        }],
+        hotplug_ports: 1,
+        ..VmOptions::default()
+    })
+}
+
+/// Hotplugs the scsi export and returns the block device of its LUN 0.
+fn hotplug_scsi(vm: &mut Vm, sockets: &Path, id: &str) -> String {
+    let qmp = vm.qmp();
+    qmp.chardev_add_socket(id, &sockets.join("scsi0.sock"), 1000)
+        .expect("chardev-add");
+    qmp.device_add(
+        "vhost-user-scsi-pci",
+        id,
+        "hp0",
+        json!({ "chardev": id, "num_queues": 1 }),
+    )
+    .expect("device_add vhost-user-scsi-pci");
+    let out = vm.run_ok(
+        "i=0; while ! ls -d /sys/bus/scsi/devices/*:0:0:0/block/* >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; basename $(ls -d /sys/bus/scsi/devices/*:0:0:0/block/* | head -1)",
+        2 * MINUTE,
+    );
+    out.lines().last().unwrap().trim().to_string()
+}
+
+#[test]
+fn consumers_are_served_from_inside_the_appliance_vm() {
+    let sockets = scratch_dir();
+    let mut appliance = start_appliance(sockets.path());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        serve_consumers(&mut appliance, sockets.path())
+    }));
+    if let Err(panic) = result {
+        // What the appliance VM saw, for the failure report.
+        let out = appliance.run("tail -40 /config/appliance.log; dmesg | tail -20", MINUTE);
+        eprintln!("appliance VM after the failure:\n{}", out.output);
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn serve_consumers(appliance: &mut Vm, sockets: &Path) {
+    // vhost-user-blk at boot: the whole guest-side check, then the bytes inside the
+    // appliance VM.
+    let mut first = consumer(sockets);
+    let blk = first.wait_for_blk("vol0", MINUTE);
+    let out = first.run_ok(&filesystem_and_fio_script(&blk), 10 * MINUTE);
+    assert!(out.contains("GUEST-CHECKS-PASSED"), "{out}");
+    let md5 = device_md5(&mut first, &blk, 64);
+    assert_backing_file_matches(appliance, "vol0.raw", &md5);
+
+    // vhost-user-scsi hotplugged on QMP: a new LUN, the same checks.
+    let sd = hotplug_scsi(&mut first, sockets, "scsi0");
+    let out = first.run_ok(&filesystem_and_fio_script(&sd), 10 * MINUTE);
+    assert!(out.contains("GUEST-CHECKS-PASSED"), "{out}");
+    let md5 = device_md5(&mut first, &sd, 64);
+    assert_backing_file_matches(appliance, "lun0.raw", &md5);
+
+    // Killed mid-I/O: the consumer's QEMU dies with writes in flight on both exports.
+    first.run_ok(
+        &format!(
+            "for d in {blk} {sd}; do fio --name=bg-$d --filename=/dev/$d --ioengine=io_uring --iodepth=16 --direct=1 --rw=randwrite --bs=4k --size=32M --time_based --runtime=120 >/dev/null 2>&1 & done; sleep 3"
+        ),
+        MINUTE,
+    );
+    drop(first);
+    let out = appliance.run(
+        "sleep 2; kill -0 $(cat /run/appliance.pid) && echo DAEMON-ALIVE; dmesg | tail -20; tail -20 /config/appliance.log",
+        MINUTE,
+    ).output;
+    assert!(out.contains("DAEMON-ALIVE"), "{out}");
+    assert!(out.contains("frontend disconnected"), "{out}");
+
+    // A second consumer on the same sockets, without restarting the appliance VM.
+    let mut second = consumer(sockets);
+    let blk = second.wait_for_blk("vol0", MINUTE);
+    let sd = hotplug_scsi(&mut second, sockets, "scsi0b");
+    for dev in [&blk, &sd] {
+        second.run_ok(
+            &format!(
+                "set -e; fio --name=again --filename=/dev/{dev} --ioengine=io_uring --iodepth=8 --direct=1 \
+                 --rw=randwrite --bs=4k --size=8M --verify=crc32c --verify_fatal=1 --do_verify=1 --minimal"
+            ),
+            5 * MINUTE,
+        );
+    }
+    let md5 = device_md5(&mut second, &blk, 64);
+    assert_backing_file_matches(appliance, "vol0.raw", &md5);
+    let md5 = device_md5(&mut second, &sd, 64);
+    assert_backing_file_matches(appliance, "lun0.raw", &md5);
+
+    // A clean unplug ends that session; the daemon then stops cleanly on request.
+    second.qmp().device_del("scsi0b", MINUTE);
+    drop(second);
+    let log = appliance.run_ok("cat /config/appliance.log", MINUTE);
+    eprintln!("appliance log:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!log.contains("device failed"), "{log}");
+    let out = appliance.run_ok(
+        "appliance-stop --no-poweroff; kill -0 $(cat /run/appliance.pid) 2>/dev/null || echo DAEMON-STOPPED",
+        MINUTE,
+    );
+    assert!(out.contains("DAEMON-STOPPED"), "{out}");
+}
