@@ -102,7 +102,7 @@ log "step 3/4: kernel modules"
 # The storage modules with their dependencies; depmod builds a modules.dep for the subset.
 moddir="$work/kernel/lib/modules/$kver"
 wanted=(virtio_pci virtio_blk virtio_scsi sd_mod sg)
-[ "$kind" = appliance ] && wanted+=(vfio_pci vfio_iommu_type1 ext4)
+[ "$kind" = appliance ] && wanted+=(vfio_pci vfio_iommu_type1 ext4 virtio_net)
 declare -A seen=()
 add_module() {
     local name="$1" path dep

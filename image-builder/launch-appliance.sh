@@ -30,6 +30,9 @@
 #   --image DIR              appliance image (default: build-image.sh appliance)
 #   --qemu PATH              patched qemu-system-x86_64 (default: qemu-device/build.sh)
 #   --accel kvm|tcg          default: kvm where the CPU has vmx/svm and KVM is not PVM
+#   --metrics-port PORT      forward 127.0.0.1:PORT on the host to port 9410 in the VM (the
+#                            appliance's management network; set metrics.listen to
+#                            0.0.0.0:9410 in exports.yaml)
 #   --log-level LEVEL        the daemon's log level (default info)
 #   --dry-run                print the QEMU command line instead of running it
 #
@@ -55,7 +58,7 @@ if [ "${1:-}" = make-config-drive ]; then
 fi
 
 config_drive="" memory=1024 cpus=2 max_queues=8 shm_size=4G serial=stdio qmp=""
-image="" qemu="" accel="" dry_run=0 log_level=info
+image="" qemu="" accel="" dry_run=0 log_level=info metrics_port=""
 vvus=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -71,6 +74,7 @@ while [ $# -gt 0 ]; do
         --qemu) qemu="$2"; shift 2 ;;
         --accel) accel="$2"; shift 2 ;;
         --log-level) log_level="$2"; shift 2 ;;
+        --metrics-port) metrics_port="$2"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
@@ -112,6 +116,12 @@ case "$serial" in
     *) die "--serial takes stdio or unix:PATH" ;;
 esac
 [ -z "$qmp" ] || args+=(-qmp "unix:$qmp,server=on,wait=off")
+if [ -n "$metrics_port" ]; then
+    # restrict=on: the VM reaches nothing; only the forward reaches the VM.
+    args+=(-netdev "user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:$metrics_port-10.0.2.15:9410"
+           -device virtio-net-pci,netdev=mgmt,romfile=)
+    echo "launch-appliance: metrics at http://127.0.0.1:$metrics_port/ (port 9410 in the VM)" >&2
+fi
 i=0
 for spec in "${vvus[@]}"; do
     socket="${spec%%,*}"

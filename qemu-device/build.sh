@@ -26,7 +26,7 @@ fi
 
 # Build dependencies.
 ensure_debs build-essential ninja-build pkg-config libglib2.0-dev libpixman-1-dev libfdt-dev \
-    liburing-dev libcap-ng-dev flex bison python3-venv xz-utils
+    liburing-dev libcap-ng-dev libslirp-dev flex bison python3-venv xz-utils
 python3 -c 'import mesonbuild' 2>/dev/null && python3 -c 'import pycotap' 2>/dev/null ||
     pip install -q meson pycotap >&2
 
@@ -64,7 +64,7 @@ mkdir -p "$tree/build"
 (cd "$tree/build" && ../configure --prefix=/usr --target-list=x86_64-softmmu \
     --without-default-features --disable-docs --disable-install-blobs \
     --enable-kvm --enable-vhost-user --enable-vhost-kernel --enable-linux-io-uring \
-    --enable-fdt=system --enable-tcg >&2)
+    --enable-fdt=system --enable-tcg --enable-slirp >&2)
 log "building (this takes several minutes)"
 start=$(date +%s)
 ninja -C "$tree/build" qemu-system-x86_64 >&2

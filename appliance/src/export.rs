@@ -83,12 +83,23 @@ impl RunningExport {
                 .spawn(move || serve_connections(&name, &backend, listener, &connection))?
         };
         for (disk, spec) in disks.iter().zip(export.disks()) {
+            let info = device_view(disk, bar_memory);
+            let io = match info.direct {
+                None => "buffered".to_string(),
+                Some(d) if d.bounce_always => {
+                    format!("O_DIRECT via bounce buffers (align {})", d.memory)
+                }
+                Some(d) => format!(
+                    "O_DIRECT (memory align {}, offset align {})",
+                    d.memory, d.offset
+                ),
+            };
             tracing::info!(
                 export = export.name,
                 path = %spec.path.display(),
-                size = disk.info().size,
+                size = info.size,
                 readonly = spec.readonly,
-                direct = ?disk.info().direct,
+                io,
                 "backing store open"
             );
         }

@@ -44,9 +44,27 @@ fn launcher() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-builder/launch-appliance.sh")
 }
 
+/// A TCP port on the host's loopback that nothing listens on.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// An HTTP GET of `/` on the host's 127.0.0.1:`port`; the response, or the error.
+fn http_get(port: u16) -> Result<String, std::io::Error> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
 /// The appliance VM as a user starts it: a config drive made from a directory holding
-/// exports.yaml, and the launcher with one `--vvu` per consumer socket.
-fn start_appliance(sockets: &Path) -> Vm {
+/// exports.yaml, and the launcher with one `--vvu` per consumer socket and the metrics port
+/// forwarded to `metrics_port` on the host.
+fn start_appliance(sockets: &Path, metrics_port: u16) -> Vm {
     let config = sockets.join("config");
     std::fs::create_dir_all(&config).unwrap();
     std::fs::write(config.join("exports.yaml"), EXPORTS).unwrap();
@@ -79,6 +97,8 @@ fn start_appliance(sockets: &Path) -> Vm {
             sockets.join("scsi0.sock").display()
         ))
         .args(["--shm-size", "1G", "--memory", "768"])
+        .arg("--metrics-port")
+        .arg(metrics_port.to_string())
         .arg("--serial")
         .arg(format!(
             "unix:{}",
@@ -168,7 +188,17 @@ fn hotplug_scsi(vm: &mut Vm, sockets: &Path, id: &str) -> String {
 #[test]
 fn consumers_are_served_from_inside_the_appliance_vm() {
     let sockets = scratch_dir();
-    let mut appliance = start_appliance(sockets.path());
+    let metrics_port = free_port();
+    let mut appliance = start_appliance(sockets.path(), metrics_port);
+
+    // The management network: a server on the VM's metrics port (busybox httpd standing in
+    // for the daemon's endpoint, which is not implemented yet) is reachable from the host.
+    appliance.run_ok(
+        "mkdir -p /tmp/www && echo appliance-port-forward-ok > /tmp/www/index.html && httpd -p 9410 -h /tmp/www",
+        MINUTE,
+    );
+    let response = http_get(metrics_port).expect("metrics port forward");
+    assert!(response.contains("appliance-port-forward-ok"), "{response}");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         serve_consumers(&mut appliance, sockets.path())
     }));
