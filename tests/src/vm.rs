@@ -62,9 +62,13 @@ impl ConsumerImage {
 
 /// `qemu-system-x86_64` with the virtio-vhost-user-pci device, built (or taken from the
 /// cache) by `qemu-device/build.sh`, once per test process.
+/// `VVU_QEMU` overrides it (e.g. to test an older build).
 pub fn patched_qemu() -> &'static Path {
     static QEMU: OnceLock<PathBuf> = OnceLock::new();
     QEMU.get_or_init(|| {
+        if let Some(qemu) = std::env::var_os("VVU_QEMU") {
+            return PathBuf::from(qemu);
+        }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qemu-device/build.sh");
         let out = Command::new("bash")
             .arg(&script)
@@ -133,6 +137,9 @@ pub struct VmOptions {
     pub extra_args: Vec<String>,
     /// The guest image (default: the consumer image).
     pub image: Option<ConsumerImage>,
+    /// Run QEMU with glibc's heap checks (`MALLOC_PERTURB_`, `MALLOC_CHECK_`), so a use
+    /// after free in a device model under test crashes at once.
+    pub heap_checks: bool,
 }
 
 impl Default for VmOptions {
@@ -147,6 +154,7 @@ impl Default for VmOptions {
             kernel_args: String::new(),
             extra_args: Vec::new(),
             image: None,
+            heap_checks: false,
         }
     }
 }
@@ -230,6 +238,9 @@ impl Vm {
         }
         eprintln!("vm: booting consumer guest under {accel:?}");
         let mut cmd = Command::new(&options.qemu);
+        if options.heap_checks {
+            cmd.env("MALLOC_PERTURB_", "165").env("MALLOC_CHECK_", "3");
+        }
         // Firmware as Debian ships it (stock QEMU has these built in; a patched build may not).
         cmd.args(["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]);
         cmd.args(["-M", &machine, "-cpu", "max", "-smp"])

@@ -86,6 +86,9 @@ fn start_appliance(sockets: &Path, metrics_port: u16) -> Vm {
     let accel = preferred_accel();
     let vm_dir = scratch_dir();
     let mut cmd = Command::new("bash");
+    // glibc fills freed memory with a pattern and checks the heap harder: a use after free
+    // in the device model crashes at once instead of corrupting the heap silently.
+    cmd.env("MALLOC_PERTURB_", "165").env("MALLOC_CHECK_", "3");
     cmd.arg(launcher())
         .arg("--config-drive")
         .arg(&drive)

@@ -166,7 +166,8 @@ fn wait_status(vm: &mut Vm, addr: u64, want: u32, timeout: Duration) {
 
 fn appliance_options(socket: &Path) -> VmOptions {
     VmOptions {
-        qemu: std::env::var_os("VVU_QEMU").map(Into::into).unwrap_or_else(|| patched_qemu().to_path_buf()),
+        qemu: patched_qemu().to_path_buf(),
+        heap_checks: true,
         kernel_args: "intel_iommu=on".into(),
         extra_args: vec![
             "-device".into(),

@@ -161,6 +161,7 @@ static bool vvu_region_add(VirtIOVhostUser *s, const uint8_t *desc, int fd,
     VirtIOVhostUserRegion *slot = NULL;
     g_autofree char *name = NULL;
     MemoryRegion *mr;
+    Object *owner;
 
     for (int i = 0; i < VIRTIO_VHOST_USER_MAX_REGIONS; i++) {
         if (!s->regions[i].mr) {
@@ -188,17 +189,20 @@ static bool vvu_region_add(VirtIOVhostUser *s, const uint8_t *desc, int fd,
         close(fd);
         return false;
     }
+    owner = object_new(TYPE_CONTAINER);
     mr = g_new0(MemoryRegion, 1);
-    if (!memory_region_init_ram_from_fd(mr, OBJECT(s), name, size, RAM_SHARED,
+    if (!memory_region_init_ram_from_fd(mr, owner, name, size, RAM_SHARED,
                                         fd, mmap_offset, errp)) {
         g_free(mr);
+        object_unref(owner);
         close(fd);
         return false;
     }
-    /* Freed by QOM once the last reference (the flat view's) is gone. */
+    /* Freed with its owner, once the last reference (a flat view's) is gone. */
     OBJECT(mr)->free = g_free;
     memory_region_add_subregion(&s->shm, *bar_offset, mr);
     slot->mr = mr;
+    slot->owner = owner;
     slot->guest_phys_addr = gpa;
     slot->memory_size = size;
     slot->userspace_addr = uaddr;
@@ -212,7 +216,11 @@ static void vvu_region_del(VirtIOVhostUser *s, VirtIOVhostUserRegion *r)
         return;
     }
     memory_region_del_subregion(&s->shm, r->mr);
-    object_unparent(OBJECT(r->mr));
+    /*
+     * Not object_unparent(): flat views still in an RCU grace period hold
+     * the owner, which frees the region (its child) when they let go.
+     */
+    object_unref(r->owner);
     memset(r, 0, sizeof(*r));
 }
 

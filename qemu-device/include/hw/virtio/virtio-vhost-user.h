@@ -61,6 +61,13 @@ typedef struct VirtIOVhostUserTransport {
 
 typedef struct VirtIOVhostUserRegion {
     MemoryRegion *mr;           /* NULL when the slot is free */
+    /*
+     * The region's own QOM owner. Flat views reference a memory region by
+     * its owner, so a region owned by the device itself could be freed while
+     * an RCU-deferred flat view still points at it; with an owner of its own,
+     * dropping our reference frees it after the last flat view is gone.
+     */
+    Object *owner;
     uint64_t guest_phys_addr;
     uint64_t memory_size;
     uint64_t userspace_addr;
