@@ -19,6 +19,8 @@ use appliance_tests::vm::{
     VmOptions,
 };
 use serde_json::json;
+use vhost::vhost_user::Frontend;
+use vhost::VhostBackend;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const SCSI_UUID: &str = "0b7c3a52-91d4-4c1e-8f3a-5e2d7c9b1a60";
@@ -100,6 +102,8 @@ fn start_appliance(sockets: &Path, metrics_port: u16) -> Vm {
             sockets.join("scsi0.sock").display()
         ))
         .args(["--shm-size", "1G", "--memory", "768"])
+        .arg("--log-level")
+        .arg(std::env::var("APPLIANCE_TEST_LOG").unwrap_or_else(|_| "info".into()))
         .arg("--metrics-port")
         .arg(metrics_port.to_string())
         .arg("--serial")
@@ -244,6 +248,31 @@ fn serve_consumers(appliance: &mut Vm, sockets: &Path) {
     ).output;
     assert!(out.contains("DAEMON-ALIVE"), "{out}");
     assert!(out.contains("frontend disconnected"), "{out}");
+
+    // Session churn through the bridge: frontends that connect, ask one thing and vanish.
+    // Each gets its answer from the daemon inside the VM; none disturbs the next. (The
+    // vhost crate's frontend has no timeouts, so a watchdog turns a hang into a failure.)
+    let socket = sockets.join("vol0.sock");
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = (0..10).try_for_each(|i| {
+            let frontend = Frontend::connect(&socket, 1).map_err(|e| format!("{i}: {e}"))?;
+            let features = frontend.get_features().map_err(|e| format!("{i}: {e}"))?;
+            if features & (1 << 32) == 0 {
+                return Err(format!("{i}: VIRTIO_F_VERSION_1 not offered"));
+            }
+            if i % 2 == 0 {
+                frontend.set_owner().map_err(|e| format!("{i}: {e}"))?;
+            }
+            Ok(())
+        });
+        let _ = done.send(result);
+    });
+    match finished.recv_timeout(2 * MINUTE) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("frontend {e}"),
+        Err(_) => panic!("a frontend got no answer through the bridge within 2 minutes"),
+    }
 
     // A second consumer on the same sockets, without restarting the appliance VM.
     let mut second = consumer(sockets);

@@ -308,6 +308,12 @@ fn stock_consumer(socket: &Path, dir: &Path) -> Process {
     Process::spawn(cmd, &dir.join("consumer.log"), "consumer qemu")
 }
 
+/// Waits for the device to report the session over, then acknowledges it as a driver does.
+fn session_ended(vm: &mut Vm, status: u64) {
+    wait_status(vm, status, 1, Duration::from_secs(10));
+    devmem_write32(vm, status, 1);
+}
+
 #[test]
 fn backend_up_gates_frontends_and_hostile_frontends_leave_the_vm_running() {
     let dir = scratch_dir();
@@ -324,6 +330,15 @@ fn backend_up_gates_frontends_and_hostile_frontends_leave_the_vm_running() {
     wait_status(&mut vm, status, 3, Duration::from_secs(10));
     drop(idle);
     wait_status(&mut vm, status, 1, Duration::from_secs(10));
+    // The next front-end waits until the driver acknowledges the end of the session by
+    // writing BACKEND_UP again, so its messages cannot mix with the last session's.
+    let waiting = UnixStream::connect(&socket).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(devmem_read32(&mut vm, status), 1, "taken on before the ack");
+    devmem_write32(&mut vm, status, 1);
+    wait_status(&mut vm, status, 3, Duration::from_secs(10));
+    drop(waiting);
+    session_ended(&mut vm, status);
 
     // A stock QEMU vhost-user-blk front-end connects; the device accepts it and forwards
     // its first request, which waits for the (absent) driver's rx buffers.
@@ -335,7 +350,7 @@ fn backend_up_gates_frontends_and_hostile_frontends_leave_the_vm_running() {
         consumer.log()
     );
     drop(consumer); // killed mid-handshake
-    wait_status(&mut vm, status, 1, Duration::from_secs(10));
+    session_ended(&mut vm, status);
 
     // Garbage, a bad version, an oversized size: each ends that session only.
     let hostile: Vec<Vec<u8>> = vec![
@@ -369,7 +384,7 @@ fn backend_up_gates_frontends_and_hostile_frontends_leave_the_vm_running() {
         let n = s.read(&mut buf).unwrap_or(0);
         assert_eq!(n, 0, "device answered garbage");
         drop(s);
-        wait_status(&mut vm, status, 1, Duration::from_secs(10));
+        session_ended(&mut vm, status);
         assert!(vm.is_running());
     }
 

@@ -17,7 +17,10 @@
 //!
 //! Replies go back on txq. One frontend connection is one session, delimited by the
 //! configuration interrupts the device raises when FRONTEND_UP changes; when a session ends
-//! the backend's stream is closed so the backend drains and resets. Messages that would need a descriptor the device cannot carry
+//! the backend's stream is closed so the backend drains and resets, and the bridge
+//! acknowledges the end (BACKEND_UP written again) before the device takes the next
+//! frontend [ours: an extension of `design/VVU-SPEC.md`, which lets messages of
+//! consecutive sessions interleave otherwise]. Messages that would need a descriptor the device cannot carry
 //! (their protocol features are masked by the device), regions outside the BAR, bad vring
 //! indices and a backend that closes its end are protocol errors: the bridge drops the
 //! frontend by cycling BACKEND_UP, and a frontend with `reconnect-ms` comes back.
@@ -96,9 +99,6 @@ pub struct Bridge<T: PciTransport, C> {
     connect: C,
     session: Option<Session>,
     sessions: u64,
-    /// The current session was opened by its first message; its connect interrupt is
-    /// still to come.
-    connect_interrupt_due: bool,
 }
 
 fn le32(b: &[u8], at: usize) -> Option<u32> {
@@ -134,7 +134,6 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
             connect,
             session: None,
             sessions: 0,
-            connect_interrupt_due: false,
         })
     }
 
@@ -198,23 +197,26 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
         Ok(false)
     }
 
-    /// Configuration interrupts count FRONTEND_UP transitions (connect, disconnect). Each
-    /// one after the interrupt that opened the current session means its frontend left;
-    /// the status then says whether a new one is already there.
+    /// A configuration interrupt means FRONTEND_UP changed. When it is clear, the session
+    /// is over: the messages the frontend sent before leaving are passed on, the session
+    /// is closed, and the end is acknowledged by writing BACKEND_UP again, which is what
+    /// lets the device take the next frontend, so a new session's messages can never
+    /// reach the previous one. When it is set, a session starts (unless its first message
+    /// already started it).
     fn on_config(&mut self) -> Result<(), BridgeError> {
-        let mut transitions = self.driver.config_event().read().unwrap_or(0);
-        if self.connect_interrupt_due && transitions > 0 {
-            // The connect interrupt of a session that its first message already opened.
-            self.connect_interrupt_due = false;
-            transitions -= 1;
+        let _ = self.driver.config_event().read();
+        if self.driver.device_status()? & FRONTEND_UP != 0 {
+            if self.session.is_none() {
+                self.start_session()?;
+            }
+            return Ok(());
         }
-        if transitions > 0 && self.session.is_some() {
+        if self.session.is_some() {
+            self.on_rx()?;
             tracing::info!("vvu: frontend disconnected");
             self.end_session();
         }
-        if self.session.is_none() && self.driver.device_status()? & FRONTEND_UP != 0 {
-            self.start_session()?;
-        }
+        self.driver.set_backend_up(true)?;
         Ok(())
     }
 
@@ -246,13 +248,10 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if self.session.is_none() {
+            if self.session.is_none() && self.driver.device_status()? & FRONTEND_UP != 0 {
                 // Interrupts of different vectors race: a new frontend's first message
                 // may be here before its connect interrupt.
-                if self.driver.device_status()? & FRONTEND_UP != 0 {
-                    self.connect_interrupt_due = true;
-                    self.start_session()?;
-                }
+                self.start_session()?;
             }
             if self.session.is_none() {
                 tracing::warn!(
@@ -689,10 +688,15 @@ mod tests {
         bridge.driver.pci().frontend(true);
         assert!(!bridge.poll(&stop, 1000).unwrap());
         assert_eq!(bridge.session.as_ref().map(|s| s.id), Some(1));
-        // The next interrupt is a disconnect.
+        // The next interrupt is a disconnect, which the bridge acknowledges by writing
+        // BACKEND_UP so the device takes the next frontend.
+        let writes = bridge.driver.pci().state.borrow().status_writes.len();
         bridge.driver.pci().frontend(false);
         assert!(!bridge.poll(&stop, 1000).unwrap());
         assert!(bridge.session.is_none());
+        let state = bridge.driver.pci().state.borrow();
+        assert_eq!(state.status_writes.len(), writes + 1);
+        assert_eq!(state.status_writes.last(), Some(&1));
     }
 
     #[test]

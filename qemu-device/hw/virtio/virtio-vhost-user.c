@@ -844,6 +844,7 @@ static void vvu_disconnect(VirtIOVhostUser *s, bool close_socket)
         qemu_chr_fe_disconnect(&s->chr);
     }
     if (was_connected) {
+        s->awaiting_ack = true;
         virtio_notify_config(VIRTIO_DEVICE(s));
     }
 }
@@ -856,7 +857,7 @@ static void vvu_chr_event(void *opaque, QEMUChrEvent event)
     case CHR_EVENT_OPENED:
         s->chr_open = true;
         if ((s->status & VIRTIO_VHOST_USER_STATUS_BACKEND_UP) &&
-            !s->connected) {
+            !s->connected && !s->awaiting_ack) {
             vvu_connect(s);
         }
         break;
@@ -898,9 +899,11 @@ static void vvu_set_config(VirtIODevice *vdev, const uint8_t *config)
                      "written", status);
         return;
     }
-    if (up && !was_up) {
+    if (up && (!was_up || s->awaiting_ack)) {
+        /* Up, or the previous session's end acknowledged: take the next one. */
         s->status |= VIRTIO_VHOST_USER_STATUS_BACKEND_UP;
-        if (s->chr_open) {
+        s->awaiting_ack = false;
+        if (s->chr_open && !s->connected) {
             vvu_connect(s);
         }
     } else if (!up && was_up) {
@@ -923,6 +926,7 @@ static void vvu_reset(VirtIODevice *vdev)
 
     vvu_disconnect(s, true);
     s->status = 0;
+    s->awaiting_ack = false;
     vvu_vectors_reset(s);
 }
 

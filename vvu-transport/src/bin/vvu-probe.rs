@@ -136,6 +136,10 @@ fn run() -> Result<(), String> {
                 );
                 frontend_seen = up;
             }
+            if !up {
+                // Acknowledge the end of the session: the device takes the next frontend.
+                driver.set_backend_up(true).map_err(|e| e.to_string())?;
+            }
         }
         for vring in 0..driver.max_vhost_queues() as usize {
             if let Some(kick) = driver.kick_event(vring) {

@@ -101,6 +101,12 @@ struct VirtIOVhostUser {
     uint32_t status;
     bool chr_open;              /* a front-end socket is open */
     bool connected;             /* BACKEND_UP and open: messages flow */
+    /*
+     * A session ended and the driver has not yet acknowledged it (by writing
+     * BACKEND_UP again): the next front-end waits, so none of its messages
+     * can reach rxq before the driver has closed the previous session.
+     */
+    bool awaiting_ack;
 
     /* The front-end message being received. */
     uint8_t msg[VIRTIO_VHOST_USER_MAX_MSG];
