@@ -20,7 +20,7 @@ use appliance_tests::vm::{
 };
 use serde_json::json;
 use vhost::vhost_user::Frontend;
-use vhost::VhostBackend;
+use vhost::{VhostBackend, VringConfigData};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const SCSI_UUID: &str = "0b7c3a52-91d4-4c1e-8f3a-5e2d7c9b1a60";
@@ -255,6 +255,31 @@ fn serve_consumers(appliance: &mut Vm, sockets: &Path) {
     let socket = sockets.join("vol0.sock");
     let (done, finished) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // First a frontend whose vring addresses map nothing (it sent no memory table): the
+        // backend inside the VM refuses it and ends the session, the bridge drops it, and
+        // nothing else is disturbed.
+        let hostile = || -> Result<(), String> {
+            let frontend = Frontend::connect(&socket, 1).map_err(|e| format!("hostile: {e}"))?;
+            frontend.set_owner().map_err(|e| format!("hostile: {e}"))?;
+            let nowhere = VringConfigData {
+                queue_max_size: 256,
+                queue_size: 256,
+                flags: 0,
+                desc_table_addr: 0xdead_0000,
+                used_ring_addr: 0xdead_1000,
+                avail_ring_addr: 0xdead_2000,
+                log_addr: None,
+            };
+            let _ = frontend.set_vring_addr(0, &nowhere);
+            match frontend.get_features() {
+                Err(_) => Ok(()),
+                Ok(_) => Err("hostile: the session survived vring addresses outside memory".into()),
+            }
+        };
+        if let Err(e) = hostile() {
+            let _ = done.send(Err(e));
+            return;
+        }
         let result = (0..10).try_for_each(|i| {
             let frontend = Frontend::connect(&socket, 1).map_err(|e| format!("{i}: {e}"))?;
             let features = frontend.get_features().map_err(|e| format!("{i}: {e}"))?;
