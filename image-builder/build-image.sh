@@ -129,4 +129,6 @@ rm -rf "$out"
 mv "$tmp_out" "$out"
 chmod 0755 "$out"
 log "built $out ($(du -sh "$out/initrd.img" | cut -f1) initramfs)"
+# Every daemon or test-program change makes a new image: keep the six newest of this kind.
+ls -dt "$cache/$kind"-* 2>/dev/null | tail -n +7 | while read -r old; do rm -rf "$old"; done
 echo "$out"

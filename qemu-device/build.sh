@@ -75,4 +75,6 @@ cp "$tree/build/qemu-system-x86_64" "$tmp_out/"
 rm -rf "$out"
 mv "$tmp_out" "$out"
 chmod 0755 "$out"
+# Keep the three newest builds (older device sources are not coming back).
+ls -dt "$cache"/qemu-vvu-* 2>/dev/null | tail -n +4 | while read -r old; do rm -rf "$old"; done
 echo "$out/qemu-system-x86_64"
