@@ -386,13 +386,21 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
                 });
         }
         let index = self.doorbell_index(request, vring);
+        let session = self
+            .session
+            .as_mut()
+            .ok_or_else(|| BridgeError::Protocol("no session".into()))?;
+        // One eventfd per doorbell for the whole session. A frontend switches its call fd
+        // (masked and unmasked notifiers) while the backend may still signal the previous
+        // one; the device follows the frontend's switch, and the backend's old and new fd
+        // are the same eventfd here, so no call is lost in between.
+        if let Some(event) = session.wired.get(&index) {
+            return Ok(event.as_raw_fd());
+        }
         let event = EventFd::new(EFD_NONBLOCK)?;
         self.driver.wire_doorbell(index, Some(&event))?;
         let fd = event.as_raw_fd();
-        if let Some(session) = self.session.as_mut() {
-            // Replacing an earlier eventfd of this doorbell closes it; its wiring is gone.
-            session.wired.insert(index, event);
-        }
+        session.wired.insert(index, event);
         Ok(fd)
     }
 
@@ -644,6 +652,27 @@ mod tests {
         (&call).write_all(&1u64.to_ne_bytes()).unwrap();
         bridge.driver.pci().deliver_signals();
         assert_eq!(bridge.driver.pci().state.borrow().doorbell_writes.len(), 2);
+    }
+
+    #[test]
+    fn a_call_on_the_previous_call_fd_still_rings_the_doorbell() {
+        let (mut bridge, backend, stop) = connected();
+        let call = message(request::SET_VRING_CALL, &1u64.to_le_bytes());
+        deliver(&mut bridge, &stop, &call);
+        let (_, first) = backend_recv(&backend);
+        // The frontend switches notifiers; the backend signals the old fd before it has
+        // processed the new SET_VRING_CALL.
+        deliver(&mut bridge, &stop, &call);
+        let (_, second) = backend_recv(&backend);
+        assert_eq!(second.len(), 1);
+        let old = File::from(first.into_iter().next().unwrap());
+        (&old).write_all(&1u64.to_ne_bytes()).unwrap();
+        bridge.driver.pci().deliver_signals();
+        assert_eq!(
+            bridge.driver.pci().state.borrow().doorbell_writes,
+            [(4, 2)],
+            "the call on the previous fd reached the doorbell"
+        );
     }
 
     #[test]
