@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vvu_transport::bridge::Bridge;
 use vvu_transport::driver::VvuDriver;
 use vvu_transport::vfio::{
-    bind_vfio_pci, is_vvu_device, vvu_devices, VfioPci, DMA_IOVA, SYSFS_PCI_DEVICES,
+    bind_vfio_pci, is_vvu_device, pci_address, vvu_devices, VfioPci, DMA_IOVA, SYSFS_PCI_DEVICES,
 };
 
 /// Entries of the device's rxq and txq.
@@ -43,10 +43,7 @@ impl VvuBridge {
         vhost_queues: u32,
     ) -> anyhow::Result<(Listener, VvuBridge)> {
         let (sysfs, driver) = open(device)?;
-        let address = sysfs
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let address = pci_address(&sysfs)?;
         if driver.max_vhost_queues() < vhost_queues {
             bail!(
                 "vvu device {address} wires {} vhost queues, the export needs {vhost_queues}; raise the device's max-vhost-queues",
@@ -110,10 +107,7 @@ fn open(device: &VvuDevice) -> anyhow::Result<(PathBuf, VvuDriver<VfioPci>)> {
         VvuDevice::Uuid(uuid) => {
             let mut seen = Vec::new();
             for sysfs in vvu_devices().context("cannot list PCI devices")? {
-                let address = sysfs
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
+                let address = pci_address(&sysfs)?;
                 // A device another export holds fails to open; it is not this one.
                 match bring_up(&sysfs) {
                     Ok(driver) => {

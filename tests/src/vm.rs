@@ -84,6 +84,13 @@ pub fn patched_qemu() -> &'static Path {
     })
 }
 
+/// Makes QEMU (or a launcher that execs it) run with glibc's heap checks: freed memory is
+/// filled with a pattern and the heap is checked harder, so a use after free in a device
+/// model under test crashes at once instead of corrupting the heap silently.
+pub fn with_heap_checks(cmd: &mut Command) {
+    cmd.env("MALLOC_PERTURB_", "165").env("MALLOC_CHECK_", "3");
+}
+
 /// The accelerator a VM runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -137,8 +144,7 @@ pub struct VmOptions {
     pub extra_args: Vec<String>,
     /// The guest image (default: the consumer image).
     pub image: Option<ConsumerImage>,
-    /// Run QEMU with glibc's heap checks (`MALLOC_PERTURB_`, `MALLOC_CHECK_`), so a use
-    /// after free in a device model under test crashes at once.
+    /// Run QEMU with glibc's heap checks ([`with_heap_checks`]).
     pub heap_checks: bool,
 }
 
@@ -239,7 +245,7 @@ impl Vm {
         eprintln!("vm: booting consumer guest under {accel:?}");
         let mut cmd = Command::new(&options.qemu);
         if options.heap_checks {
-            cmd.env("MALLOC_PERTURB_", "165").env("MALLOC_CHECK_", "3");
+            with_heap_checks(&mut cmd);
         }
         // Firmware as Debian ships it (stock QEMU has these built in; a patched build may not).
         cmd.args(["-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]);

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use appliance_tests::daemon::{appliance_binary, scratch_dir};
 use appliance_tests::vm::{
-    filesystem_and_fio_script, patched_qemu, preferred_accel, Accel, BlkAtBoot, ConsumerImage, Vm,
-    VmOptions,
+    filesystem_and_fio_script, patched_qemu, preferred_accel, with_heap_checks, Accel, BlkAtBoot,
+    ConsumerImage, Vm, VmOptions,
 };
 use serde_json::json;
 use vhost::vhost_user::Frontend;
@@ -88,9 +88,7 @@ fn start_appliance(sockets: &Path, metrics_port: u16) -> Vm {
     let accel = preferred_accel();
     let vm_dir = scratch_dir();
     let mut cmd = Command::new("bash");
-    // glibc fills freed memory with a pattern and checks the heap harder: a use after free
-    // in the device model crashes at once instead of corrupting the heap silently.
-    cmd.env("MALLOC_PERTURB_", "165").env("MALLOC_CHECK_", "3");
+    with_heap_checks(&mut cmd);
     cmd.arg(launcher())
         .arg("--config-drive")
         .arg(&drive)

@@ -404,12 +404,17 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
         Ok(fd)
     }
 
+    /// Removes doorbell `index`'s wiring, for the session and in the kernel.
     fn unwire(&mut self, index: u32) {
-        if let Err(e) = self.driver.wire_doorbell(index, None) {
-            tracing::warn!("vvu: unwiring doorbell {index}: {e}");
-        }
         if let Some(session) = self.session.as_mut() {
             session.wired.remove(&index);
+        }
+        self.unwire_doorbell(index);
+    }
+
+    fn unwire_doorbell(&self, index: u32) {
+        if let Err(e) = self.driver.wire_doorbell(index, None) {
+            tracing::warn!("vvu: unwiring doorbell {index}: {e}");
         }
     }
 
@@ -455,9 +460,7 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
             return;
         };
         for index in session.wired.keys() {
-            if let Err(e) = self.driver.wire_doorbell(*index, None) {
-                tracing::warn!("vvu: unwiring doorbell {index}: {e}");
-            }
+            self.unwire_doorbell(*index);
         }
         let _ = session.stream.shutdown(std::net::Shutdown::Both);
     }

@@ -52,6 +52,14 @@ fn sysfs_write(path: &Path, value: &str) -> io::Result<()> {
     })
 }
 
+/// The PCI address (`0000:00:10.0`) of the device at sysfs path `sysfs`.
+pub fn pci_address(sysfs: &Path) -> io::Result<String> {
+    sysfs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| io::Error::other(format!("{} names no PCI device", sysfs.display())))
+}
+
 /// Whether the device at `sysfs` is a virtio-vhost-user device.
 pub fn is_vvu_device(sysfs: &Path) -> bool {
     let id = |f: &str| sysfs_read(&sysfs.join(f)).unwrap_or_default();
@@ -81,10 +89,7 @@ pub fn bind_vfio_pci(sysfs: &Path) -> io::Result<()> {
     if driver(sysfs).as_deref() == Some("vfio-pci") {
         return Ok(());
     }
-    let address = sysfs
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| io::Error::other(format!("{} names no PCI device", sysfs.display())))?;
+    let address = pci_address(sysfs)?;
     if driver(sysfs).is_some() {
         sysfs_write(&sysfs.join("driver/unbind"), &address)?;
     }
