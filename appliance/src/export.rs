@@ -169,6 +169,7 @@ impl Backing {
             BackingFormat::Qcow2 => Backing::Qcow2(Qcow2Disk::open(&Qcow2Options {
                 path: disk.path.clone(),
                 readonly: disk.readonly,
+                direct: disk.direct,
                 create: disk.create.as_ref().map(|c| (c.size, c.backing.clone())),
             })?),
         })
@@ -200,7 +201,7 @@ impl Backing {
         Ok(match (self, notifier) {
             (Backing::Raw(d), None) => Box::new(d.new_queue(depth)?),
             (Backing::Raw(d), Some(n)) => Box::new(d.new_queue_with_notifier(depth, n)?),
-            (Backing::Qcow2(d), n) => Box::new(d.new_queue(n)?),
+            (Backing::Qcow2(d), n) => Box::new(d.new_queue(depth, n)?),
         })
     }
 }

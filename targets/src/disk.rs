@@ -308,7 +308,7 @@ const STATX_DIO_OFFSET_ALIGN_OFFSET: usize = 0x9c;
 
 /// O_DIRECT alignment of `file` as `(memory, offset)`, from `statx(STATX_DIOALIGN)`; the
 /// conservative `(4096, 4096)` when the kernel or file system does not say.
-fn direct_alignment(file: &File) -> (usize, usize) {
+pub(crate) fn direct_alignment(file: &File) -> (usize, usize) {
     const CONSERVATIVE: (usize, usize) = (4096, 4096);
     let mut buf = [0u8; 256];
     // SAFETY: statx writes at most 256 bytes (sizeof(struct statx)) into `buf`; the empty

@@ -8,7 +8,7 @@
 //!   block devices on io_uring.
 //! - `inflight`: the per-queue table of requests handed to the disk.
 //! - [`iobuf`]: aligned bounce buffers.
-//! - [`qcow2`]: qcow2 images through imago, on per-queue helper threads.
+//! - [`qcow2`]: qcow2 images through imago, on a per-queue executor over io_uring.
 //! - [`scsi`]: SCSI command emulation and virtio-scsi request handling.
 //! - [`stats`]: per-queue counters for the metrics endpoint.
 //!

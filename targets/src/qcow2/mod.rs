@@ -1,0 +1,673 @@
+//! qcow2 images, through `imago` (by QEMU's qcow2 maintainer) on io_uring: backing chains,
+//! compressed clusters, internal snapshots left intact, discard and write-zeroes as qcow2
+//! operations.
+//!
+//! imago's qcow2 driver is async and runs on no runtime: each virtqueue gets a
+//! [`Qcow2Queue`], a small executor that turns every request into a task and polls it on the
+//! queue's own thread. The storage underneath ([`UringFile`]) submits the data and metadata
+//! accesses of those tasks to the queue's io_uring, so a queue keeps many image requests in
+//! flight without helper threads; completions and wake-ups from other queues (imago's
+//! metadata locks are shared) arrive on the queue's eventfd. One [`FormatAccess`] is shared
+//! by all queues; discards need exclusive access and take the write side of an async lock
+//! that reads and writes share.
+//!
+//! Images are locked the way QEMU locks them ([`lock`]), so this daemon and a QEMU or
+//! qemu-img cannot both open an image for writing.
+
+mod lock;
+#[cfg(test)]
+mod tests;
+mod uring_file;
+
+use std::future::Future;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, RawFd};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use imago::file::File as ImagoFile;
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::qcow2::Qcow2;
+use imago::{FormatAccess, FormatCreateBuilder, FormatDriverBuilder, PermissiveImplicitOpenGate};
+use imago::{Storage, StorageCreateOptions, StorageOpenOptions};
+use tokio::sync::RwLock;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::disk::{DirectAlignment, DiskCompletion, DiskInfo, DiskOp, DiskQueue, OpenError};
+use lock::lock_image;
+use uring_file::{without_ring, Ring, UringFile};
+
+type Image = RwLock<FormatAccess<UringFile>>;
+
+/// Options for [`Qcow2Disk::open`].
+#[derive(Debug, Clone)]
+pub struct Qcow2Options {
+    /// The image.
+    pub path: PathBuf,
+    /// Open read-only.
+    pub readonly: bool,
+    /// Use O_DIRECT for the image and its backing chain (imago pads unaligned requests).
+    pub direct: bool,
+    /// Create the image when missing: its virtual size and optional backing file
+    /// (as written into the image: relative paths are resolved against the image's folder).
+    pub create: Option<(u64, Option<PathBuf>)>,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2Disk {
+    shared: Arc<Shared>,
+    info: DiskInfo,
+    path: PathBuf,
+    /// Holds the QEMU-style image locks for as long as the image is open.
+    _lock: std::fs::File,
+}
+
+impl Qcow2Disk {
+    /// Opens (and if asked, creates) a qcow2 image with its backing chain.
+    pub fn open(options: &Qcow2Options) -> Result<Self, OpenError> {
+        let path = options.path.clone();
+        let fail = |source: io::Error| OpenError::Open {
+            path: path.clone(),
+            source,
+        };
+        if !path.exists() {
+            match &options.create {
+                None => return Err(OpenError::Missing(path)),
+                Some((size, backing)) => {
+                    create_image(&path, *size, backing.as_deref()).map_err(|source| {
+                        OpenError::Create {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?
+                }
+            }
+        }
+        let lock = lock_image(&path, !options.readonly).map_err(fail)?;
+        let qcow2 = block_on(
+            Qcow2::<UringFile>::builder_path(&path)
+                .write(!options.readonly)
+                .storage_open_options(
+                    StorageOpenOptions::new()
+                        .write(!options.readonly)
+                        .direct(options.direct),
+                )
+                .open(PermissiveImplicitOpenGate::default()),
+        )
+        .map_err(fail)?;
+        let image = FormatAccess::new(qcow2);
+        let info = DiskInfo {
+            size: image.size(),
+            readonly: options.readonly,
+            // imago pads unaligned offsets itself; buffers it would otherwise copy are
+            // bounced by the request layer into buffers of the alignment it needs.
+            direct: options.direct.then(|| DirectAlignment {
+                memory: image.mem_align(),
+                offset: 1,
+                bounce_always: false,
+            }),
+            is_block_device: false,
+            // imago's discard_to_zero makes the range read back as zeroes in any image.
+            deallocate_zeroes: true,
+        };
+        Ok(Qcow2Disk {
+            shared: Arc::new(Shared {
+                image: RwLock::new(image),
+                executors: Mutex::new(Vec::new()),
+            }),
+            info,
+            path,
+            _lock: lock,
+        })
+    }
+
+    /// Size and mode.
+    pub fn info(&self) -> DiskInfo {
+        self.info
+    }
+
+    /// The image path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes cached metadata and makes everything durable.
+    pub fn sync(&self) -> io::Result<()> {
+        if self.info.readonly {
+            return Ok(());
+        }
+        block_on(async {
+            let image = self.shared.image.read().await;
+            image.flush().await?;
+            image.sync().await
+        })
+    }
+
+    /// A queue with its own io_uring for about `depth` requests in flight, signalling
+    /// `notifier` (or an eventfd of its own) on completion.
+    pub fn new_queue(&self, depth: u32, notifier: Option<&EventFd>) -> io::Result<Qcow2Queue> {
+        Qcow2Queue::new(Arc::clone(&self.shared), depth, notifier)
+    }
+}
+
+fn create_image(path: &Path, size: u64, backing: Option<&Path>) -> io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if let Some(backing) = backing {
+        // Refuse a dangling backing file now rather than at first read.
+        let resolved = match path.parent() {
+            Some(dir) if backing.is_relative() => dir.join(backing),
+            _ => backing.to_path_buf(),
+        };
+        if !resolved.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("backing file {} does not exist", resolved.display()),
+            ));
+        }
+    }
+    // Creating is a one-off on the control path: imago's own blocking file does it.
+    block_on(async {
+        let file = ImagoFile::create_open(StorageCreateOptions::new().filename(path)).await?;
+        let mut builder = Qcow2::<ImagoFile>::create_builder(file).size(size);
+        if let Some(backing) = backing {
+            let format = backing_format(path, backing);
+            builder = builder.backing(backing.to_string_lossy().into_owned(), format.into());
+        }
+        builder.create().await
+    })
+}
+
+/// `qcow2` if the backing file starts with the qcow2 magic, else `raw`.
+fn backing_format(image: &Path, backing: &Path) -> &'static str {
+    let resolved = match image.parent() {
+        Some(dir) if backing.is_relative() => dir.join(backing),
+        _ => backing.to_path_buf(),
+    };
+    let mut magic = [0u8; 4];
+    let is_qcow2 = std::fs::File::open(resolved)
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0))
+        .is_ok()
+        && magic == *b"QFI\xfb";
+    if is_qcow2 {
+        "qcow2"
+    } else {
+        "raw"
+    }
+}
+
+/// Polls `future` to completion on this thread, with storage accesses as blocking system
+/// calls (for the control path: opening, creating, flushing from outside a queue).
+fn block_on<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    without_ring(|| loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park();
+    })
+}
+
+/// A guest request as its task sees it: the buffers as slices.
+enum Request {
+    Read {
+        offset: u64,
+        bufs: Vec<IoSliceMut<'static>>,
+    },
+    Write {
+        offset: u64,
+        bufs: Vec<IoSlice<'static>>,
+        durable: bool,
+    },
+    Flush,
+    /// Deallocate and read back as zeroes.
+    Deallocate {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Request {
+    /// # Safety
+    /// The iovecs of `op` must stay valid (and, for reads, unaliased) until the request's
+    /// task completes: the submitter's in-flight table owns that memory.
+    unsafe fn new(op: DiskOp) -> Self {
+        fn parts(iovecs: &[libc::iovec]) -> impl Iterator<Item = (*mut u8, usize)> + '_ {
+            iovecs
+                .iter()
+                .filter(|v| v.iov_len > 0)
+                .map(|v| (v.iov_base.cast::<u8>(), v.iov_len))
+        }
+        match op {
+            DiskOp::Read { offset, iovecs } => Request::Read {
+                offset,
+                bufs: parts(&iovecs)
+                    // SAFETY: see the function's contract.
+                    .map(|(p, n)| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) }))
+                    .collect(),
+            },
+            DiskOp::Write {
+                offset,
+                iovecs,
+                durable,
+            } => Request::Write {
+                offset,
+                bufs: parts(&iovecs)
+                    // SAFETY: see the function's contract.
+                    .map(|(p, n)| IoSlice::new(unsafe { std::slice::from_raw_parts(p, n) }))
+                    .collect(),
+                durable,
+            },
+            DiskOp::Flush => Request::Flush,
+            // Discarded ranges read back as zeroes (SCSI LBPRZ and virtio-blk rely on it),
+            // and never fall through to a backing file.
+            DiskOp::Discard { offset, len }
+            | DiskOp::WriteZeroes {
+                offset,
+                len,
+                unmap: true,
+            } => Request::Deallocate { offset, len },
+            DiskOp::WriteZeroes {
+                offset,
+                len,
+                unmap: false,
+            } => Request::WriteZeroes { offset, len },
+        }
+    }
+
+    /// Runs the request against the image: bytes transferred, or `-errno`.
+    async fn execute(self, shared: Arc<Shared>) -> i32 {
+        let image = &shared.image;
+        let result = match self {
+            Request::Read { offset, bufs } => {
+                let len: usize = bufs.iter().map(|b| b.len()).sum();
+                let img = image.read().await;
+                img.readv(IoVectorMut::from(bufs), offset)
+                    .await
+                    .map(|()| len)
+            }
+            Request::Write {
+                offset,
+                bufs,
+                durable,
+            } => {
+                let len: usize = bufs.iter().map(|b| b.len()).sum();
+                let img = image.read().await;
+                let mut result = img.writev(IoVector::from(bufs), offset).await;
+                if durable && result.is_ok() {
+                    result = img.flush().await;
+                    if result.is_ok() {
+                        result = img.sync().await;
+                    }
+                }
+                result.map(|()| len)
+            }
+            Request::Flush => {
+                let img = image.read().await;
+                match img.flush().await {
+                    Ok(()) => img.sync().await.map(|()| 0),
+                    Err(e) => Err(e),
+                }
+            }
+            Request::Deallocate { offset, len } => image
+                .write()
+                .await
+                .discard_to_zero(offset, len)
+                .await
+                .map(|()| 0),
+            Request::WriteZeroes { offset, len } => image
+                .read()
+                .await
+                .write_zeroes(offset, len)
+                .await
+                .map(|()| 0),
+        };
+        match result {
+            Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
+            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// A request's future. imago declares its boxed futures without `Send` (`?Send`).
+struct RequestFuture(Pin<Box<dyn Future<Output = i32>>>);
+
+// SAFETY: a queue's tasks are polled by one thread at a time (the queue's owner: its worker,
+// or the control path draining it under the worker's mutex). Nothing thread-bound is held
+// across a suspension point: imago's async mode keeps only tokio::sync guards (which are
+// `Send`) across awaits and documents its parking_lot locks as never held across one; our
+// own operations (`UringOp`) are `Send`. The missing bound is a declaration, not a property.
+unsafe impl Send for RequestFuture {}
+
+/// A request being executed.
+struct Task {
+    future: RequestFuture,
+    waker: Waker,
+    token: u64,
+}
+
+/// Tasks woken and due to be polled, shared with their wakers (which other queues' threads
+/// may call when they release a lock a task waits for).
+struct ReadyTasks {
+    ids: Mutex<Vec<usize>>,
+    changed: Condvar,
+    /// The owning queue is polling: it will see a pushed id without being signalled.
+    polling: AtomicBool,
+    eventfd: EventFd,
+}
+
+impl ReadyTasks {
+    fn push(&self, id: usize) {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+        self.changed.notify_one();
+        if !self.polling.load(Ordering::SeqCst) {
+            let _ = self.eventfd.write(1);
+        }
+    }
+
+    fn take(&self) -> Vec<usize> {
+        std::mem::take(&mut *self.ids.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Waits (bounded) for a task to be woken.
+    fn wait(&self) {
+        let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if ids.is_empty() {
+            let _ = self.changed.wait_timeout(ids, Duration::from_millis(10));
+        }
+    }
+}
+
+struct TaskWaker {
+    id: usize,
+    ready: Arc<ReadyTasks>,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.ready.push(self.id);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.push(self.id);
+    }
+}
+
+/// The image, and every queue's executor: a queue waiting for a lock can drive the queue
+/// whose task holds it when no thread polls that one (a disconnect drains queues one by
+/// one, on one thread).
+struct Shared {
+    image: Image,
+    executors: Mutex<Vec<Weak<Mutex<Executor>>>>,
+}
+
+impl Shared {
+    /// Polls every other queue's tasks that no thread is polling right now.
+    fn drive_others(&self, own: &Arc<Mutex<Executor>>) {
+        let others: Vec<Arc<Mutex<Executor>>> = self
+            .executors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|e| !Arc::ptr_eq(e, own))
+            .collect();
+        for other in others {
+            if let Ok(mut exec) = other.try_lock() {
+                exec.run();
+                if !exec.finished.is_empty() {
+                    // Its owner reaps them.
+                    let _ = exec.ready.eventfd.write(1);
+                }
+            }
+        }
+    }
+}
+
+/// One queue's tasks over its own io_uring.
+struct Executor {
+    ring: Arc<Ring>,
+    ready: Arc<ReadyTasks>,
+    tasks: Vec<Option<Task>>,
+    free_ids: Vec<usize>,
+    /// Started, not yet finished.
+    running: usize,
+    /// Finished, not yet reaped.
+    finished: Vec<DiskCompletion>,
+}
+
+impl Executor {
+    /// Makes `request` a task, due to be polled.
+    fn start(&mut self, shared: &Arc<Shared>, request: Request, token: u64) {
+        let id = match self.free_ids.pop() {
+            Some(id) => id,
+            None => {
+                self.tasks.push(None);
+                self.tasks.len() - 1
+            }
+        };
+        let waker = Waker::from(Arc::new(TaskWaker {
+            id,
+            ready: Arc::clone(&self.ready),
+        }));
+        self.tasks[id] = Some(Task {
+            future: RequestFuture(Box::pin(request.execute(Arc::clone(shared)))),
+            waker,
+            token,
+        });
+        self.running += 1;
+        self.ready
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id);
+    }
+
+    /// Polls woken tasks until none is left, collecting finished ones into `self.finished`.
+    fn run(&mut self) {
+        let ring = Arc::clone(&self.ring);
+        ring.enter(|| loop {
+            self.ring.complete();
+            self.ready.polling.store(true, Ordering::SeqCst);
+            let ids = self.ready.take();
+            if ids.is_empty() {
+                self.ready.polling.store(false, Ordering::SeqCst);
+                // A wake between `take` and clearing `polling` did not signal the eventfd.
+                if self.ready.is_empty() {
+                    break;
+                }
+                continue;
+            }
+            for id in ids {
+                self.poll_task(id);
+            }
+            if let Err(e) = self.ring.submit() {
+                tracing::error!("qcow2 io_uring submit failed: {e}");
+            }
+        });
+    }
+
+    fn poll_task(&mut self, id: usize) {
+        // A stale wake-up for a finished task.
+        let Some(mut task) = self.tasks.get_mut(id).and_then(Option::take) else {
+            return;
+        };
+        let mut cx = Context::from_waker(&task.waker);
+        // A bug in the image driver (a corrupt image it did not expect) fails the request,
+        // not the queue's thread.
+        let polled =
+            std::panic::catch_unwind(AssertUnwindSafe(|| task.future.0.as_mut().poll(&mut cx)))
+                .unwrap_or_else(|_| {
+                    tracing::error!("the qcow2 driver panicked on a request; failing it with EIO");
+                    Poll::Ready(-libc::EIO)
+                });
+        match polled {
+            Poll::Ready(result) => {
+                self.finished.push(DiskCompletion {
+                    token: task.token,
+                    result,
+                });
+                self.running -= 1;
+                self.free_ids.push(id);
+            }
+            Poll::Pending => self.tasks[id] = Some(task),
+        }
+    }
+}
+
+/// One queue's qcow2 I/O: an executor for its requests over its own io_uring.
+pub struct Qcow2Queue {
+    shared: Arc<Shared>,
+    exec: Arc<Mutex<Executor>>,
+    /// Pushed, not yet started.
+    queued: Vec<(Request, u64)>,
+    eventfd: EventFd,
+    owns_eventfd: bool,
+}
+
+impl Qcow2Queue {
+    fn new(shared: Arc<Shared>, depth: u32, notifier: Option<&EventFd>) -> io::Result<Self> {
+        let (eventfd, owns_eventfd) = match notifier {
+            Some(e) => (e.try_clone()?, false),
+            None => (EventFd::new(EFD_NONBLOCK)?, true),
+        };
+        // A guest request can become several image accesses (one per cluster run).
+        let ring = Ring::new(depth.clamp(16, 1024) * 2, eventfd.as_raw_fd())?;
+        let exec = Arc::new(Mutex::new(Executor {
+            ring,
+            ready: Arc::new(ReadyTasks {
+                ids: Mutex::new(Vec::new()),
+                changed: Condvar::new(),
+                polling: AtomicBool::new(false),
+                eventfd: eventfd.try_clone()?,
+            }),
+            tasks: Vec::new(),
+            free_ids: Vec::new(),
+            running: 0,
+            finished: Vec::new(),
+        }));
+        let mut executors = shared.executors.lock().unwrap_or_else(|p| p.into_inner());
+        executors.retain(|e| e.strong_count() > 0);
+        executors.push(Arc::downgrade(&exec));
+        drop(executors);
+        Ok(Qcow2Queue {
+            shared,
+            exec,
+            queued: Vec::new(),
+            eventfd,
+            owns_eventfd,
+        })
+    }
+
+    fn exec(&self) -> std::sync::MutexGuard<'_, Executor> {
+        self.exec.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the queued requests and polls them as far as they go.
+    fn start_queued_and_run(&mut self) -> std::sync::MutexGuard<'_, Executor> {
+        let queued = std::mem::take(&mut self.queued);
+        let mut exec = self.exec.lock().unwrap_or_else(|p| p.into_inner());
+        for (request, token) in queued {
+            exec.start(&self.shared, request, token);
+        }
+        exec.run();
+        exec
+    }
+
+    #[cfg(test)]
+    fn ring(&self) -> Arc<Ring> {
+        Arc::clone(&self.exec().ring)
+    }
+}
+
+impl DiskQueue for Qcow2Queue {
+    fn push(&mut self, op: DiskOp, token: u64) -> io::Result<()> {
+        // SAFETY: the submitter keeps the buffers valid until it reaps the completion
+        // (`DiskQueue` contract), which comes after the task finished.
+        let request = unsafe { Request::new(op) };
+        self.queued.push((request, token));
+        Ok(())
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        let finished = !self.start_queued_and_run().finished.is_empty();
+        // Requests that finished without waiting (cached metadata, unallocated reads):
+        // make sure the worker comes to reap them.
+        if finished {
+            self.eventfd.write(1)?;
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<DiskCompletion>) {
+        // A shared notifier is reset by its owner, once, before it reaps every queue.
+        if self.owns_eventfd {
+            let _ = self.eventfd.read();
+        }
+        out.append(&mut self.start_queued_and_run().finished);
+    }
+
+    fn drain(&mut self, out: &mut Vec<DiskCompletion>) -> io::Result<()> {
+        loop {
+            let (ring, ready) = {
+                let mut exec = self.start_queued_and_run();
+                out.append(&mut exec.finished);
+                if exec.running == 0 {
+                    return Ok(());
+                }
+                (Arc::clone(&exec.ring), Arc::clone(&exec.ready))
+            };
+            if ring.pending() > 0 {
+                ring.wait()?;
+            } else {
+                // Waiting for a lock another queue's task holds.
+                self.shared.drive_others(&self.exec);
+                ready.wait();
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        let exec = self.exec();
+        self.queued.len() + exec.running + exec.finished.len()
+    }
+
+    fn completion_fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+}
+
+impl Drop for Qcow2Queue {
+    fn drop(&mut self) {
+        // Finish every request before the guest memory it points to goes.
+        let mut sink = Vec::new();
+        if let Err(e) = self.drain(&mut sink) {
+            tracing::error!("draining qcow2 I/O before drop failed: {e}");
+        }
+    }
+}
