@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use appliance_tests::daemon::{scratch_dir, Process};
 use appliance_tests::frontend::memfd;
 use appliance_tests::vm::{patched_qemu, ConsumerImage, Vm, VmOptions};
-use vhost::vhost_user::Frontend;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -479,7 +480,7 @@ grep -q BACKEND_UP /tmp/probe.log"#,
     // kernel does the MMIO store and ours fires with no thread forwarding it.
     let call = EventFd::new(EFD_NONBLOCK).unwrap();
     let deadline = Instant::now() + MINUTE;
-    let frontend = loop {
+    let mut frontend = loop {
         // The device takes a new frontend once it has dropped the last one's session.
         let f = Frontend::connect(&socket, 1).unwrap();
         if f.set_owner().is_ok() && f.set_vring_call(0, &call).is_ok() {
@@ -559,6 +560,58 @@ grep -q BACKEND_UP /tmp/probe.log"#,
         "the appliance did not see the frontend's memory ({want}):\n{}",
         out.output
     );
+
+    // The backend channel: the frontend hands over a socket with SET_BACKEND_REQ_FD, the
+    // probe sends a backend request (CONFIG_CHANGE_MSG, reply wanted) on txq, the device
+    // writes it to that socket, and our reply comes back to the probe on rxq.
+    let features = frontend.get_features().unwrap();
+    frontend.set_features(features).unwrap();
+    let offered = frontend.get_protocol_features().unwrap();
+    assert!(
+        offered.contains(VhostUserProtocolFeatures::BACKEND_REQ),
+        "the device masked BACKEND_REQ off: {offered:?}"
+    );
+    frontend
+        .set_protocol_features(VhostUserProtocolFeatures::BACKEND_REQ)
+        .unwrap();
+    let (mut channel, theirs) = UnixStream::pair().unwrap();
+    frontend.set_backend_request_fd(&theirs).unwrap();
+    drop(theirs);
+    channel.set_read_timeout(Some(MINUTE)).unwrap();
+    let mut request = [0u8; 12];
+    channel
+        .read_exact(&mut request)
+        .expect("no backend request arrived on the backend channel");
+    assert_eq!(le32(&request, 0), 2, "CONFIG_CHANGE_MSG expected");
+    assert_eq!(le32(&request, 4), 1 | 1 << 3, "version 1, reply wanted");
+    assert_eq!(le32(&request, 8), 0, "no payload");
+    let mut reply = 2u32.to_le_bytes().to_vec();
+    reply.extend_from_slice(&(1u32 | 1 << 2).to_le_bytes());
+    reply.extend_from_slice(&8u32.to_le_bytes());
+    reply.extend_from_slice(&0u64.to_le_bytes());
+    channel.write_all(&reply).unwrap();
+    let out = vm.run(
+        "i=0; while ! grep -q 'message request=2 flags=0x5 size=8' /tmp/probe.log && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /tmp/probe.log",
+        2 * MINUTE,
+    );
+    assert!(
+        out.output.contains("message request=2 flags=0x5 size=8"),
+        "our reply on the backend channel did not reach the appliance:\n{}",
+        out.output
+    );
+    // Something that is not a reply on the channel makes the device close the channel; the
+    // session and the appliance VM carry on.
+    let mut bogus = 2u32.to_le_bytes().to_vec();
+    bogus.extend_from_slice(&1u32.to_le_bytes());
+    bogus.extend_from_slice(&0u32.to_le_bytes());
+    channel.write_all(&bogus).unwrap();
+    let mut rest = Vec::new();
+    let closed = channel.read_to_end(&mut rest);
+    assert!(
+        matches!(closed, Ok(0)),
+        "the device kept a channel that sent a request: {closed:?}"
+    );
+    assert_eq!(frontend.get_features().unwrap(), features);
     drop(frontend);
     assert!(vm.is_running());
 }

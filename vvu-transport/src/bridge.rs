@@ -15,7 +15,10 @@
 //!   it always does and the kernel performs the doorbell store. Calls take no extra hop and
 //!   the backend needs no notifier abstraction.
 //!
-//! Replies go back on txq. One frontend connection is one session, delimited by the
+//! Replies go back on txq. A backend channel (SET_BACKEND_REQ_FD) becomes a socket pair: the
+//! backend's requests on it go out on txq (without the REPLY flag, which tells the device
+//! they are requests), and the frontend's replies, which arrive on rxq with the REPLY flag,
+//! go back to the backend on it. One frontend connection is one session, delimited by the
 //! configuration interrupts the device raises when FRONTEND_UP changes; when a session ends
 //! the backend's stream is closed so the backend drains and resets, and the bridge
 //! acknowledges the end (BACKEND_UP written again) before the device takes the next
@@ -54,6 +57,8 @@ mod request {
     pub const SET_DEVICE_STATE_FD: u32 = 42;
 }
 
+/// The REPLY flag of a message header.
+const REPLY: u32 = 1 << 2;
 /// Vring index bits of a SET_VRING_* payload.
 const VRING_INDEX_MASK: u64 = 0xff;
 /// "No file descriptor" flag of a SET_VRING_* payload.
@@ -86,6 +91,8 @@ struct Session {
     id: u64,
     /// Call/err eventfds wired to doorbells, by doorbell index.
     wired: BTreeMap<u32, EventFd>,
+    /// Our end of the backend channel, once the frontend offered one.
+    backend_channel: Option<UnixStream>,
 }
 
 /// Carries one device's frontend sessions to a vhost-user backend.
@@ -111,6 +118,27 @@ fn le64(b: &[u8], at: usize) -> Option<u64> {
     let mut v = [0u8; 8];
     v.copy_from_slice(s);
     Some(u64::from_le_bytes(v))
+}
+
+/// Reads one vhost-user message from a backend stream; end of stream is a protocol error.
+fn read_message(stream: &mut UnixStream) -> Result<Vec<u8>, BridgeError> {
+    let mut msg = vec![0u8; HEADER_SIZE];
+    stream.read_exact(&mut msg).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            BridgeError::Protocol("the backend closed its end".into())
+        } else {
+            BridgeError::Backend(e)
+        }
+    })?;
+    let size = le32(&msg, 8).unwrap_or(0) as usize;
+    if HEADER_SIZE + size > BUFFER_SIZE {
+        return Err(BridgeError::Protocol(format!(
+            "backend message of {size} bytes does not fit a {BUFFER_SIZE}-byte buffer"
+        )));
+    }
+    msg.resize(HEADER_SIZE + size, 0);
+    stream.read_exact(&mut msg[HEADER_SIZE..])?;
+    Ok(msg)
 }
 
 fn pollfd(fd: RawFd) -> libc::pollfd {
@@ -168,6 +196,9 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
         ];
         let polled_session = self.session.as_ref().map(|s| {
             fds.push(pollfd(s.stream.as_raw_fd()));
+            if let Some(channel) = &s.backend_channel {
+                fds.push(pollfd(channel.as_raw_fd()));
+            }
             s.id
         });
         // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the duration of the call.
@@ -191,6 +222,12 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
         let backend_ready = fds.get(3).is_some_and(|f| f.revents != 0);
         if backend_ready && self.session.as_ref().map(|s| s.id) == polled_session {
             if let Err(e) = self.on_backend() {
+                self.fail_session(&e)?;
+            }
+        }
+        let channel_ready = fds.get(4).is_some_and(|f| f.revents != 0);
+        if channel_ready && self.session.as_ref().map(|s| s.id) == polled_session {
+            if let Err(e) = self.on_backend_channel() {
                 self.fail_session(&e)?;
             }
         }
@@ -228,6 +265,7 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
                     stream,
                     id: self.sessions,
                     wired: BTreeMap::new(),
+                    backend_channel: None,
                 });
                 tracing::info!("vvu: frontend connected");
                 Ok(())
@@ -260,7 +298,12 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
                 );
                 continue;
             }
-            if let Err(e) = self.forward(msg) {
+            let result = if le32(&msg, 4).is_some_and(|flags| flags & REPLY != 0) {
+                self.reply_on_backend_channel(&msg)
+            } else {
+                self.forward(msg)
+            };
+            if let Err(e) = result {
                 self.fail_session(&e)?;
             }
         }
@@ -271,6 +314,8 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
         let request = le32(&msg, 0).unwrap_or(0);
         let payload_len = msg.len() - HEADER_SIZE;
         let mut fds: Vec<RawFd> = Vec::new();
+        // The backend's end of a new backend channel, kept open until it is sent.
+        let mut channel_end = None;
         match request {
             request::SET_MEM_TABLE => {
                 let count = le32(&msg, HEADER_SIZE).unwrap_or(0) as usize;
@@ -316,9 +361,16 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
                     self.unwire(self.doorbell_index(request, vring));
                 }
             }
+            request::SET_BACKEND_REQ_FD => {
+                let (ours, backends) = UnixStream::pair()?;
+                fds.push(backends.as_raw_fd());
+                channel_end = Some(backends);
+                if let Some(session) = self.session.as_mut() {
+                    session.backend_channel = Some(ours);
+                }
+            }
             request::SET_LOG_BASE
             | request::SET_LOG_FD
-            | request::SET_BACKEND_REQ_FD
             | request::GET_INFLIGHT_FD
             | request::SET_INFLIGHT_FD
             | request::SET_DEVICE_STATE_FD => {
@@ -344,7 +396,62 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
         // A stream may take part of a message; the descriptors went with the first part.
         session.stream.write_all(&msg[sent..])?;
+        drop(channel_end);
         Ok(())
+    }
+
+    /// Passes a frontend's reply from rxq to the backend on the backend channel.
+    fn reply_on_backend_channel(&mut self, msg: &[u8]) -> Result<(), BridgeError> {
+        let channel = self
+            .session
+            .as_mut()
+            .and_then(|s| s.backend_channel.as_mut());
+        match channel {
+            Some(channel) => {
+                tracing::debug!(request = le32(msg, 0), "vvu: reply to the backend channel");
+                // The backend may have dropped its end; its requests then went unanswered.
+                if let Err(e) = channel.write_all(msg) {
+                    tracing::warn!("vvu: backend channel: {e}");
+                }
+            }
+            None => tracing::warn!(
+                request = le32(msg, 0),
+                "vvu: a reply without a backend channel dropped"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Sends one backend request from the backend channel to the frontend (txq).
+    fn on_backend_channel(&mut self) -> Result<(), BridgeError> {
+        let Some(channel) = self
+            .session
+            .as_mut()
+            .and_then(|s| s.backend_channel.as_mut())
+        else {
+            return Ok(());
+        };
+        let msg = match read_message(channel) {
+            Ok(msg) => msg,
+            Err(BridgeError::Protocol(_)) => {
+                // The backend let go of the channel: it sends no more requests.
+                if let Some(session) = self.session.as_mut() {
+                    session.backend_channel = None;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if le32(&msg, 4).is_some_and(|flags| flags & REPLY != 0) {
+            return Err(BridgeError::Protocol(
+                "the backend sent a reply on its backend channel".into(),
+            ));
+        }
+        tracing::debug!(
+            request = le32(&msg, 0),
+            "vvu: backend request to the frontend"
+        );
+        self.send_to_frontend(&msg)
     }
 
     /// Moves a region's `mmap_offset` from the shared-memory area to the BAR file, after
@@ -423,26 +530,16 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
         let Some(session) = self.session.as_mut() else {
             return Ok(());
         };
-        let mut msg = vec![0u8; HEADER_SIZE];
-        session.stream.read_exact(&mut msg).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                BridgeError::Protocol("the backend closed the session".into())
-            } else {
-                BridgeError::Backend(e)
-            }
-        })?;
-        let size = le32(&msg, 8).unwrap_or(0) as usize;
-        if HEADER_SIZE + size > BUFFER_SIZE {
-            return Err(BridgeError::Protocol(format!(
-                "backend message of {size} bytes does not fit a {BUFFER_SIZE}-byte buffer"
-            )));
-        }
-        msg.resize(HEADER_SIZE + size, 0);
-        session.stream.read_exact(&mut msg[HEADER_SIZE..])?;
-        tracing::debug!(request = le32(&msg, 0), size, "vvu: to the frontend");
+        let msg = read_message(&mut session.stream)?;
+        tracing::debug!(request = le32(&msg, 0), "vvu: to the frontend");
+        self.send_to_frontend(&msg)
+    }
+
+    /// Puts a message on txq, waiting a while for a free buffer.
+    fn send_to_frontend(&mut self, msg: &[u8]) -> Result<(), BridgeError> {
         let deadline = Instant::now() + TX_WAIT;
         loop {
-            match self.driver.send(&msg) {
+            match self.driver.send(msg) {
                 Err(DriverError::TxFull) if Instant::now() < deadline => {
                     let mut fd = [pollfd(self.driver.tx_event().as_raw_fd())];
                     // SAFETY: one valid pollfd for the duration of the call.
@@ -734,13 +831,55 @@ mod tests {
     #[test]
     fn requests_needing_uncarried_descriptors_drop_the_frontend() {
         let (mut bridge, backend, stop) = connected();
-        deliver(
-            &mut bridge,
-            &stop,
-            &message(request::SET_BACKEND_REQ_FD, &[]),
-        );
+        deliver(&mut bridge, &stop, &message(request::GET_INFLIGHT_FD, &[]));
         assert!(bridge.session.is_none());
         let mut byte = [0u8; 1];
         assert_eq!((&backend).read(&mut byte).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_backend_channel_carries_requests_out_and_replies_back() {
+        let (mut bridge, backend, stop) = connected();
+        let offer = message(request::SET_BACKEND_REQ_FD, &[]);
+        deliver(&mut bridge, &stop, &offer);
+        let (msg, mut fds) = backend_recv(&backend);
+        assert_eq!(msg, offer);
+        assert_eq!(
+            fds.len(),
+            1,
+            "the backend gets a channel to send requests on"
+        );
+        let mut channel = UnixStream::from(fds.remove(0));
+        channel
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+
+        // CONFIG_CHANGE_MSG, reply wanted: out on txq as the backend wrote it.
+        let mut config_change = 2u32.to_le_bytes().to_vec();
+        config_change.extend_from_slice(&(1u32 | 1 << 3).to_le_bytes());
+        config_change.extend_from_slice(&0u32.to_le_bytes());
+        channel.write_all(&config_change).unwrap();
+        assert!(!bridge.poll(&stop, 1000).unwrap());
+        assert_eq!(bridge.driver.pci().pop_tx(), Some(config_change));
+
+        // The frontend's reply arrives on rxq with the REPLY flag and goes to the channel,
+        // not to the session's stream.
+        let mut reply = 2u32.to_le_bytes().to_vec();
+        reply.extend_from_slice(&(1u32 | REPLY).to_le_bytes());
+        reply.extend_from_slice(&8u32.to_le_bytes());
+        reply.extend_from_slice(&0u64.to_le_bytes());
+        deliver(&mut bridge, &stop, &reply);
+        let mut got = vec![0u8; reply.len()];
+        channel.read_exact(&mut got).unwrap();
+        assert_eq!(got, reply);
+
+        // A backend that drops its channel keeps its session.
+        drop(channel);
+        assert!(!bridge.poll(&stop, 1000).unwrap());
+        let session = bridge.session.as_ref().expect("the session goes on");
+        assert!(session.backend_channel.is_none());
+        let get_features = message(1, &[]);
+        deliver(&mut bridge, &stop, &get_features);
+        assert_eq!(backend_recv(&backend).0, get_features);
     }
 }

@@ -5,7 +5,9 @@
  * are turned into device resources (memory regions into the shared-memory
  * BAR, call/err eventfds into doorbell ioeventfds, kick eventfds into MSI-X
  * vectors), and the message is put into one rxq buffer.
- * Guest -> front-end: replies are taken from txq and written to the socket.
+ * Guest -> front-end: replies are taken from txq and written to the socket;
+ * backend requests (txq messages without the REPLY flag) go to the backend
+ * channel the front-end handed over, and its replies come back on rxq.
  *
  * Nothing a front-end or the guest sends can stop QEMU: protocol errors by
  * the front-end disconnect it; errors by the guest driver set
@@ -50,6 +52,7 @@ enum {
     VU_SET_PROTOCOL_FEATURES = 16,
     VU_GET_QUEUE_NUM = 17,
     VU_SET_VRING_ENABLE = 18,
+    VU_SET_BACKEND_REQ_FD = 21,
     VU_GET_CONFIG = 24,
     VU_SET_CONFIG = 25,
     VU_RESET_DEVICE = 34,
@@ -75,6 +78,7 @@ enum {
 #define VVU_PROTOCOL_FEATURES                           \
     ((1ull << 0)  /* MQ */ |                            \
      (1ull << 3)  /* REPLY_ACK */ |                     \
+     (1ull << 5)  /* BACKEND_REQ */ |                   \
      (1ull << 9)  /* CONFIG */ |                        \
      (1ull << 13) /* RESET_DEVICE */ |                  \
      (1ull << 15) /* CONFIGURE_MEM_SLOTS */ |           \
@@ -567,6 +571,8 @@ static VVUAction vvu_vring_fd(VirtIOVhostUser *s, Error **errp)
     return VVU_FORWARD;
 }
 
+static VVUAction vvu_backend_req_fd(VirtIOVhostUser *s, Error **errp);
+
 static VVUAction vvu_intercept(VirtIOVhostUser *s, Error **errp)
 {
     uint32_t request = vvu_msg_request(s->msg);
@@ -610,6 +616,8 @@ static VVUAction vvu_intercept(VirtIOVhostUser *s, Error **errp)
     case VU_SET_VRING_CALL:
     case VU_SET_VRING_ERR:
         return vvu_vring_fd(s, errp);
+    case VU_SET_BACKEND_REQ_FD:
+        return vvu_backend_req_fd(s, errp);
     case VU_SET_PROTOCOL_FEATURES:
         if (vvu_msg_size(s->msg) < 8) {
             error_setg(errp, "SET_PROTOCOL_FEATURES without payload");
@@ -625,12 +633,11 @@ static VVUAction vvu_intercept(VirtIOVhostUser *s, Error **errp)
     }
 }
 
-/* Puts the received message into an rx buffer; false if none is available. */
-static bool vvu_deliver(VirtIOVhostUser *s)
+/* Puts a message into an rx buffer; false if none is available. */
+static bool vvu_put_rx(VirtIOVhostUser *s, const uint8_t *msg, size_t len)
 {
     VirtIODevice *vdev = VIRTIO_DEVICE(s);
     VirtQueueElement *elem;
-    size_t len = s->msg_len;
 
     elem = virtqueue_pop(s->rxq, sizeof(VirtQueueElement));
     if (!elem) {
@@ -645,12 +652,141 @@ static bool vvu_deliver(VirtIOVhostUser *s)
         vvu_disconnect(s, true);
         return true;
     }
-    iov_from_buf(elem->in_sg, elem->in_num, 0, s->msg, len);
+    iov_from_buf(elem->in_sg, elem->in_num, 0, msg, len);
     virtqueue_push(s->rxq, elem, len);
     virtio_notify(vdev, s->rxq);
     g_free(elem);
+    return true;
+}
+
+/* Puts the received front-end message into an rx buffer, if one is free. */
+static bool vvu_deliver(VirtIOVhostUser *s)
+{
+    if (!vvu_put_rx(s, s->msg, s->msg_len)) {
+        return false;
+    }
     vvu_msg_reset(s);
     return true;
+}
+
+/*
+ * ---- backend channel (SET_BACKEND_REQ_FD) --------------------------------
+ *
+ * Backend-initiated requests arrive on txq without the REPLY flag and are
+ * written to the channel; the front-end's replies on the channel go to rxq
+ * (they carry the REPLY flag, which front-end requests never do).
+ */
+
+static void vvu_backend_read(void *opaque);
+
+static void vvu_backend_close(VirtIOVhostUser *s)
+{
+    if (s->backend_fd >= 0) {
+        qemu_set_fd_handler(s->backend_fd, NULL, NULL, NULL);
+        close(s->backend_fd);
+        s->backend_fd = -1;
+    }
+    s->backend_len = 0;
+    s->backend_ready = false;
+}
+
+static void vvu_backend_open(VirtIOVhostUser *s, int fd)
+{
+    vvu_backend_close(s);
+    s->backend_fd = fd;
+    qemu_set_fd_handler(fd, vvu_backend_read, NULL, s);
+}
+
+/* Puts a complete reply into an rx buffer, then reads the channel again. */
+static void vvu_backend_deliver(VirtIOVhostUser *s)
+{
+    if (!s->backend_ready ||
+        !vvu_put_rx(s, s->backend_msg, s->backend_len)) {
+        return;
+    }
+    s->backend_ready = false;
+    s->backend_len = 0;
+    if (s->backend_fd >= 0) {
+        qemu_set_fd_handler(s->backend_fd, vvu_backend_read, NULL, s);
+    }
+}
+
+static void vvu_backend_read(void *opaque)
+{
+    VirtIOVhostUser *s = opaque;
+    uint32_t want, flags, size;
+    ssize_t n;
+
+    if (s->backend_len < VU_HDR_SIZE) {
+        want = VU_HDR_SIZE - s->backend_len;
+    } else {
+        want = VU_HDR_SIZE + vvu_msg_size(s->backend_msg) - s->backend_len;
+    }
+    n = recv(s->backend_fd, s->backend_msg + s->backend_len, want,
+             MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+        return;
+    }
+    if (n <= 0) {
+        /* The front-end closed the channel (or it failed): forget it. */
+        vvu_backend_close(s);
+        return;
+    }
+    s->backend_len += n;
+    if (s->backend_len < VU_HDR_SIZE) {
+        return;
+    }
+    flags = vvu_msg_flags(s->backend_msg);
+    size = vvu_msg_size(s->backend_msg);
+    if ((flags & VU_FLAG_VERSION_MASK) != VU_VERSION ||
+        !(flags & VU_FLAG_REPLY) ||
+        size > VIRTIO_VHOST_USER_MAX_MSG - VU_HDR_SIZE) {
+        warn_report("virtio-vhost-user: bad message on the backend channel "
+                    "(request %u, flags 0x%x, size %u); closing it",
+                    vvu_msg_request(s->backend_msg), flags, size);
+        vvu_backend_close(s);
+        return;
+    }
+    if (s->backend_len == VU_HDR_SIZE + size) {
+        /* Read no further until this reply is on rxq. */
+        s->backend_ready = true;
+        qemu_set_fd_handler(s->backend_fd, NULL, NULL, NULL);
+        vvu_backend_deliver(s);
+    }
+}
+
+/* Writes a backend request from txq to the channel. */
+static void vvu_backend_send(VirtIOVhostUser *s, const uint8_t *msg,
+                             size_t len)
+{
+    ssize_t n;
+
+    if (s->backend_fd < 0) {
+        qemu_log_mask(LOG_GUEST_ERROR, "virtio-vhost-user: backend request "
+                      "%u without a backend channel dropped\n",
+                      vvu_msg_request(msg));
+        return;
+    }
+    do {
+        n = send(s->backend_fd, msg, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)len) {
+        warn_report("virtio-vhost-user: writing to the backend channel "
+                    "failed (%s); closing it",
+                    n < 0 ? strerror(errno) : "short write");
+        vvu_backend_close(s);
+    }
+}
+
+static VVUAction vvu_backend_req_fd(VirtIOVhostUser *s, Error **errp)
+{
+    if (s->msg_nfds != 1) {
+        error_setg(errp, "SET_BACKEND_REQ_FD with %d file descriptors",
+                   s->msg_nfds);
+        return VVU_PROTOCOL_ERROR;
+    }
+    vvu_backend_open(s, vvu_msg_take_fd(s, 0));
+    return VVU_FORWARD;
 }
 
 static void vvu_process_msg(VirtIOVhostUser *s)
@@ -754,6 +890,7 @@ static void vvu_handle_rx(VirtIODevice *vdev, VirtQueue *vq)
 {
     VirtIOVhostUser *s = VIRTIO_VHOST_USER(vdev);
 
+    vvu_backend_deliver(s);
     if (s->msg_ready && vvu_deliver(s)) {
         qemu_chr_fe_accept_input(&s->chr);
     }
@@ -780,14 +917,20 @@ static void vvu_handle_tx(VirtIODevice *vdev, VirtQueue *vq)
         request = vvu_msg_request(buf);
         flags = vvu_msg_flags(buf);
         if (vvu_msg_size(buf) != len - VU_HDR_SIZE ||
-            (flags & VU_FLAG_VERSION_MASK) != VU_VERSION ||
-            !(flags & VU_FLAG_REPLY)) {
+            (flags & VU_FLAG_VERSION_MASK) != VU_VERSION) {
             virtqueue_detach_element(vq, elem, 0);
             g_free(elem);
             virtio_error(vdev, "virtio-vhost-user: malformed txq message "
                          "(request %u, flags 0x%x, %zu bytes)", request,
                          flags, len);
             return;
+        }
+        if (!(flags & VU_FLAG_REPLY)) {
+            /* A backend-initiated request. */
+            vvu_backend_send(s, buf, len);
+            virtqueue_push(vq, elem, 0);
+            g_free(elem);
+            continue;
         }
         if (len == VU_HDR_SIZE + 8) {
             uint64_t v = vvu_le64(buf + VU_HDR_SIZE);
@@ -838,6 +981,7 @@ static void vvu_disconnect(VirtIOVhostUser *s, bool close_socket)
     s->connected = false;
     s->status &= ~VIRTIO_VHOST_USER_STATUS_FRONTEND_UP;
     vvu_msg_reset(s);
+    vvu_backend_close(s);
     vvu_unwire_all(s);
     vvu_regions_clear(s);
     if (close_socket && s->chr_open) {
@@ -958,6 +1102,7 @@ static void vvu_device_realize(DeviceState *dev, Error **errp)
         return;
     }
 
+    s->backend_fd = -1;
     virtio_init(vdev, VIRTIO_ID_VHOST_USER, sizeof(VirtIOVhostUserConfig));
     s->rxq = virtio_add_queue(vdev, s->queue_size, vvu_handle_rx);
     s->txq = virtio_add_queue(vdev, s->queue_size, vvu_handle_tx);

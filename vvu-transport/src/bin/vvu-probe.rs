@@ -5,8 +5,10 @@
 //! so the frontend's call eventfd fires with no user-space hop in the appliance VM, and it
 //! reports kicks arriving on the vhost queues' MSI-X vectors. For SET_MEM_TABLE it maps each
 //! frontend region out of the shared-memory BAR and prints its checksum and the copy
-//! bandwidth from the mapping. It proves the device/driver path inside an appliance VM
-//! before the full bridge exists.
+//! bandwidth from the mapping. It acknowledges any other request that asks for a reply, and
+//! when a frontend hands over a backend channel (SET_BACKEND_REQ_FD) it sends a backend
+//! request on it (CONFIG_CHANGE_MSG, asking for a reply). It proves the device/driver path
+//! inside an appliance VM before the full bridge exists.
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -23,18 +25,25 @@ const GET_PROTOCOL_FEATURES: u32 = 15;
 const GET_QUEUE_NUM: u32 = 17;
 const SET_VRING_CALL: u32 = 13;
 const SET_MEM_TABLE: u32 = 5;
+const SET_BACKEND_REQ_FD: u32 = 21;
+/// The backend request the probe sends on a backend channel.
+const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+/// Header flags: protocol version 1, reply, reply wanted.
+const VERSION: u32 = 1;
+const REPLY: u32 = 1 << 2;
+const NEED_REPLY: u32 = 1 << 3;
 /// Size of one `VhostUserMemoryRegion` in SET_MEM_TABLE (after its 8-byte count).
 const MEM_REGION_SIZE: usize = 32;
 /// Vring index bits of a SET_VRING_* u64 payload.
 const VRING_INDEX_MASK: u64 = 0xff;
 /// VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES.
 const FEATURES: u64 = (1 << 32) | (1 << 30);
-/// MQ | REPLY_ACK | CONFIG.
-const PROTOCOL_FEATURES: u64 = (1 << 0) | (1 << 3) | (1 << 9);
+/// MQ | REPLY_ACK | BACKEND_REQ | CONFIG.
+const PROTOCOL_FEATURES: u64 = (1 << 0) | (1 << 3) | (1 << 5) | (1 << 9);
 
 fn reply(request: u32, value: u64) -> Vec<u8> {
     let mut m = request.to_le_bytes().to_vec();
-    m.extend_from_slice(&(1u32 | 1 << 2).to_le_bytes());
+    m.extend_from_slice(&(VERSION | REPLY).to_le_bytes());
     m.extend_from_slice(&8u32.to_le_bytes());
     m.extend_from_slice(&value.to_le_bytes());
     m
@@ -171,15 +180,27 @@ fn run() -> Result<(), String> {
                 println!("vvu-probe: call of vring {vring} signalled through the kernel");
                 calls.push(call);
             }
+            if flags & REPLY != 0 {
+                // A frontend's reply on the backend channel; printed above.
+                continue;
+            }
             let answer = match request {
                 GET_FEATURES => Some(reply(request, FEATURES)),
                 GET_PROTOCOL_FEATURES => Some(reply(request, PROTOCOL_FEATURES)),
                 GET_QUEUE_NUM => Some(reply(request, 1)),
+                _ if flags & NEED_REPLY != 0 => Some(reply(request, 0)),
                 _ => None,
             };
             if let Some(answer) = answer {
                 driver.send(&answer).map_err(|e| e.to_string())?;
                 println!("vvu-probe: replied to request={request}");
+            }
+            if request == SET_BACKEND_REQ_FD {
+                let mut m = BACKEND_CONFIG_CHANGE_MSG.to_le_bytes().to_vec();
+                m.extend_from_slice(&(VERSION | NEED_REPLY).to_le_bytes());
+                m.extend_from_slice(&0u32.to_le_bytes());
+                driver.send(&m).map_err(|e| e.to_string())?;
+                println!("vvu-probe: sent backend request={BACKEND_CONFIG_CHANGE_MSG}");
             }
         }
     }

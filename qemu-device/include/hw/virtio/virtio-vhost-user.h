@@ -115,6 +115,15 @@ struct VirtIOVhostUser {
     int msg_nfds;
     bool msg_ready;             /* complete, waiting for an rx buffer */
 
+    /*
+     * The backend channel (SET_BACKEND_REQ_FD): backend requests from txq go
+     * out on it, and the front-end's replies come back on it for rxq.
+     */
+    int backend_fd;             /* -1 when there is none */
+    uint8_t backend_msg[VIRTIO_VHOST_USER_MAX_MSG];
+    uint32_t backend_len;
+    bool backend_ready;         /* a complete reply waits for an rx buffer */
+
     /* BAR resources, registered by the PCI proxy. */
     MemoryRegion aux;           /* container: doorbells + notification cfg */
     MemoryRegion doorbells;
