@@ -98,16 +98,18 @@ fn randomized_workload_matches_a_raw_reference_and_checks_clean() {
     assert_eq!(fe.capacity, SIZE);
     let ops = random_ops(0x9c0, 500, SIZE);
     replay_on_queues(&mut fe, &ops);
-    // Both queues at once: 64 writes in flight to disjoint ranges.
+    // Both queues at once: 64 writes in flight, 16 KiB each, so every 64 KiB cluster gets
+    // its four pieces from both queues (the daemon's two workers allocate it concurrently).
+    const PIECE: usize = 16 << 10;
     let mut rng = Rng::new(11);
-    rng.fill(fe.buf(0, 64 * 65536));
+    rng.fill(fe.buf(0, 64 * PIECE));
     for i in 0..64usize {
         let q = i % 2;
-        let ptr = fe.ptr(i * 65536);
+        let ptr = fe.ptr(i * PIECE);
         fe.queues[q].write(
-            (32 * MIB) + (i as u64) * 65536,
+            (32 * MIB) + (i * PIECE) as u64,
             ptr,
-            65536,
+            PIECE,
             i,
             ReqFlags::empty(),
         );
@@ -115,7 +117,7 @@ fn randomized_workload_matches_a_raw_reference_and_checks_clean() {
     let a = fe.wait(0, 32);
     let b = fe.wait(1, 32);
     assert!(a.iter().chain(&b).all(|&(_, ret)| ret == 0));
-    let concurrent = fe.buf(0, 64 * 65536).to_vec();
+    let concurrent = fe.buf(0, 64 * PIECE).to_vec();
     assert_eq!(fe.flush(0), 0);
     drop(fe);
     apply_to_reference(&reference, &ops);
