@@ -40,6 +40,10 @@ exports:
       - path: lun0.raw
         create: { size: 64M }
         direct: false
+      - lun: 1
+        path: lun1.qcow2
+        format: qcow2
+        create: { size: 32M }
 ";
 
 fn launcher() -> PathBuf {
@@ -232,6 +236,26 @@ fn serve_consumers(appliance: &mut Vm, sockets: &Path) {
     let md5 = device_md5(&mut first, &sd, 64);
     assert_backing_file_matches(appliance, "lun0.raw", &md5);
 
+    // LUN 1 is a qcow2 image opened with O_DIRECT inside the appliance VM: its requests
+    // bounce out of the BAR into pinnable buffers. Verified writes here, the image itself
+    // on the host once the daemon has stopped.
+    let qcow2_lun = first.run_ok(
+        "basename $(ls -d /sys/bus/scsi/devices/*:0:0:1/block/* | head -1)",
+        MINUTE,
+    );
+    let qcow2_lun = qcow2_lun.lines().last().unwrap().trim().to_string();
+    first.run_ok(
+        &format!(
+            "set -e; fio --name=q --filename=/dev/{qcow2_lun} --ioengine=io_uring --iodepth=16 --direct=1 \
+             --rw=randwrite --bs=4k --size=8M --verify=crc32c --verify_fatal=1 --do_verify=1 --minimal; \
+             dd if=/dev/urandom of=/tmp/q bs=64k count=64 2>/dev/null; \
+             dd if=/tmp/q of=/dev/{qcow2_lun} bs=64k seek=256 oflag=direct 2>/dev/null; \
+             dd if=/dev/{qcow2_lun} of=/tmp/r bs=64k skip=256 count=64 iflag=direct 2>/dev/null; cmp /tmp/q /tmp/r"
+        ),
+        5 * MINUTE,
+    );
+    let qcow2_md5 = device_md5(&mut first, &qcow2_lun, 32);
+
     // Killed mid-I/O: the consumer's QEMU dies with writes in flight on both exports.
     first.run_ok(
         &format!(
@@ -327,4 +351,42 @@ fn serve_consumers(appliance: &mut Vm, sockets: &Path) {
         MINUTE,
     );
     assert!(out.contains("DAEMON-STOPPED"), "{out}");
+    // appliance-stop also unmounted the config drive: the host may read it now.
+    let mounts = appliance.run_ok("cat /proc/mounts", MINUTE);
+    assert!(!mounts.contains(" /config "), "{mounts}");
+    assert_qcow2_on_config_drive_matches(&sockets.join("config.img"), "lun1.qcow2", &qcow2_md5);
+}
+
+/// Takes `file` out of the config drive (unmounted in the appliance VM by now): a
+/// clean `qemu-img check`, and its guest-visible contents hash to `md5`.
+fn assert_qcow2_on_config_drive_matches(drive: &Path, file: &str, md5: &str) {
+    let dir = scratch_dir();
+    let image = dir.path().join(file);
+    let raw = dir.path().join("contents.raw");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{cmd:?}: {text}");
+        text
+    };
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump /{file} {}", image.display()))
+        .arg(drive));
+    let check = run(Command::new("qemu-img").arg("check").arg(&image));
+    assert!(check.contains("No errors were found"), "{check}");
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&image)
+        .arg(&raw));
+    let sum = run(Command::new("md5sum").arg(&raw));
+    assert_eq!(
+        md5_of(&sum),
+        md5,
+        "the qcow2 image differs from what the consumer read"
+    );
 }
