@@ -3,7 +3,7 @@
 //! `target/bench/backends.json`. Not a test: numbers depend on the machine.
 //!
 //!     cargo build --release --workspace --bins
-//!     cargo run --release -p appliance-tests --bin bench-backends [seconds per phase]
+//!     cargo run --release -p appliance-tests --bin bench-backends [seconds per phase] [backend...]
 
 // A benchmark program: failures abort with their message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -103,7 +103,12 @@ fn main() {
         "backend", "workload", "IOPS", "MiB/s"
     );
     // O_DIRECT is the default; each format also runs through the page cache.
-    for backend in backends {
+    // Optional backend names after the seconds pick a subset.
+    let only: Vec<String> = std::env::args().skip(2).collect();
+    for backend in backends
+        .into_iter()
+        .filter(|b| only.is_empty() || only.iter().any(|o| o == b))
+    {
         let mut fe = Frontend::connect(&appliance.path(&format!("{backend}.sock")), 1);
         // First writes allocate (qcow2 clusters, file blocks); then rewrite and read.
         for (name, write) in [
