@@ -42,6 +42,7 @@ impl Worker {
         }
         let Some(vring) = &self.vring else {
             self.done.clear();
+            self.queue.published();
             return;
         };
         for c in self.done.drain(..) {
@@ -57,6 +58,7 @@ impl Worker {
                 }
             }
         }
+        self.queue.published();
     }
 
     /// Waits for all in-flight I/O and completes it (the vring is being stopped).

@@ -65,4 +65,7 @@ pub trait QueueHandler: Send {
     fn completion_fd(&self) -> Option<RawFd> {
         None
     }
+    /// The transport has put every request collected into `done` so far on the used ring
+    /// (or dropped them with the ring).
+    fn published(&mut self) {}
 }

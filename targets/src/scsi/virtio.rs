@@ -9,8 +9,9 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -46,6 +47,9 @@ pub const RESP_SIZE: usize = 4 + 4 + 2 + 1 + 1 + SENSE_SIZE;
 pub const CONFIG_SPACE_SIZE: usize = 36;
 /// Bytes of the write-same pattern buffer (the pattern repeated).
 const WRITE_SAME_CHUNK: usize = 1 << 20;
+
+/// How long an abort or reset waits for the I/O it affects, unless set otherwise.
+const DEFAULT_TMF_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// virtio-scsi response codes.
 pub mod response {
@@ -99,6 +103,11 @@ pub struct ScsiDevice {
     events: Mutex<PendingEvents>,
     /// Signalled when an event is queued; the event queue's worker waits on it.
     event_notifier: EventFd,
+    /// Per LUN: requests accepted for disk I/O whose completion is not on a used ring yet.
+    /// A TMF answers only once the requests it affects are done (virtio-scsi 5.6.6.1).
+    busy: Vec<AtomicU32>,
+    /// How long a TMF waits for them, in milliseconds, before it answers FAILURE.
+    tmf_timeout_ms: AtomicU64,
 }
 
 /// Size of `struct virtio_scsi_event`: event, lun[8], reason.
@@ -136,6 +145,7 @@ impl ScsiDevice {
     pub fn new(mut luns: Vec<ScsiLun>, request_queues: u16, queue_size: u16) -> io::Result<Self> {
         luns.sort_by_key(|l| l.id);
         let unit_attention = luns.iter().map(|_| Mutex::new(None)).collect();
+        let luns_len = luns.len();
         Ok(ScsiDevice {
             luns,
             request_queues,
@@ -144,7 +154,36 @@ impl ScsiDevice {
             acked_features: AtomicU64::new(0),
             events: Mutex::new(PendingEvents::default()),
             event_notifier: EventFd::new(EFD_NONBLOCK)?,
+            busy: (0..luns_len).map(|_| AtomicU32::new(0)).collect(),
+            tmf_timeout_ms: AtomicU64::new(DEFAULT_TMF_TIMEOUT.as_millis() as u64),
         })
+    }
+
+    /// How long an abort or reset waits for the I/O it affects (default 30 s); after that
+    /// it answers FAILURE and the initiator escalates.
+    pub fn set_tmf_timeout(&self, timeout: Duration) {
+        self.tmf_timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Requests of LUN `lun` (an index) with disk I/O not yet on a used ring.
+    fn busy(&self, lun: usize) -> u32 {
+        self.busy.get(lun).map_or(0, |b| b.load(Ordering::Acquire))
+    }
+
+    /// Waits until no LUN in `luns` has requests outstanding; false on timeout.
+    fn wait_idle(&self, luns: &[usize]) -> bool {
+        let timeout = Duration::from_millis(self.tmf_timeout_ms.load(Ordering::Relaxed));
+        let deadline = Instant::now() + timeout;
+        loop {
+            if luns.iter().all(|&l| self.busy(l) == 0) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Tells the initiator that LUN `id` appeared (`added`) or went away: a TRANSPORT_RESET
@@ -378,6 +417,8 @@ enum IoKind {
 
 /// A request with disk I/O in flight (one or more operations).
 struct InFlight {
+    /// LUN index.
+    lun: usize,
     head: u16,
     mem: Arc<Memory>,
     resp: Vec<Segment>,
@@ -402,6 +443,8 @@ pub struct RequestQueue {
     disks: Vec<Box<dyn DiskQueue>>,
     notifier: EventFd,
     inflight: InFlightTable<InFlight>,
+    /// Per LUN: finished requests the transport has not published yet.
+    unpublished: Vec<u32>,
     stats: Arc<QueueStats>,
 }
 
@@ -416,11 +459,13 @@ impl RequestQueue {
         let disks = (0..device.luns.len())
             .map(|i| make_disk(i, &notifier))
             .collect::<io::Result<Vec<_>>>()?;
+        let unpublished = vec![0; device.luns.len()];
         Ok(RequestQueue {
             device,
             disks,
             notifier,
             inflight: InFlightTable::new(),
+            unpublished,
             stats: Arc::new(QueueStats::default()),
         })
     }
@@ -736,9 +781,13 @@ impl RequestQueue {
             self.inflight.release(slot);
             return Err(Response::check(Sense::INTERNAL_TARGET_FAILURE, 0));
         }
+        if let Some(busy) = self.device.busy.get(lun) {
+            busy.fetch_add(1, Ordering::AcqRel);
+        }
         self.inflight.fill(
             slot,
             InFlight {
+                lun,
                 head,
                 mem: Arc::clone(mem),
                 resp,
@@ -783,7 +832,10 @@ impl RequestQueue {
         }
     }
 
-    fn finish(&self, request: InFlight, done: &mut Vec<Completed>) {
+    fn finish(&mut self, request: InFlight, done: &mut Vec<Completed>) {
+        if let Some(n) = self.unpublished.get_mut(request.lun) {
+            *n += 1;
+        }
         let stats = &self.stats;
         let mut written = 0;
         let r = match request.failed {
@@ -898,6 +950,17 @@ impl QueueHandler for RequestQueue {
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.notifier.as_raw_fd())
     }
+
+    fn published(&mut self) {
+        for (lun, n) in self.unpublished.iter_mut().enumerate() {
+            if *n > 0 {
+                if let Some(busy) = self.device.busy.get(lun) {
+                    busy.fetch_sub(*n, Ordering::AcqRel);
+                }
+                *n = 0;
+            }
+        }
+    }
 }
 
 /// The control queue: task management functions and asynchronous notification requests.
@@ -911,31 +974,54 @@ impl ControlQueue {
         ControlQueue { device }
     }
 
-    /// Answers a TMF; in-flight commands are not aborted but complete normally, which
-    /// is what an initiator waiting on an abort or reset then sees.
+    /// Answers a TMF. In-flight commands cannot be taken back from the kernel: an abort or
+    /// reset waits until the commands it affects have completed (normally) and are on
+    /// their used rings, as virtio-scsi requires of a completed TMF, then answers. If that
+    /// takes longer than the TMF timeout, it answers FAILURE and the initiator escalates.
     fn tmf(&self, req: &[u8]) -> u8 {
         let subtype = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
         let mut lun = [0u8; 8];
         lun.copy_from_slice(&req[8..16]);
         let index = decode_lun(&lun).and_then(|id| self.device.lun_index(id));
+        let all: Vec<usize> = (0..self.device.luns.len()).collect();
+        let settle = |luns: &[usize], answer: u8| {
+            if self.device.wait_idle(luns) {
+                answer
+            } else {
+                tracing::warn!(
+                    subtype,
+                    "task management: in-flight I/O did not complete in time; answering FAILURE"
+                );
+                response::FAILURE
+            }
+        };
         match subtype {
-            // ABORT TASK, ABORT TASK SET, CLEAR TASK SET, QUERY TASK, QUERY TASK SET
-            0 | 1 | 3 | 6 | 7 => match index {
-                Some(_) => response::FUNCTION_COMPLETE,
+            // ABORT TASK, ABORT TASK SET, CLEAR TASK SET
+            0 | 1 | 3 => match index {
+                Some(i) => settle(&[i], response::FUNCTION_COMPLETE),
                 None => response::INCORRECT_LUN,
             },
             // I_T NEXUS RESET
             4 => {
+                let answer = settle(&all, response::FUNCTION_SUCCEEDED);
                 self.device.set_unit_attention(None, Sense::I_T_NEXUS_LOSS);
-                response::FUNCTION_SUCCEEDED
+                answer
             }
             // LOGICAL UNIT RESET
             5 => match index {
                 Some(i) => {
+                    let answer = settle(&[i], response::FUNCTION_SUCCEEDED);
                     self.device
                         .set_unit_attention(Some(i), Sense::LUN_RESET_OCCURRED);
-                    response::FUNCTION_SUCCEEDED
+                    answer
                 }
+                None => response::INCORRECT_LUN,
+            },
+            // QUERY TASK SET: whether the LUN has commands in flight. QUERY TASK would need
+            // the tag, which is not tracked: it reports none.
+            6 | 7 => match index {
+                Some(i) if subtype == 7 && self.device.busy(i) > 0 => response::FUNCTION_SUCCEEDED,
+                Some(_) => response::FUNCTION_COMPLETE,
                 None => response::INCORRECT_LUN,
             },
             // CLEAR ACA (no ACA support) and anything unknown.
