@@ -119,9 +119,10 @@ impl VirtioBackend {
         self.device.session_started();
     }
 
-    /// Completes all in-flight I/O and forgets the connection's vrings.
+    /// Completes all in-flight I/O and forgets the connection's vrings. Request queues go
+    /// first: a virtio-scsi TMF on the control queue (queue 0) may be waiting for them.
     pub fn disconnected(&self) {
-        for i in 0..self.workers.len() {
+        for i in (0..self.workers.len()).rev() {
             if let Some(mut w) = self.worker(i) {
                 w.drain();
                 w.vring = None;
