@@ -12,13 +12,14 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use config::VvuDevice;
 use vhost::vhost_user::Listener;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vvu_transport::bridge::Bridge;
+use vvu_transport::bridge::{serve, Bridge};
 use vvu_transport::driver::VvuDriver;
 use vvu_transport::vfio::{
     bind_vfio_pci, is_vvu_device, pci_address, vvu_devices, VfioPci, DMA_IOVA, SYSFS_PCI_DEVICES,
@@ -26,6 +27,8 @@ use vvu_transport::vfio::{
 
 /// Entries of the device's rxq and txq.
 const MESSAGE_QUEUE_SIZE: u16 = 128;
+/// How often a failed device is brought up again.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// A running bridge; stopping it clears BACKEND_UP, which disconnects the frontend.
 pub struct VvuBridge {
@@ -57,19 +60,20 @@ impl VvuBridge {
         let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
         let listener = UnixListener::bind_addr(&addr)
             .with_context(|| format!("cannot bind the bridge socket @{name}"))?;
-        let mut bridge = Bridge::new(driver, move || UnixStream::connect_addr(&addr))?;
+        let bridge = Bridge::new(driver, connector(addr.clone()))?;
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let thread_stop = stop.try_clone()?;
         let thread_export = export.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("vvu-{export}"))
             .spawn(move || {
-                if let Err(e) = bridge.run(&thread_stop) {
-                    tracing::error!(
-                        export = thread_export,
-                        "the virtio-vhost-user device failed; the export is offline: {e}"
-                    );
-                }
+                let _span = tracing::info_span!("vvu", export = thread_export).entered();
+                // A device that fails (DEVICE_NEEDS_RESET) is reset and driven anew.
+                let bring_up_again = || -> anyhow::Result<_> {
+                    let driver = bring_up(&sysfs)?;
+                    Ok(Bridge::new(driver, connector(addr.clone()))?)
+                };
+                serve(bridge, bring_up_again, &thread_stop, RETRY);
             })?;
         tracing::info!(export, device = address, "virtio-vhost-user device up");
         Ok((
@@ -129,6 +133,11 @@ fn open(device: &VvuDevice) -> anyhow::Result<(PathBuf, VvuDriver<VfioPci>)> {
             )
         }
     }
+}
+
+/// Opens a connection to the export's backend, for each frontend session.
+fn connector(addr: SocketAddr) -> impl FnMut() -> std::io::Result<UnixStream> {
+    move || UnixStream::connect_addr(&addr)
 }
 
 fn bring_up(sysfs: &Path) -> anyhow::Result<VvuDriver<VfioPci>> {

@@ -612,7 +612,42 @@ grep -q BACKEND_UP /tmp/probe.log"#,
         "the device kept a channel that sent a request: {closed:?}"
     );
     assert_eq!(frontend.get_features().unwrap(), features);
+
+    // A driver error: the probe answers SET_VRING_ENABLE with a message shorter than a
+    // header. The device enters DEVICE_NEEDS_RESET (QEMU and the appliance VM carry on),
+    // the probe sees it on the config interrupt, resets the device and drives it anew, and
+    // the next frontend is answered.
+    frontend.set_vring_enable(0, true).unwrap();
+    let out = vm.run(
+        "i=0; while ! grep -q 'device up again' /tmp/probe.log && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /tmp/probe.log",
+        2 * MINUTE,
+    );
+    for line in [
+        "sent a malformed message",
+        "device needs a reset",
+        "device up again",
+    ] {
+        assert!(out.output.contains(line), "no '{line}':\n{}", out.output);
+    }
     drop(frontend);
+    let (answered, answer) = std::sync::mpsc::channel();
+    let next_socket = socket.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + MINUTE;
+        let result = loop {
+            // The vhost crate's frontend has no timeouts: this thread may hang, the test not.
+            match Frontend::connect(&next_socket, 1).and_then(|f| f.get_features()) {
+                Ok(features) => break Ok(features),
+                Err(e) if Instant::now() > deadline => break Err(e.to_string()),
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        };
+        let _ = answered.send(result);
+    });
+    let next = answer
+        .recv_timeout(2 * MINUTE)
+        .expect("no frontend was answered after the device reset");
+    assert_eq!(next.unwrap(), features);
     assert!(vm.is_running());
 }
 

@@ -82,6 +82,9 @@ pub enum BridgeError {
     /// The frontend (through the device) or the backend broke the protocol.
     #[error("{0}")]
     Protocol(String),
+    /// The device entered DEVICE_NEEDS_RESET: it must be reset and driven anew.
+    #[error("the device needs a reset (it found an error in what the driver did)")]
+    NeedsReset,
 }
 
 /// One frontend connection.
@@ -242,6 +245,9 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
     /// already started it).
     fn on_config(&mut self) -> Result<(), BridgeError> {
         let _ = self.driver.config_event().read();
+        if self.driver.needs_reset()? {
+            return Err(BridgeError::NeedsReset);
+        }
         if self.driver.device_status()? & FRONTEND_UP != 0 {
             if self.session.is_none() {
                 self.start_session()?;
@@ -573,6 +579,51 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
     }
 }
 
+/// Serves frontends through `bridge` until `stop` fires. When the device fails (it entered
+/// DEVICE_NEEDS_RESET, or stopped answering), the bridge is dropped, which releases the
+/// device, and `bring_up` resets and drives it anew, every `retry` until it succeeds: one
+/// failure takes the export away for a moment, not until the appliance restarts.
+pub fn serve<T, C, E>(
+    bridge: Bridge<T, C>,
+    mut bring_up: impl FnMut() -> Result<Bridge<T, C>, E>,
+    stop: &EventFd,
+    retry: Duration,
+) where
+    T: PciTransport,
+    C: FnMut() -> io::Result<UnixStream>,
+    E: std::fmt::Display,
+{
+    let mut bridge = bridge;
+    loop {
+        match bridge.run(stop) {
+            Ok(()) => return,
+            Err(e) => tracing::error!("vvu: the device failed: {e}; bringing it up again"),
+        }
+        drop(bridge);
+        bridge = loop {
+            if stopped_within(stop, retry) {
+                return;
+            }
+            match bring_up() {
+                Ok(b) => {
+                    tracing::info!("vvu: the device is up again");
+                    break b;
+                }
+                Err(e) => tracing::warn!("vvu: bringing the device up again failed: {e}"),
+            }
+        };
+    }
+}
+
+/// Waits up to `timeout` for `stop`; true if it fired.
+fn stopped_within(stop: &EventFd, timeout: Duration) -> bool {
+    let mut fd = [pollfd(stop.as_raw_fd())];
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(fd.as_mut_ptr(), 1, ms) };
+    n > 0 && fd[0].revents != 0
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -881,5 +932,49 @@ mod tests {
         let get_features = message(1, &[]);
         deliver(&mut bridge, &stop, &get_features);
         assert_eq!(backend_recv(&backend).0, get_features);
+    }
+
+    type Connect = Box<dyn FnMut() -> io::Result<UnixStream>>;
+
+    /// A bridge over a fresh fake device, BACKEND_UP, no session.
+    fn fresh_bridge() -> Bridge<FakeVvu, Connect> {
+        let fake = FakeVvu::new(3 + QUEUES as u16, QUEUES);
+        let driver = VvuDriver::new(fake, 16, GuestAddress(0)).unwrap();
+        let connect: Connect = Box::new(|| UnixStream::pair().map(|(ours, _)| ours));
+        let bridge = Bridge::new(driver, connect).unwrap();
+        bridge.driver.set_backend_up(true).unwrap();
+        bridge
+    }
+
+    #[test]
+    fn a_device_that_needs_a_reset_is_brought_up_again() {
+        let stop = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut bridge = fresh_bridge();
+        bridge.driver.pci().needs_reset();
+        assert!(matches!(
+            bridge.poll(&stop, 1000),
+            Err(BridgeError::NeedsReset)
+        ));
+
+        // The loop drops the failed bridge and brings the device up again; the first
+        // attempt fails, the second succeeds and (to end the test) stops the loop, which
+        // then serves the new device until it sees the stop.
+        bridge.driver.pci().needs_reset();
+        let mut attempts = 0;
+        let stop_fd = stop.try_clone().unwrap();
+        serve(
+            bridge,
+            || {
+                attempts += 1;
+                if attempts == 1 {
+                    return Err("the device is still resetting");
+                }
+                stop_fd.write(1).unwrap();
+                Ok(fresh_bridge())
+            },
+            &stop,
+            Duration::from_millis(10),
+        );
+        assert_eq!(attempts, 2);
     }
 }

@@ -39,6 +39,7 @@ mod status {
     pub const DRIVER: u8 = 2;
     pub const DRIVER_OK: u8 = 4;
     pub const FEATURES_OK: u8 = 8;
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
 }
 
 /// Feature bits the driver negotiates.
@@ -296,6 +297,13 @@ impl<T: PciTransport> VvuDriver<T> {
     /// The device config status (BACKEND_UP, FRONTEND_UP).
     pub fn device_status(&self) -> Result<u32, DriverError> {
         read_device_u32(&self.pci, &self.caps, 0)
+    }
+
+    /// Whether the device has entered DEVICE_NEEDS_RESET (it found an error in what the
+    /// driver did and stopped processing its queues until a reset).
+    pub fn needs_reset(&self) -> Result<bool, DriverError> {
+        let s = read_common_u8(&self.pci, &self.caps, common::DEVICE_STATUS)?;
+        Ok(s & status::DEVICE_NEEDS_RESET != 0)
     }
 
     /// The device's uuid, which exports use to name it.

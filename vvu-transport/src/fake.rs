@@ -299,6 +299,17 @@ impl FakeVvu {
         self.signal(vector);
     }
 
+    /// The device found a driver error: DEVICE_NEEDS_RESET and a config interrupt, as
+    /// QEMU's `virtio_error` does.
+    pub fn needs_reset(&self) {
+        let vector = {
+            let mut s = self.state.borrow_mut();
+            s.status |= 0x40;
+            s.msix_config
+        };
+        self.signal(vector);
+    }
+
     /// Raises MSI-X `vector`.
     pub fn signal(&self, vector: u16) {
         if let Some(e) = self.msix.borrow().get(usize::from(vector)) {

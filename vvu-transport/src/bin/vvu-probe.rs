@@ -7,8 +7,10 @@
 //! frontend region out of the shared-memory BAR and prints its checksum and the copy
 //! bandwidth from the mapping. It acknowledges any other request that asks for a reply, and
 //! when a frontend hands over a backend channel (SET_BACKEND_REQ_FD) it sends a backend
-//! request on it (CONFIG_CHANGE_MSG, asking for a reply). It proves the device/driver path
-//! inside an appliance VM before the full bridge exists.
+//! request on it (CONFIG_CHANGE_MSG, asking for a reply). SET_VRING_ENABLE makes it put a
+//! malformed message on txq: the device must enter DEVICE_NEEDS_RESET, and the probe then
+//! resets it and brings it up again, as the appliance's bridge does. It proves the
+//! device/driver path inside an appliance VM before the full bridge exists.
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -26,6 +28,7 @@ const GET_QUEUE_NUM: u32 = 17;
 const SET_VRING_CALL: u32 = 13;
 const SET_MEM_TABLE: u32 = 5;
 const SET_BACKEND_REQ_FD: u32 = 21;
+const SET_VRING_ENABLE: u32 = 18;
 /// The backend request the probe sends on a backend channel.
 const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
 /// Header flags: protocol version 1, reply, reply wanted.
@@ -136,6 +139,18 @@ fn run() -> Result<(), String> {
         unsafe { libc::poll(pfd.as_mut_ptr(), 2, 200) };
         if pfd[1].revents != 0 {
             let _ = driver.config_event().read();
+            if driver.needs_reset().map_err(|e| e.to_string())? {
+                println!("vvu-probe: device needs a reset");
+                calls.clear();
+                drop(driver);
+                let pci = VfioPci::open(&sysfs).map_err(|e| format!("vfio: {e}"))?;
+                driver =
+                    VvuDriver::new(pci, 64, GuestAddress(DMA_IOVA)).map_err(|e| e.to_string())?;
+                driver.set_backend_up(true).map_err(|e| e.to_string())?;
+                frontend_seen = false;
+                println!("vvu-probe: device up again");
+                continue;
+            }
             let status = driver.device_status().map_err(|e| e.to_string())?;
             let up = status & FRONTEND_UP != 0;
             if up != frontend_seen {
@@ -194,6 +209,11 @@ fn run() -> Result<(), String> {
             if let Some(answer) = answer {
                 driver.send(&answer).map_err(|e| e.to_string())?;
                 println!("vvu-probe: replied to request={request}");
+            }
+            if request == SET_VRING_ENABLE {
+                // Shorter than a message header: a driver error.
+                driver.send(&[0u8; 4]).map_err(|e| e.to_string())?;
+                println!("vvu-probe: sent a malformed message");
             }
             if request == SET_BACKEND_REQ_FD {
                 let mut m = BACKEND_CONFIG_CHANGE_MSG.to_le_bytes().to_vec();
