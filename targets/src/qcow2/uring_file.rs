@@ -363,41 +363,36 @@ async fn run(request: Request) -> io::Result<u64> {
     }
 }
 
-/// An error worth retrying the same system call for.
-fn is_transient(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN))
-}
-
 impl Future for UringOp {
     type Output = i32;
 
+    /// The result; a transient error (EINTR, EAGAIN) resubmits the same request.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
         let this = self.get_mut();
-        match &this.state {
-            OpState::New => match current_ring() {
-                None => {
-                    this.state = OpState::Finished;
-                    Poll::Ready(this.request.run_blocking())
-                }
-                Some(ring) => match ring.start(this.request.entry(), cx.waker().clone()) {
-                    Ok(slot) => {
-                        this.state = OpState::InFlight { ring, slot };
-                        Poll::Pending
-                    }
-                    Err(e) => {
-                        this.state = OpState::Finished;
-                        Poll::Ready(-e.raw_os_error().unwrap_or(libc::EIO))
-                    }
+        loop {
+            let result = match &this.state {
+                OpState::New => match current_ring() {
+                    None => this.request.run_blocking(),
+                    Some(ring) => match ring.start(this.request.entry(), cx.waker().clone()) {
+                        Ok(slot) => {
+                            this.state = OpState::InFlight { ring, slot };
+                            return Poll::Pending;
+                        }
+                        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                    },
                 },
-            },
-            OpState::InFlight { ring, slot } => match ring.poll_slot(*slot, cx.waker()) {
-                Poll::Ready(result) => {
-                    this.state = OpState::Finished;
-                    Poll::Ready(result)
-                }
-                Poll::Pending => Poll::Pending,
-            },
-            OpState::Finished => Poll::Ready(-libc::EINVAL),
+                OpState::InFlight { ring, slot } => match ring.poll_slot(*slot, cx.waker()) {
+                    Poll::Ready(result) => result,
+                    Poll::Pending => return Poll::Pending,
+                },
+                OpState::Finished => return Poll::Ready(-libc::EINVAL),
+            };
+            if result == -libc::EINTR || result == -libc::EAGAIN {
+                this.state = OpState::New;
+                continue;
+            }
+            this.state = OpState::Finished;
+            return Poll::Ready(result);
         }
     }
 }
@@ -464,19 +459,13 @@ impl UringFile {
         if offset >= size {
             return Ok(());
         }
-        let len = length.min(size - offset);
-        loop {
-            let request = Request::Fallocate {
-                fd: self.fd(),
-                offset,
-                len,
-                mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            };
-            match run(request).await {
-                Err(e) if is_transient(&e) => continue,
-                other => return other.map(|_| ()),
-            }
-        }
+        let request = Request::Fallocate {
+            fd: self.fd(),
+            offset,
+            len: length.min(size - offset),
+            mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        };
+        run(request).await.map(|_| ())
     }
 
     /// Grows the file to `end` (never shrinks it).
@@ -575,10 +564,7 @@ impl Storage for UringFile {
                 offset,
                 iovecs,
             };
-            let len = match run(request).await {
-                Err(e) if is_transient(&e) => continue,
-                other => other?,
-            };
+            let len = run(request).await?;
             if len == 0 {
                 // End of file: the rest reads as zeroes.
                 bufv.fill(0);
@@ -602,10 +588,7 @@ impl Storage for UringFile {
                 offset,
                 iovecs,
             };
-            let len = match run(request).await {
-                Err(e) if is_transient(&e) => continue,
-                other => other?,
-            };
+            let len = run(request).await?;
             if len == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -632,19 +615,13 @@ impl Storage for UringFile {
 
     async unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
         let _shared = self.growth.read().await;
-        loop {
-            let request = Request::Fallocate {
-                fd: self.fd(),
-                offset,
-                len: length,
-                mode: libc::FALLOC_FL_ZERO_RANGE,
-            };
-            match run(request).await {
-                Err(e) if is_transient(&e) => continue,
-                other => other?,
-            };
-            break;
-        }
+        let request = Request::Fallocate {
+            fd: self.fd(),
+            offset,
+            len: length,
+            mode: libc::FALLOC_FL_ZERO_RANGE,
+        };
+        run(request).await?;
         self.size
             .fetch_max(offset.saturating_add(length), Ordering::Relaxed);
         Ok(())
@@ -664,12 +641,7 @@ impl Storage for UringFile {
     }
 
     async fn sync(&self) -> io::Result<()> {
-        loop {
-            match run(Request::Fdatasync { fd: self.fd() }).await {
-                Err(e) if is_transient(&e) => continue,
-                other => return other.map(|_| ()),
-            }
-        }
+        run(Request::Fdatasync { fd: self.fd() }).await.map(|_| ())
     }
 
     // Every request completes before its future goes away (`UringOp`'s `Drop` waits), so
