@@ -5,6 +5,8 @@
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,10 +15,11 @@ use targets::blk::{BlkDevice, BlkQueue, BlkSettings, Completed, Memory};
 use targets::device::QueueHandler;
 use targets::disk::{DiskInfo, RawDisk, RawDiskOptions};
 use virtio_bindings::bindings::virtio_blk::*;
-use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
+
+use common::{readable, writable};
 
 const HEADER: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
@@ -26,19 +29,6 @@ const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 const UNTOUCHED: u8 = 0xee;
-
-fn readable(addr: u64, len: u32) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
-}
-
-fn writable(addr: u64, len: u32) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(
-        addr,
-        len,
-        VRING_DESC_F_WRITE as u16,
-        0,
-    ))
-}
 
 struct Fixture {
     _dir: tempfile::TempDir,

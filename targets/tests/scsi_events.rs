@@ -5,39 +5,22 @@
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::Arc;
 
 use targets::blk::Memory;
 use targets::device::{QueueHandler, VirtioDevice};
 use targets::disk::{DiskQueue, RawDisk, RawDiskOptions};
-use targets::scsi::emulation::{Lun, LunSettings};
 use targets::scsi::virtio::{
-    encode_lun, EventQueue, RequestQueue, ScsiDevice, ScsiLun, EVENT_SIZE, REQ_SIZE, RESP_SIZE,
+    encode_lun, EventQueue, RequestQueue, ScsiDevice, EVENT_SIZE, REQ_SIZE, RESP_SIZE,
 };
-use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
-const EVENT_BUF: u64 = 0x10_0000;
+use common::{readable, scsi_lun, writable};
 
-fn lun(id: u16, disk: &RawDisk) -> ScsiLun {
-    ScsiLun {
-        id,
-        emulation: Lun::new(LunSettings {
-            block_size: 512,
-            blocks: disk.info().size / 512,
-            readonly: false,
-            serial: format!("L{id}"),
-            wwn: 0x3000_0000_0000_0000 | u64::from(id),
-            rotational: false,
-            write_cache: true,
-            discard: true,
-            unmapped_reads_zero: true,
-        }),
-        disk: disk.info(),
-    }
-}
+const EVENT_BUF: u64 = 0x10_0000;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -55,7 +38,8 @@ fn fixture() -> Fixture {
         create_size: Some(1 << 20),
     })
     .unwrap();
-    let device = Arc::new(ScsiDevice::new(vec![lun(0, &disk), lun(5, &disk)], 1, 16).unwrap());
+    let device =
+        Arc::new(ScsiDevice::new(vec![scsi_lun(0, &disk), scsi_lun(5, &disk)], 1, 16).unwrap());
     let mem = Arc::new(Memory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
     Fixture {
         _dir: dir,
@@ -63,15 +47,6 @@ fn fixture() -> Fixture {
         device,
         mem,
     }
-}
-
-fn writable(addr: u64, len: u32) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(
-        addr,
-        len,
-        VRING_DESC_F_WRITE as u16,
-        0,
-    ))
 }
 
 fn post_event_buffer(
@@ -189,7 +164,7 @@ fn lun_changes_raise_reported_luns_data_changed() {
         let vq = MockSplitQueue::new(&*f.mem, 16);
         let chain = vq
             .build_desc_chain(&[
-                RawDescriptor::from(SplitDescriptor::new(REQ, REQ_SIZE as u32, 0, 0)),
+                readable(REQ, REQ_SIZE as u32),
                 writable(RESP, RESP_SIZE as u32),
             ])
             .unwrap();

@@ -6,6 +6,8 @@
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,14 +15,13 @@ use std::time::Duration;
 use targets::blk::Memory;
 use targets::device::QueueHandler;
 use targets::disk::{DiskQueue, RawDisk, RawDiskOptions};
-use targets::scsi::emulation::{Lun, LunSettings};
 use targets::scsi::virtio::{
-    encode_lun, response, ControlQueue, RequestQueue, ScsiDevice, ScsiLun, REQ_SIZE, RESP_SIZE,
+    encode_lun, response, ControlQueue, RequestQueue, ScsiDevice, REQ_SIZE, RESP_SIZE,
 };
-use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
+
+use common::{readable, scsi_lun, writable};
 
 const REQ: u64 = 0x20_0000;
 const RESP: u64 = 0x21_0000;
@@ -49,22 +50,8 @@ fn fixture() -> Fixture {
         create_size: Some(1 << 20),
     })
     .unwrap();
-    let lun = |id: u16| ScsiLun {
-        id,
-        emulation: Lun::new(LunSettings {
-            block_size: 512,
-            blocks: disk.info().size / 512,
-            readonly: false,
-            serial: format!("L{id}"),
-            wwn: 0x3000_0000_0000_0000 | u64::from(id),
-            rotational: false,
-            write_cache: true,
-            discard: true,
-            unmapped_reads_zero: true,
-        }),
-        disk: disk.info(),
-    };
-    let device = Arc::new(ScsiDevice::new(vec![lun(0), lun(1)], 1, 16).unwrap());
+    let device =
+        Arc::new(ScsiDevice::new(vec![scsi_lun(0, &disk), scsi_lun(1, &disk)], 1, 16).unwrap());
     let mem = Arc::new(Memory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
     let requests = RequestQueue::new(Arc::clone(&device), |_, notifier| {
         Ok(Box::new(disk.new_queue_with_notifier(16, notifier)?) as Box<dyn DiskQueue>)
@@ -76,19 +63,6 @@ fn fixture() -> Fixture {
         mem,
         requests,
     }
-}
-
-fn readable(addr: u64, len: u32) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
-}
-
-fn writable(addr: u64, len: u32) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(
-        addr,
-        len,
-        VRING_DESC_F_WRITE as u16,
-        0,
-    ))
 }
 
 impl Fixture {
