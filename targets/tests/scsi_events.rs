@@ -11,42 +11,16 @@ use std::sync::Arc;
 
 use targets::blk::Memory;
 use targets::device::{QueueHandler, VirtioDevice};
-use targets::disk::{DiskQueue, RawDisk, RawDiskOptions};
-use targets::scsi::virtio::{
-    encode_lun, EventQueue, RequestQueue, ScsiDevice, EVENT_SIZE, REQ_SIZE, RESP_SIZE,
-};
+use targets::scsi::virtio::{encode_lun, EventQueue, EVENT_SIZE, REQ_SIZE, RESP_SIZE};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
-use common::{readable, scsi_lun, writable};
+use common::{readable, writable, ScsiFixture};
 
 const EVENT_BUF: u64 = 0x10_0000;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    disk: RawDisk,
-    device: Arc<ScsiDevice>,
-    mem: Arc<Memory>,
-}
-
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let disk = RawDisk::open(&RawDiskOptions {
-        path: dir.path().join("l.raw"),
-        readonly: false,
-        direct: false,
-        create_size: Some(1 << 20),
-    })
-    .unwrap();
-    let device =
-        Arc::new(ScsiDevice::new(vec![scsi_lun(0, &disk), scsi_lun(5, &disk)], 1, 16).unwrap());
-    let mem = Arc::new(Memory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
-    Fixture {
-        _dir: dir,
-        disk,
-        device,
-        mem,
-    }
+fn fixture() -> ScsiFixture {
+    ScsiFixture::new(&[0, 5])
 }
 
 fn post_event_buffer(
@@ -149,10 +123,7 @@ fn held_buffers_come_back_when_the_ring_stops() {
 #[test]
 fn lun_changes_raise_reported_luns_data_changed() {
     let f = fixture();
-    let mut rq = RequestQueue::new(Arc::clone(&f.device), |_, notifier| {
-        Ok(Box::new(f.disk.new_queue_with_notifier(16, notifier)?) as Box<dyn DiskQueue>)
-    })
-    .unwrap();
+    let mut rq = f.request_queue();
     f.device.report_lun_change(7, true);
     // TEST UNIT READY on LUN 5 sees the unit attention once.
     const REQ: u64 = 0x20_0000;

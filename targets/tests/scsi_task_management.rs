@@ -14,14 +14,13 @@ use std::time::Duration;
 
 use targets::blk::Memory;
 use targets::device::QueueHandler;
-use targets::disk::{DiskQueue, RawDisk, RawDiskOptions};
 use targets::scsi::virtio::{
     encode_lun, response, ControlQueue, RequestQueue, ScsiDevice, REQ_SIZE, RESP_SIZE,
 };
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
-use common::{readable, scsi_lun, writable};
+use common::{readable, writable, ScsiFixture};
 
 const REQ: u64 = 0x20_0000;
 const RESP: u64 = 0x21_0000;
@@ -35,33 +34,19 @@ const LOGICAL_UNIT_RESET: u32 = 5;
 const QUERY_TASK_SET: u32 = 7;
 
 struct Fixture {
-    _dir: tempfile::TempDir,
     device: Arc<ScsiDevice>,
     mem: Arc<Memory>,
     requests: RequestQueue,
+    _scsi: ScsiFixture,
 }
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let disk = RawDisk::open(&RawDiskOptions {
-        path: dir.path().join("l.raw"),
-        readonly: false,
-        direct: false,
-        create_size: Some(1 << 20),
-    })
-    .unwrap();
-    let device =
-        Arc::new(ScsiDevice::new(vec![scsi_lun(0, &disk), scsi_lun(1, &disk)], 1, 16).unwrap());
-    let mem = Arc::new(Memory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
-    let requests = RequestQueue::new(Arc::clone(&device), |_, notifier| {
-        Ok(Box::new(disk.new_queue_with_notifier(16, notifier)?) as Box<dyn DiskQueue>)
-    })
-    .unwrap();
+    let scsi = ScsiFixture::new(&[0, 1]);
     Fixture {
-        _dir: dir,
-        device,
-        mem,
-        requests,
+        device: Arc::clone(&scsi.device),
+        mem: Arc::clone(&scsi.mem),
+        requests: scsi.request_queue(),
+        _scsi: scsi,
     }
 }
 
