@@ -309,6 +309,17 @@ fn stock_consumer(socket: &Path, dir: &Path) -> Process {
     Process::spawn(cmd, &dir.join("consumer.log"), "consumer qemu")
 }
 
+/// Waits (up to a minute) until vvu-probe has logged `line`, and returns its log.
+fn probe_log_once(vm: &mut Vm, line: &str) -> String {
+    vm.run(
+        &format!(
+            "i=0; while ! grep -q '{line}' /tmp/probe.log && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /tmp/probe.log"
+        ),
+        2 * MINUTE,
+    )
+    .output
+}
+
 /// Waits for the device to report the session over, then acknowledges it as a driver does.
 fn session_ended(vm: &mut Vm, status: u64) {
     wait_status(vm, status, 1, Duration::from_secs(10));
@@ -453,12 +464,8 @@ grep -q BACKEND_UP /tmp/probe.log"#,
         MINUTE,
     );
     let consumer = stock_consumer(&socket, dir.path());
-    let out = vm.run(
-        "i=0; while ! grep -q 'replied to request=15' /tmp/probe.log && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /tmp/probe.log",
-        2 * MINUTE,
-    );
-    eprintln!("vvu-probe log:\n{}", out.output);
-    let log = out.output;
+    let log = probe_log_once(&mut vm, "replied to request=15");
+    eprintln!("vvu-probe log:\n{log}");
     assert!(log.contains("frontend connected"), "{log}");
     assert!(
         log.contains("message request=1 "),
@@ -521,15 +528,8 @@ grep -q BACKEND_UP /tmp/probe.log"#,
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     frontend.set_vring_kick(0, &kick).unwrap();
     kick.write(1).unwrap();
-    let out = vm.run(
-        "i=0; while ! grep -q 'kick of vring 0 received' /tmp/probe.log && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /tmp/probe.log",
-        2 * MINUTE,
-    );
-    assert!(
-        out.output.contains("kick of vring 0 received"),
-        "{}",
-        out.output
-    );
+    let log = probe_log_once(&mut vm, "kick of vring 0 received");
+    assert!(log.contains("kick of vring 0 received"), "{log}");
 
     // Frontend memory: a region taken from 2 MiB into a memfd appears in the shared-memory
     // BAR at the offset the device chose; the probe maps it through VFIO and checksums it.
@@ -590,14 +590,10 @@ grep -q BACKEND_UP /tmp/probe.log"#,
     reply.extend_from_slice(&8u32.to_le_bytes());
     reply.extend_from_slice(&0u64.to_le_bytes());
     channel.write_all(&reply).unwrap();
-    let out = vm.run(
-        "i=0; while ! grep -q 'message request=2 flags=0x5 size=8' /tmp/probe.log && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /tmp/probe.log",
-        2 * MINUTE,
-    );
+    let log = probe_log_once(&mut vm, "message request=2 flags=0x5 size=8");
     assert!(
-        out.output.contains("message request=2 flags=0x5 size=8"),
-        "our reply on the backend channel did not reach the appliance:\n{}",
-        out.output
+        log.contains("message request=2 flags=0x5 size=8"),
+        "our reply on the backend channel did not reach the appliance:\n{log}"
     );
     // Something that is not a reply on the channel makes the device close the channel; the
     // session and the appliance VM carry on.
@@ -618,16 +614,13 @@ grep -q BACKEND_UP /tmp/probe.log"#,
     // the probe sees it on the config interrupt, resets the device and drives it anew, and
     // the next frontend is answered.
     frontend.set_vring_enable(0, true).unwrap();
-    let out = vm.run(
-        "i=0; while ! grep -q 'device up again' /tmp/probe.log && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /tmp/probe.log",
-        2 * MINUTE,
-    );
+    let log = probe_log_once(&mut vm, "device up again");
     for line in [
         "sent a malformed message",
         "device needs a reset",
         "device up again",
     ] {
-        assert!(out.output.contains(line), "no '{line}':\n{}", out.output);
+        assert!(log.contains(line), "no '{line}':\n{log}");
     }
     drop(frontend);
     let (answered, answer) = std::sync::mpsc::channel();
