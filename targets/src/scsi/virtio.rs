@@ -983,7 +983,6 @@ impl ControlQueue {
         let mut lun = [0u8; 8];
         lun.copy_from_slice(&req[8..16]);
         let index = decode_lun(&lun).and_then(|id| self.device.lun_index(id));
-        let all: Vec<usize> = (0..self.device.luns.len()).collect();
         let settle = |luns: &[usize], answer: u8| {
             if self.device.wait_idle(luns) {
                 answer
@@ -1003,6 +1002,7 @@ impl ControlQueue {
             },
             // I_T NEXUS RESET
             4 => {
+                let all: Vec<usize> = (0..self.device.luns.len()).collect();
                 let answer = settle(&all, response::FUNCTION_SUCCEEDED);
                 self.device.set_unit_attention(None, Sense::I_T_NEXUS_LOSS);
                 answer
