@@ -4,8 +4,9 @@
 //! cache mode, negotiated features). [`BlkQueue`] turns descriptor chains into [`DiskOp`]s on
 //! its own [`DiskQueue`], keeps each request in an in-flight table until the disk completes
 //! it, and reports finished requests as [`Completed`] `(head, used_len)` pairs for the
-//! transport to put on the used ring. Malformed chains are answered with a status, never a
-//! panic; chains without a writable status byte are returned with used length 0.
+//! transport to put on the used ring. Requests it refuses are answered with the status
+//! [`Refusal::status`] gives (the spec's, else QEMU's), never a panic; chains without a
+//! writable status byte are returned with used length 0.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -255,10 +256,126 @@ pub enum ConfigWriteError {
 
 /// What a request turned into.
 enum Action {
-    /// Finished without disk I/O.
-    Done(u8, u32),
+    /// Finished without disk I/O: bytes written to the data buffers.
+    Done(u32),
+    /// Answered without disk I/O.
+    Refuse(Refusal),
     /// Needs the disk.
     Io(PendingIo),
+}
+
+/// Why a request is answered without disk I/O. [`Refusal::status`] is the one table of the
+/// status each gets: the virtio spec's where it names one (virtio 1.2 §5.2.6.2), otherwise
+/// that of QEMU's virtio-blk handler (`block/export/virtio-blk-handler.c`, which
+/// qemu-storage-daemon serves vhost-user-blk with), so drivers and QEMU's tests see the
+/// same answers from both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The chain breaks virtio framing: a device-readable descriptor after a writable one,
+    /// or more descriptors than `seg_max` + 2.
+    MalformedChain,
+    /// The request header (`virtio_blk_outhdr`, 16 bytes) is short or unreadable.
+    ShortHeader,
+    /// A read's data buffers are device-readable, or a write's are device-writable.
+    WrongDirection,
+    /// A write, discard or write-zeroes on a read-only device (spec: "MUST set the status
+    /// byte to VIRTIO_BLK_S_IOERR for a write request if VIRTIO_BLK_F_RO is offered").
+    ReadOnly,
+    /// The sector range is not aligned to the logical block size or ends past capacity.
+    OutOfRange,
+    /// More data than `size_max` × `seg_max` bytes.
+    TooLarge,
+    /// A request type the device does not implement (spec: VIRTIO_BLK_S_UNSUPP).
+    UnknownType,
+    /// A discard or write-zeroes with more segments than `max_discard_seg` /
+    /// `max_write_zeroes_seg` (QEMU: VIRTIO_BLK_S_UNSUPP).
+    TooManySegments,
+    /// A discard or write-zeroes whose segment (`virtio_blk_discard_write_zeroes`,
+    /// 16 bytes) is short or unreadable.
+    ShortSegment,
+    /// Unknown flags in a discard or write-zeroes segment, or UNMAP on a discard (spec:
+    /// VIRTIO_BLK_S_UNSUPP).
+    UnknownFlags,
+    /// A segment covers more sectors than `max_discard_sectors` /
+    /// `max_write_zeroes_sectors`.
+    TooManySectors,
+    /// An operation whose feature the device did not offer (write-zeroes where ranges
+    /// cannot be zeroed).
+    NotOffered,
+    /// The guest memory a request names cannot be reached or a bounce buffer cannot be
+    /// allocated.
+    BadMemory,
+    /// The queue's disk context would not take the operation (logged).
+    DiskQueue,
+}
+
+impl Refusal {
+    /// Every refusal, in declaration order (`Refusal as usize` indexes this).
+    pub const ALL: [Refusal; 14] = [
+        Refusal::MalformedChain,
+        Refusal::ShortHeader,
+        Refusal::WrongDirection,
+        Refusal::ReadOnly,
+        Refusal::OutOfRange,
+        Refusal::TooLarge,
+        Refusal::UnknownType,
+        Refusal::TooManySegments,
+        Refusal::ShortSegment,
+        Refusal::UnknownFlags,
+        Refusal::TooManySectors,
+        Refusal::NotOffered,
+        Refusal::BadMemory,
+        Refusal::DiskQueue,
+    ];
+
+    /// snake_case name (a metric label value).
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::MalformedChain => "malformed_chain",
+            Refusal::ShortHeader => "short_header",
+            Refusal::WrongDirection => "wrong_direction",
+            Refusal::ReadOnly => "read_only",
+            Refusal::OutOfRange => "out_of_range",
+            Refusal::TooLarge => "too_large",
+            Refusal::UnknownType => "unknown_type",
+            Refusal::TooManySegments => "too_many_segments",
+            Refusal::ShortSegment => "short_segment",
+            Refusal::UnknownFlags => "unknown_flags",
+            Refusal::TooManySectors => "too_many_sectors",
+            Refusal::NotOffered => "not_offered",
+            Refusal::BadMemory => "bad_memory",
+            Refusal::DiskQueue => "disk_queue",
+        }
+    }
+
+    /// The virtio-blk status byte the driver gets.
+    pub fn status(self) -> u8 {
+        let status = match self {
+            Refusal::UnknownType
+            | Refusal::TooManySegments
+            | Refusal::UnknownFlags
+            | Refusal::NotOffered => VIRTIO_BLK_S_UNSUPP,
+            Refusal::MalformedChain
+            | Refusal::ShortHeader
+            | Refusal::WrongDirection
+            | Refusal::ReadOnly
+            | Refusal::OutOfRange
+            | Refusal::TooLarge
+            | Refusal::ShortSegment
+            | Refusal::TooManySectors
+            | Refusal::BadMemory
+            | Refusal::DiskQueue => VIRTIO_BLK_S_IOERR,
+        };
+        status as u8
+    }
+
+    /// The driver broke the virtio framing (counted as malformed, not as an I/O error).
+    pub fn is_malformed(self) -> bool {
+        matches!(
+            self,
+            Refusal::MalformedChain | Refusal::ShortHeader | Refusal::WrongDirection
+        )
+    }
 }
 
 /// Which operation, for completion handling and statistics.
@@ -350,21 +467,35 @@ impl BlkQueue {
 
         let action = if misordered || too_long {
             tracing::debug!(head, misordered, too_long, "malformed descriptor chain");
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-            Action::Done(VIRTIO_BLK_S_IOERR as u8, 0)
+            Action::Refuse(Refusal::MalformedChain)
         } else {
             self.parse(mem, &readable, writable_data)
         };
-        match action {
-            Action::Done(status_code, data_written) => {
-                self.finish_now(mem, head, status, status_code, data_written, done)
+        let refusal = match action {
+            Action::Done(data_written) => {
+                return self.finish_now(
+                    mem,
+                    head,
+                    status,
+                    VIRTIO_BLK_S_OK as u8,
+                    data_written,
+                    done,
+                )
             }
-            Action::Io(io) => {
-                if let Err(status_code) = self.submit_io(mem, head, status, io) {
-                    self.finish_now(mem, head, status, status_code, 0, done);
-                }
-            }
+            Action::Refuse(refusal) => refusal,
+            Action::Io(io) => match self.submit_io(mem, head, status, io) {
+                Ok(()) => return,
+                Err(refusal) => refusal,
+            },
+        };
+        tracing::debug!(head, ?refusal, "request refused");
+        if let Some(count) = self.stats.refused.get(refusal as usize) {
+            count.fetch_add(1, Ordering::Relaxed);
         }
+        if refusal.is_malformed() {
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.finish_now(mem, head, status, refusal.status(), 0, done);
     }
 
     fn finish_now(
@@ -398,14 +529,10 @@ impl BlkQueue {
 
     /// Validates a well-framed request.
     fn parse(&self, mem: &Memory, readable: &[Segment], writable_data: Vec<Segment>) -> Action {
-        const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
-        const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
         let (header_segs, readable_data) = split_segments(readable, HEADER_SIZE);
         let mut header = [0u8; HEADER_SIZE];
         if gather(mem, &header_segs, &mut header).is_none() {
-            tracing::debug!("request header shorter than 16 bytes or unreadable");
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-            return Action::Done(IOERR, 0);
+            return Action::Refuse(Refusal::ShortHeader);
         }
         let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
         let request_type = u32::from_le_bytes([t0, t1, t2, t3]);
@@ -421,17 +548,14 @@ impl BlkQueue {
                     (readable_data.clone(), &writable_data)
                 };
                 if !wrong_way.is_empty() {
-                    tracing::debug!(is_read, "data buffers in the wrong direction");
-                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    return Action::Done(IOERR, 0);
+                    return Action::Refuse(Refusal::WrongDirection);
                 }
                 if !is_read && readonly {
-                    return Action::Done(IOERR, 0);
+                    return Action::Refuse(Refusal::ReadOnly);
                 }
                 let len = total(&data) as u64;
                 if len > self.device.max_request_bytes() {
-                    tracing::debug!(len, "request larger than advertised limits");
-                    return Action::Done(IOERR, 0);
+                    return Action::Refuse(Refusal::TooLarge);
                 }
                 match self.check_range(sector, len) {
                     Some(offset) => Action::Io(PendingIo {
@@ -440,7 +564,7 @@ impl BlkQueue {
                         len,
                         data,
                     }),
-                    None => Action::Done(IOERR, 0),
+                    None => Action::Refuse(Refusal::OutOfRange),
                 }
             }
             VIRTIO_BLK_T_FLUSH => Action::Io(PendingIo {
@@ -456,69 +580,74 @@ impl BlkQueue {
                 id[..n].copy_from_slice(&serial[..n]);
                 let limit = total(&writable_data).min(id.len());
                 match scatter(mem, &writable_data, &id[..limit]) {
-                    Some(written) => Action::Done(VIRTIO_BLK_S_OK as u8, written as u32),
-                    None => Action::Done(IOERR, 0),
+                    Some(written) => Action::Done(written as u32),
+                    None => Action::Refuse(Refusal::BadMemory),
                 }
-            }
-            VIRTIO_BLK_T_WRITE_ZEROES if !readonly && !self.device.disk.deallocate_zeroes => {
-                // Not offered: the backing store cannot zero a range without writing it.
-                Action::Done(UNSUPP, 0)
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-                let is_discard = request_type == VIRTIO_BLK_T_DISCARD;
-                if readonly {
-                    return Action::Done(IOERR, 0);
-                }
-                let payload = total(&readable_data);
-                let count = payload / DISCARD_SEGMENT_SIZE;
-                if !payload.is_multiple_of(DISCARD_SEGMENT_SIZE)
-                    || count == 0
-                    || count > MAX_DISCARD_SEGMENTS as usize
-                {
-                    tracing::debug!(payload, "bad discard/write-zeroes segment list");
-                    return Action::Done(IOERR, 0);
-                }
-                let mut seg = [0u8; DISCARD_SEGMENT_SIZE];
-                if gather(mem, &readable_data, &mut seg).is_none() {
-                    return Action::Done(IOERR, 0);
-                }
-                let [a0, a1, a2, a3, a4, a5, a6, a7, n0, n1, n2, n3, f0, f1, f2, f3] = seg;
-                let seg_sector = u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]);
-                let num_sectors = u32::from_le_bytes([n0, n1, n2, n3]);
-                let flags = u32::from_le_bytes([f0, f1, f2, f3]);
-                let allowed_flags = if is_discard {
-                    0
-                } else {
-                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
-                };
-                if flags & !allowed_flags != 0 {
-                    return Action::Done(UNSUPP, 0);
-                }
-                if num_sectors > MAX_DISCARD_SECTORS {
-                    return Action::Done(IOERR, 0);
-                }
-                let len = u64::from(num_sectors) * SECTOR_SIZE;
-                match self.check_range(seg_sector, len) {
-                    Some(offset) => Action::Io(PendingIo {
-                        kind: if is_discard {
-                            Kind::Discard
-                        } else {
-                            Kind::WriteZeroes {
-                                unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
-                            }
-                        },
-                        offset,
-                        len,
-                        data: Vec::new(),
-                    }),
-                    None => Action::Done(IOERR, 0),
+                match self.parse_segment(mem, request_type, &readable_data) {
+                    Ok(io) => Action::Io(io),
+                    Err(refusal) => Action::Refuse(refusal),
                 }
             }
-            other => {
-                tracing::debug!(request_type = other, "unsupported request type");
-                Action::Done(UNSUPP, 0)
-            }
+            _ => Action::Refuse(Refusal::UnknownType),
         }
+    }
+
+    /// Validates a discard or write-zeroes request, in the order QEMU checks it.
+    fn parse_segment(
+        &self,
+        mem: &Memory,
+        request_type: u32,
+        payload: &[Segment],
+    ) -> Result<PendingIo, Refusal> {
+        let is_discard = request_type == VIRTIO_BLK_T_DISCARD;
+        if self.device.settings.readonly {
+            return Err(Refusal::ReadOnly);
+        }
+        if !is_discard && !self.device.disk.deallocate_zeroes {
+            // Not offered: the backing store cannot zero a range without writing it.
+            return Err(Refusal::NotOffered);
+        }
+        let len = total(payload);
+        if len > DISCARD_SEGMENT_SIZE * MAX_DISCARD_SEGMENTS as usize {
+            return Err(Refusal::TooManySegments);
+        }
+        let mut seg = [0u8; DISCARD_SEGMENT_SIZE];
+        if len < DISCARD_SEGMENT_SIZE || gather(mem, payload, &mut seg).is_none() {
+            return Err(Refusal::ShortSegment);
+        }
+        let [a0, a1, a2, a3, a4, a5, a6, a7, n0, n1, n2, n3, f0, f1, f2, f3] = seg;
+        let seg_sector = u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]);
+        let num_sectors = u32::from_le_bytes([n0, n1, n2, n3]);
+        let flags = u32::from_le_bytes([f0, f1, f2, f3]);
+        if num_sectors > MAX_DISCARD_SECTORS {
+            return Err(Refusal::TooManySectors);
+        }
+        let len = u64::from(num_sectors) * SECTOR_SIZE;
+        let offset = self
+            .check_range(seg_sector, len)
+            .ok_or(Refusal::OutOfRange)?;
+        let allowed_flags = if is_discard {
+            0
+        } else {
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        };
+        if flags & !allowed_flags != 0 {
+            return Err(Refusal::UnknownFlags);
+        }
+        Ok(PendingIo {
+            kind: if is_discard {
+                Kind::Discard
+            } else {
+                Kind::WriteZeroes {
+                    unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+                }
+            },
+            offset,
+            len,
+            data: Vec::new(),
+        })
     }
 
     /// Byte offset of `sector` if `[sector, +len)` is block-aligned and inside the disk.
@@ -536,8 +665,8 @@ impl BlkQueue {
         head: u16,
         status: GuestAddress,
         io: PendingIo,
-    ) -> Result<(), u8> {
-        const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+    ) -> Result<(), Refusal> {
+        const IOERR: Refusal = Refusal::BadMemory;
         let mut bounce = None;
         let op = match io.kind {
             Kind::Read | Kind::Write => {
@@ -581,7 +710,7 @@ impl BlkQueue {
         if let Err(e) = self.disk.push(op, slot as u64) {
             tracing::warn!("cannot queue disk I/O: {e}");
             self.inflight.release(slot);
-            return Err(IOERR);
+            return Err(Refusal::DiskQueue);
         }
         self.inflight.fill(
             slot,

@@ -26,4 +26,6 @@ pub struct QueueStats {
     pub unsupported: AtomicU64,
     /// Malformed descriptor chains (wrong framing, direction or length).
     pub malformed: AtomicU64,
+    /// virtio-blk requests refused without disk I/O, indexed by `blk::Refusal as usize`.
+    pub refused: [AtomicU64; crate::blk::Refusal::ALL.len()],
 }

@@ -127,18 +127,7 @@ impl Fixture {
     }
 
     fn discard_segment(&mut self, request_type: u32, sector: u64, sectors: u32, flags: u32) -> u8 {
-        self.header(request_type, 0);
-        let mut seg = [0u8; 16];
-        seg[..8].copy_from_slice(&sector.to_le_bytes());
-        seg[8..12].copy_from_slice(&sectors.to_le_bytes());
-        seg[12..].copy_from_slice(&flags.to_le_bytes());
-        self.mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
-        self.run(&[
-            readable(HEADER, 16),
-            readable(DATA, 16),
-            writable(STATUS, 1),
-        ])
-        .1
+        segments(self, request_type, &[segment(sector, sectors, flags)], 16)
     }
 }
 
@@ -411,51 +400,156 @@ fn write_zeroes_is_not_offered_where_ranges_cannot_be_zeroed() {
     assert_eq!(f.discard_segment(VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 0), OK);
 }
 
+/// A discard or write-zeroes request whose payload is `payload` (segments as given).
+fn segments(f: &mut Fixture, request_type: u32, payload: &[[u8; 16]], len: u32) -> u8 {
+    f.header(request_type, 0);
+    let bytes: Vec<u8> = payload.iter().flatten().copied().collect();
+    f.mem.write_slice(&bytes, GuestAddress(DATA)).unwrap();
+    f.run(&[
+        readable(HEADER, 16),
+        readable(DATA, len),
+        writable(STATUS, 1),
+    ])
+    .1
+}
+
+fn segment(sector: u64, sectors: u32, flags: u32) -> [u8; 16] {
+    let mut seg = [0u8; 16];
+    seg[..8].copy_from_slice(&sector.to_le_bytes());
+    seg[8..12].copy_from_slice(&sectors.to_le_bytes());
+    seg[12..].copy_from_slice(&flags.to_le_bytes());
+    seg
+}
+
+/// Every way a request is refused, the status it gets (the virtio spec's, or QEMU's
+/// virtio-blk handler's where the spec is silent) and the reason counted for it.
 #[test]
-fn bad_discard_requests() {
+fn every_refused_request_gets_the_status_qemu_gives() {
+    use targets::blk::Refusal;
+    type Case = (Refusal, u8, fn(&mut Fixture) -> u8);
+    let one = segment(0, 8, 0);
+    let cases: [Case; 18] = [
+        (Refusal::MalformedChain, IOERR, |f| {
+            f.header(VIRTIO_BLK_T_IN, 0);
+            let misordered = [
+                readable(HEADER, 16),
+                writable(DATA, 512),
+                readable(DATA + 4096, 512),
+                writable(STATUS, 1),
+            ];
+            f.run(&misordered).1
+        }),
+        (Refusal::ShortHeader, IOERR, |f| {
+            f.run(&[readable(HEADER, 8), writable(STATUS, 1)]).1
+        }),
+        (Refusal::WrongDirection, IOERR, |f| {
+            f.header(VIRTIO_BLK_T_IN, 0);
+            f.run(&[
+                readable(HEADER, 16),
+                readable(DATA, 512),
+                writable(STATUS, 1),
+            ])
+            .1
+        }),
+        (Refusal::OutOfRange, IOERR, |f| {
+            f.rw(VIRTIO_BLK_T_IN, DISK_SIZE / 512, 512).1
+        }),
+        (Refusal::OutOfRange, IOERR, |f| {
+            segments(
+                f,
+                VIRTIO_BLK_T_DISCARD,
+                &[segment(DISK_SIZE / 512, 1, 0)],
+                16,
+            )
+        }),
+        (Refusal::TooLarge, IOERR, |f| {
+            let limit = f.device.max_request_bytes() as u32;
+            f.rw(VIRTIO_BLK_T_IN, 0, limit + 512).1
+        }),
+        (Refusal::UnknownType, UNSUPP, |f| {
+            f.header(0xdead, 0);
+            f.run(&[readable(HEADER, 16), writable(STATUS, 1)]).1
+        }),
+        (Refusal::UnknownType, UNSUPP, |f| {
+            f.header(VIRTIO_BLK_T_SCSI_CMD, 0);
+            f.run(&[readable(HEADER, 16), writable(STATUS, 1)]).1
+        }),
+        // max_discard_seg = max_write_zeroes_seg = 1: two segments, or one and a half.
+        (Refusal::TooManySegments, UNSUPP, |f| {
+            let two = [segment(0, 8, 0), segment(8, 8, 0)];
+            segments(f, VIRTIO_BLK_T_DISCARD, &two, 32)
+        }),
+        (Refusal::TooManySegments, UNSUPP, |f| {
+            let two = [segment(0, 8, 0), segment(8, 8, 0)];
+            segments(f, VIRTIO_BLK_T_WRITE_ZEROES, &two, 32)
+        }),
+        (Refusal::TooManySegments, UNSUPP, |f| {
+            let two = [segment(0, 8, 0), segment(8, 8, 0)];
+            segments(f, VIRTIO_BLK_T_DISCARD, &two, 24)
+        }),
+        (Refusal::ShortSegment, IOERR, |f| {
+            segments(f, VIRTIO_BLK_T_DISCARD, &[segment(0, 8, 0)], 10)
+        }),
+        (Refusal::UnknownFlags, UNSUPP, |f| {
+            let unmap = segment(0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+            segments(f, VIRTIO_BLK_T_DISCARD, &[unmap], 16)
+        }),
+        (Refusal::UnknownFlags, UNSUPP, |f| {
+            segments(f, VIRTIO_BLK_T_WRITE_ZEROES, &[segment(0, 8, 0x10)], 16)
+        }),
+        (Refusal::TooManySectors, IOERR, |f| {
+            let huge = segment(0, targets::blk::MAX_DISCARD_SECTORS + 1, 0);
+            segments(f, VIRTIO_BLK_T_WRITE_ZEROES, &[huge], 16)
+        }),
+        (Refusal::BadMemory, IOERR, |f| {
+            f.header(VIRTIO_BLK_T_IN, 0);
+            f.run(&[
+                readable(HEADER, 16),
+                writable(0x0ff0_0000, 4096),
+                writable(STATUS, 1),
+            ])
+            .1
+        }),
+        (Refusal::NotOffered, UNSUPP, |_| {
+            let mut f = fixture_on_disk(settings(), true, |info| info.deallocate_zeroes = false);
+            let status = segments(&mut f, VIRTIO_BLK_T_WRITE_ZEROES, &[segment(0, 8, 0)], 16);
+            assert_eq!(refused(&f, Refusal::NotOffered), 1);
+            status
+        }),
+        (Refusal::ReadOnly, IOERR, |_| {
+            let mut f = fixture_with(
+                BlkSettings {
+                    readonly: true,
+                    ..settings()
+                },
+                true,
+            );
+            let statuses = [
+                f.rw(VIRTIO_BLK_T_OUT, 0, 512).1,
+                segments(&mut f, VIRTIO_BLK_T_DISCARD, &[segment(0, 8, 0)], 16),
+                segments(&mut f, VIRTIO_BLK_T_WRITE_ZEROES, &[segment(0, 8, 0)], 16),
+            ];
+            assert_eq!(statuses, [IOERR; 3]);
+            assert_eq!(refused(&f, Refusal::ReadOnly), 3);
+            IOERR
+        }),
+    ];
+    for (reason, status, request) in cases {
+        assert_eq!(reason.status(), status, "{reason:?}: the table");
+        let mut f = fixture();
+        let got = request(&mut f);
+        assert_eq!(got, status, "{reason:?}: status");
+        if !matches!(reason, Refusal::NotOffered | Refusal::ReadOnly) {
+            assert_eq!(refused(&f, reason), 1, "{reason:?}: counted reason");
+        }
+    }
+    // A well-formed single segment still works.
     let mut f = fixture();
-    assert_eq!(
-        f.discard_segment(
-            VIRTIO_BLK_T_DISCARD,
-            0,
-            8,
-            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
-        ),
-        UNSUPP
-    );
-    assert_eq!(
-        f.discard_segment(VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 0x10),
-        UNSUPP
-    );
-    assert_eq!(
-        f.discard_segment(
-            VIRTIO_BLK_T_DISCARD,
-            0,
-            targets::blk::MAX_DISCARD_SECTORS + 1,
-            0
-        ),
-        IOERR
-    );
-    // Two segments where one is allowed; a 10-byte segment list.
-    f.header(VIRTIO_BLK_T_DISCARD, 0);
-    assert_eq!(
-        f.run(&[
-            readable(HEADER, 16),
-            readable(DATA, 32),
-            writable(STATUS, 1)
-        ])
-        .1,
-        IOERR
-    );
-    assert_eq!(
-        f.run(&[
-            readable(HEADER, 16),
-            readable(DATA, 10),
-            writable(STATUS, 1)
-        ])
-        .1,
-        IOERR
-    );
+    assert_eq!(segments(&mut f, VIRTIO_BLK_T_DISCARD, &[one], 16), OK);
+}
+
+fn refused(f: &Fixture, reason: targets::blk::Refusal) -> u64 {
+    f.queue.stats().refused[reason as usize].load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[test]
