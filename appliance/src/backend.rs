@@ -7,21 +7,30 @@
 //! thread that submitted them; no lock is shared between queues on the I/O path. The
 //! `Mutex` around each worker is only contended by the control path (GET_VRING_BASE drain,
 //! disconnect).
+//!
+//! Per-connection resources end with the connection ([`VirtioBackend::end_session`]): the
+//! vrings, the guest memory mapping and the exit-event fds vhost-user-backend leaves open.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use targets::blk::Memory;
 use targets::device::{Completed, QueueHandler, VirtioDevice};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+
+use crate::vring::SessionVring;
+
+/// The vring type of every export.
+type Vring = SessionVring<GuestMemoryAtomic<Memory>>;
 
 /// Largest vhost-user config space (VHOST_USER_CONFIG_SIZE).
 const MAX_CONFIG_READ: usize = 256;
@@ -30,7 +39,7 @@ const MAX_CONFIG_READ: usize = 256;
 struct Worker {
     queue: Box<dyn QueueHandler>,
     /// The vring of the current connection, known from its first event.
-    vring: Option<VringRwLock>,
+    vring: Option<Vring>,
     done: Vec<Completed>,
 }
 
@@ -76,6 +85,11 @@ pub struct VirtioBackend {
     workers: Vec<Mutex<Worker>>,
     memory: RwLock<GuestMemoryAtomic<Memory>>,
     event_idx: AtomicBool,
+    /// Consumer ends of the exit events handed to vhost-user-backend for the current
+    /// connection. vhost-user-backend 0.24 registers each in its epoll with `into_raw_fd`
+    /// and never closes it (one eventfd per worker thread per connection), so
+    /// [`VirtioBackend::end_session`] closes them once the connection's threads are joined.
+    exit_consumers: Mutex<Vec<RawFd>>,
 }
 
 /// Epoll data value of the per-thread io_uring completion eventfd (above the vring range).
@@ -100,6 +114,7 @@ impl VirtioBackend {
                 .collect(),
             memory: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
+            exit_consumers: Mutex::new(Vec::new()),
         }
     }
 
@@ -130,7 +145,30 @@ impl VirtioBackend {
         }
     }
 
-    fn process_queue(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+    /// Ends a connection whose `VhostUserDaemon` has been dropped (its worker threads
+    /// joined): completes in-flight I/O, unmaps the frontend's memory and closes the fds
+    /// vhost-user-backend left open, so a connection leaves nothing behind.
+    pub fn end_session(&self) {
+        self.disconnected();
+        *self.memory.write().unwrap_or_else(|p| p.into_inner()) =
+            GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let fds = std::mem::take(
+            &mut *self
+                .exit_consumers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for fd in fds {
+            // SAFETY: `fd` is the consumer end of an exit event created by `exit_event`;
+            // vhost-user-backend 0.24 (pinned exactly in Cargo.toml) took it with
+            // `into_raw_fd`, registered it in its epoll and never closes it. The connection's
+            // daemon is dropped, so its worker threads are joined and its epoll is closed:
+            // nothing else refers to this fd number, and it is closed exactly once here.
+            drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        }
+    }
+
+    fn process_queue(&self, index: usize, vring: &Vring) -> io::Result<()> {
         let Some(mut worker) = self.worker(index) else {
             return Ok(());
         };
@@ -187,7 +225,7 @@ fn queue_error(e: virtio_queue::Error) -> io::Error {
 
 impl VhostUserBackend for VirtioBackend {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.workers.len()
@@ -256,7 +294,13 @@ impl VhostUserBackend for VirtioBackend {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         // Without one, dropping the daemon would join worker threads nothing tells to stop.
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        self.exit_consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -271,7 +315,7 @@ impl VhostUserBackend for VirtioBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {

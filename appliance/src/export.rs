@@ -322,7 +322,22 @@ fn serve_connections(
     }
 }
 
+/// Serves one frontend connection; whatever happens, the connection's resources are
+/// released before the next one is accepted.
 fn serve_one(
+    name: &str,
+    backend: &Arc<VirtioBackend>,
+    listener: &mut Listener,
+    connection: &Mutex<Option<ShutdownHandle>>,
+) -> anyhow::Result<()> {
+    let result = run_connection(name, backend, listener, connection);
+    // The connection's daemon is dropped (its vring threads joined): complete whatever they
+    // left in flight and release what the connection held.
+    backend.end_session();
+    result
+}
+
+fn run_connection(
     name: &str,
     backend: &Arc<VirtioBackend>,
     listener: &mut Listener,
@@ -354,9 +369,8 @@ fn serve_one(
         )) => tracing::info!(export = name, "frontend disconnected"),
         Err(e) => tracing::warn!(export = name, "frontend connection ended: {e:?}"),
     }
-    // Joins this connection's vring threads, then completes whatever they left in flight.
+    // Joins this connection's vring threads.
     drop(daemon);
-    backend.disconnected();
     Ok(())
 }
 

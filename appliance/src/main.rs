@@ -13,6 +13,7 @@
 
 mod backend;
 mod export;
+mod vring;
 mod vvu;
 
 use std::os::fd::RawFd;
@@ -106,6 +107,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         signals.add(s);
     }
     signals.thread_block().context("cannot block signals")?;
+    raise_open_file_limit();
 
     let exports = if let Some(path) = &cli.config {
         start_from_config(path)?
@@ -205,6 +207,28 @@ fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {
         (None, config::Transport::Vvu(_)) => anyhow::bail!("a single export takes a socket"),
     };
     RunningExport::start(&export, socket)
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit, as most daemons do: every frontend
+/// connection holds a few fds per queue (kick, call, memory regions), and systemd's default
+/// soft limit (1024) would cap a busy daemon well below what the host allows.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!("cannot read the open file limit: {e}");
+            return;
+        }
+    };
+    if soft >= hard {
+        tracing::info!(soft, hard, "open file limit");
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => tracing::info!(was = soft, soft = hard, hard, "open file limit raised"),
+        Err(e) => tracing::warn!(soft, hard, "cannot raise the open file limit: {e}"),
+    }
 }
 
 /// sd_notify(READY=1) when started by systemd with `Type=notify`.

@@ -186,11 +186,25 @@ impl Appliance {
 
     /// As [`Appliance::start`] in an existing directory (to reuse backing files).
     pub fn start_in(dir: tempfile::TempDir, config: &str, sockets: &[&str]) -> Self {
+        Self::start_with(dir, Command::new(appliance_binary()), config, sockets)
+    }
+
+    /// As [`Appliance::start`] with a prepared command (environment, limits) for the
+    /// daemon binary; the config and log arguments are added here.
+    pub fn start_command(command: Command, config: &str, sockets: &[&str]) -> Self {
+        Self::start_with(scratch_dir(), command, config, sockets)
+    }
+
+    fn start_with(
+        dir: tempfile::TempDir,
+        mut command: Command,
+        config: &str,
+        sockets: &[&str],
+    ) -> Self {
         let root = dir.path();
         let config_path = root.join("exports.yaml");
         let text = config.replace("@DIR@", &root.display().to_string());
         fs::write(&config_path, text).expect("write config");
-        let mut command = Command::new(appliance_binary());
         command
             .arg("--config")
             .arg(&config_path)

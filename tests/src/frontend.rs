@@ -9,11 +9,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vvu_transport::split_ring::{Buffer, SplitRing};
 
@@ -45,6 +45,22 @@ pub fn memfd(len: usize) -> File {
     file
 }
 
+/// How [`RawFrontend::connect_with`] sets up the device.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup {
+    /// Queues `0..num_queues` are set up and enabled.
+    pub num_queues: usize,
+    /// Entries per queue.
+    pub queue_size: u16,
+    /// Virtio features acked where offered.
+    pub wanted_features: u64,
+    /// Leave this value in each ring's used.idx at SET_VRING_ADDR and zero it only after
+    /// the ring is enabled, as a driver that initialises its ring late would.
+    pub stale_used_idx: Option<u16>,
+    /// Send SET_VRING_BASE before SET_VRING_ADDR (QEMU's order) instead of after.
+    pub base_first: bool,
+}
+
 /// A connected frontend driving the queues of a vhost-user device.
 pub struct RawFrontend {
     frontend: Frontend,
@@ -68,6 +84,27 @@ impl RawFrontend {
         queue_size: u16,
         wanted_features: u64,
     ) -> Self {
+        Self::connect_with(
+            socket,
+            &Setup {
+                num_queues,
+                queue_size,
+                wanted_features,
+                stale_used_idx: None,
+                base_first: false,
+            },
+        )
+    }
+
+    /// Connects and sets up the queues as `setup` says.
+    pub fn connect_with(socket: &Path, setup: &Setup) -> Self {
+        let Setup {
+            num_queues,
+            queue_size,
+            wanted_features,
+            stale_used_idx,
+            base_first,
+        } = *setup;
         let mut frontend =
             Frontend::connect(socket, num_queues as u64).expect("connect to the vhost-user socket");
         frontend.set_owner().expect("SET_OWNER");
@@ -92,6 +129,10 @@ impl RawFrontend {
         frontend
             .set_protocol_features(protocol & wanted)
             .expect("SET_PROTOCOL_FEATURES");
+        if protocol & VhostUserProtocolFeatures::REPLY_ACK == VhostUserProtocolFeatures::REPLY_ACK {
+            // Every later message waits for the backend's acknowledgement, as QEMU's do.
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
 
         let memfd = memfd(MEM_SIZE);
         let mem = GuestMemoryMmap::from_ranges_with_files([(
@@ -118,11 +159,20 @@ impl RawFrontend {
         for q in 0..num_queues {
             let base = GuestAddress(RING_BASE + q as u64 * RING_STRIDE);
             let (ring, _) = SplitRing::new(&mem, base, queue_size).expect("ring");
+            let used_idx_addr = ring.used_addr().unchecked_add(2);
+            if let Some(idx) = stale_used_idx {
+                // A driver that has not zeroed its ring yet: used.idx holds garbage.
+                mem.write_obj(idx.to_le(), used_idx_addr)
+                    .expect("poison used.idx");
+            }
             let kick = EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd");
             let call = EventFd::new(libc::EFD_NONBLOCK).expect("call eventfd");
             frontend
                 .set_vring_num(q, queue_size)
                 .expect("SET_VRING_NUM");
+            if base_first {
+                frontend.set_vring_base(q, 0).expect("SET_VRING_BASE");
+            }
             frontend
                 .set_vring_addr(
                     q,
@@ -137,12 +187,16 @@ impl RawFrontend {
                     },
                 )
                 .expect("SET_VRING_ADDR");
-            frontend.set_vring_base(q, 0).expect("SET_VRING_BASE");
+            if !base_first {
+                frontend.set_vring_base(q, 0).expect("SET_VRING_BASE");
+            }
             frontend.set_vring_call(q, &call).expect("SET_VRING_CALL");
             frontend.set_vring_kick(q, &kick).expect("SET_VRING_KICK");
             frontend
                 .set_vring_enable(q, true)
                 .expect("SET_VRING_ENABLE");
+            // The driver initialises its ring only now.
+            mem.write_obj(0u16, used_idx_addr).expect("zero used.idx");
             queues.push(DriverQueue { ring, kick, call });
         }
         RawFrontend {
@@ -220,6 +274,28 @@ impl RawFrontend {
             unsafe { libc::poll(&mut pfd, 1, 100) };
             let _ = dq.call.read();
         }
+    }
+
+    /// Reads and resets queue `q`'s call eventfd: how many times the device signalled it
+    /// since the last read (0 if never).
+    pub fn take_calls(&mut self, q: usize) -> u64 {
+        self.queues[q].call.read().unwrap_or(0)
+    }
+
+    /// Installs a fresh call eventfd on queue `q` (SET_VRING_CALL), as a frontend switching
+    /// notifiers does.
+    pub fn replace_call(&mut self, q: usize) {
+        let call = EventFd::new(libc::EFD_NONBLOCK).expect("call eventfd");
+        self.frontend
+            .set_vring_call(q, &call)
+            .expect("SET_VRING_CALL");
+        self.queues[q].call = call;
+    }
+
+    /// used.idx of queue `q` as the device left it in guest memory.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        let addr = self.queues[q].ring.used_addr().unchecked_add(2);
+        u16::from_le(self.mem.read_obj(addr).expect("read used.idx"))
     }
 
     /// Reads `len` bytes of the device config space.

@@ -3,15 +3,19 @@
 
 //! Shared helpers for the end-to-end tests in `tests/tests/`.
 //!
+//! - [`blk_raw`]: virtio-blk requests over the raw frontend.
 //! - [`blkio_frontend`]: libblkio as a frontend, and randomized workloads to replay.
 //! - [`daemon`]: runs the real `vhost-appliance` binary (or `qemu-storage-daemon`) on a
 //!   scratch directory and always stops it.
 //! - [`frontend`]: a raw vhost-user frontend that can send any descriptor chain.
 //! - [`rng`]: a small seeded generator for reproducible randomized workloads.
+//! - [`scsi_frontend`]: SCSI commands over the raw frontend's virtio-scsi request queue.
 //! - [`vm`]: consumer VMs (stock QEMU, serial command channel, QMP hotplug).
 
+pub mod blk_raw;
 pub mod blkio_frontend;
 pub mod daemon;
 pub mod frontend;
 pub mod rng;
+pub mod scsi_frontend;
 pub mod vm;

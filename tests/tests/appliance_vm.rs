@@ -4,7 +4,8 @@
 //! QEMU, which attach `vhost-user-blk-pci` at boot and hotplug `vhost-user-scsi-pci` over
 //! QMP. The guests format, fsck and fio-verify the LUNs; the bytes must then be in the
 //! backing files inside the appliance VM. Consumers are killed mid-I/O and replaced while
-//! the appliance VM keeps running.
+//! the appliance VM keeps running, and 50 sessions through the bridge leave the daemon's
+//! fds, threads and address space where they were.
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -13,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use appliance_tests::blk_raw;
 use appliance_tests::daemon::{appliance_binary, scratch_dir};
+use appliance_tests::frontend::RawFrontend;
 use appliance_tests::vm::{
     filesystem_and_fio_script, patched_qemu, preferred_accel, with_heap_checks, Accel, BlkAtBoot,
     ConsumerImage, Vm, VmOptions,
@@ -321,6 +324,39 @@ fn serve_consumers(appliance: &mut Vm, sockets: &Path) {
         Err(_) => panic!("a frontend got no answer through the bridge within 2 minutes"),
     }
 
+    // 50 whole sessions through the bridge (memory table, vrings, one read each, hang
+    // up): the daemon inside the VM holds the same fds and threads afterwards, and its
+    // address space has not grown by more than allocator noise.
+    let before = settled_usage(appliance, None);
+    let socket = sockets.join("vol0.sock");
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for i in 0..50u64 {
+            let mut fe = RawFrontend::connect(&socket, 64, u64::MAX);
+            let (used, status) = blk_raw::read(&mut fe, i * 8, 4096);
+            if (used, status) != (4097, 0) {
+                let _ = done.send(Err(format!(
+                    "session {i}: read answered {used} bytes, status {status}"
+                )));
+                return;
+            }
+        }
+        let _ = done.send(Ok(()));
+    });
+    match finished.recv_timeout(5 * MINUTE) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{e}"),
+        Err(_) => panic!("50 sessions through the bridge did not finish within 5 minutes"),
+    }
+    let after = settled_usage(appliance, Some(before));
+    eprintln!("daemon in the appliance VM before 50 sessions: {before:?}, after: {after:?}");
+    assert!(
+        after.2 <= before.2 + 32 * 1024,
+        "address space grew from {} to {} KiB over 50 sessions",
+        before.2,
+        after.2
+    );
+
     // A second consumer on the same sockets, without restarting the appliance VM.
     let mut second = consumer(sockets);
     let blk = second.wait_for_blk("vol0", MINUTE);
@@ -355,6 +391,32 @@ fn serve_consumers(appliance: &mut Vm, sockets: &Path) {
     let mounts = appliance.run_ok("cat /proc/mounts", MINUTE);
     assert!(!mounts.contains(" /config "), "{mounts}");
     assert_qcow2_on_config_drive_matches(&sockets.join("config.img"), "lun1.qcow2", &qcow2_md5);
+}
+
+/// The daemon's open fds, threads and address space (KiB) inside the appliance VM, once
+/// fds and threads equal `baseline`'s (or are stable, without one): the daemon releases a
+/// session's resources asynchronously to the frontend hanging up.
+fn settled_usage(appliance: &mut Vm, baseline: Option<(u64, u64, u64)>) -> (u64, u64, u64) {
+    let mut last = None;
+    for _ in 0..40 {
+        let out = appliance.run_ok(
+            "p=$(cat /run/appliance.pid); echo USAGE $(ls /proc/$p/fd | wc -l) $(ls /proc/$p/task | wc -l) $(awk '/^VmSize/ {print $2}' /proc/$p/status)",
+            MINUTE,
+        );
+        let line = out.lines().find_map(|l| l.strip_prefix("USAGE ")).unwrap();
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let now = (v[0], v[1], v[2]);
+        let target = baseline.or(last);
+        if target.is_some_and(|t| (t.0, t.1) == (now.0, now.1)) {
+            return now;
+        }
+        last = Some(now);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("the daemon in the appliance VM holds fds/threads/KiB {last:?}, expected {baseline:?}");
 }
 
 /// Takes `file` out of the config drive (unmounted in the appliance VM by now): a

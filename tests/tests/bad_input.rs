@@ -12,15 +12,15 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use appliance_tests::daemon::{appliance_binary, scratch_dir, Appliance, Process};
+use appliance_tests::blk_raw::{read, request, write, DATA, HEADER, STATUS};
+use appliance_tests::daemon::{
+    appliance_binary, qemu_storage_daemon, scratch_dir, Appliance, Process,
+};
 use appliance_tests::frontend::{RawFrontend, DATA_START};
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use vvu_transport::split_ring::Buffer;
 
-const HEADER: u64 = DATA_START;
-const DATA: u64 = DATA_START + 0x1000;
-const STATUS: u64 = DATA_START + 0x80_0000;
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
@@ -45,45 +45,6 @@ fn start(lbs: u32, readonly: bool) -> Appliance {
     let dir = scratch_dir();
     std::fs::write(dir.path().join("vol0.raw"), vec![0x3cu8; 8 << 20]).unwrap();
     Appliance::start_in(dir, &export(lbs, readonly), &["vol0.sock"])
-}
-
-/// Writes a request header and runs `buffers`; returns `(used_len, status byte)`.
-fn request(fe: &mut RawFrontend, request_type: u32, sector: u64, buffers: &[Buffer]) -> (u32, u8) {
-    let mut h = [0u8; 16];
-    h[..4].copy_from_slice(&request_type.to_le_bytes());
-    h[8..].copy_from_slice(&sector.to_le_bytes());
-    fe.write_mem(HEADER, &h);
-    fe.write_mem(STATUS, &[0xee]);
-    let head = fe.submit(buffers);
-    let (used_head, len) = fe.wait_used(TIMEOUT);
-    assert_eq!(used_head, head);
-    (len, fe.read_mem(STATUS, 1)[0])
-}
-
-fn read(fe: &mut RawFrontend, sector: u64, len: u32) -> (u32, u8) {
-    request(
-        fe,
-        VIRTIO_BLK_T_IN,
-        sector,
-        &[
-            Buffer::readable(HEADER, 16),
-            Buffer::writable(DATA, len),
-            Buffer::writable(STATUS, 1),
-        ],
-    )
-}
-
-fn write(fe: &mut RawFrontend, sector: u64, len: u32) -> (u32, u8) {
-    request(
-        fe,
-        VIRTIO_BLK_T_OUT,
-        sector,
-        &[
-            Buffer::readable(HEADER, 16),
-            Buffer::readable(DATA, len),
-            Buffer::writable(STATUS, 1),
-        ],
-    )
 }
 
 #[test]
@@ -509,4 +470,144 @@ fn backend_program_conventions() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+}
+
+/// Refused requests get the status qemu-storage-daemon gives them (QEMU's own tests hold
+/// vhost-user-blk backends to those): the same requests, over the same raw frontend, to both.
+#[test]
+fn refused_requests_get_qemu_storage_daemons_statuses() {
+    let dir = scratch_dir();
+    let image = dir.path().join("qsd.raw");
+    std::fs::write(&image, vec![0u8; 8 << 20]).unwrap();
+    let qsd_socket = dir.path().join("qsd.sock");
+    let _qsd = qemu_storage_daemon(&image, &qsd_socket, &dir.path().join("qsd.log"));
+    let appliance = start(512, false);
+
+    let segment = |sector: u64, sectors: u32, flags: u32| {
+        let mut seg = [0u8; 16];
+        seg[..8].copy_from_slice(&sector.to_le_bytes());
+        seg[8..12].copy_from_slice(&sectors.to_le_bytes());
+        seg[12..].copy_from_slice(&flags.to_le_bytes());
+        seg
+    };
+    let last = (8 << 20) / 512;
+    /// What, request type, sector, payload, payload bytes sent, data-in bytes.
+    type Case = (&'static str, u32, u64, Vec<u8>, u32, u32);
+    let cases: Vec<Case> = vec![
+        (
+            "two discard segments",
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            [segment(0, 8, 0), segment(8, 8, 0)].concat(),
+            32,
+            0,
+        ),
+        (
+            "two write-zeroes segments",
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            [segment(0, 8, 0), segment(8, 8, 0)].concat(),
+            32,
+            0,
+        ),
+        (
+            "a segment and a half",
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            [segment(0, 8, 0), segment(8, 8, 0)].concat(),
+            24,
+            0,
+        ),
+        (
+            "a short segment",
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            segment(0, 8, 0).to_vec(),
+            10,
+            0,
+        ),
+        (
+            "discard with UNMAP",
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            segment(0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP).to_vec(),
+            16,
+            0,
+        ),
+        (
+            "write-zeroes with an unknown flag",
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            segment(0, 8, 0x10).to_vec(),
+            16,
+            0,
+        ),
+        (
+            "discard past the end",
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            segment(last, 8, 0).to_vec(),
+            16,
+            0,
+        ),
+        (
+            "write-zeroes of too many sectors",
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            segment(0, u32::MAX, 0).to_vec(),
+            16,
+            0,
+        ),
+        (
+            "read past the end",
+            VIRTIO_BLK_T_IN,
+            last,
+            Vec::new(),
+            0,
+            512,
+        ),
+        (
+            "unaligned read length",
+            VIRTIO_BLK_T_IN,
+            0,
+            Vec::new(),
+            0,
+            100,
+        ),
+        ("unknown type", 0xdead, 0, Vec::new(), 0, 0),
+        (
+            "SCSI command type",
+            VIRTIO_BLK_T_SCSI_CMD,
+            0,
+            Vec::new(),
+            0,
+            0,
+        ),
+        (
+            "a good single segment",
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            segment(0, 8, 0).to_vec(),
+            16,
+            0,
+        ),
+    ];
+    let mut ours = RawFrontend::connect(&appliance.path("vol0.sock"), 16, ALL_FEATURES);
+    let mut theirs = RawFrontend::connect(&qsd_socket, 16, ALL_FEATURES);
+    for (what, request_type, sector, payload, out_len, in_len) in cases {
+        let status = |fe: &mut RawFrontend| {
+            let mut chain = vec![Buffer::readable(HEADER, 16)];
+            if out_len > 0 {
+                fe.write_mem(DATA, &payload);
+                chain.push(Buffer::readable(DATA, out_len));
+            }
+            if in_len > 0 {
+                chain.push(Buffer::writable(DATA, in_len));
+            }
+            chain.push(Buffer::writable(STATUS, 1));
+            request(fe, request_type, sector, &chain).1
+        };
+        let (a, q) = (status(&mut ours), status(&mut theirs));
+        assert_eq!(a, q, "{what}: ours {a}, qemu-storage-daemon {q}");
+    }
 }

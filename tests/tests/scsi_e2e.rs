@@ -9,13 +9,9 @@ use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use appliance_tests::daemon::{scratch_dir, Appliance};
-use appliance_tests::frontend::{RawFrontend, DATA_START};
+use appliance_tests::scsi_frontend::{ScsiFrontend as Scsi, DATA, REQ, REQUEST_QUEUE, RESP};
 use vvu_transport::split_ring::Buffer;
 
-const REQ: u64 = DATA_START;
-const RESP: u64 = DATA_START + 0x1000;
-const DATA: u64 = DATA_START + 0x2000;
-const REQUEST_QUEUE: usize = 2;
 const TIMEOUT: Duration = Duration::from_secs(10);
 const MIB: usize = 1 << 20;
 
@@ -38,97 +34,6 @@ const CONFIG: &str = "exports:
         readonly: true
 ";
 
-/// A completed SCSI command: virtio response code, SCSI status, sense key/asc/ascq,
-/// residual, bytes written.
-#[derive(Debug)]
-struct Reply {
-    response: u8,
-    status: u8,
-    sense: (u8, u8, u8),
-    residual: u32,
-    used: u32,
-}
-
-struct Scsi {
-    fe: RawFrontend,
-}
-
-impl Scsi {
-    fn connect(appliance: &Appliance) -> Self {
-        Scsi {
-            fe: RawFrontend::connect_queues(&appliance.path("s0.sock"), 3, 64, u64::MAX),
-        }
-    }
-
-    fn lun_field(lun: u16) -> [u8; 8] {
-        [1, 0, 0x40 | (lun >> 8) as u8, lun as u8, 0, 0, 0, 0]
-    }
-
-    /// Sends `cdb` to `lun` with `data_out` bytes or a `data_in` buffer of that length.
-    fn command_raw(
-        &mut self,
-        lun_field: [u8; 8],
-        cdb: &[u8],
-        data_out: &[u8],
-        data_in: u32,
-    ) -> Reply {
-        let mut req = vec![0u8; 51];
-        req[..8].copy_from_slice(&lun_field);
-        req[8..16].copy_from_slice(&7u64.to_le_bytes());
-        req[19..19 + cdb.len()].copy_from_slice(cdb);
-        self.fe.write_mem(REQ, &req);
-        self.fe.write_mem(RESP, &[0xee; 108]);
-        let mut chain = vec![Buffer::readable(REQ, 51)];
-        if !data_out.is_empty() {
-            self.fe.write_mem(DATA, data_out);
-            chain.push(Buffer::readable(DATA, data_out.len() as u32));
-        }
-        chain.push(Buffer::writable(RESP, 108));
-        if data_in > 0 {
-            chain.push(Buffer::writable(DATA, data_in));
-        }
-        let head = self.fe.submit_on(REQUEST_QUEUE, &chain);
-        let (used_head, used) = self.fe.wait_used_on(REQUEST_QUEUE, TIMEOUT);
-        assert_eq!(used_head, head);
-        let resp = self.fe.read_mem(RESP, 108);
-        Reply {
-            response: resp[11],
-            status: resp[10],
-            sense: (resp[12 + 2] & 0x0f, resp[12 + 12], resp[12 + 13]),
-            residual: u32::from_le_bytes(resp[4..8].try_into().unwrap()),
-            used,
-        }
-    }
-
-    fn command(&mut self, lun: u16, cdb: &[u8], data_out: &[u8], data_in: u32) -> Reply {
-        self.command_raw(Self::lun_field(lun), cdb, data_out, data_in)
-    }
-
-    /// Runs a command expecting GOOD; returns the data-in bytes.
-    fn good(&mut self, lun: u16, cdb: &[u8], data_out: &[u8], data_in: u32) -> Vec<u8> {
-        let r = self.command(lun, cdb, data_out, data_in);
-        assert_eq!(
-            (r.response, r.status),
-            (0, 0),
-            "{cdb:02x?} on LUN {lun}: {r:?}"
-        );
-        let n = r.used as usize - 108;
-        self.fe.read_mem(DATA, n)
-    }
-
-    /// Clears the power-on unit attention of `lun` (the first command sees it).
-    fn clear_ua(&mut self, lun: u16) {
-        let r = self.command(lun, &[0x00, 0, 0, 0, 0, 0], &[], 0);
-        assert_eq!(
-            (r.status, r.sense),
-            (2, (0x06, 0x29, 0x00)),
-            "first TUR: {r:?}"
-        );
-        let r = self.command(lun, &[0x00, 0, 0, 0, 0, 0], &[], 0);
-        assert_eq!(r.status, 0, "{r:?}");
-    }
-}
-
 fn file_bytes(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     std::fs::File::open(path)
@@ -147,7 +52,7 @@ fn start() -> Appliance {
 #[test]
 fn inquiry_report_luns_capacity_and_unit_attention() {
     let appliance = start();
-    let mut s = Scsi::connect(&appliance);
+    let mut s = Scsi::connect(&appliance.path("s0.sock"), 1);
     // INQUIRY and REPORT LUNS do not consume the power-on unit attention.
     let inq = s.good(0, &[0x12, 0, 0, 0, 96, 0], &[], 96);
     assert_eq!((inq[0], &inq[8..16]), (0x00, &b"VHOSTAPP"[..]));
@@ -190,7 +95,7 @@ fn inquiry_report_luns_capacity_and_unit_attention() {
 #[test]
 fn write_read_unmap_write_same_land_in_the_backing_files() {
     let appliance = start();
-    let mut s = Scsi::connect(&appliance);
+    let mut s = Scsi::connect(&appliance.path("s0.sock"), 1);
     s.clear_ua(1);
     let lun1 = appliance.path("lun1.raw");
     // WRITE(10) 2 blocks at LBA 3, FUA; READ(16) them back.
@@ -245,7 +150,7 @@ fn write_read_unmap_write_same_land_in_the_backing_files() {
 #[test]
 fn readonly_lun_refuses_writes_and_file_is_untouched() {
     let appliance = start();
-    let mut s = Scsi::connect(&appliance);
+    let mut s = Scsi::connect(&appliance.path("s0.sock"), 1);
     s.clear_ua(2);
     let r = s.command(2, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[0x55; 512], 0);
     assert_eq!((r.status, r.sense), (2, (0x07, 0x27, 0x00)), "DATA PROTECT");
@@ -262,7 +167,7 @@ fn readonly_lun_refuses_writes_and_file_is_untouched() {
 #[test]
 fn control_queue_tmfs_and_malformed_requests() {
     let appliance = start();
-    let mut s = Scsi::connect(&appliance);
+    let mut s = Scsi::connect(&appliance.path("s0.sock"), 1);
     s.clear_ua(0);
     // LOGICAL UNIT RESET on LUN 0 (TMF subtype 5): succeeded, then a unit attention.
     let mut tmf = vec![0u8; 24];
@@ -332,7 +237,7 @@ fn qcow2_lun_serves_scsi_io_and_checks_clean() {
         create: { size: 8M }
 ";
     let mut appliance = Appliance::start(config, &["s0.sock"]);
-    let mut s = Scsi::connect(&appliance);
+    let mut s = Scsi::connect(&appliance.path("s0.sock"), 1);
     s.clear_ua(0);
     let cap = s.good(0, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
     assert_eq!(
@@ -414,7 +319,7 @@ fn lun_on_a_file_system_without_punch_hole_writes_zeroes_as_data() {
     let dir = scratch_dir();
     let _ramfs = Ramfs::mount(dir.path().join("ramfs"));
     let appliance = Appliance::start_in(dir, RAMFS_CONFIG, &["s0.sock"]);
-    let mut s = Scsi::connect(&appliance);
+    let mut s = Scsi::connect(&appliance.path("s0.sock"), 1);
     s.clear_ua(0);
     s.clear_ua(1);
     // READ CAPACITY(16): both LUNs take UNMAP (LBPME); only the one whose file system

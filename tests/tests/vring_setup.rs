@@ -1,0 +1,75 @@
+//! How the daemon takes over a ring that a frontend sets up, as QEMU's libvhost-user does:
+//! the next used index is the avail base (never a stale value left in guest memory), and a
+//! newly installed call fd is signalled once, so a completion published while the frontend
+//! had no call fd still reaches its driver.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use appliance_tests::blk_raw::{read, write, DATA};
+use appliance_tests::daemon::Appliance;
+use appliance_tests::frontend::{RawFrontend, Setup};
+
+const CONFIG: &str = "exports:
+  - name: vol0
+    type: blk
+    socket: @DIR@/vol0.sock
+    path: @DIR@/vol0.raw
+    create: { size: 8M }
+    num_queues: 2
+    queue_size: 16
+";
+
+#[test]
+fn a_stale_used_index_in_guest_memory_is_not_taken_over() {
+    let appliance = Appliance::start(CONFIG, &["vol0.sock"]);
+    for (stale, base_first) in [
+        (0x1234u16, true),
+        (0x1234, false),
+        (1, true),
+        (0xffff, false),
+    ] {
+        let mut fe = RawFrontend::connect_with(
+            &appliance.path("vol0.sock"),
+            &Setup {
+                num_queues: 2,
+                queue_size: 16,
+                wanted_features: u64::MAX,
+                stale_used_idx: Some(stale),
+                base_first,
+            },
+        );
+        fe.write_mem(DATA, &[0xa5; 4096]);
+        // Each completion lands in the next slot from 0: used.idx counts from the base.
+        assert_eq!(write(&mut fe, 8, 4096), (1, 0), "stale used.idx {stale:#x}");
+        assert_eq!(fe.used_idx(0), 1, "stale used.idx {stale:#x}");
+        fe.write_mem(DATA, &[0; 4096]);
+        assert_eq!(read(&mut fe, 8, 4096), (4097, 0));
+        assert_eq!(fe.used_idx(0), 2);
+        assert_eq!(fe.read_mem(DATA, 4096), vec![0xa5; 4096]);
+    }
+    assert!(appliance
+        .process
+        .log()
+        .contains("ignoring the used index in guest memory"));
+}
+
+#[test]
+fn a_new_call_fd_is_signalled_once() {
+    let appliance = Appliance::start(CONFIG, &["vol0.sock"]);
+    let mut fe = RawFrontend::connect_queues(&appliance.path("vol0.sock"), 2, 16, u64::MAX);
+    // SET_VRING_CALL was acknowledged (REPLY_ACK) before connect returned.
+    for q in 0..2 {
+        assert_eq!(
+            fe.take_calls(q),
+            1,
+            "queue {q}: call fd signalled at set-up"
+        );
+        assert_eq!(fe.take_calls(q), 0, "queue {q}: once");
+    }
+    // A frontend switching notifiers mid-session: the new fd is signalled too.
+    fe.replace_call(1);
+    assert_eq!(fe.take_calls(1), 1);
+    assert_eq!(fe.take_calls(0), 0, "other queues are not disturbed");
+    assert_eq!(read(&mut fe, 0, 512), (513, 0));
+}
