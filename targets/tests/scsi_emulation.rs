@@ -331,9 +331,14 @@ fn verify_and_synchronize_cache() {
 }
 
 fn unmap_list(ranges: &[(u64, u32)]) -> Vec<u8> {
-    let mut p = vec![0u8; 8];
     let desc_len = (ranges.len() * 16) as u16;
-    p[0..2].copy_from_slice(&(desc_len + 6).to_be_bytes());
+    unmap_header(desc_len + 6, desc_len, ranges)
+}
+
+/// An UNMAP parameter list whose header says what the caller wants, whatever follows it.
+fn unmap_header(data_len: u16, desc_len: u16, ranges: &[(u64, u32)]) -> Vec<u8> {
+    let mut p = vec![0u8; 8];
+    p[0..2].copy_from_slice(&data_len.to_be_bytes());
     p[2..4].copy_from_slice(&desc_len.to_be_bytes());
     for &(lba, blocks) in ranges {
         p.extend_from_slice(&lba.to_be_bytes());
@@ -347,45 +352,238 @@ fn unmap_cdb(len: usize) -> Vec<u8> {
     cdb(&[0x42, 0, 0, 0, 0, 0, 0, (len >> 8) as u8, len as u8])
 }
 
+/// The Block Limits VPD page's MAXIMUM UNMAP LBA COUNT and MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT.
+fn unmap_limits(l: &Lun) -> (u32, u32) {
+    let page = data(l.execute(&cdb(&[0x12, 1, 0xb0, 0, 64]), &[]));
+    (
+        u32::from_be_bytes(page[20..24].try_into().unwrap()),
+        u32::from_be_bytes(page[24..28].try_into().unwrap()),
+    )
+}
+
+fn unmapped(ranges: &[(u64, u32)]) -> Outcome {
+    Outcome::Io(IoRequest::Unmap(ranges.to_vec()))
+}
+
 #[test]
-fn unmap_parameter_lists() {
+fn unmap_parameter_list_lengths() {
+    let l = lun();
+    let one = unmap_list(&[(0, 8)]);
+    let two = unmap_list(&[(0, 8), (100, 16)]);
+    // One full descriptor and the first half of another, with the lengths saying so.
+    let mut one_and_a_half = unmap_header(6 + 24, 24, &[(0, 8)]);
+    one_and_a_half.extend_from_slice(&100u64.to_be_bytes());
+    // (what, PARAMETER LIST LENGTH, data-out, outcome)
+    let cases: Vec<(&str, usize, Vec<u8>, Outcome)> = vec![
+        (
+            "two descriptors",
+            two.len(),
+            two.clone(),
+            unmapped(&[(0, 8), (100, 16)]),
+        ),
+        ("nothing sent", 0, vec![], Outcome::Good),
+        (
+            "nothing sent, whatever the buffer",
+            0,
+            two.clone(),
+            Outcome::Good,
+        ),
+        (
+            "block descriptor data length 24: the half descriptor is ignored",
+            one_and_a_half.len(),
+            one_and_a_half.clone(),
+            unmapped(&[(0, 8)]),
+        ),
+        (
+            "block descriptor data length 10: no whole descriptor",
+            two.len(),
+            unmap_header(16, 10, &[(0, 8), (100, 16)]),
+            Outcome::Good,
+        ),
+        ("header alone", 8, unmap_header(6, 0, &[]), Outcome::Good),
+        (
+            "list length 7",
+            7,
+            two.clone(),
+            Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR),
+        ),
+        (
+            "list length 1",
+            1,
+            two.clone(),
+            Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR),
+        ),
+        (
+            "data-out shorter than the list length",
+            two.len(),
+            two[..20].to_vec(),
+            Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR),
+        ),
+        (
+            "data-out shorter than the header",
+            8,
+            two[..6].to_vec(),
+            Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR),
+        ),
+        (
+            "list length cuts the descriptors the header announces",
+            one.len(),
+            two.clone(),
+            unmapped(&[(0, 8)]),
+        ),
+        (
+            "list length cuts the second descriptor in half",
+            one.len() + 8,
+            two.clone(),
+            unmapped(&[(0, 8)]),
+        ),
+        (
+            "block descriptor data length larger than what was sent",
+            one.len(),
+            unmap_header(6 + 64, 64, &[(0, 8)]),
+            unmapped(&[(0, 8)]),
+        ),
+        (
+            "unmap data length larger than what was sent",
+            one.len(),
+            unmap_header(1000, 16, &[(0, 8)]),
+            unmapped(&[(0, 8)]),
+        ),
+        (
+            "unmap data length smaller than the descriptors (not used, as in LIO)",
+            two.len(),
+            unmap_header(0, 32, &[(0, 8), (100, 16)]),
+            unmapped(&[(0, 8), (100, 16)]),
+        ),
+        (
+            "descriptors with no blocks",
+            two.len(),
+            unmap_list(&[(5, 0), (BLOCKS, 0)]),
+            Outcome::Good,
+        ),
+        (
+            "last block",
+            one.len(),
+            unmap_list(&[(BLOCKS - 1, 1)]),
+            unmapped(&[(BLOCKS - 1, 1)]),
+        ),
+        (
+            "one block past the end",
+            one.len(),
+            unmap_list(&[(BLOCKS - 1, 2)]),
+            Outcome::Check(Sense::LBA_OUT_OF_RANGE),
+        ),
+        (
+            "no blocks, but starting past the end",
+            one.len(),
+            unmap_list(&[(BLOCKS + 1, 0)]),
+            Outcome::Check(Sense::LBA_OUT_OF_RANGE),
+        ),
+        (
+            "LBA + count overflows",
+            one.len(),
+            unmap_list(&[(u64::MAX, 1)]),
+            Outcome::Check(Sense::LBA_OUT_OF_RANGE),
+        ),
+        (
+            "a bad second descriptor fails the whole command",
+            two.len(),
+            unmap_list(&[(0, 8), (BLOCKS, 1)]),
+            Outcome::Check(Sense::LBA_OUT_OF_RANGE),
+        ),
+        (
+            "a descriptor past the list length is not looked at",
+            one.len(),
+            unmap_list(&[(0, 8), (BLOCKS, 1)]),
+            unmapped(&[(0, 8)]),
+        ),
+    ];
+    for (what, len, params, expected) in cases {
+        assert_eq!(l.execute(&unmap_cdb(len), &params), expected, "{what}");
+    }
+}
+
+#[test]
+fn unmap_limits_from_the_block_limits_page() {
+    let big = Lun::new(LunSettings {
+        blocks: 1 << 40,
+        ..settings()
+    });
+    let small = lun();
+    let (max_blocks, max_descriptors) = unmap_limits(&big);
+    assert!(max_blocks > 1 && max_descriptors > 1);
+    let most: Vec<(u64, u32)> = (0..u64::from(max_descriptors))
+        .map(|i| (i * 8, 1))
+        .collect();
+    let too_many: Vec<(u64, u32)> = (0..=u64::from(max_descriptors))
+        .map(|i| (i * 8, 1))
+        .collect();
+    let carried = 8 + 16 * max_descriptors as usize;
+    // (what, LUN, PARAMETER LIST LENGTH, data-out, outcome)
+    let cases: Vec<(&str, &Lun, usize, Vec<u8>, Outcome)> = vec![
+        (
+            "the most descriptors",
+            &big,
+            carried,
+            unmap_list(&most),
+            unmapped(&most),
+        ),
+        (
+            "one descriptor too many",
+            &big,
+            carried + 16,
+            unmap_list(&too_many),
+            Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST),
+        ),
+        (
+            "one descriptor too many announced, the most carried by the list length",
+            &big,
+            carried,
+            unmap_list(&too_many),
+            unmapped(&most),
+        ),
+        (
+            "the most blocks in one descriptor",
+            &big,
+            24,
+            unmap_list(&[(0, max_blocks)]),
+            unmapped(&[(0, max_blocks)]),
+        ),
+        (
+            "one block too many in one descriptor",
+            &big,
+            24,
+            unmap_list(&[(0, max_blocks + 1)]),
+            Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST),
+        ),
+        (
+            "one block too many over two descriptors",
+            &big,
+            40,
+            unmap_list(&[(0, max_blocks), (1 << 30, 1)]),
+            Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST),
+        ),
+        (
+            "too many blocks and past the end: the limit is checked first, as in LIO",
+            &small,
+            24,
+            unmap_list(&[(0, max_blocks + 1)]),
+            Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST),
+        ),
+    ];
+    for (what, l, len, params, expected) in cases {
+        assert_eq!(l.execute(&unmap_cdb(len), &params), expected, "{what}");
+    }
+}
+
+#[test]
+fn unmap_refusals() {
     let l = lun();
     let p = unmap_list(&[(0, 8), (100, 16)]);
     assert_eq!(
-        l.execute(&unmap_cdb(p.len()), &p),
-        Outcome::Io(IoRequest::Unmap(vec![(0, 8), (100, 16)]))
-    );
-    assert_eq!(l.execute(&unmap_cdb(0), &[]), Outcome::Good, "empty list");
-    // Truncated list, list longer than the data, descriptor out of range.
-    assert_eq!(
-        check(l.execute(&unmap_cdb(p.len()), &p[..20])),
-        Sense::PARAMETER_LIST_LENGTH_ERROR
-    );
-    assert_eq!(
-        check(l.execute(&unmap_cdb(6), &p)),
-        Sense::PARAMETER_LIST_LENGTH_ERROR
-    );
-    let bad = unmap_list(&[(BLOCKS - 1, 2)]);
-    assert_eq!(
-        check(l.execute(&unmap_cdb(bad.len()), &bad)),
-        Sense::LBA_OUT_OF_RANGE
-    );
-    let mut odd = p.clone();
-    odd[2..4].copy_from_slice(&10u16.to_be_bytes());
-    assert_eq!(
-        check(l.execute(&unmap_cdb(odd.len()), &odd)),
-        Sense::PARAMETER_LIST_LENGTH_ERROR
-    );
-    let many: Vec<(u64, u32)> = (0..300).map(|i| (i, 1)).collect();
-    let many = unmap_list(&many);
-    assert_eq!(
-        check(l.execute(&unmap_cdb(many.len()), &many)),
-        Sense::INVALID_FIELD_IN_PARAMETER_LIST
-    );
-    // ANCHOR, read-only, no discard support.
-    assert_eq!(
-        check(l.execute(&cdb(&[0x42, 1, 0, 0, 0, 0, 0, 0, 24]), &p)),
-        Sense::INVALID_FIELD_IN_CDB
+        check(l.execute(&cdb(&[0x42, 1, 0, 0, 0, 0, 0, 0, 40]), &p)),
+        Sense::INVALID_FIELD_IN_CDB,
+        "ANCHOR"
     );
     let ro = Lun::new(LunSettings {
         readonly: true,

@@ -12,10 +12,14 @@ use super::sense::Sense;
 
 /// Largest transfer per READ/WRITE, in blocks (VPD B0 MAXIMUM TRANSFER LENGTH).
 pub const MAX_TRANSFER_BLOCKS: u32 = 8192;
-/// Most block descriptors per UNMAP.
+/// Most block descriptors per UNMAP (VPD B0 MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT).
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
-/// Most blocks per UNMAP (all descriptors together).
+/// Most blocks per UNMAP, all descriptors together (VPD B0 MAXIMUM UNMAP LBA COUNT).
 pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
+/// Length of the UNMAP parameter list header (SBC-4, UNMAP parameter list).
+const UNMAP_HEADER: usize = 8;
+/// Length of an UNMAP block descriptor (SBC-4, UNMAP block descriptor).
+const UNMAP_DESCRIPTOR: usize = 16;
 /// Most blocks per WRITE SAME.
 /// (LIO reports the same limit.)
 pub const MAX_WRITE_SAME_BLOCKS: u32 = 65535;
@@ -471,6 +475,22 @@ impl Lun {
         Outcome::Io(IoRequest::Flush)
     }
 
+    /// UNMAP (SBC-4, UNMAP command). The lengths in the CDB and in the UNMAP parameter list
+    /// header are read as SBC-4 and LIO's `sbc_execute_unmap` read them:
+    ///
+    /// - PARAMETER LIST LENGTH 0: nothing is sent, GOOD; 1 to 7 (shorter than the header):
+    ///   PARAMETER LIST LENGTH ERROR. A data-out buffer holding fewer bytes than the
+    ///   PARAMETER LIST LENGTH is the same error; bytes past it are not looked at.
+    /// - The block descriptors are the UNMAP BLOCK DESCRIPTOR DATA LENGTH bytes after the
+    ///   header, cut to what the PARAMETER LIST LENGTH transferred (a header that claims more
+    ///   than was sent is not an error). An incomplete last descriptor is ignored, so a length
+    ///   that is not a multiple of 16 is not an error either.
+    /// - The UNMAP DATA LENGTH says how much follows it; nothing depends on it (as in LIO).
+    /// - More descriptors than the Block Limits VPD page's MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT,
+    ///   or more blocks in all than its MAXIMUM UNMAP LBA COUNT: INVALID FIELD IN PARAMETER LIST.
+    /// - A descriptor whose LBA plus NUMBER OF LOGICAL BLOCKS exceeds the capacity: LOGICAL
+    ///   BLOCK ADDRESS OUT OF RANGE. Descriptors are checked in order, each against the block
+    ///   limit first (as LIO does); any error fails the command before anything is unmapped.
     fn unmap(&self, cdb: &[u8], params: &[u8]) -> Outcome {
         if !self.settings.discard {
             return Outcome::Check(Sense::INVALID_OPCODE);
@@ -478,7 +498,7 @@ impl Lun {
         if self.settings.readonly {
             return Outcome::Check(Sense::WRITE_PROTECTED);
         }
-        // ANCHOR is not supported.
+        // ANCHOR is not supported (ANC_SUP is zero).
         if cdb[1] & 0x01 != 0 {
             return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
         }
@@ -486,34 +506,33 @@ impl Lun {
         if list_len == 0 {
             return Outcome::Good;
         }
-        if list_len < 8 || params.len() < list_len {
+        let Some(list) = params.get(..list_len) else {
+            return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
+        };
+        if list.len() < UNMAP_HEADER {
             return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
         }
-        let data_len = usize::from(be16(params, 0));
-        let desc_len = usize::from(be16(params, 2));
-        if data_len + 2 > list_len || desc_len + 8 > list_len || desc_len % 16 != 0 {
-            return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
-        }
-        let count = desc_len / 16;
-        if count > MAX_UNMAP_DESCRIPTORS as usize {
+        let (header, sent) = list.split_at(UNMAP_HEADER);
+        let descriptor_bytes = usize::from(be16(header, 2)).min(sent.len());
+        let descriptors = sent[..descriptor_bytes].chunks_exact(UNMAP_DESCRIPTOR);
+        if descriptors.len() > MAX_UNMAP_DESCRIPTORS as usize {
             return Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
         }
-        let mut ranges = Vec::with_capacity(count);
+        let mut ranges = Vec::with_capacity(descriptors.len());
         let mut total: u64 = 0;
-        for i in 0..count {
-            let d = &params[8 + 16 * i..8 + 16 * (i + 1)];
+        for d in descriptors {
             let lba = be64(d, 0);
             let blocks = be32(d, 8);
+            total += u64::from(blocks);
+            if total > u64::from(MAX_UNMAP_BLOCKS) {
+                return Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
+            }
             if let Err(sense) = self.check_range(lba, u64::from(blocks)) {
                 return Outcome::Check(sense);
             }
-            total += u64::from(blocks);
             if blocks > 0 {
                 ranges.push((lba, blocks));
             }
-        }
-        if total > u64::from(MAX_UNMAP_BLOCKS) {
-            return Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
         }
         if ranges.is_empty() {
             return Outcome::Good;
