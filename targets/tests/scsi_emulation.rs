@@ -1204,18 +1204,31 @@ fn rsoc_lists_exactly_what_the_dispatch_runs() {
 }
 
 #[test]
-fn rsoc_refuses_rctd_and_other_reporting_options() {
+fn rsoc_rctd_adds_command_timeouts_descriptors() {
     let l = lun();
-    assert_eq!(
-        check(rsoc(&l, true, 0, 0, 0)),
-        Sense::INVALID_FIELD_IN_CDB,
-        "RCTD"
-    );
-    assert_eq!(
-        check(rsoc(&l, true, 1, 0x28, 0)),
-        Sense::INVALID_FIELD_IN_CDB,
-        "RCTD"
-    );
+    let plain = all_commands(&l, false);
+    let timed = all_commands(&l, true);
+    assert_eq!(timed.len(), plain.len());
+    let no_timeout = [0x00, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    for (p, t) in plain.iter().zip(&timed) {
+        assert_eq!(
+            (t.opcode, t.service_action, t.servactv, t.cdb_len),
+            (p.opcode, p.service_action, p.servactv, p.cdb_len)
+        );
+        assert!(t.ctdp, "{:#04x}: CTDP", t.opcode);
+        assert_eq!(t.timeouts, no_timeout, "{:#04x}", t.opcode);
+    }
+    // One command: CTDP, the usage map, then the descriptor.
+    let one = data(rsoc(&l, true, 1, 0x28, 0));
+    assert_eq!(one[1], 0x80 | 0b011);
+    assert_eq!(one.len(), 4 + 10 + 12);
+    assert_eq!(&one[4..14], usage_map(&l, 0x28, None).as_slice());
+    assert_eq!(&one[14..], &no_timeout);
+    let one = data(rsoc(&l, true, 2, 0x9e, 0x10));
+    assert_eq!((one[1], one.len()), (0x80 | 0b011, 4 + 16 + 12));
+    // Not supported: no descriptor, CTDP clear.
+    assert_eq!(data(rsoc(&l, true, 1, 0xee, 0)), vec![0, 0b001, 0, 0]);
+    // REPORTING OPTIONS other than 000b, 001b and 010b.
     for options in 3..8 {
         assert_eq!(
             check(rsoc(&l, false, options, 0x28, 0)),

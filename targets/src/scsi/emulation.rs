@@ -486,6 +486,11 @@ const COMMANDS: &[Command] = &[
     },
 ];
 
+/// The command timeouts descriptor (SPC-4 6.35.4) REPORT SUPPORTED OPERATION CODES returns
+/// when RCTD is set: DESCRIPTOR LENGTH 0Ah, and zero nominal and recommended timeouts, which
+/// indicate no timeout (none is known ahead: commands wait on the backing store).
+const COMMAND_TIMEOUTS: [u8; 12] = [0x00, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
 impl Lun {
     /// A logical unit with `settings`.
     pub fn new(settings: LunSettings) -> Self {
@@ -1024,17 +1029,15 @@ impl Lun {
     /// REPORT SUPPORTED OPERATION CODES (SPC-4 6.35) from [`COMMANDS`]: REPORTING OPTIONS
     /// 000b (all commands, 6.35.2), 001b (an operation code without service actions) and 010b
     /// (an operation code and service action), both in the one_command format (6.35.3) with the
-    /// command's CDB usage map. RCTD (command timeouts descriptors) and other reporting options
-    /// are refused.
+    /// command's CDB usage map; RCTD adds a command timeouts descriptor (6.35.4) to each.
+    /// Other reporting options are refused.
     fn report_supported_opcodes(&self, cdb: &[u8]) -> Outcome {
         let rctd = cdb[2] & 0x80 != 0;
         let options = cdb[2] & 0x07;
         let req_op = cdb[3];
         let req_sa = be16(cdb, 4);
         let alloc = be32(cdb, 6) as usize;
-        if rctd {
-            return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
-        }
+        let timeouts: &[u8] = if rctd { &COMMAND_TIMEOUTS } else { &[] };
         match options {
             0b000 => {
                 let mut list = Vec::new();
@@ -1043,8 +1046,10 @@ impl Lun {
                     list.push(0);
                     list.extend_from_slice(&u16::from(c.service_action.unwrap_or(0)).to_be_bytes());
                     list.push(0);
-                    list.push(u8::from(c.service_action.is_some())); // SERVACTV
+                    // CTDP, SERVACTV.
+                    list.push(u8::from(rctd) << 1 | u8::from(c.service_action.is_some()));
                     list.extend_from_slice(&(c.usage.len() as u16).to_be_bytes());
+                    list.extend_from_slice(timeouts);
                 }
                 let mut d = (list.len() as u32).to_be_bytes().to_vec();
                 d.extend_from_slice(&list);
@@ -1067,10 +1072,11 @@ impl Lun {
                 let mut d = vec![0u8; 4];
                 match command {
                     Some(c) => {
-                        // SUPPORT 011b: supported, conforming to the standard.
-                        d[1] = 0b011;
+                        // CTDP, SUPPORT 011b: supported, conforming to the standard.
+                        d[1] = u8::from(rctd) << 7 | 0b011;
                         d[2..4].copy_from_slice(&(c.usage.len() as u16).to_be_bytes());
                         d.extend_from_slice(c.usage);
+                        d.extend_from_slice(timeouts);
                     }
                     None => d[1] = 0b001, // not supported
                 }
