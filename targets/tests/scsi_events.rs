@@ -1,6 +1,7 @@
 //! virtio-scsi events: TRANSPORT_RESET on LUN changes reaches the driver's event buffers,
 //! overflow is flagged with EVENTS_MISSED, held buffers come back when the ring stops, and
-//! every LUN raises REPORTED LUNS DATA CHANGED.
+//! every LUN raises REPORTED LUNS DATA CHANGED. REPORT LUNS, which the transport answers
+//! with the device's LUN inventory, lists every LUN to present and absent LUNs alike.
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -153,5 +154,63 @@ fn lun_changes_raise_reported_luns_data_changed() {
         } else {
             assert_eq!(resp[10], 0, "GOOD once the unit attention was reported");
         }
+    }
+}
+
+#[test]
+fn report_luns_lists_every_lun_from_any_lun() {
+    let f = fixture();
+    let mut rq = f.request_queue();
+    const REQ: u64 = 0x20_0000;
+    const RESP: u64 = 0x21_0000;
+    const DATA: u64 = 0x22_0000;
+    // LUN 5 exists, LUN 3 does not; a refused CDB (allocation length under 16) is refused
+    // on both.
+    for (lun, alloc, listed) in [
+        (5u16, 64u8, true),
+        (3, 64, true),
+        (5, 8, false),
+        (3, 8, false),
+    ] {
+        let mut req = [0u8; REQ_SIZE];
+        req[..8].copy_from_slice(&encode_lun(lun));
+        req[19..31].copy_from_slice(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 0, alloc, 0, 0]);
+        f.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        let vq = MockSplitQueue::new(&*f.mem, 16);
+        let chain = vq
+            .build_desc_chain(&[
+                readable(REQ, REQ_SIZE as u32),
+                writable(RESP, RESP_SIZE as u32),
+                writable(DATA, 64),
+            ])
+            .unwrap();
+        let mut done = Vec::new();
+        rq.handle_chain(chain, &f.mem, &mut done);
+        assert_eq!(done.len(), 1, "LUN {lun}: answered at once");
+        let mut resp = [0u8; RESP_SIZE];
+        f.mem.read_slice(&mut resp, GuestAddress(RESP)).unwrap();
+        assert_eq!(resp[11], 0, "LUN {lun}: VIRTIO_SCSI_S_OK");
+        if !listed {
+            assert_eq!(
+                resp[10], 2,
+                "LUN {lun}, allocation length {alloc}: CHECK CONDITION"
+            );
+            assert_eq!(
+                (resp[12 + 2], resp[12 + 12]),
+                (0x05, 0x24),
+                "INVALID FIELD IN CDB"
+            );
+            continue;
+        }
+        assert_eq!(resp[10], 0, "LUN {lun}: GOOD");
+        let mut d = [0u8; 24];
+        f.mem.read_slice(&mut d, GuestAddress(DATA)).unwrap();
+        assert_eq!(&d[0..4], &16u32.to_be_bytes(), "LUN {lun}: two LUNs");
+        assert_eq!((d[9], d[17]), (0, 5), "LUN {lun}: LUNs 0 and 5");
+        assert_eq!(
+            u32::from_le_bytes(resp[4..8].try_into().unwrap()),
+            64 - 24,
+            "LUN {lun}: residual"
+        );
     }
 }

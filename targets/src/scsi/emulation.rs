@@ -2,9 +2,13 @@
 //! Linux LIO's `target_core_spc.c` / `target_core_sbc.c`.
 //!
 //! [`Lun::execute`] turns a CDB (plus, for parameter-list commands, the data-out bytes)
-//! into an [`Outcome`]: data to return, a CHECK CONDITION with sense, or a disk I/O request
-//! for the transport to run. Every length is checked before use; nothing here panics on
-//! what an initiator sends.
+//! into an [`Outcome`]: data to return, a CHECK CONDITION with sense, a disk I/O request
+//! for the transport to run, or REPORT LUNS for the transport to answer. Every length is
+//! checked before use; nothing here panics on what an initiator sends.
+//!
+//! One table, `COMMANDS`, lists every implemented command with its handler and its CDB usage
+//! map (SPC-4 6.35.3): dispatch and REPORT SUPPORTED OPERATION CODES both read it, so what is
+//! reported is what runs, and a bit the usage map shows as not evaluated changes nothing.
 
 use std::borrow::Cow;
 
@@ -12,10 +16,14 @@ use super::sense::Sense;
 
 /// Largest transfer per READ/WRITE, in blocks (VPD B0 MAXIMUM TRANSFER LENGTH).
 pub const MAX_TRANSFER_BLOCKS: u32 = 8192;
-/// Most block descriptors per UNMAP.
+/// Most block descriptors per UNMAP (VPD B0 MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT).
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
-/// Most blocks per UNMAP (all descriptors together).
+/// Most blocks per UNMAP, all descriptors together (VPD B0 MAXIMUM UNMAP LBA COUNT).
 pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
+/// Length of the UNMAP parameter list header (SBC-4, UNMAP parameter list).
+const UNMAP_HEADER: usize = 8;
+/// Length of an UNMAP block descriptor (SBC-4, UNMAP block descriptor).
+const UNMAP_DESCRIPTOR: usize = 16;
 /// Most blocks per WRITE SAME.
 /// (LIO reports the same limit.)
 pub const MAX_WRITE_SAME_BLOCKS: u32 = 65535;
@@ -112,6 +120,9 @@ pub enum Outcome {
     Check(Sense),
     /// Needs disk I/O; GOOD when it succeeds.
     Io(IoRequest),
+    /// GOOD with REPORT LUNS data (SPC-4) for the whole target, which only the transport
+    /// knows: it answers with [`report_luns`] on the same CDB.
+    ReportLuns,
 }
 
 /// Largest data-out a VERIFY with BYTCHK may carry (the maximum transfer at 4 KiB blocks).
@@ -168,36 +179,317 @@ pub struct Lun {
     settings: LunSettings,
 }
 
-/// Opcodes with their CDB length and service action (for REPORT SUPPORTED OPERATION CODES).
-const SUPPORTED: &[(u8, Option<u16>, usize)] = &[
-    (0x00, None, 6),        // TEST UNIT READY
-    (0x03, None, 6),        // REQUEST SENSE
-    (0x08, None, 6),        // READ(6)
-    (0x0a, None, 6),        // WRITE(6)
-    (0x12, None, 6),        // INQUIRY
-    (0x15, None, 6),        // MODE SELECT(6)
-    (0x1a, None, 6),        // MODE SENSE(6)
-    (0x1b, None, 6),        // START STOP UNIT
-    (0x25, None, 10),       // READ CAPACITY(10)
-    (0x28, None, 10),       // READ(10)
-    (0x2a, None, 10),       // WRITE(10)
-    (0x2f, None, 10),       // VERIFY(10) (BYTCHK 00b, 01b, 11b)
-    (0x35, None, 10),       // SYNCHRONIZE CACHE(10)
-    (0x41, None, 10),       // WRITE SAME(10)
-    (0x42, None, 10),       // UNMAP
-    (0x55, None, 10),       // MODE SELECT(10)
-    (0x5a, None, 10),       // MODE SENSE(10)
-    (0x88, None, 16),       // READ(16)
-    (0x8a, None, 16),       // WRITE(16)
-    (0x8f, None, 16),       // VERIFY(16)
-    (0x91, None, 16),       // SYNCHRONIZE CACHE(16)
-    (0x93, None, 16),       // WRITE SAME(16)
-    (0x9e, Some(0x10), 16), // READ CAPACITY(16)
-    (0xa0, None, 12),       // REPORT LUNS
-    (0xa3, Some(0x0c), 12), // REPORT SUPPORTED OPERATION CODES
-    (0xa8, None, 12),       // READ(12)
-    (0xaa, None, 12),       // WRITE(12)
+/// CONTROL byte usage (SAM-5, CONTROL byte): NACA is evaluated (a CDB with NACA set is
+/// refused, see [`Lun::execute`]); the vendor-specific bits and the obsolete FLAG and LINK bits
+/// are ignored.
+const CONTROL: u8 = 0x04;
+
+/// A command the device server implements: how it runs and what REPORT SUPPORTED OPERATION
+/// CODES (SPC-4 6.35) says of it. [`COMMANDS`] lists them all; a command missing there is
+/// refused with INVALID COMMAND OPERATION CODE and not reported.
+struct Command {
+    /// OPERATION CODE.
+    opcode: u8,
+    /// SERVICE ACTION (CDB byte 1, bits 4..0) for operation codes that have service actions.
+    service_action: Option<u8>,
+    /// CDB USAGE DATA (SPC-4 6.35.3), as long as the CDB: the operation code, the service
+    /// action in its field, and elsewhere a one for each bit the device server evaluates (its
+    /// value changes what the command does, or a value the device server does not implement is
+    /// refused) and a zero for each bit it ignores (reserved, obsolete, or a field such as
+    /// GROUP NUMBER that has no effect here). Setting a bit this map shows as zero never
+    /// changes a command's outcome.
+    usage: &'static [u8],
+    /// Runs the command on the CDB (cut to its length) and the gathered data-out bytes.
+    run: fn(&Lun, &[u8], &[u8]) -> Outcome,
+    /// Whether this logical unit implements the command.
+    enabled: fn(&LunSettings) -> bool,
+}
+
+fn always(_: &LunSettings) -> bool {
+    true
+}
+
+/// Every command the device server implements, in operation code order. A command added here
+/// runs and is reported with its CDB usage map; the two cannot disagree.
+const COMMANDS: &[Command] = &[
+    // TEST UNIT READY (SPC-4): nothing to evaluate.
+    Command {
+        opcode: 0x00,
+        service_action: None,
+        usage: &[0x00, 0x00, 0x00, 0x00, 0x00, CONTROL],
+        run: |_, _, _| Outcome::Good,
+        enabled: always,
+    },
+    // REQUEST SENSE (SPC-4): DESC (refused), ALLOCATION LENGTH.
+    Command {
+        opcode: 0x03,
+        service_action: None,
+        usage: &[0x03, 0x01, 0x00, 0x00, 0xff, CONTROL],
+        run: |l, cdb, _| l.request_sense(cdb),
+        enabled: always,
+    },
+    // READ(6) (SBC-3): LBA, TRANSFER LENGTH.
+    Command {
+        opcode: 0x08,
+        service_action: None,
+        usage: &[0x08, 0x1f, 0xff, 0xff, 0xff, CONTROL],
+        run: |l, cdb, _| l.rw6(cdb),
+        enabled: always,
+    },
+    // WRITE(6) (SBC-3): LBA, TRANSFER LENGTH.
+    Command {
+        opcode: 0x0a,
+        service_action: None,
+        usage: &[0x0a, 0x1f, 0xff, 0xff, 0xff, CONTROL],
+        run: |l, cdb, _| l.rw6(cdb),
+        enabled: always,
+    },
+    // INQUIRY (SPC-4): CMDDT (obsolete, refused), EVPD, PAGE CODE, ALLOCATION LENGTH.
+    Command {
+        opcode: 0x12,
+        service_action: None,
+        usage: &[0x12, 0x03, 0xff, 0xff, 0xff, CONTROL],
+        run: |l, cdb, _| l.inquiry(cdb),
+        enabled: always,
+    },
+    // MODE SELECT(6) (SPC-4): PF, SP (refused), PARAMETER LIST LENGTH.
+    Command {
+        opcode: 0x15,
+        service_action: None,
+        usage: &[0x15, 0x11, 0x00, 0x00, 0xff, CONTROL],
+        run: |l, cdb, params| l.mode_select(cdb, params),
+        enabled: always,
+    },
+    // MODE SENSE(6) (SPC-4): DBD, PC, PAGE CODE, SUBPAGE CODE, ALLOCATION LENGTH.
+    Command {
+        opcode: 0x1a,
+        service_action: None,
+        usage: &[0x1a, 0x08, 0xff, 0xff, 0xff, CONTROL],
+        run: |l, cdb, _| l.mode_sense(cdb),
+        enabled: always,
+    },
+    // START STOP UNIT (SBC-3): accepted, nothing evaluated (there is no medium to move).
+    Command {
+        opcode: 0x1b,
+        service_action: None,
+        usage: &[0x1b, 0x00, 0x00, 0x00, 0x00, CONTROL],
+        run: |_, _, _| Outcome::Good,
+        enabled: always,
+    },
+    // READ CAPACITY(10) (SBC-3): the obsolete LBA and PMI are ignored.
+    Command {
+        opcode: 0x25,
+        service_action: None,
+        usage: &[
+            0x25, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, CONTROL,
+        ],
+        run: |l, _, _| l.read_capacity_10(),
+        enabled: always,
+    },
+    // READ(10) (SBC-3): RDPROTECT (refused), LBA, TRANSFER LENGTH. DPO and FUA are ignored:
+    // every read sees the latest data, cached or not.
+    Command {
+        opcode: 0x28,
+        service_action: None,
+        usage: &[
+            0x28, 0xe0, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
+        ],
+        run: |l, cdb, _| l.rw(cdb),
+        enabled: always,
+    },
+    // WRITE(10) (SBC-3): WRPROTECT (refused), FUA, LBA, TRANSFER LENGTH.
+    Command {
+        opcode: 0x2a,
+        service_action: None,
+        usage: &[
+            0x2a, 0xe8, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
+        ],
+        run: |l, cdb, _| l.rw(cdb),
+        enabled: always,
+    },
+    // VERIFY(10) (SBC-3): VRPROTECT (refused), BYTCHK, LBA, VERIFICATION LENGTH.
+    Command {
+        opcode: 0x2f,
+        service_action: None,
+        usage: &[
+            0x2f, 0xe6, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
+        ],
+        run: |l, cdb, params| l.verify(cdb, params),
+        enabled: always,
+    },
+    // SYNCHRONIZE CACHE(10) (SBC-3): LBA and NUMBER OF LOGICAL BLOCKS (range-checked; the
+    // whole cache is flushed). IMMED is ignored: status comes once the data is durable.
+    Command {
+        opcode: 0x35,
+        service_action: None,
+        usage: &[
+            0x35, 0x00, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
+        ],
+        run: |l, cdb, _| l.synchronize_cache(cdb),
+        enabled: always,
+    },
+    // WRITE SAME(10) (SBC-3): WRPROTECT, ANCHOR, PBDATA, LBDATA (refused), UNMAP, LBA,
+    // NUMBER OF LOGICAL BLOCKS.
+    Command {
+        opcode: 0x41,
+        service_action: None,
+        usage: &[
+            0x41, 0xfe, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
+        ],
+        run: |l, cdb, params| l.write_same(cdb, params),
+        enabled: always,
+    },
+    // UNMAP (SBC-3), where the backing store deallocates: ANCHOR (refused), PARAMETER LIST
+    // LENGTH.
+    Command {
+        opcode: 0x42,
+        service_action: None,
+        usage: &[
+            0x42, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, CONTROL,
+        ],
+        run: |l, cdb, params| l.unmap(cdb, params),
+        enabled: |s| s.discard,
+    },
+    // MODE SELECT(10) (SPC-4): PF, SP (refused), PARAMETER LIST LENGTH.
+    Command {
+        opcode: 0x55,
+        service_action: None,
+        usage: &[
+            0x55, 0x11, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, CONTROL,
+        ],
+        run: |l, cdb, params| l.mode_select(cdb, params),
+        enabled: always,
+    },
+    // MODE SENSE(10) (SPC-4): DBD, PC, PAGE CODE, SUBPAGE CODE, ALLOCATION LENGTH. LLBAA is
+    // ignored: block descriptors are always short.
+    Command {
+        opcode: 0x5a,
+        service_action: None,
+        usage: &[
+            0x5a, 0x08, 0xff, 0xff, 0x00, 0x00, 0x00, 0xff, 0xff, CONTROL,
+        ],
+        run: |l, cdb, _| l.mode_sense(cdb),
+        enabled: always,
+    },
+    // READ(16) (SBC-3): RDPROTECT (refused), LBA, TRANSFER LENGTH; DPO and FUA ignored.
+    Command {
+        opcode: 0x88,
+        service_action: None,
+        usage: &[
+            0x88, 0xe0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x00, CONTROL,
+        ],
+        run: |l, cdb, _| l.rw(cdb),
+        enabled: always,
+    },
+    // WRITE(16) (SBC-3): WRPROTECT (refused), FUA, LBA, TRANSFER LENGTH.
+    Command {
+        opcode: 0x8a,
+        service_action: None,
+        usage: &[
+            0x8a, 0xe8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x00, CONTROL,
+        ],
+        run: |l, cdb, _| l.rw(cdb),
+        enabled: always,
+    },
+    // VERIFY(16) (SBC-3): VRPROTECT (refused), BYTCHK, LBA, VERIFICATION LENGTH.
+    Command {
+        opcode: 0x8f,
+        service_action: None,
+        usage: &[
+            0x8f, 0xe6, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x00, CONTROL,
+        ],
+        run: |l, cdb, params| l.verify(cdb, params),
+        enabled: always,
+    },
+    // SYNCHRONIZE CACHE(16) (SBC-3): LBA, NUMBER OF LOGICAL BLOCKS; IMMED ignored.
+    Command {
+        opcode: 0x91,
+        service_action: None,
+        usage: &[
+            0x91, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x00, CONTROL,
+        ],
+        run: |l, cdb, _| l.synchronize_cache(cdb),
+        enabled: always,
+    },
+    // WRITE SAME(16) (SBC-3): WRPROTECT, ANCHOR (refused), UNMAP, NDOB, LBA, NUMBER OF
+    // LOGICAL BLOCKS; the obsolete bits 2..1 are ignored.
+    Command {
+        opcode: 0x93,
+        service_action: None,
+        usage: &[
+            0x93, 0xf9, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x00, CONTROL,
+        ],
+        run: |l, cdb, params| l.write_same(cdb, params),
+        enabled: always,
+    },
+    // READ CAPACITY(16) (SBC-3; SERVICE ACTION IN(16)): ALLOCATION LENGTH; the obsolete LBA
+    // and PMI are ignored.
+    Command {
+        opcode: 0x9e,
+        service_action: Some(0x10),
+        usage: &[
+            0x9e, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff,
+            0x00, CONTROL,
+        ],
+        run: |l, cdb, _| l.read_capacity_16(cdb),
+        enabled: always,
+    },
+    // REPORT LUNS (SPC-4): SELECT REPORT, ALLOCATION LENGTH. The data lists the whole
+    // target, which the transport fills in (see [`report_luns`]).
+    Command {
+        opcode: 0xa0,
+        service_action: None,
+        usage: &[
+            0xa0, 0x00, 0xff, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0x00, CONTROL,
+        ],
+        run: |_, cdb, _| match report_luns_select(cdb) {
+            Ok(_) => Outcome::ReportLuns,
+            Err(sense) => Outcome::Check(sense),
+        },
+        enabled: always,
+    },
+    // REPORT SUPPORTED OPERATION CODES (SPC-4 6.35; MAINTENANCE IN): RCTD, REPORTING
+    // OPTIONS, REQUESTED OPERATION CODE, REQUESTED SERVICE ACTION, ALLOCATION LENGTH.
+    Command {
+        opcode: 0xa3,
+        service_action: Some(0x0c),
+        usage: &[
+            0xa3, 0x0c, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, CONTROL,
+        ],
+        run: |l, cdb, _| l.report_supported_opcodes(cdb),
+        enabled: always,
+    },
+    // READ(12) (SBC-3): RDPROTECT (refused), LBA, TRANSFER LENGTH; DPO and FUA ignored.
+    Command {
+        opcode: 0xa8,
+        service_action: None,
+        usage: &[
+            0xa8, 0xe0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, CONTROL,
+        ],
+        run: |l, cdb, _| l.rw(cdb),
+        enabled: always,
+    },
+    // WRITE(12) (SBC-3): WRPROTECT (refused), FUA, LBA, TRANSFER LENGTH.
+    Command {
+        opcode: 0xaa,
+        service_action: None,
+        usage: &[
+            0xaa, 0xe8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, CONTROL,
+        ],
+        run: |l, cdb, _| l.rw(cdb),
+        enabled: always,
+    },
 ];
+
+/// The command timeouts descriptor (SPC-4 6.35.4) REPORT SUPPORTED OPERATION CODES returns
+/// when RCTD is set: DESCRIPTOR LENGTH 0Ah, and zero nominal and recommended timeouts, which
+/// indicate no timeout (none is known ahead: commands wait on the backing store).
+const COMMAND_TIMEOUTS: [u8; 12] = [0x00, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
 impl Lun {
     /// A logical unit with `settings`.
@@ -212,39 +504,48 @@ impl Lun {
 
     /// Executes `cdb` (the transport's fixed-size CDB field); `parameters` are the gathered
     /// data-out bytes for parameter-list commands, empty otherwise.
+    ///
+    /// The command is looked up in the table of implemented commands: an unknown operation
+    /// code gets INVALID COMMAND OPERATION CODE, an unknown service action of a known one
+    /// INVALID FIELD IN CDB (SPC-4, reserved code values: only the OPERATION CODE field gets
+    /// INVALID COMMAND OPERATION CODE); so does a CDB shorter than its command, or with NACA set
+    /// in its CONTROL byte (ACA is not supported).
     pub fn execute(&self, cdb: &[u8], parameters: &[u8]) -> Outcome {
-        let Some(&opcode) = cdb.first() else {
-            return Outcome::Check(Sense::INVALID_OPCODE);
+        let command = match self.command(cdb) {
+            Ok(command) => command,
+            Err(sense) => return Outcome::Check(sense),
         };
-        let Some(len) = cdb_length(opcode) else {
-            return Outcome::Check(Sense::INVALID_OPCODE);
+        let Some(cdb) = cdb.get(..command.usage.len()) else {
+            return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
         };
-        if cdb.len() < len {
+        if cdb.last().is_some_and(|control| control & 0x04 != 0) {
             return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
         }
-        // NACA (control byte bit 2) is not supported.
-        if cdb[len - 1] & 0x04 != 0 {
-            return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
+        (command.run)(self, cdb, parameters)
+    }
+
+    /// The commands this logical unit implements.
+    fn commands(&self) -> impl Iterator<Item = &'static Command> + '_ {
+        COMMANDS.iter().filter(|c| (c.enabled)(&self.settings))
+    }
+
+    /// The command `cdb` names, by operation code and (where it has them) service action.
+    fn command(&self, cdb: &[u8]) -> Result<&'static Command, Sense> {
+        let opcode = cdb.first().ok_or(Sense::INVALID_OPCODE)?;
+        let service_action = cdb.get(1).map(|b| b & 0x1f);
+        let mut known_opcode = false;
+        for command in self.commands().filter(|c| c.opcode == *opcode) {
+            match command.service_action {
+                None => return Ok(command),
+                Some(sa) if Some(sa) == service_action => return Ok(command),
+                Some(_) => known_opcode = true,
+            }
         }
-        let cdb = &cdb[..len];
-        match opcode {
-            0x00 => Outcome::Good,
-            0x03 => self.request_sense(cdb),
-            0x12 => self.inquiry(cdb),
-            0x25 => self.read_capacity_10(),
-            0x9e if cdb[1] & 0x1f == 0x10 => self.read_capacity_16(cdb),
-            0x08 | 0x0a => self.rw6(cdb),
-            0x28 | 0x2a | 0xa8 | 0xaa | 0x88 | 0x8a => self.rw(cdb),
-            0x2f | 0x8f => self.verify(cdb, parameters),
-            0x35 | 0x91 => self.synchronize_cache(cdb),
-            0x42 => self.unmap(cdb, parameters),
-            0x41 | 0x93 => self.write_same(cdb, parameters),
-            0x1a | 0x5a => self.mode_sense(cdb),
-            0x15 | 0x55 => self.mode_select(cdb, parameters),
-            0xa3 if cdb[1] & 0x1f == 0x0c => self.report_supported_opcodes(cdb),
-            0x1b => Outcome::Good,
-            _ => Outcome::Check(Sense::INVALID_OPCODE),
-        }
+        Err(if known_opcode {
+            Sense::INVALID_FIELD_IN_CDB
+        } else {
+            Sense::INVALID_OPCODE
+        })
     }
 
     fn request_sense(&self, cdb: &[u8]) -> Outcome {
@@ -277,7 +578,9 @@ impl Lun {
         let evpd = cdb[1] & 0x01 != 0;
         let page = cdb[2];
         let alloc = usize::from(be16(cdb, 3));
-        if cdb[1] & 0xfe != 0 {
+        // CMDDT (obsolete; command support data) is not supported. The reserved bits are
+        // ignored, as the CDB usage map says.
+        if cdb[1] & 0x02 != 0 {
             return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
         }
         if !evpd {
@@ -471,14 +774,27 @@ impl Lun {
         Outcome::Io(IoRequest::Flush)
     }
 
+    /// UNMAP (SBC-4, UNMAP command). The lengths in the CDB and in the UNMAP parameter list
+    /// header are read as SBC-4 and LIO's `sbc_execute_unmap` read them:
+    ///
+    /// - PARAMETER LIST LENGTH 0: nothing is sent, GOOD; 1 to 7 (shorter than the header):
+    ///   PARAMETER LIST LENGTH ERROR. A data-out buffer holding fewer bytes than the
+    ///   PARAMETER LIST LENGTH is the same error; bytes past it are not looked at.
+    /// - The block descriptors are the UNMAP BLOCK DESCRIPTOR DATA LENGTH bytes after the
+    ///   header, cut to what the PARAMETER LIST LENGTH transferred (a header that claims more
+    ///   than was sent is not an error). An incomplete last descriptor is ignored, so a length
+    ///   that is not a multiple of 16 is not an error either.
+    /// - The UNMAP DATA LENGTH says how much follows it; nothing depends on it (as in LIO).
+    /// - More descriptors than the Block Limits VPD page's MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT,
+    ///   or more blocks in all than its MAXIMUM UNMAP LBA COUNT: INVALID FIELD IN PARAMETER LIST.
+    /// - A descriptor whose LBA plus NUMBER OF LOGICAL BLOCKS exceeds the capacity: LOGICAL
+    ///   BLOCK ADDRESS OUT OF RANGE. Descriptors are checked in order, each against the block
+    ///   limit first (as LIO does); any error fails the command before anything is unmapped.
     fn unmap(&self, cdb: &[u8], params: &[u8]) -> Outcome {
-        if !self.settings.discard {
-            return Outcome::Check(Sense::INVALID_OPCODE);
-        }
         if self.settings.readonly {
             return Outcome::Check(Sense::WRITE_PROTECTED);
         }
-        // ANCHOR is not supported.
+        // ANCHOR is not supported (ANC_SUP is zero).
         if cdb[1] & 0x01 != 0 {
             return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
         }
@@ -486,34 +802,33 @@ impl Lun {
         if list_len == 0 {
             return Outcome::Good;
         }
-        if list_len < 8 || params.len() < list_len {
+        let Some(list) = params.get(..list_len) else {
+            return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
+        };
+        if list.len() < UNMAP_HEADER {
             return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
         }
-        let data_len = usize::from(be16(params, 0));
-        let desc_len = usize::from(be16(params, 2));
-        if data_len + 2 > list_len || desc_len + 8 > list_len || desc_len % 16 != 0 {
-            return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
-        }
-        let count = desc_len / 16;
-        if count > MAX_UNMAP_DESCRIPTORS as usize {
+        let (header, sent) = list.split_at(UNMAP_HEADER);
+        let descriptor_bytes = usize::from(be16(header, 2)).min(sent.len());
+        let descriptors = sent[..descriptor_bytes].chunks_exact(UNMAP_DESCRIPTOR);
+        if descriptors.len() > MAX_UNMAP_DESCRIPTORS as usize {
             return Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
         }
-        let mut ranges = Vec::with_capacity(count);
+        let mut ranges = Vec::with_capacity(descriptors.len());
         let mut total: u64 = 0;
-        for i in 0..count {
-            let d = &params[8 + 16 * i..8 + 16 * (i + 1)];
+        for d in descriptors {
             let lba = be64(d, 0);
             let blocks = be32(d, 8);
+            total += u64::from(blocks);
+            if total > u64::from(MAX_UNMAP_BLOCKS) {
+                return Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
+            }
             if let Err(sense) = self.check_range(lba, u64::from(blocks)) {
                 return Outcome::Check(sense);
             }
-            total += u64::from(blocks);
             if blocks > 0 {
                 ranges.push((lba, blocks));
             }
-        }
-        if total > u64::from(MAX_UNMAP_BLOCKS) {
-            return Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
         }
         if ranges.is_empty() {
             return Outcome::Good;
@@ -711,54 +1026,59 @@ impl Lun {
         Outcome::Good
     }
 
+    /// REPORT SUPPORTED OPERATION CODES (SPC-4 6.35) from [`COMMANDS`]: REPORTING OPTIONS
+    /// 000b (all commands, 6.35.2), 001b (an operation code without service actions) and 010b
+    /// (an operation code and service action), both in the one_command format (6.35.3) with the
+    /// command's CDB usage map; RCTD adds a command timeouts descriptor (6.35.4) to each.
+    /// Other reporting options are refused.
     fn report_supported_opcodes(&self, cdb: &[u8]) -> Outcome {
-        let options = cdb[2] & 0x07;
         let rctd = cdb[2] & 0x80 != 0;
+        let options = cdb[2] & 0x07;
         let req_op = cdb[3];
         let req_sa = be16(cdb, 4);
         let alloc = be32(cdb, 6) as usize;
-        if rctd {
-            return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
-        }
+        let timeouts: &[u8] = if rctd { &COMMAND_TIMEOUTS } else { &[] };
         match options {
-            0 => {
+            0b000 => {
                 let mut list = Vec::new();
-                for &(op, sa, len) in SUPPORTED {
-                    list.push(op);
+                for c in self.commands() {
+                    list.push(c.opcode);
                     list.push(0);
-                    list.extend_from_slice(&sa.unwrap_or(0).to_be_bytes());
+                    list.extend_from_slice(&u16::from(c.service_action.unwrap_or(0)).to_be_bytes());
                     list.push(0);
-                    list.push(u8::from(sa.is_some())); // SERVACTV
-                    list.extend_from_slice(&(len as u16).to_be_bytes());
+                    // CTDP, SERVACTV.
+                    list.push(u8::from(rctd) << 1 | u8::from(c.service_action.is_some()));
+                    list.extend_from_slice(&(c.usage.len() as u16).to_be_bytes());
+                    list.extend_from_slice(timeouts);
                 }
                 let mut d = (list.len() as u32).to_be_bytes().to_vec();
                 d.extend_from_slice(&list);
                 truncated(d, alloc)
             }
-            1 | 2 => {
-                // Option 1 names an opcode without service actions, option 2 one with them;
-                // asking the other way round is an error (SPC-4 6.35.2).
-                let has_service_actions = SUPPORTED
-                    .iter()
-                    .find(|&&(op, _, _)| op == req_op)
-                    .map(|&(_, sa, _)| sa.is_some());
-                if has_service_actions == Some(options == 1) {
+            0b001 | 0b010 => {
+                // 001b names an operation code without service actions, 010b one with them;
+                // asking the other way round is an error (SPC-4 6.35.1).
+                let has_service_actions = self
+                    .commands()
+                    .find(|c| c.opcode == req_op)
+                    .map(|c| c.service_action.is_some());
+                if has_service_actions == Some(options == 0b001) {
                     return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
                 }
-                let entry = SUPPORTED
-                    .iter()
-                    .find(|&&(op, sa, _)| op == req_op && (options == 1 || sa == Some(req_sa)));
+                let command = self.commands().find(|c| {
+                    c.opcode == req_op
+                        && (options == 0b001 || c.service_action.map(u16::from) == Some(req_sa))
+                });
                 let mut d = vec![0u8; 4];
-                match entry {
-                    Some(&(op, _, len)) => {
-                        d[1] = 0x03; // supported, conforming to the standard
-                        d[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-                        // CDB usage map: every bit that can be set.
-                        let mut usage = vec![0xffu8; len];
-                        usage[0] = op;
-                        d.extend_from_slice(&usage);
+                match command {
+                    Some(c) => {
+                        // CTDP, SUPPORT 011b: supported, conforming to the standard.
+                        d[1] = u8::from(rctd) << 7 | 0b011;
+                        d[2..4].copy_from_slice(&(c.usage.len() as u16).to_be_bytes());
+                        d.extend_from_slice(c.usage);
+                        d.extend_from_slice(timeouts);
                     }
-                    None => d[1] = 0x01, // not supported
+                    None => d[1] = 0b001, // not supported
                 }
                 truncated(d, alloc)
             }
@@ -767,22 +1087,32 @@ impl Lun {
     }
 }
 
-/// REPORT LUNS data for `luns` (single-level LUN addressing), cut to the allocation length;
-/// the list length field always tells the full length.
-pub fn report_luns(cdb: &[u8], luns: &[u16]) -> Outcome {
+/// Whether REPORT LUNS (SPC-4) with `cdb` lists the logical units (SELECT REPORT 00h or
+/// 02h) or nothing (01h: no well-known logical units), or the sense it is refused with.
+fn report_luns_select(cdb: &[u8]) -> Result<bool, Sense> {
     if cdb.len() < 12 || cdb[11] & 0x04 != 0 {
-        return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
+        return Err(Sense::INVALID_FIELD_IN_CDB);
     }
-    let select = cdb[2];
-    let alloc = be32(cdb, 6) as usize;
-    if alloc < 16 {
-        return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
+    if be32(cdb, 6) < 16 {
+        return Err(Sense::INVALID_FIELD_IN_CDB);
     }
-    let luns: &[u16] = match select {
-        0x00 | 0x02 => luns,
-        0x01 => &[], // no well-known LUNs
-        _ => return Outcome::Check(Sense::INVALID_FIELD_IN_CDB),
+    match cdb[2] {
+        0x00 | 0x02 => Ok(true),
+        0x01 => Ok(false),
+        _ => Err(Sense::INVALID_FIELD_IN_CDB),
+    }
+}
+
+/// REPORT LUNS data (SPC-4) for `luns` (single-level LUN addressing), cut to the allocation
+/// length; the list length field always tells the full length. The transport answers with it
+/// where [`Lun::execute`] returns [`Outcome::ReportLuns`], and for absent logical units.
+pub fn report_luns(cdb: &[u8], luns: &[u16]) -> Outcome {
+    let luns: &[u16] = match report_luns_select(cdb) {
+        Ok(true) => luns,
+        Ok(false) => &[],
+        Err(sense) => return Outcome::Check(sense),
     };
+    let alloc = be32(cdb, 6) as usize;
     let mut d = ((luns.len() * 8) as u32).to_be_bytes().to_vec();
     d.extend_from_slice(&[0; 4]);
     for &lun in luns {

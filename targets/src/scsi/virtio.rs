@@ -564,7 +564,6 @@ impl RequestQueue {
                 };
                 match ua {
                     Some(sense) => Outcome::Check(sense),
-                    None if cdb[0] == 0xa0 => report_luns(cdb, &self.device.lun_ids()),
                     None => {
                         let mut params = vec![0u8; data_out_len.min(data_out_to_gather(cdb))];
                         if gather(mem, &data_out, &mut params).is_none() {
@@ -591,6 +590,7 @@ impl RequestQueue {
                                 }
                                 return;
                             }
+                            Outcome::ReportLuns => report_luns(cdb, &self.device.lun_ids()),
                             other => other,
                         }
                     }
@@ -610,7 +610,8 @@ impl RequestQueue {
                 Some(n) => (Response::ok((data_in_len - n) as u32), n),
                 None => (Response::transport(response::FAILURE), 0),
             },
-            Outcome::Io(_) => (Response::transport(response::FAILURE), 0),
+            // Both were turned into something else above.
+            Outcome::Io(_) | Outcome::ReportLuns => (Response::transport(response::FAILURE), 0),
         };
         Self::respond(mem, head, &resp, &r, written, done);
     }
