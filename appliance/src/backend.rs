@@ -85,6 +85,8 @@ pub struct VirtioBackend {
     workers: Vec<Mutex<Worker>>,
     memory: RwLock<GuestMemoryAtomic<Memory>>,
     event_idx: AtomicBool,
+    /// The export is stopping: kicks no longer pop requests.
+    quiesced: AtomicBool,
     /// Consumer ends of the exit events handed to vhost-user-backend for the current
     /// connection. vhost-user-backend 0.24 registers each in its epoll with `into_raw_fd`
     /// and never closes it (one eventfd per worker thread per connection), so
@@ -114,6 +116,7 @@ impl VirtioBackend {
                 .collect(),
             memory: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
+            quiesced: AtomicBool::new(false),
             exit_consumers: Mutex::new(Vec::new()),
         }
     }
@@ -145,6 +148,22 @@ impl VirtioBackend {
         }
     }
 
+    /// Takes no new request from the rings from now on (the export is stopping); requests
+    /// already accepted still complete.
+    pub fn quiesce(&self) {
+        self.quiesced.store(true, Ordering::SeqCst);
+    }
+
+    /// Completes every accepted request onto its used ring, notifying the driver, while the
+    /// frontend stays connected.
+    pub fn complete_accepted(&self) {
+        for i in (0..self.workers.len()).rev() {
+            if let Some(mut w) = self.worker(i) {
+                w.drain();
+            }
+        }
+    }
+
     /// Ends a connection whose `VhostUserDaemon` has been dropped (its worker threads
     /// joined): completes in-flight I/O, unmaps the frontend's memory and closes the fds
     /// vhost-user-backend left open, so a connection leaves nothing behind.
@@ -172,7 +191,7 @@ impl VirtioBackend {
         let Some(mut worker) = self.worker(index) else {
             return Ok(());
         };
-        if !vring.get_ref().get_queue().ready() {
+        if !vring.get_ref().get_queue().ready() || self.quiesced.load(Ordering::SeqCst) {
             return Ok(());
         }
         if worker.vring.is_none() {

@@ -1,14 +1,16 @@
 //! Export lifecycle: open the backing store, bind the socket, and serve one frontend
 //! connection after another, each with a fresh `VhostUserDaemon` (the crate refuses a second
 //! SET_OWNER on a reused one) over the same `Arc` backend, so export state survives
-//! reconnects and a frontend that disconnects, even mid-I/O, never stops the daemon.
+//! reconnects and a frontend that disconnects, even mid-I/O, never stops the daemon; and
+//! stop an export (removal by a reload, or daemon exit) without losing accepted requests.
 
 use std::fs;
 use std::io;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -47,10 +49,29 @@ pub struct RunningExport {
     name: String,
     backend: Arc<VirtioBackend>,
     disks: Vec<Backing>,
-    connection: Arc<Mutex<Option<ShutdownHandle>>>,
+    connection: Arc<Connection>,
     /// Appliance-VM mode: the device bridge feeding the accept loop.
-    vvu: Mutex<Option<VvuBridge>>,
-    _acceptor: JoinHandle<()>,
+    vvu: Option<VvuBridge>,
+    acceptor: Option<JoinHandle<()>>,
+    /// The listening socket (a duplicate), shut down to wake a blocked accept.
+    listening: OwnedFd,
+    /// The socket file this export bound, removed when it stops.
+    socket_path: Option<PathBuf>,
+}
+
+/// The current frontend connection of an export, and whether the export is stopping.
+#[derive(Default)]
+struct Connection {
+    /// Set once, when the export stops: no new connection is served.
+    stopping: AtomicBool,
+    /// The connected frontend, while there is one.
+    handle: Mutex<Option<ShutdownHandle>>,
+}
+
+impl Connection {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+        self.handle.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl RunningExport {
@@ -63,8 +84,13 @@ impl RunningExport {
             Device::Scsi(luns) => build_scsi(export, luns, bar_memory)?,
         };
         let mut vvu = None;
+        let mut socket_path = None;
         let listener = match socket {
-            SocketSource::Path(path, permissions) => bind_socket(path, permissions)?,
+            SocketSource::Path(path, permissions) => {
+                let listener = bind_socket(path, permissions)?;
+                socket_path = Some(path.to_path_buf());
+                listener
+            }
             SocketSource::Fd(fd) => listener_from_fd(fd)?,
             SocketSource::Vvu(device) => {
                 let (listener, bridge) =
@@ -73,7 +99,12 @@ impl RunningExport {
                 listener
             }
         };
-        let connection = Arc::new(Mutex::new(None));
+        // SAFETY: the listener's fd is open for the duration of this call; the borrow only
+        // serves to duplicate it.
+        let listening = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) }
+            .try_clone_to_owned()
+            .context("cannot duplicate the listening socket")?;
+        let connection = Arc::new(Connection::default());
         let acceptor = {
             let name = export.name.clone();
             let backend = Arc::clone(&backend);
@@ -115,36 +146,56 @@ impl RunningExport {
             backend,
             disks,
             connection,
-            vvu: Mutex::new(vvu),
-            _acceptor: acceptor,
+            vvu,
+            acceptor: Some(acceptor),
+            listening,
+            socket_path,
         })
     }
 
-    /// Export name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Disconnects the frontend, completes in-flight I/O and makes written data durable.
-    pub fn stop(&self) {
-        if let Some(bridge) = self.vvu.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            bridge.stop();
-        }
-        if let Some(handle) = self
-            .connection
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+    /// Stops the export: accepts no new frontend and takes no new request, completes every
+    /// request already accepted (on the used ring, the driver notified), then disconnects
+    /// the frontend, makes written data durable and removes the socket (the VVU device is
+    /// released). The frontend sees a clean disconnect with nothing it submitted lost.
+    pub fn stop(mut self) {
+        self.connection.stopping.store(true, Ordering::SeqCst);
+        self.backend.quiesce();
+        self.backend.complete_accepted();
+        if let Some(handle) = self.connection.lock().take() {
             handle.shutdown();
         }
-        self.backend.disconnected();
+        // A blocked accept returns once its socket is shut down.
+        if let Err(e) =
+            nix::sys::socket::shutdown(self.listening.as_raw_fd(), nix::sys::socket::Shutdown::Both)
+        {
+            tracing::debug!(
+                export = self.name,
+                "shutting down the listening socket: {e}"
+            );
+        }
+        if let Some(bridge) = self.vvu.as_mut() {
+            bridge.stop();
+        }
+        if let Some(acceptor) = self.acceptor.take() {
+            if acceptor.join().is_err() {
+                tracing::error!(export = self.name, "the accept thread panicked");
+            }
+        }
         for disk in &self.disks {
             if let Err(e) = disk.sync() {
                 tracing::error!(
                     export = self.name,
                     path = %disk.path().display(),
                     "final sync of the backing file failed: {e}"
+                );
+            }
+        }
+        if let Some(path) = &self.socket_path {
+            if let Err(e) = fs::remove_file(path) {
+                tracing::warn!(
+                    export = self.name,
+                    "cannot remove socket {}: {e}",
+                    path.display()
                 );
             }
         }
@@ -306,15 +357,18 @@ fn build_scsi(
     Ok((Arc::new(VirtioBackend::new(device, queues)), disks))
 }
 
-/// Accept loop of one export; runs until the process exits.
+/// Accept loop of one export; runs until the export stops.
 fn serve_connections(
     name: &str,
     backend: &Arc<VirtioBackend>,
     mut listener: Listener,
-    connection: &Mutex<Option<ShutdownHandle>>,
+    connection: &Connection,
 ) {
-    loop {
+    while !connection.stopping.load(Ordering::SeqCst) {
         if let Err(e) = serve_one(name, backend, &mut listener, connection) {
+            if connection.stopping.load(Ordering::SeqCst) {
+                break;
+            }
             tracing::error!(export = name, "connection failed: {e:#}");
             // Do not spin if accept itself keeps failing.
             std::thread::sleep(std::time::Duration::from_millis(100));
@@ -328,7 +382,7 @@ fn serve_one(
     name: &str,
     backend: &Arc<VirtioBackend>,
     listener: &mut Listener,
-    connection: &Mutex<Option<ShutdownHandle>>,
+    connection: &Connection,
 ) -> anyhow::Result<()> {
     let result = run_connection(name, backend, listener, connection);
     // The connection's daemon is dropped (its vring threads joined): complete whatever they
@@ -341,7 +395,7 @@ fn run_connection(
     name: &str,
     backend: &Arc<VirtioBackend>,
     listener: &mut Listener,
-    connection: &Mutex<Option<ShutdownHandle>>,
+    connection: &Connection,
 ) -> anyhow::Result<()> {
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new(name.to_string(), Arc::clone(backend), memory)
@@ -359,9 +413,18 @@ fn run_connection(
         .start(listener)
         .map_err(|e| anyhow::anyhow!("accepting a frontend failed: {e:?}"))?;
     tracing::info!(export = name, "frontend connected");
-    *connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+    {
+        let mut current = connection.lock();
+        *current = daemon.shutdown_handle();
+        // The export began stopping while this frontend was being accepted.
+        if connection.stopping.load(Ordering::SeqCst) {
+            if let Some(handle) = current.take() {
+                handle.shutdown();
+            }
+        }
+    }
     let result = daemon.wait();
-    connection.lock().unwrap_or_else(|p| p.into_inner()).take();
+    connection.lock().take();
     match result {
         Ok(())
         | Err(vhost_user_backend::Error::HandleRequest(

@@ -13,8 +13,10 @@
 
 mod backend;
 mod export;
+mod reload;
 mod vring;
 mod vvu;
+mod watch;
 
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,9 @@ use crate::export::{RunningExport, SocketSource};
 #[derive(Debug, Parser)]
 #[command(name = "vhost-appliance", version)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Serve every export in this exports.yaml.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "blk_file"])]
     config: Option<PathBuf>,
@@ -67,6 +72,16 @@ struct Cli {
     log_level: String,
 }
 
+/// Subcommands.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Validate an exports.yaml offline (the checks of a live reload); exit 0 if valid.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
 /// QEMU's backend-program capability description for a block device backend.
 const CAPABILITIES: &str = r#"{
   "type": "block",
@@ -81,6 +96,9 @@ fn main() -> ExitCode {
     if cli.print_capabilities {
         println!("{CAPABILITIES}");
         return ExitCode::SUCCESS;
+    }
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return check_config(file);
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -109,61 +127,86 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     signals.thread_block().context("cannot block signals")?;
     raise_open_file_limit();
 
-    let exports = if let Some(path) = &cli.config {
-        start_from_config(path)?
-    } else {
-        vec![start_single(cli)?]
-    };
-    notify_systemd_ready();
-
-    loop {
-        match signals.wait() {
-            Ok(Signal::SIGHUP) => {
-                tracing::info!("SIGHUP: configuration reload is not supported by this version; restart to apply changes")
+    match &cli.config {
+        Some(path) => serve_config(path, &signals),
+        None => {
+            let export = start_single(cli)?;
+            notify_systemd_ready();
+            loop {
+                match signals.wait() {
+                    Ok(Signal::SIGHUP) => {
+                        tracing::info!(
+                            "SIGHUP: a single export has no configuration file to reload"
+                        )
+                    }
+                    Ok(signal) => {
+                        tracing::info!("{signal}: completing in-flight I/O and exiting");
+                        break;
+                    }
+                    Err(e) => tracing::warn!("waiting for signals failed: {e}"),
+                }
             }
-            Ok(signal) => {
+            export.stop();
+            Ok(())
+        }
+    }
+}
+
+/// Serves the exports of `path`, applying edits of the file (and SIGHUP) live, until
+/// SIGTERM or SIGINT.
+fn serve_config(path: &Path, signals: &SigSet) -> anyhow::Result<()> {
+    let mut exports = reload::Exports::start(path)?;
+    let mut watch = watch::ConfigWatch::new(path, signals)?;
+    notify_systemd_ready();
+    loop {
+        match watch.next_event() {
+            watch::Event::Reload(why) => match exports.reload(why) {
+                None => {}
+                Some(true) => tracing::info!("configuration reload succeeded"),
+                Some(false) => tracing::warn!("configuration reload failed: see the errors above"),
+            },
+            watch::Event::Stop(signal) => {
                 tracing::info!("{signal}: completing in-flight I/O and exiting");
                 break;
             }
-            Err(e) => tracing::warn!("waiting for signals failed: {e}"),
         }
     }
-    for export in &exports {
-        export.stop();
-        tracing::info!(export = export.name(), "stopped");
-    }
+    exports.stop_all();
     Ok(())
 }
 
-fn start_from_config(path: &Path) -> anyhow::Result<Vec<RunningExport>> {
-    let config = config::load_file(path)?;
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
-    let mut running = Vec::new();
-    for export in &config.exports {
-        let socket = match &export.transport {
-            config::Transport::Socket(path) => SocketSource::Path(path, &config.socket_permissions),
-            config::Transport::Vvu(device) => SocketSource::Vvu(device),
-        };
-        match RunningExport::start(export, socket) {
-            Ok(r) => running.push(r),
-            // One broken LUN must not take the others down.
-            Err(e) => tracing::error!(export = export.name, "export not started: {e:#}"),
+/// `check-config FILE`: the validation of a reload, offline. Exit 0 when valid.
+fn check_config(file: &Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let base = file.parent().unwrap_or(Path::new("."));
+    match config::parse_str(&text, file, base) {
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+        Ok(config) => {
+            let missing = config::missing_backing_files(&config, &text, file, |_, _| true);
+            for e in &missing {
+                eprintln!("{e}");
+            }
+            if missing.is_empty() {
+                println!(
+                    "{}: valid, {} exports",
+                    file.display(),
+                    config.exports.len()
+                );
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
-    if running.is_empty() && !config.exports.is_empty() {
-        anyhow::bail!(
-            "none of the {} exports could be started",
-            config.exports.len()
-        );
-    }
-    tracing::info!(
-        "serving {} of {} exports from {}",
-        running.len(),
-        config.exports.len(),
-        path.display()
-    );
-    Ok(running)
 }
 
 fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {

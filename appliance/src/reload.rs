@@ -1,0 +1,249 @@
+//! Live configuration: the exports of `exports.yaml` as they run, and reloads of the file.
+//!
+//! A reload reads the file, validates all of it and checks the backing files of what it
+//! adds; an invalid file changes nothing (the error names file, line, export and field).
+//! A valid one is applied by [`config::diff`] against what runs: removed exports stop
+//! (accepted requests complete, the frontend is disconnected, the socket removed), then
+//! changed exports are changed where that is safe under a live frontend and refused
+//! field by field where it is not (the running definition stays), then added exports start.
+//! Nginx's "validate fully, keep the old configuration on failure" and Prometheus'
+//! `last_reload_successful` are the models: a reload succeeds only when everything the file
+//! says is in effect.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use config::{Config, ConfigError, Export, ExportChange};
+
+use crate::export::{RunningExport, SocketSource};
+
+/// The exports of one config file, as they run.
+pub struct Exports {
+    path: PathBuf,
+    /// The file's text at the last reload, to ignore events that changed nothing.
+    text: String,
+    /// What runs: the config with every export's running definition; exports that failed to
+    /// start are absent, so the next reload tries them again.
+    applied: Config,
+    running: BTreeMap<String, RunningExport>,
+}
+
+impl Exports {
+    /// Loads `path` and starts its exports. An invalid file is an error; an export that
+    /// cannot start is logged and left out, the others run.
+    pub fn start(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let config = parse(path, &text)?;
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
+        let mut exports = Exports {
+            path: path.to_path_buf(),
+            text,
+            applied: Config {
+                exports: Vec::new(),
+                ..config.clone()
+            },
+            running: BTreeMap::new(),
+        };
+        for export in &config.exports {
+            exports.start_export(export, &config);
+        }
+        if exports.running.is_empty() && !config.exports.is_empty() {
+            anyhow::bail!(
+                "none of the {} exports could be started",
+                config.exports.len()
+            );
+        }
+        tracing::info!(
+            "serving {} of {} exports from {}",
+            exports.running.len(),
+            config.exports.len(),
+            path.display()
+        );
+        Ok(exports)
+    }
+
+    /// Re-reads the file and applies what changed; `why` names the trigger for the log.
+    /// Returns `None` when the file did not change (nothing done), else whether the reload
+    /// succeeded: the file is valid and everything it says is in effect.
+    pub fn reload(&mut self, why: &str) -> Option<bool> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::error!(
+                    "configuration reload ({why}) failed, keeping the running configuration: cannot read {}: {e}",
+                    self.path.display()
+                );
+                return Some(false);
+            }
+        };
+        if text == self.text {
+            tracing::debug!("configuration reload ({why}): file unchanged");
+            return None;
+        }
+        self.text = text.clone();
+        let new = match parse(&self.path, &text) {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::error!(
+                    "configuration reload ({why}) failed, keeping the running configuration: {e}"
+                );
+                return Some(false);
+            }
+        };
+        let diff = config::diff(&self.applied, &new);
+        let added_lun = |name: &str, lun: Option<u16>| {
+            let running = self.applied.exports.iter().find(|e| e.name == name);
+            match (running, lun) {
+                (None, _) => true,
+                (Some(export), Some(lun)) => match &export.device {
+                    config::Device::Scsi(luns) => !luns.iter().any(|l| l.lun == lun),
+                    config::Device::Blk(_) => true,
+                },
+                (Some(_), None) => false,
+            }
+        };
+        let missing = config::missing_backing_files(&new, &text, &self.path, added_lun);
+        if !missing.is_empty() {
+            for e in &missing {
+                tracing::error!(
+                    "configuration reload ({why}) failed, keeping the running configuration: {e}"
+                );
+            }
+            return Some(false);
+        }
+        tracing::info!(
+            "configuration reload ({why}): {} added, {} removed, {} changed",
+            diff.added.len(),
+            diff.removed.len(),
+            diff.changed.len()
+        );
+        let mut complete = self.apply_globals(&new);
+        for export in &diff.removed {
+            self.stop_export(&export.name);
+            tracing::info!(export = export.name, "export removed");
+        }
+        for (old, new_export) in &diff.changed {
+            complete &= self.change_export(old, new_export, &new, &text);
+        }
+        for export in &diff.added {
+            complete &= self.start_export(export, &new);
+        }
+        tracing::info!(
+            complete,
+            "configuration reload ({why}) applied: serving {} exports: {}",
+            self.running.len(),
+            self.running.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        Some(complete)
+    }
+
+    /// Stops every export (daemon exit).
+    pub fn stop_all(&mut self) {
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for name in names {
+            self.stop_export(&name);
+            tracing::info!(export = name, "stopped");
+        }
+    }
+
+    /// Settings outside `exports:`. Returns whether all of them are in effect.
+    fn apply_globals(&mut self, new: &Config) -> bool {
+        let mut complete = true;
+        if new.state_dir != self.applied.state_dir {
+            match std::fs::create_dir_all(&new.state_dir) {
+                Ok(()) => self.applied.state_dir = new.state_dir.clone(),
+                Err(e) => {
+                    tracing::error!("cannot create state_dir {}: {e}", new.state_dir.display());
+                    complete = false;
+                }
+            }
+        }
+        if new.socket_permissions != self.applied.socket_permissions {
+            tracing::info!("socket_permissions changed: applied to sockets bound from now on");
+            self.applied.socket_permissions = new.socket_permissions.clone();
+        }
+        if new.metrics_listen != self.applied.metrics_listen {
+            tracing::error!(
+                "{}: field \"metrics.listen\": a new listen address takes effect at the next start; the endpoint stays where it is",
+                self.path.display()
+            );
+            complete = false;
+        }
+        complete
+    }
+
+    /// Starts `export` under the settings of `config`. Returns whether it runs.
+    fn start_export(&mut self, export: &Export, config: &Config) -> bool {
+        let socket = match &export.transport {
+            config::Transport::Socket(path) => SocketSource::Path(path, &config.socket_permissions),
+            config::Transport::Vvu(device) => SocketSource::Vvu(device),
+        };
+        match RunningExport::start(export, socket) {
+            Ok(running) => {
+                self.running.insert(export.name.clone(), running);
+                self.applied.exports.push(export.clone());
+                true
+            }
+            Err(e) => {
+                // One broken LUN must not take the others down.
+                tracing::error!(export = export.name, "export not started: {e:#}");
+                false
+            }
+        }
+    }
+
+    fn stop_export(&mut self, name: &str) {
+        if let Some(export) = self.running.remove(name) {
+            export.stop();
+        }
+        self.applied.exports.retain(|e| e.name != name);
+    }
+
+    /// Applies what can change under a live frontend and refuses the rest, field by field.
+    /// Returns whether the whole change is in effect.
+    fn change_export(&mut self, old: &Export, new: &Export, config: &Config, text: &str) -> bool {
+        let index = config
+            .exports
+            .iter()
+            .position(|e| e.name == new.name)
+            .unwrap_or(0);
+        let changes = config::export_changes(old, new);
+        for change in &changes {
+            let (lun, field) = match change {
+                ExportChange::Setting { field, lun, .. } => (*lun, *field),
+                ExportChange::LunAdded(position, _) => (Some(*position), "lun"),
+                ExportChange::LunRemoved(_) => (None, "luns"),
+            };
+            let why = match change {
+                ExportChange::Setting { old, new, .. } => format!(
+                    "cannot change while the export is live (running: {old}, file: {new}); the running definition stays: remove the export and add it back to apply it"
+                ),
+                ExportChange::LunAdded(_, l) => format!(
+                    "LUN {} cannot be added to a live export by this version; the running LUN set stays",
+                    l.lun
+                ),
+                ExportChange::LunRemoved(l) => format!(
+                    "LUN {} cannot be removed from a live export by this version; the running LUN set stays",
+                    l.lun
+                ),
+            };
+            let error = ConfigError {
+                file: self.path.clone(),
+                line: config::field_line(text, index, lun, field),
+                export: Some(new.name.clone()),
+                field: Some(change.field_path()),
+                message: why,
+            };
+            tracing::error!("configuration change refused: {error}");
+        }
+        changes.is_empty()
+    }
+}
+
+fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let base = path.parent().unwrap_or(Path::new("."));
+    config::parse_str(text, path, base)
+}
