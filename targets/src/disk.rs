@@ -35,7 +35,8 @@ pub enum DiskOp {
     },
     /// Make completed writes durable.
     Flush,
-    /// Deallocate a range; later reads may return anything (zeroes for files).
+    /// Deallocate a range. Later reads return zeroes where [`DiskInfo::discard_zeroes`]
+    /// says so; elsewhere a discard may leave the data as it was.
     Discard {
         /// Byte offset.
         offset: u64,
@@ -89,10 +90,20 @@ pub struct DiskInfo {
     pub direct: Option<DirectAlignment>,
     /// Block device rather than regular file.
     pub is_block_device: bool,
-    /// Deallocating a range works and the range then reads back as zeroes (SCSI LBPRZ,
-    /// virtio-blk WRITE_ZEROES). False on file systems without `FALLOC_FL_PUNCH_HOLE` and on
-    /// block devices without write-zeroes support, where zeroes must be written as data.
+    /// A [`DiskOp::WriteZeroes`] works, whether or not it may unmap: the range reads back
+    /// as zeroes and the request layer need not write zero data itself (virtio-blk offers
+    /// WRITE_ZEROES). Raw files and block devices deallocate the range (or zero it in
+    /// place); false on file systems without `FALLOC_FL_PUNCH_HOLE` and on block devices
+    /// without write-zeroes support. Always true for qcow2 images: v3 images mark zero
+    /// clusters, v2 images (no zero flag) deallocate where no backing file can show
+    /// through and write zero data elsewhere, as QEMU does.
     pub deallocate_zeroes: bool,
+    /// A [`DiskOp::Discard`] leaves the range reading as zeroes (SCSI LBPRZ, and what
+    /// the README promises of discarded ranges). False where a discard is a no-op:
+    /// backing stores that cannot deallocate, and qcow2 v2 images with a backing file,
+    /// where deallocating would expose the backing file's data and the format has no zero
+    /// flag (a discard would have to allocate the range to hide it).
+    pub discard_zeroes: bool,
 }
 
 /// O_DIRECT alignment requirements.
@@ -219,6 +230,8 @@ impl RawDisk {
                 direct,
                 is_block_device,
                 deallocate_zeroes,
+                // Punched holes and device write-zeroes read back as zeroes.
+                discard_zeroes: deallocate_zeroes,
             },
             path,
         })
