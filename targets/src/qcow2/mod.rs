@@ -8,7 +8,8 @@
 //! zeroes; everywhere else zeroes are written as data, in bounded chunks from one shared
 //! zero buffer. A discard must not expose a backing file either: on a v2 image with a
 //! backing file it is a no-op (and [`DiskInfo::discard_zeroes`] says so, so SCSI LUNs do
-//! not claim LBPRZ).
+//! not claim LBPRZ). A request marked `durable` (writethrough, FUA) flushes imago's
+//! metadata and syncs the image before it completes.
 //!
 //! imago's qcow2 driver is async and runs on no runtime: each virtqueue gets a
 //! [`Qcow2Queue`], a small executor that turns every request into a task and polls it on the
@@ -49,6 +50,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::disk::{DirectAlignment, DiskCompletion, DiskInfo, DiskOp, DiskQueue, OpenError};
 use crate::iobuf::AlignedBuf;
+use crate::stats::DiskStats;
 use lock::lock_image;
 use uring_file::{without_ring, Ring, UringFile};
 
@@ -282,11 +284,13 @@ enum Request {
     Discard {
         offset: u64,
         len: u64,
+        durable: bool,
     },
     WriteZeroes {
         offset: u64,
         len: u64,
         unmap: bool,
+        durable: bool,
     },
 }
 
@@ -322,10 +326,26 @@ impl Request {
                 durable,
             },
             DiskOp::Flush => Request::Flush,
-            DiskOp::Discard { offset, len } => Request::Discard { offset, len },
-            DiskOp::WriteZeroes { offset, len, unmap } => {
-                Request::WriteZeroes { offset, len, unmap }
-            }
+            DiskOp::Discard {
+                offset,
+                len,
+                durable,
+            } => Request::Discard {
+                offset,
+                len,
+                durable,
+            },
+            DiskOp::WriteZeroes {
+                offset,
+                len,
+                unmap,
+                durable,
+            } => Request::WriteZeroes {
+                offset,
+                len,
+                unmap,
+                durable,
+            },
         }
     }
 
@@ -363,27 +383,39 @@ impl Request {
                     Err(e) => Err(e),
                 }
             }
-            Request::Discard { offset, len } => {
+            Request::Discard {
+                offset,
+                len,
+                durable,
+            } => {
                 if shared.zeroing.zero_clusters || !shared.zeroing.backing {
                     // Discarded ranges read back as zeroes (SCSI LBPRZ relies on it) and
                     // never fall through to a backing file.
-                    shared.deallocate(offset, len).await.map(|()| 0)
+                    shared.deallocate(offset, len, durable).await.map(|()| 0)
                 } else {
                     // v2 with a backing file: deallocating would expose the backing file
                     // and hiding it would allocate the range. A discard is a hint.
                     Ok(0)
                 }
             }
-            Request::WriteZeroes { offset, len, unmap } => {
+            Request::WriteZeroes {
+                offset,
+                len,
+                unmap,
+                durable,
+            } => {
                 let zeroing = shared.zeroing;
                 let result = if unmap && (zeroing.zero_clusters || !zeroing.backing) {
-                    shared.deallocate(offset, len).await
+                    shared.deallocate(offset, len, durable).await
                 } else if zeroing.zero_clusters {
-                    image.read().await.write_zeroes(offset, len).await
+                    let img = image.read().await;
+                    let result = img.write_zeroes(offset, len).await;
+                    durable_after(&img, result, durable).await
                 } else {
                     // No zero flag (v2): zero data, as QEMU writes it.
                     let img = image.read().await;
-                    shared.write_zero_data(&img, offset, len).await
+                    let result = shared.write_zero_data(&img, offset, len).await;
+                    durable_after(&img, result, durable).await
                 };
                 result.map(|()| 0)
             }
@@ -393,6 +425,21 @@ impl Request {
             Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
         }
     }
+}
+
+/// Makes a successful `result` durable when asked: imago's cached metadata written out,
+/// then the image synced.
+async fn durable_after(
+    img: &FormatAccess<UringFile>,
+    result: io::Result<()>,
+    durable: bool,
+) -> io::Result<()> {
+    result?;
+    if durable {
+        img.flush().await?;
+        img.sync().await?;
+    }
+    Ok(())
 }
 
 /// A request's future. imago declares its boxed futures without `Send` (`?Send`).
@@ -485,9 +532,9 @@ impl Shared {
     /// clusters on v3 (imago's discard_to_zero); on v2, only where no backing file shows
     /// through, whole clusters deallocated and the partial ones around them zeroed as data.
     /// Takes the image exclusively: deallocating breaks mappings other requests may hold.
-    async fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+    async fn deallocate(&self, offset: u64, len: u64, durable: bool) -> io::Result<()> {
         let mut img = self.image.write().await;
-        if self.zeroing.zero_clusters {
+        let result = if self.zeroing.zero_clusters {
             img.discard_to_zero(offset, len).await
         } else if self.zeroing.backing {
             Err(io::Error::new(
@@ -496,7 +543,8 @@ impl Shared {
             ))
         } else {
             self.deallocate_v2(&mut img, offset, len).await
-        }
+        };
+        durable_after(&img, result, durable).await
     }
 
     /// v2 without a backing file: unallocated clusters read as zeroes, so whole clusters are
@@ -806,6 +854,10 @@ impl DiskQueue for Qcow2Queue {
 
     fn completion_fd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
+    }
+
+    fn stats(&self) -> Arc<DiskStats> {
+        self.exec().ring.stats()
     }
 }
 
