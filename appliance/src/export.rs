@@ -329,7 +329,7 @@ fn build_scsi(
                 rotational: spec.rotational,
                 write_cache: spec.disk.write_cache == WriteCache::Writeback,
                 discard: !spec.disk.readonly,
-                unmapped_reads_zero: info.deallocate_zeroes,
+                unmapped_reads_zero: info.discard_zeroes,
             }),
             disk: info,
         });

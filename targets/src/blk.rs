@@ -696,14 +696,18 @@ impl BlkQueue {
                 }
             }
             Kind::Flush => DiskOp::Flush,
+            // In writethrough mode every request is durable when it completes (virtio spec
+            // 5.2.6.3), discards and zeroing included.
             Kind::Discard => DiskOp::Discard {
                 offset: io.offset,
                 len: io.len,
+                durable: !self.device.writeback_enabled(),
             },
             Kind::WriteZeroes { unmap } => DiskOp::WriteZeroes {
                 offset: io.offset,
                 len: io.len,
                 unmap,
+                durable: !self.device.writeback_enabled(),
             },
         };
         let slot = self.inflight.reserve();

@@ -1,18 +1,29 @@
 //! Disk backends behind one asynchronous queue interface.
 //!
-//! A [`Disk`] is an opened backing store shared by all queues of an export; each virtqueue
-//! worker gets its own [`DiskQueue`] (for raw files: its own io_uring). Requests are
-//! submitted with a caller-chosen token and complete through [`DiskQueue::reap`]; the queue
-//! signals completions on an eventfd so the worker's epoll loop wakes up.
+//! A disk ([`RawDisk`], or a [`crate::qcow2::Qcow2Disk`]) is an opened backing store shared
+//! by all queues of an export; each virtqueue worker gets its own [`DiskQueue`] (for raw
+//! files: its own io_uring). Requests are submitted with a caller-chosen token and complete
+//! through [`DiskQueue::reap`]; the queue signals completions on an eventfd so the worker's
+//! epoll loop wakes up.
+//!
+//! Durability: an operation marked `durable` (writethrough, FUA) is durable when it
+//! completes. On a raw file or block device a write carries `RWF_DSYNC`, and a discard or
+//! zeroing (a fallocate) has an fdatasync linked after it (`IOSQE_IO_LINK`: it runs only
+//! once the fallocate succeeded) and completes with that sync. Each queue counts its syncs
+//! in [`DiskStats`], before the operation they belong to completes.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::stats::DiskStats;
 
 /// One I/O operation on a disk. Offsets and lengths are in bytes.
 #[derive(Debug)]
@@ -35,12 +46,17 @@ pub enum DiskOp {
     },
     /// Make completed writes durable.
     Flush,
-    /// Deallocate a range; later reads may return anything (zeroes for files).
+    /// Deallocate a range. Later reads return zeroes where [`DiskInfo::discard_zeroes`]
+    /// says so; elsewhere a discard may leave the data as it was.
     Discard {
         /// Byte offset.
         offset: u64,
         /// Byte length.
         len: u64,
+        /// Make the result durable before completing (writethrough): a raw file's
+        /// fallocate is followed by a linked fdatasync, a qcow2 image flushes its metadata
+        /// and syncs.
+        durable: bool,
     },
     /// Make a range read as zeroes, deallocating it when `unmap` is allowed.
     WriteZeroes {
@@ -50,6 +66,8 @@ pub enum DiskOp {
         len: u64,
         /// The range may be deallocated.
         unmap: bool,
+        /// Make the result durable before completing, as for [`DiskOp::Discard`].
+        durable: bool,
     },
 }
 
@@ -76,6 +94,9 @@ pub trait DiskQueue: Send {
     fn in_flight(&self) -> usize;
     /// Readable when completions are ready (reset by [`DiskQueue::reap`]).
     fn completion_fd(&self) -> RawFd;
+    /// This queue's sync counters, shared: a caller may keep them after handing the queue
+    /// to a request handler.
+    fn stats(&self) -> Arc<DiskStats>;
 }
 
 /// How the backing file was opened, as it matters to request handling.
@@ -89,10 +110,20 @@ pub struct DiskInfo {
     pub direct: Option<DirectAlignment>,
     /// Block device rather than regular file.
     pub is_block_device: bool,
-    /// Deallocating a range works and the range then reads back as zeroes (SCSI LBPRZ,
-    /// virtio-blk WRITE_ZEROES). False on file systems without `FALLOC_FL_PUNCH_HOLE` and on
-    /// block devices without write-zeroes support, where zeroes must be written as data.
+    /// A [`DiskOp::WriteZeroes`] works, whether or not it may unmap: the range reads back
+    /// as zeroes and the request layer need not write zero data itself (virtio-blk offers
+    /// WRITE_ZEROES). Raw files and block devices deallocate the range (or zero it in
+    /// place); false on file systems without `FALLOC_FL_PUNCH_HOLE` and on block devices
+    /// without write-zeroes support. Always true for qcow2 images: v3 images mark zero
+    /// clusters, v2 images (no zero flag) deallocate where no backing file can show
+    /// through and write zero data elsewhere, as QEMU does.
     pub deallocate_zeroes: bool,
+    /// A [`DiskOp::Discard`] leaves the range reading as zeroes (SCSI LBPRZ, and what
+    /// the README promises of discarded ranges). False where a discard is a no-op:
+    /// backing stores that cannot deallocate, and qcow2 v2 images with a backing file,
+    /// where deallocating would expose the backing file's data and the format has no zero
+    /// flag (a discard would have to allocate the range to hide it).
+    pub discard_zeroes: bool,
 }
 
 /// O_DIRECT alignment requirements.
@@ -219,6 +250,8 @@ impl RawDisk {
                 direct,
                 is_block_device,
                 deallocate_zeroes,
+                // Punched holes and device write-zeroes read back as zeroes.
+                discard_zeroes: deallocate_zeroes,
             },
             path,
         })
@@ -346,6 +379,24 @@ struct Slot {
     _iovecs: Vec<libc::iovec>,
     /// What to do if the file system does not support the operation.
     unsupported: Unsupported,
+    /// Which counter a success bumps.
+    counts_as: Counts,
+    /// An fdatasync is linked after the operation (a durable discard or zeroing).
+    linked_sync: bool,
+    /// Completions still to come: the operation's, and its linked fdatasync's.
+    pending: u8,
+    /// The operation's own result, once its completion arrived.
+    result: Option<i32>,
+    /// The linked fdatasync's result (`-ECANCELED` when the operation failed).
+    sync_result: Option<i32>,
+}
+
+/// Which [`DiskStats`] counter an operation's success bumps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counts {
+    Nothing,
+    Sync,
+    DsyncWrite,
 }
 
 /// Handling of `EOPNOTSUPP` for an operation.
@@ -358,6 +409,10 @@ enum Unsupported {
     /// ZERO_RANGE is missing here: punch a hole instead, which also reads back as zeroes.
     PunchHole { offset: u64, len: u64 },
 }
+
+/// The bit of a completion's user data that marks the linked fdatasync; the other bits
+/// are the slot index.
+const SYNC_PART: u64 = 1;
 
 // SAFETY: the iovecs point into guest memory or bounce buffers owned by the caller, who keeps
 // them alive until completion; the raw pointers are only handed to the kernel, never
@@ -372,8 +427,11 @@ pub struct RawQueue {
     owns_eventfd: bool,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
+    /// Submission entries pushed, not yet handed to the kernel.
     queued: usize,
+    /// Submission entries handed to the kernel whose completion has not been reaped.
     in_flight: usize,
+    stats: Arc<DiskStats>,
 }
 
 impl RawQueue {
@@ -394,10 +452,11 @@ impl RawQueue {
             free: Vec::new(),
             queued: 0,
             in_flight: 0,
+            stats: Arc::new(DiskStats::default()),
         })
     }
 
-    fn entry(&self, op: &DiskOp) -> io_uring::squeue::Entry {
+    fn entry(&self, op: &DiskOp) -> squeue::Entry {
         let fd = types::Fd(self.file.as_raw_fd());
         match op {
             DiskOp::Read { offset, iovecs } => {
@@ -413,14 +472,14 @@ impl RawQueue {
                 .offset(*offset)
                 .rw_flags(if *durable { libc::RWF_DSYNC } else { 0 })
                 .build(),
-            DiskOp::Flush => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            DiskOp::Discard { offset, len } => opcode::Fallocate::new(fd, *len)
+            DiskOp::Flush => self.fdatasync(),
+            DiskOp::Discard { offset, len, .. } => opcode::Fallocate::new(fd, *len)
                 .offset(*offset)
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
-            DiskOp::WriteZeroes { offset, len, unmap } => {
+            DiskOp::WriteZeroes {
+                offset, len, unmap, ..
+            } => {
                 let mode = if *unmap {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
                 } else {
@@ -430,6 +489,38 @@ impl RawQueue {
                     .offset(*offset)
                     .mode(mode)
                     .build()
+            }
+        }
+    }
+
+    fn fdatasync(&self) -> squeue::Entry {
+        opcode::Fsync::new(types::Fd(self.file.as_raw_fd()))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+    }
+
+    /// Puts `entries` (one operation, or one linked to its fdatasync) on the submission
+    /// queue, making room by submitting what is queued; never splits a linked pair.
+    fn push_entries(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+        loop {
+            // SAFETY: the entries' buffers (the iovec array in the slot, and the memory it
+            // points to, kept alive by the caller) stay valid until the completions are
+            // reaped.
+            let pushed = unsafe { self.ring.submission().push_multiple(entries) };
+            if pushed.is_ok() {
+                self.queued += entries.len();
+                return Ok(());
+            }
+            // Submission queue full: hand what is queued to the kernel to make room.
+            let before = self.queued;
+            self.submit()?;
+            if self.queued == before {
+                // The kernel took nothing (completion queue overflowing): the caller
+                // must reap first.
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "io_uring submission queue full",
+                ));
             }
         }
     }
@@ -444,15 +535,26 @@ impl DiskQueue for RawQueue {
                 self.slots.len() - 1
             }
         };
-        let entry = self.entry(&op).user_data(index as u64);
+        let user_data = (index as u64) << 1;
+        let entry = self.entry(&op).user_data(user_data);
+        let linked_sync = matches!(
+            op,
+            DiskOp::Discard { durable: true, .. } | DiskOp::WriteZeroes { durable: true, .. }
+        );
         let unsupported = match op {
             DiskOp::Discard { .. } => Unsupported::Succeed,
             DiskOp::WriteZeroes {
                 offset,
                 len,
                 unmap: false,
+                ..
             } => Unsupported::PunchHole { offset, len },
             _ => Unsupported::Fail,
+        };
+        let counts_as = match op {
+            DiskOp::Flush => Counts::Sync,
+            DiskOp::Write { durable: true, .. } => Counts::DsyncWrite,
+            _ => Counts::Nothing,
         };
         let iovecs = match op {
             DiskOp::Read { iovecs, .. } | DiskOp::Write { iovecs, .. } => iovecs,
@@ -462,18 +564,26 @@ impl DiskQueue for RawQueue {
             token,
             _iovecs: iovecs,
             unsupported,
+            counts_as,
+            linked_sync,
+            pending: if linked_sync { 2 } else { 1 },
+            result: None,
+            sync_result: None,
         });
-        loop {
-            // SAFETY: the entry's buffers (iovec array in the slot, and the memory it points
-            // to, kept alive by the caller) stay valid until the completion is reaped.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
-            if pushed.is_ok() {
-                break;
-            }
-            // Submission queue full: hand what is queued to the kernel to make room.
-            self.submit()?;
+        let pushed = if linked_sync {
+            // The fdatasync starts only once the fallocate succeeded (a failed one cancels
+            // it), and the request completes only once both have: a writethrough discard
+            // or zeroing is durable when the guest hears of it.
+            let sync = self.fdatasync().user_data(user_data | SYNC_PART);
+            self.push_entries(&[entry.flags(squeue::Flags::IO_LINK), sync])
+        } else {
+            self.push_entries(&[entry])
+        };
+        if let Err(e) = pushed {
+            self.slots[index] = None;
+            self.free.push(index);
+            return Err(e);
         }
-        self.queued += 1;
         Ok(())
     }
 
@@ -512,26 +622,59 @@ impl DiskQueue for RawQueue {
             .map(|cqe| (cqe.user_data(), cqe.result()))
             .collect();
         for (user_data, result) in completed {
-            let index = user_data as usize;
+            self.in_flight = self.in_flight.saturating_sub(1);
+            let index = (user_data >> 1) as usize;
+            let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
+                continue;
+            };
+            if user_data & SYNC_PART != 0 {
+                slot.sync_result = Some(result);
+            } else {
+                slot.result = Some(result);
+            }
+            slot.pending = slot.pending.saturating_sub(1);
+            if slot.pending > 0 {
+                continue;
+            }
             let Some(slot) = self.slots.get_mut(index).and_then(Option::take) else {
                 continue;
             };
             self.free.push(index);
-            self.in_flight -= 1;
-            let result = match (result, slot.unsupported) {
+            let op_result = slot.result.unwrap_or(-libc::EIO);
+            let result = match (op_result, slot.unsupported) {
+                // Nothing changed, so there is nothing to make durable either.
                 (r, Unsupported::Succeed) if r == -libc::EOPNOTSUPP => 0,
                 (r, Unsupported::PunchHole { offset, len }) if r == -libc::EOPNOTSUPP => {
                     let retry = DiskOp::WriteZeroes {
                         offset,
                         len,
                         unmap: true,
+                        durable: slot.linked_sync,
                     };
                     match self.push(retry, slot.token) {
                         Ok(()) => continue,
                         Err(_) => r,
                     }
                 }
-                (r, _) => r,
+                (r, _) if r < 0 => r,
+                (r, _) => match slot.sync_result {
+                    Some(sync) if slot.linked_sync && sync < 0 => sync,
+                    _ => {
+                        if slot.linked_sync {
+                            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                        }
+                        match slot.counts_as {
+                            Counts::Sync => {
+                                self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Counts::DsyncWrite => {
+                                self.stats.dsync_writes.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Counts::Nothing => {}
+                        }
+                        r
+                    }
+                },
             };
             out.push(DiskCompletion {
                 token: slot.token,
@@ -555,11 +698,16 @@ impl DiskQueue for RawQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight + self.queued
+        // Operations, not submission entries: a linked fdatasync is part of its operation.
+        self.slots.len() - self.free.len()
     }
 
     fn completion_fd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
+    }
+
+    fn stats(&self) -> Arc<DiskStats> {
+        Arc::clone(&self.stats)
     }
 }
 
@@ -684,6 +832,7 @@ mod tests {
                 offset: 4096,
                 len: 4096,
                 unmap: false,
+                durable: false,
             },
             3,
         )
@@ -692,6 +841,7 @@ mod tests {
             DiskOp::Discard {
                 offset: 8192,
                 len: 4096,
+                durable: false,
             },
             4,
         )
@@ -725,6 +875,109 @@ mod tests {
         assert!(data[..4096].iter().all(|&b| b == 0), "never written");
         assert!(data[4096..8192].iter().all(|&b| b == 0), "zeroed");
         assert!(data[8192..].iter().all(|&b| b == 0), "discarded");
+    }
+
+    /// Pushes `op`, then reaps as the worker does (on eventfd wake-ups) until it completes;
+    /// returns its result and the syncs counted by then.
+    fn complete_one(q: &mut RawQueue, op: DiskOp) -> (i32, u64) {
+        q.push(op, 7).unwrap();
+        q.submit().unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            let mut pfd = libc::pollfd {
+                fd: q.completion_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+            assert_eq!(n, 1, "no completion within 5 s");
+            q.reap(&mut done);
+        }
+        assert_eq!(done.len(), 1);
+        assert_eq!(q.in_flight(), 0, "nothing left behind the completion");
+        (done[0].result, q.stats().syncs.load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn durable_zeroing_and_discard_complete_after_their_linked_sync() {
+        for direct in [false, true] {
+            let (dir, disk) = disk_with(1 << 20, direct);
+            std::fs::write(dir.path().join("sub/disk.raw"), vec![0x42u8; 1 << 20]).unwrap();
+            let mut q = disk.new_queue(2).unwrap();
+            let mut syncs = 0;
+            let ops = [
+                (0u64, false, false),
+                (65536, true, false),
+                (131072, false, true),
+            ];
+            for durable in [false, true] {
+                for &(offset, unmap, discard) in &ops {
+                    let offset = offset + if durable { 4096 } else { 0 };
+                    let len = 4096;
+                    let op = if discard {
+                        DiskOp::Discard {
+                            offset,
+                            len,
+                            durable,
+                        }
+                    } else {
+                        DiskOp::WriteZeroes {
+                            offset,
+                            len,
+                            unmap,
+                            durable,
+                        }
+                    };
+                    let (result, now) = complete_one(&mut q, op);
+                    assert_eq!(result, 0);
+                    assert_eq!(
+                        now - syncs,
+                        u64::from(durable),
+                        "direct {direct}, durable {durable}, offset {offset}"
+                    );
+                    syncs = now;
+                }
+            }
+            // Every zeroed block reads zero, the blocks between them kept their data.
+            let data = std::fs::read(dir.path().join("sub/disk.raw")).unwrap();
+            for &(offset, _, _) in &ops {
+                let at = offset as usize;
+                assert!(data[at..at + 8192].iter().all(|&b| b == 0));
+                assert!(data[at + 8192..at + 12288].iter().all(|&b| b == 0x42));
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_fallocate_cancels_its_linked_sync() {
+        let (_dir, disk) = disk_with(1 << 16, false);
+        let mut q = disk.new_queue(2).unwrap();
+        // offset + len overflows a signed file offset: the kernel refuses with EFBIG.
+        let (result, syncs) = complete_one(
+            &mut q,
+            DiskOp::WriteZeroes {
+                offset: 1 << 62,
+                len: 1 << 62,
+                unmap: true,
+                durable: true,
+            },
+        );
+        assert_eq!(result, -libc::EFBIG);
+        assert_eq!(syncs, 0, "the linked fdatasync never ran");
+        // The ring is fine afterwards: flushes and durable writes are counted.
+        assert_eq!(complete_one(&mut q, DiskOp::Flush), (0, 1));
+        let mut buf = vec![1u8; 4096];
+        let (result, _) = complete_one(
+            &mut q,
+            DiskOp::Write {
+                offset: 0,
+                iovecs: iov(&mut buf),
+                durable: true,
+            },
+        );
+        assert_eq!(result, 4096);
+        assert_eq!(q.stats().dsync_writes.load(Ordering::Relaxed), 1);
     }
 
     #[test]

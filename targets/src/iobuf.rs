@@ -1,5 +1,6 @@
 //! Heap buffers with a chosen alignment: bounce buffers for O_DIRECT when guest buffers are
-//! not aligned (and, later, for memory the kernel cannot do direct I/O on).
+//! not aligned (and, later, for memory the kernel cannot do direct I/O on), and the zero
+//! data a qcow2 v2 image writes for write-zeroes.
 
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
@@ -13,6 +14,9 @@ pub struct AlignedBuf {
 
 // SAFETY: `AlignedBuf` uniquely owns its allocation, like a `Box<[u8]>`.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: like a `Box<[u8]>`, a shared `&AlignedBuf` only reads the bytes (`as_slice`);
+// writing needs `&mut` (`as_mut_slice`), so threads sharing one cannot race.
+unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     /// Allocates `len` bytes aligned to `align` (a power of two). `None` if the layout is

@@ -1,7 +1,8 @@
 //! qcow2 exports end to end: the real daemon driven by libblkio, every result checked by
 //! QEMU's own tools (`qemu-img check`, `compare`, `snapshot`, `qemu-io`): randomized
-//! workloads against a raw reference, backing chains, internal snapshots, and refusals
-//! (corrupt images, missing backing files, images locked by another process).
+//! workloads against a raw reference, backing chains, write-zeroes on a v2 overlay,
+//! internal snapshots, and refusals (corrupt images, missing backing files, images locked
+//! by another process).
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -207,6 +208,106 @@ fn backing_chain_reads_fall_through_and_writes_copy_on_write() {
     let info = qemu_img_ok(&["info", overlay.to_str().unwrap()]);
     assert!(info.contains("backing file: base.qcow2"), "{info}");
     qemu_img_ok(&["check", overlay.to_str().unwrap()]);
+}
+
+/// The field fault: write-zeroes (unmap allowed, as libblkio sends it) on a qcow2 v2
+/// (compat=0.10) overlay of a base that holds data used to fail with EIO, since v2 has no
+/// zero clusters. It must succeed, read back as zeroes, never show the base, and leave an
+/// image QEMU finds clean and reads the same way.
+#[test]
+fn write_zeroes_on_a_v2_overlay_hides_the_backing_file() {
+    let dir = scratch_dir();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let (base_s, top_s) = (base.to_str().unwrap(), top.to_str().unwrap());
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", base_s, "16M"]);
+    let io = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 16M", base_s])
+        .output()
+        .unwrap();
+    assert!(
+        io.status.success(),
+        "{}",
+        String::from_utf8_lossy(&io.stderr)
+    );
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top_s,
+    ]);
+    let before = std::fs::read(&base).unwrap();
+    let cfg = format!("exports:\n{}", export("t", "top.qcow2", ""));
+    let mut appliance = Appliance::start_in(dir, &cfg, &["t.sock"]);
+    let mut fe = Frontend::connect(&appliance.path("t.sock"), 2);
+    // Data of the overlay's own in the first cluster, then zeroes over part of it, a few
+    // whole clusters and part of the next: every kind of cluster the range can touch.
+    fe.buf(0, 65536).fill(0xc3);
+    assert_eq!(fe.write(0, 0, 0, 65536), 0);
+    let (start, len) = (32768u64, 3 * MIB);
+    assert_eq!(
+        fe.write_zeroes(1, start, len),
+        0,
+        "write-zeroes on a v2 overlay"
+    );
+    // And one more on the other queue, cluster-aligned.
+    assert_eq!(fe.write_zeroes(0, 8 * MIB, MIB), 0);
+    assert_eq!(fe.flush(0), 0);
+
+    assert_eq!(fe.read(0, 0, 0, 5 * MIB as usize), 0);
+    let back = fe.buf(0, 5 * MIB as usize).to_vec();
+    let (s, e) = (start as usize, (start + len) as usize);
+    assert!(back[..s].iter().all(|&b| b == 0xc3), "before the range");
+    assert!(
+        back[s..e].iter().all(|&b| b == 0),
+        "the zeroed range shows {:#x} (0x5a is the base)",
+        back[s..e].iter().find(|&&b| b != 0).unwrap()
+    );
+    assert!(
+        back[e..].iter().all(|&b| b == 0x5a),
+        "after the range: the base"
+    );
+    assert_eq!(fe.read(1, 8 * MIB, 0, MIB as usize), 0);
+    assert!(fe.buf(0, MIB as usize).iter().all(|&b| b == 0));
+    drop(fe);
+    assert!(appliance
+        .process
+        .terminate(Duration::from_secs(20))
+        .success());
+
+    let check = qemu_img_ok(&["check", top_s]);
+    assert!(check.contains("No errors were found"), "{check}");
+    assert!(qemu_img_ok(&["info", top_s]).contains("compat: 0.10"));
+    for (offset, len, pattern) in [
+        (0, start, 0xc3),
+        (start, len, 0),
+        (start + len, 8 * MIB - start - len, 0x5a),
+        (8 * MIB, MIB, 0),
+        (9 * MIB, 7 * MIB, 0x5a),
+    ] {
+        let cmd = format!("read -P {pattern:#x} {offset} {len}");
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-r", "-c", &cmd, top_s])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !text.contains("Pattern verification failed"),
+            "QEMU reads {cmd}: {text}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        before,
+        "the base is untouched"
+    );
 }
 
 #[test]

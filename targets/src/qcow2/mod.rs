@@ -2,6 +2,15 @@
 //! compressed clusters, internal snapshots left intact, discard and write-zeroes as qcow2
 //! operations.
 //!
+//! Zeroing follows QEMU's qcow2 driver. A v3 image marks clusters zero in its metadata
+//! (partial clusters get zero data). A v2 image (compat=0.10) has no zero flag: where no
+//! backing file can show through, unmapping deallocates whole clusters, which then read as
+//! zeroes; everywhere else zeroes are written as data, in bounded chunks from one shared
+//! zero buffer. A discard must not expose a backing file either: on a v2 image with a
+//! backing file it is a no-op (and [`DiskInfo::discard_zeroes`] says so, so SCSI LUNs do
+//! not claim LBPRZ). A request marked `durable` (writethrough, FUA) flushes imago's
+//! metadata and syncs the image before it completes.
+//!
 //! imago's qcow2 driver is async and runs on no runtime: each virtqueue gets a
 //! [`Qcow2Queue`], a small executor that turns every request into a task and polls it on the
 //! queue's own thread. The storage underneath ([`UringFile`]) submits the data and metadata
@@ -26,23 +35,39 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use imago::file::File as ImagoFile;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
+use imago::ShallowMapping;
 use imago::{FormatAccess, FormatCreateBuilder, FormatDriverBuilder, PermissiveImplicitOpenGate};
 use imago::{Storage, StorageCreateOptions, StorageOpenOptions};
 use tokio::sync::RwLock;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::disk::{DirectAlignment, DiskCompletion, DiskInfo, DiskOp, DiskQueue, OpenError};
+use crate::iobuf::AlignedBuf;
+use crate::stats::DiskStats;
 use lock::lock_image;
 use uring_file::{without_ring, Ring, UringFile};
 
 type Image = RwLock<FormatAccess<UringFile>>;
+
+/// Bytes of zero data written per request to the image when the format cannot mark a range
+/// zero (qcow2 v2): the size of the one zero buffer every queue shares.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// How an image can make a range read as zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Zeroing {
+    /// Zero clusters in the metadata (qcow2 v3).
+    zero_clusters: bool,
+    /// A backing file shows through unallocated clusters.
+    backing: bool,
+}
 
 /// Options for [`Qcow2Disk::open`].
 #[derive(Debug, Clone)]
@@ -100,7 +125,24 @@ impl Qcow2Disk {
                 .open(PermissiveImplicitOpenGate::default()),
         )
         .map_err(fail)?;
+        let backing = qcow2.implicit_backing_file().is_some();
         let image = FormatAccess::new(qcow2);
+        let zeroing = Zeroing {
+            zero_clusters: image.inner().zero_granularity().is_some(),
+            backing,
+        };
+        if !zeroing.zero_clusters && !options.readonly {
+            tracing::info!(
+                path = %path.display(),
+                backing,
+                "qcow2 v2 image (compat=0.10, no zero clusters): write-zeroes writes zero data{}",
+                if backing {
+                    "; discard is a no-op (it would expose the backing file)"
+                } else {
+                    " except where it may deallocate whole clusters"
+                }
+            );
+        }
         let info = DiskInfo {
             size: image.size(),
             readonly: options.readonly,
@@ -112,13 +154,18 @@ impl Qcow2Disk {
                 bounce_always: false,
             }),
             is_block_device: false,
-            // imago's discard_to_zero makes the range read back as zeroes in any image.
+            // Zero clusters, deallocation or zero data: write-zeroes works on every image.
             deallocate_zeroes: true,
+            discard_zeroes: zeroing.zero_clusters || !zeroing.backing,
         };
+        let zero_align = image.mem_align().max(1);
         Ok(Qcow2Disk {
             shared: Arc::new(Shared {
                 image: RwLock::new(image),
                 executors: Mutex::new(Vec::new()),
+                zeroing,
+                zero_align,
+                zero_chunk: OnceLock::new(),
             }),
             info,
             path,
@@ -234,14 +281,16 @@ enum Request {
         durable: bool,
     },
     Flush,
-    /// Deallocate and read back as zeroes.
-    Deallocate {
+    Discard {
         offset: u64,
         len: u64,
+        durable: bool,
     },
     WriteZeroes {
         offset: u64,
         len: u64,
+        unmap: bool,
+        durable: bool,
     },
 }
 
@@ -277,19 +326,26 @@ impl Request {
                 durable,
             },
             DiskOp::Flush => Request::Flush,
-            // Discarded ranges read back as zeroes (SCSI LBPRZ and virtio-blk rely on it),
-            // and never fall through to a backing file.
-            DiskOp::Discard { offset, len }
-            | DiskOp::WriteZeroes {
+            DiskOp::Discard {
                 offset,
                 len,
-                unmap: true,
-            } => Request::Deallocate { offset, len },
+                durable,
+            } => Request::Discard {
+                offset,
+                len,
+                durable,
+            },
             DiskOp::WriteZeroes {
                 offset,
                 len,
-                unmap: false,
-            } => Request::WriteZeroes { offset, len },
+                unmap,
+                durable,
+            } => Request::WriteZeroes {
+                offset,
+                len,
+                unmap,
+                durable,
+            },
         }
     }
 
@@ -327,24 +383,63 @@ impl Request {
                     Err(e) => Err(e),
                 }
             }
-            Request::Deallocate { offset, len } => image
-                .write()
-                .await
-                .discard_to_zero(offset, len)
-                .await
-                .map(|()| 0),
-            Request::WriteZeroes { offset, len } => image
-                .read()
-                .await
-                .write_zeroes(offset, len)
-                .await
-                .map(|()| 0),
+            Request::Discard {
+                offset,
+                len,
+                durable,
+            } => {
+                if shared.zeroing.zero_clusters || !shared.zeroing.backing {
+                    // Discarded ranges read back as zeroes (SCSI LBPRZ relies on it) and
+                    // never fall through to a backing file.
+                    shared.deallocate(offset, len, durable).await.map(|()| 0)
+                } else {
+                    // v2 with a backing file: deallocating would expose the backing file
+                    // and hiding it would allocate the range. A discard is a hint.
+                    Ok(0)
+                }
+            }
+            Request::WriteZeroes {
+                offset,
+                len,
+                unmap,
+                durable,
+            } => {
+                let zeroing = shared.zeroing;
+                let result = if unmap && (zeroing.zero_clusters || !zeroing.backing) {
+                    shared.deallocate(offset, len, durable).await
+                } else if zeroing.zero_clusters {
+                    let img = image.read().await;
+                    let result = img.write_zeroes(offset, len).await;
+                    durable_after(&img, result, durable).await
+                } else {
+                    // No zero flag (v2): zero data, as QEMU writes it.
+                    let img = image.read().await;
+                    let result = shared.write_zero_data(&img, offset, len).await;
+                    durable_after(&img, result, durable).await
+                };
+                result.map(|()| 0)
+            }
         };
         match result {
             Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
             Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
         }
     }
+}
+
+/// Makes a successful `result` durable when asked: imago's cached metadata written out,
+/// then the image synced.
+async fn durable_after(
+    img: &FormatAccess<UringFile>,
+    result: io::Result<()>,
+    durable: bool,
+) -> io::Result<()> {
+    result?;
+    if durable {
+        img.flush().await?;
+        img.sync().await?;
+    }
+    Ok(())
 }
 
 /// A request's future. imago declares its boxed futures without `Send` (`?Send`).
@@ -424,9 +519,109 @@ impl Wake for TaskWaker {
 struct Shared {
     image: Image,
     executors: Mutex<Vec<Weak<Mutex<Executor>>>>,
+    zeroing: Zeroing,
+    /// Alignment of the zero buffer (imago's memory alignment), so O_DIRECT needs no copy.
+    zero_align: usize,
+    /// [`ZERO_CHUNK`] zero bytes, allocated on first use and only ever read: the data of
+    /// every zeroing an image without zero clusters does.
+    zero_chunk: OnceLock<Option<AlignedBuf>>,
 }
 
 impl Shared {
+    /// Makes `[offset, offset + len)` read as zeroes, deallocating what may be: zero
+    /// clusters on v3 (imago's discard_to_zero); on v2, only where no backing file shows
+    /// through, whole clusters deallocated and the partial ones around them zeroed as data.
+    /// Takes the image exclusively: deallocating breaks mappings other requests may hold.
+    async fn deallocate(&self, offset: u64, len: u64, durable: bool) -> io::Result<()> {
+        let mut img = self.image.write().await;
+        let result = if self.zeroing.zero_clusters {
+            img.discard_to_zero(offset, len).await
+        } else if self.zeroing.backing {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "deallocating would expose the backing file",
+            ))
+        } else {
+            self.deallocate_v2(&mut img, offset, len).await
+        };
+        durable_after(&img, result, durable).await
+    }
+
+    /// v2 without a backing file: unallocated clusters read as zeroes, so whole clusters are
+    /// deallocated and the rest of the range gets zero data.
+    async fn deallocate_v2(
+        &self,
+        img: &mut FormatAccess<UringFile>,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut pos = offset;
+        while pos < end {
+            // The whole clusters of [pos, end), as far as one L2 table reaches.
+            let (start, done) = img.inner_mut().discard_to_backing(pos, end - pos).await?;
+            if done == 0 {
+                break;
+            }
+            self.write_zero_data(img, pos, start.saturating_sub(pos))
+                .await?;
+            pos = start.saturating_add(done);
+        }
+        self.write_zero_data(img, pos, end.saturating_sub(pos))
+            .await
+    }
+
+    /// Writes zeroes as data over `[offset, offset + len)` where it does not read as zeroes
+    /// already (this layer's zero or, without a backing file, unallocated clusters), in
+    /// [`ZERO_CHUNK`] pieces from the shared zero buffer.
+    async fn write_zero_data(
+        &self,
+        img: &FormatAccess<UringFile>,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut pos = offset;
+        while pos < end {
+            let (already_zero, past_end, mapped) = {
+                let (mapping, mapped) = img.get_shallow_mapping(pos, end - pos).await?;
+                (
+                    matches!(mapping, ShallowMapping::Zero { .. }),
+                    matches!(mapping, ShallowMapping::Eof { .. }),
+                    mapped.min(end - pos),
+                )
+            };
+            if past_end || mapped == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            if !already_zero {
+                let zeroes = self.zero_chunk()?;
+                let piece_end = pos + mapped;
+                let mut at = pos;
+                while at < piece_end {
+                    let n = (piece_end - at).min(zeroes.len() as u64) as usize;
+                    img.write(&zeroes[..n], at).await?;
+                    at += n as u64;
+                }
+            }
+            pos += mapped;
+        }
+        Ok(())
+    }
+
+    /// The shared zero buffer.
+    fn zero_chunk(&self) -> io::Result<&[u8]> {
+        self.zero_chunk
+            .get_or_init(|| AlignedBuf::new(ZERO_CHUNK, self.zero_align))
+            .as_ref()
+            .map(AlignedBuf::as_slice)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))
+    }
+
     /// Polls every other queue's tasks that no thread is polling right now.
     fn drive_others(&self, own: &Arc<Mutex<Executor>>) {
         let others: Vec<Arc<Mutex<Executor>>> = self
@@ -659,6 +854,10 @@ impl DiskQueue for Qcow2Queue {
 
     fn completion_fd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
+    }
+
+    fn stats(&self) -> Arc<DiskStats> {
+        self.exec().ring.stats()
     }
 }
 

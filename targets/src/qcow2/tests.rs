@@ -214,12 +214,17 @@ fn discard_and_write_zeroes_from_two_queues_read_back_as_zeroes() {
     ];
     for (i, &(offset, len, discard)) in ranges.iter().enumerate() {
         let op = if discard {
-            DiskOp::Discard { offset, len }
+            DiskOp::Discard {
+                offset,
+                len,
+                durable: false,
+            }
         } else {
             DiskOp::WriteZeroes {
                 offset,
                 len,
                 unmap: false,
+                durable: false,
             }
         };
         let q = if i % 2 == 0 { &mut q0 } else { &mut q1 };

@@ -7,7 +7,8 @@
 //! image, a flush from the control path) runs as a plain blocking system call.
 //!
 //! A ring is only ever used by the thread that polls its queue; the mutex around it exists
-//! so the queue can move between threads before it starts, and is never contended.
+//! so the queue can move between threads before it starts, and is never contended. Each
+//! ring counts the fdatasyncs completed on it (the queue's [`DiskStats`]).
 
 use std::cell::RefCell;
 use std::fmt;
@@ -29,6 +30,7 @@ use imago::{Storage, StorageOpenOptions};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::disk::direct_alignment;
+use crate::stats::DiskStats;
 
 thread_local! {
     /// The ring of the queue whose requests this thread is polling, if any.
@@ -61,6 +63,8 @@ pub(crate) fn without_ring<R>(f: impl FnOnce() -> R) -> R {
 /// One queue's io_uring and the operations in flight on it.
 pub(crate) struct Ring {
     inner: Mutex<RingInner>,
+    /// The queue's counters: fdatasyncs completed on this ring.
+    stats: Arc<DiskStats>,
 }
 
 struct RingInner {
@@ -94,7 +98,13 @@ impl Ring {
                 #[cfg(test)]
                 started: 0,
             }),
+            stats: Arc::new(DiskStats::default()),
         }))
+    }
+
+    /// The queue's counters.
+    pub(crate) fn stats(&self) -> Arc<DiskStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Runs `f` with this ring as the thread's current ring.
@@ -382,7 +392,13 @@ impl Future for UringOp {
                     },
                 },
                 OpState::InFlight { ring, slot } => match ring.poll_slot(*slot, cx.waker()) {
-                    Poll::Ready(result) => result,
+                    Poll::Ready(result) => {
+                        // Counted before the request that waits for it can complete.
+                        if result >= 0 && matches!(this.request, Request::Fdatasync { .. }) {
+                            ring.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                        }
+                        result
+                    }
                     Poll::Pending => return Poll::Pending,
                 },
                 OpState::Finished => return Poll::Ready(-libc::EINVAL),

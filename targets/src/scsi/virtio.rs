@@ -718,12 +718,14 @@ impl RequestQueue {
                 )
             }
             IoRequest::Flush => (IoKind::Flush, 0, vec![DiskOp::Flush]),
+            // Without a volatile write cache (WCE=0) every command is durable at GOOD.
             IoRequest::Unmap(ranges) => {
                 let ops = ranges
                     .into_iter()
                     .map(|(lba, blocks)| DiskOp::Discard {
                         offset: lba * bs,
                         len: u64::from(blocks) * bs,
+                        durable: !write_cache,
                     })
                     .collect();
                 (IoKind::Unmap, 0, ops)
@@ -735,6 +737,7 @@ impl RequestQueue {
                     offset: lba * bs,
                     len: u64::from(blocks) * bs,
                     unmap,
+                    durable: !write_cache,
                 }],
             ),
             IoRequest::WriteSame {
