@@ -286,33 +286,37 @@ const COMMANDS: &[Command] = &[
         run: |l, _, _| l.read_capacity_10(),
         enabled: always,
     },
-    // READ(10) (SBC-3): RDPROTECT (refused), LBA, TRANSFER LENGTH. DPO and FUA are ignored:
-    // every read sees the latest data, cached or not.
+    // READ(10) (SBC-3): RDPROTECT (refused), DPO, FUA, LBA, TRANSFER LENGTH. MODE SENSE
+    // reports DPOFUA, so DPO and FUA are supported (SBC-4 5.15: accepted, not refused):
+    // every read already comes from the backing store, which is the medium, and DPO is a
+    // cache-retention hint with nothing to retain. libiscsi's DpoFua tests hold the usage
+    // map to DPOFUA.
     Command {
         opcode: 0x28,
         service_action: None,
         usage: &[
-            0x28, 0xe0, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
+            0x28, 0xf8, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
         ],
         run: |l, cdb, _| l.rw(cdb),
         enabled: always,
     },
-    // WRITE(10) (SBC-3): WRPROTECT (refused), FUA, LBA, TRANSFER LENGTH.
+    // WRITE(10) (SBC-3): WRPROTECT (refused), DPO (a supported hint), FUA, LBA, TRANSFER LENGTH.
     Command {
         opcode: 0x2a,
         service_action: None,
         usage: &[
-            0x2a, 0xe8, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
+            0x2a, 0xf8, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
         ],
         run: |l, cdb, _| l.rw(cdb),
         enabled: always,
     },
-    // VERIFY(10) (SBC-3): VRPROTECT (refused), BYTCHK, LBA, VERIFICATION LENGTH.
+    // VERIFY(10) (SBC-3): VRPROTECT (refused), DPO (a supported hint), BYTCHK, LBA,
+    // VERIFICATION LENGTH.
     Command {
         opcode: 0x2f,
         service_action: None,
         usage: &[
-            0x2f, 0xe6, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
+            0x2f, 0xf6, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
         ],
         run: |l, cdb, params| l.verify(cdb, params),
         enabled: always,
@@ -371,34 +375,35 @@ const COMMANDS: &[Command] = &[
         run: |l, cdb, _| l.mode_sense(cdb),
         enabled: always,
     },
-    // READ(16) (SBC-3): RDPROTECT (refused), LBA, TRANSFER LENGTH; DPO and FUA ignored.
+    // READ(16) (SBC-3): RDPROTECT (refused), DPO, FUA (as READ(10)), LBA, TRANSFER LENGTH.
     Command {
         opcode: 0x88,
         service_action: None,
         usage: &[
-            0x88, 0xe0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x88, 0xf8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
             0x00, CONTROL,
         ],
         run: |l, cdb, _| l.rw(cdb),
         enabled: always,
     },
-    // WRITE(16) (SBC-3): WRPROTECT (refused), FUA, LBA, TRANSFER LENGTH.
+    // WRITE(16) (SBC-3): WRPROTECT (refused), DPO (a supported hint), FUA, LBA, TRANSFER LENGTH.
     Command {
         opcode: 0x8a,
         service_action: None,
         usage: &[
-            0x8a, 0xe8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x8a, 0xf8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
             0x00, CONTROL,
         ],
         run: |l, cdb, _| l.rw(cdb),
         enabled: always,
     },
-    // VERIFY(16) (SBC-3): VRPROTECT (refused), BYTCHK, LBA, VERIFICATION LENGTH.
+    // VERIFY(16) (SBC-3): VRPROTECT (refused), DPO (a supported hint), BYTCHK, LBA,
+    // VERIFICATION LENGTH.
     Command {
         opcode: 0x8f,
         service_action: None,
         usage: &[
-            0x8f, 0xe6, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x8f, 0xf6, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
             0x00, CONTROL,
         ],
         run: |l, cdb, params| l.verify(cdb, params),
@@ -464,12 +469,12 @@ const COMMANDS: &[Command] = &[
         run: |l, cdb, _| l.report_supported_opcodes(cdb),
         enabled: always,
     },
-    // READ(12) (SBC-3): RDPROTECT (refused), LBA, TRANSFER LENGTH; DPO and FUA ignored.
+    // READ(12) (SBC-3): RDPROTECT (refused), DPO, FUA (as READ(10)), LBA, TRANSFER LENGTH.
     Command {
         opcode: 0xa8,
         service_action: None,
         usage: &[
-            0xa8, 0xe0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, CONTROL,
+            0xa8, 0xf8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, CONTROL,
         ],
         run: |l, cdb, _| l.rw(cdb),
         enabled: always,
@@ -479,7 +484,7 @@ const COMMANDS: &[Command] = &[
         opcode: 0xaa,
         service_action: None,
         usage: &[
-            0xaa, 0xe8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, CONTROL,
+            0xaa, 0xf8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, CONTROL,
         ],
         run: |l, cdb, _| l.rw(cdb),
         enabled: always,
