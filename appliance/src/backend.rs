@@ -70,12 +70,15 @@ impl Worker {
         self.queue.published();
     }
 
-    /// Waits for all in-flight I/O and completes it (the vring is being stopped).
-    fn drain(&mut self) {
+    /// Waits for all in-flight I/O and completes it (the vring is being stopped). Returns
+    /// how many requests that completed.
+    fn drain(&mut self) -> usize {
         if let Err(e) = self.queue.drain(&mut self.done) {
             tracing::error!("draining in-flight I/O failed: {e}");
         }
+        let completed = self.done.len();
         self.publish();
+        completed
     }
 }
 
@@ -155,13 +158,15 @@ impl VirtioBackend {
     }
 
     /// Completes every accepted request onto its used ring, notifying the driver, while the
-    /// frontend stays connected.
-    pub fn complete_accepted(&self) {
+    /// frontend stays connected. Returns how many were still in flight.
+    pub fn complete_accepted(&self) -> usize {
+        let mut completed = 0;
         for i in (0..self.workers.len()).rev() {
             if let Some(mut w) = self.worker(i) {
-                w.drain();
+                completed += w.drain();
             }
         }
+        completed
     }
 
     /// Ends a connection whose `VhostUserDaemon` has been dropped (its worker threads

@@ -160,7 +160,12 @@ impl RunningExport {
     pub fn stop(mut self) {
         self.connection.stopping.store(true, Ordering::SeqCst);
         self.backend.quiesce();
-        self.backend.complete_accepted();
+        let in_flight = self.backend.complete_accepted();
+        tracing::info!(
+            export = self.name,
+            in_flight,
+            "stopping: accepted requests completed, disconnecting the frontend"
+        );
         if let Some(handle) = self.connection.lock().take() {
             handle.shutdown();
         }

@@ -109,6 +109,29 @@ impl Process {
         }
     }
 
+    /// Waits until the log holds `needle` at least `count` times; returns the log.
+    pub fn wait_for_log(&mut self, needle: &str, count: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= count {
+                return log;
+            }
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "{} exited ({status}) before logging {needle:?}:\n{log}",
+                    self.what
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not log {needle:?} {count} times within {timeout:?}:\n{log}",
+                self.what
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Exit status if the process has exited.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child
@@ -220,6 +243,15 @@ impl Appliance {
     /// A path inside the scratch directory.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Replaces `exports.yaml` the way editors and config managers do: writes a new file
+    /// next to it and renames it over the old one (`@DIR@` is replaced as at start).
+    pub fn rewrite_config(&self, config: &str) {
+        let text = config.replace("@DIR@", &self.dir.path().display().to_string());
+        let tmp = self.path(".exports.yaml.new");
+        fs::write(&tmp, text).expect("write new config");
+        fs::rename(&tmp, self.path("exports.yaml")).expect("rename new config");
     }
 }
 

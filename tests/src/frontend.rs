@@ -226,6 +226,22 @@ impl RawFrontend {
         head
     }
 
+    /// Makes a chain available on queue `q` without kicking; returns its head.
+    pub fn add_on(&mut self, q: usize, buffers: &[Buffer]) -> u16 {
+        let dq = &mut self.queues[q];
+        dq.ring.add(&self.mem, buffers).expect("add chain")
+    }
+
+    /// Kicks queue `q`.
+    pub fn kick(&mut self, q: usize) {
+        self.queues[q].kick.write(1).expect("kick");
+    }
+
+    /// Whether the backend still answers on the vhost-user socket.
+    pub fn connected(&mut self) -> bool {
+        self.frontend.get_features().is_ok()
+    }
+
     /// Makes a chain available on queue 0 through an indirect table at `table`.
     pub fn submit_indirect(&mut self, table: u64, buffers: &[Buffer]) -> u16 {
         let dq = &mut self.queues[0];

@@ -1,0 +1,379 @@
+//! exports.yaml applied live: the real daemon, its config file rewritten the way editors do
+//! (a new file renamed over the old one) or SIGHUP, while frontends do I/O. Removed exports
+//! complete what they accepted before their socket goes; invalid edits change nothing and
+//! name file, line and field; refused changes leave the running export as it was; 200
+//! rewrites leave fds, threads and memory flat; `check-config` validates offline.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use appliance_tests::blk_raw::{DATA, HEADER, STATUS};
+use appliance_tests::blkio_frontend::Frontend;
+use appliance_tests::daemon::{appliance_binary, scratch_dir, Appliance};
+use appliance_tests::frontend::RawFrontend;
+use appliance_tests::rng::Rng;
+use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+use vvu_transport::split_ring::Buffer;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn blk(name: &str, size: &str) -> String {
+    format!(
+        "  - name: {name}
+    type: blk
+    socket: @DIR@/{name}.sock
+    path: @DIR@/{name}.raw
+    create: {{ size: {size} }}
+    num_queues: 2
+"
+    )
+}
+
+fn config(exports: &[String]) -> String {
+    format!("exports:\n{}", exports.concat())
+}
+
+/// Verified I/O on an export until stopped: 64 KiB writes of a fresh pattern at random
+/// offsets, each read back and compared, alternating queues. Returns the operations done.
+struct Verifier {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<u64>>,
+}
+
+impl Verifier {
+    fn start(socket: std::path::PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut fe = Frontend::connect(&socket, 2);
+            let blocks = fe.capacity / 65536;
+            let mut rng = Rng::new(7);
+            let mut ops = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                let q = (ops % 2) as usize;
+                let offset = rng.below(blocks) * 65536;
+                rng.fill(fe.buf(0, 65536));
+                let pattern = fe.buf(0, 65536).to_vec();
+                assert_eq!(fe.write(q, offset, 0, 65536), 0, "write {ops} failed");
+                assert_eq!(fe.read(q, offset, 65536, 65536), 0, "read {ops} failed");
+                assert!(fe.buf(65536, 65536) == &pattern[..], "data {ops} differs");
+                ops += 2;
+            }
+            ops
+        });
+        Verifier {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns the operations done; a failed check fails the test here.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().unwrap().join() {
+            Ok(ops) => ops,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+fn wait_gone(path: &std::path::Path) {
+    let deadline = Instant::now() + TIMEOUT;
+    while path.exists() {
+        assert!(Instant::now() < deadline, "{} still exists", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn exports_are_added_and_removed_live_while_io_runs() {
+    let a = blk("a", "32M");
+    let c = blk("c", "16M");
+    let mut appliance = Appliance::start(&config(&[a.clone(), c.clone()]), &["a.sock", "c.sock"]);
+    let verifier = Verifier::start(appliance.path("a.sock"));
+
+    // C: 32 writes of 64 KiB made available at once, one kick; once the first completes the
+    // daemon has accepted all of them (it pops every available chain before completing any).
+    let mut fe_c = RawFrontend::connect(&appliance.path("c.sock"), 128, u64::MAX);
+    const WRITES: u64 = 32;
+    const LEN: u64 = 0x1_0000;
+    for i in 0..WRITES {
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        header[8..].copy_from_slice(&(i * LEN / 512).to_le_bytes());
+        fe_c.write_mem(HEADER + i * 16, &header);
+        fe_c.write_mem(DATA + i * LEN, &[0xc0 | (i as u8 & 0x0f); LEN as usize]);
+        fe_c.write_mem(STATUS + i, &[0xee]);
+        fe_c.add_on(
+            0,
+            &[
+                Buffer::readable(HEADER + i * 16, 16),
+                Buffer::readable(DATA + i * LEN, LEN as u32),
+                Buffer::writable(STATUS + i, 1),
+            ],
+        );
+    }
+    fe_c.kick(0);
+    let mut completed = vec![fe_c.wait_used(TIMEOUT)];
+
+    // The edit: B added, C removed, A untouched. SIGHUP applies it at once.
+    let b = blk("b", "8M");
+    appliance.rewrite_config(&config(&[a.clone(), b]));
+    appliance.process.signal(libc::SIGHUP).unwrap();
+    appliance
+        .process
+        .wait_for_path(&appliance.path("b.sock"), TIMEOUT);
+    wait_gone(&appliance.path("c.sock"));
+
+    // Everything C accepted completed, successfully, before its socket went away.
+    while (completed.len() as u64) < WRITES {
+        completed.push(fe_c.wait_used(TIMEOUT));
+    }
+    for i in 0..WRITES {
+        assert_eq!(fe_c.read_mem(STATUS + i, 1)[0], 0, "write {i} to C");
+    }
+    assert!(!fe_c.connected(), "C's frontend is disconnected");
+    let c_file = std::fs::read(appliance.path("c.raw")).unwrap();
+    for i in 0..WRITES as usize {
+        let at = i * LEN as usize;
+        assert!(
+            c_file[at..at + LEN as usize]
+                .iter()
+                .all(|&b| b == 0xc0 | (i as u8 & 0x0f)),
+            "write {i} is in c.raw"
+        );
+    }
+
+    // B serves.
+    let mut fe_b = Frontend::connect(&appliance.path("b.sock"), 2);
+    fe_b.buf(0, 4096).fill(0xbb);
+    assert_eq!(fe_b.write(1, 4096, 0, 4096), 0);
+    assert_eq!(fe_b.read(0, 4096, 4096, 4096), 0);
+    assert_eq!(fe_b.buf(4096, 4096), &[0xbb; 4096][..]);
+
+    // A saw no error through all of it.
+    let ops = verifier.finish();
+    assert!(ops > 0);
+    let log = appliance.process.log();
+    assert!(log.contains("export removed export=\"c\""), "{log}");
+    let stopping = log
+        .lines()
+        .find(|l| l.contains("stopping: accepted requests completed") && l.contains("\"c\""))
+        .unwrap_or_else(|| panic!("no stop line for C:\n{log}"));
+    eprintln!("{stopping}");
+    assert!(log.contains("configuration reload (SIGHUP): 1 added, 1 removed, 0 changed"));
+}
+
+#[test]
+fn invalid_edits_change_nothing_and_the_next_valid_one_applies() {
+    let a = blk("a", "16M");
+    let mut appliance = Appliance::start(&config(&[a.clone()]), &["a.sock"]);
+    let mut fe = Frontend::connect(&appliance.path("a.sock"), 2);
+    let file = appliance.path("exports.yaml").display().to_string();
+    let b_missing = "  - name: b
+    type: blk
+    socket: @DIR@/b.sock
+    path: @DIR@/nowhere.raw
+";
+    let a_duplicate = "  - name: b
+    type: blk
+    socket: @DIR@/a.sock
+    path: @DIR@/b.raw
+    create: { size: 1M }
+";
+    // (the edit, what the error must say)
+    let edits: [(String, Vec<String>); 4] = [
+        (
+            format!("{}  - name: [\n", config(&[a.clone()])),
+            vec![format!("{file}:8:")],
+        ),
+        (
+            config(&[a.clone()]).replace(
+                "    num_queues: 2\n",
+                "    num_queues: 2\n    colour: red\n",
+            ),
+            vec![format!("{file}:8:"), "unknown field `colour`".into()],
+        ),
+        (
+            config(&[a.clone(), a_duplicate.into()]),
+            vec![
+                format!("{file}:10: export \"b\": field \"socket\""),
+                "duplicate socket".into(),
+            ],
+        ),
+        (
+            config(&[a.clone(), b_missing.into()]),
+            vec![
+                format!("{file}:11: export \"b\": field \"path\""),
+                "nowhere.raw does not exist".into(),
+            ],
+        ),
+    ];
+    for (n, (edit, expected)) in edits.iter().enumerate() {
+        appliance.rewrite_config(edit);
+        let log = appliance.process.wait_for_log(
+            "configuration reload (file changed) failed, keeping the running configuration",
+            n + 1,
+            TIMEOUT,
+        );
+        let line = log
+            .lines()
+            .filter(|l| l.contains("keeping the running configuration"))
+            .nth(n)
+            .unwrap();
+        for e in expected {
+            assert!(line.contains(e.as_str()), "edit {n}: {e:?} not in {line:?}");
+        }
+        // A still serves on its connection.
+        assert_eq!(fe.write(0, 0, 0, 4096), 0, "after edit {n}");
+    }
+    assert!(!appliance.path("b.sock").exists());
+    // The next valid edit applies.
+    appliance.rewrite_config(&config(&[a, blk("b", "4M")]));
+    appliance
+        .process
+        .wait_for_path(&appliance.path("b.sock"), TIMEOUT);
+    assert_eq!(fe.read(1, 0, 0, 4096), 0);
+}
+
+#[test]
+fn changes_a_live_export_cannot_take_are_refused_and_the_rest_applies() {
+    let a = blk("a", "16M");
+    let mut appliance = Appliance::start(&config(&[a.clone()]), &["a.sock"]);
+    let mut fe = Frontend::connect(&appliance.path("a.sock"), 2);
+    let changed = a.replace("num_queues: 2", "num_queues: 4").replace(
+        "create: { size: 16M }",
+        "create: { size: 16M }\n    logical_block_size: 4096",
+    );
+    appliance.rewrite_config(&config(&[changed, blk("b", "4M")]));
+    appliance.process.signal(libc::SIGHUP).unwrap();
+    appliance
+        .process
+        .wait_for_path(&appliance.path("b.sock"), TIMEOUT);
+    let file = appliance.path("exports.yaml").display().to_string();
+    let log = appliance
+        .process
+        .wait_for_log("configuration change refused", 2, TIMEOUT);
+    assert!(
+        log.contains(&format!(
+            "{file}:8: export \"a\": field \"num_queues\": cannot change while the export is live (running: 2, file: 4)"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "{file}:7: export \"a\": field \"logical_block_size\": cannot change while the export is live (running: 512, file: 4096)"
+        )),
+        "{log}"
+    );
+    assert!(log.contains("configuration reload failed"), "{log}");
+    // A keeps running as it was, on the same connection.
+    assert_eq!(fe.write(1, 512, 0, 512), 0, "512-byte blocks still");
+}
+
+/// The daemon's open fds, threads and resident memory (KiB), from /proc.
+fn usage(pid: u32) -> (usize, usize, u64) {
+    let count = |dir: &str| {
+        std::fs::read_dir(format!("/proc/{pid}/{dir}"))
+            .unwrap()
+            .count()
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    (count("fd"), count("task"), rss)
+}
+
+#[test]
+fn two_hundred_rewrites_with_io_running_keep_fds_threads_and_memory_flat() {
+    let a = blk("a", "16M");
+    let e = blk("e", "1M");
+    let mut appliance = Appliance::start(&config(&[a.clone()]), &["a.sock"]);
+    let pid = appliance.process.pid();
+    let verifier = Verifier::start(appliance.path("a.sock"));
+    let round = |appliance: &mut Appliance, with_e: bool| {
+        if with_e {
+            appliance.rewrite_config(&config(&[a.clone(), e.clone()]));
+        } else {
+            appliance.rewrite_config(&config(&[a.clone()]));
+        }
+        appliance.process.signal(libc::SIGHUP).unwrap();
+        if with_e {
+            appliance
+                .process
+                .wait_for_path(&appliance.path("e.sock"), TIMEOUT);
+        } else {
+            wait_gone(&appliance.path("e.sock"));
+        }
+    };
+    for i in 0..10 {
+        round(&mut appliance, i % 2 == 0);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = usage(pid);
+    for i in 0..200 {
+        round(&mut appliance, i % 2 == 0);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let end = usage(pid);
+    eprintln!("fds, threads, RSS KiB: baseline {baseline:?}, after 200 rewrites {end:?}");
+    assert_eq!((end.0, end.1), (baseline.0, baseline.1), "fds and threads");
+    assert!(
+        end.2 <= baseline.2 + 16 * 1024,
+        "RSS grew from {} to {} KiB",
+        baseline.2,
+        end.2
+    );
+    assert!(verifier.finish() > 0);
+}
+
+#[test]
+fn check_config_validates_offline() {
+    let dir = scratch_dir();
+    let run = |text: &str| {
+        let path = dir.path().join("exports.yaml");
+        std::fs::write(
+            &path,
+            text.replace("@DIR@", &dir.path().display().to_string()),
+        )
+        .unwrap();
+        let out = Command::new(appliance_binary())
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = run(&config(&[blk("a", "1M")]));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("valid, 1 exports"), "{out}");
+    let (code, out) = run(&config(&[blk("a", "1M"), blk("a", "1M")]));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("exports.yaml:8: export \"a\": field \"name\""),
+        "{out}"
+    );
+    let missing = "  - name: m\n    type: blk\n    socket: @DIR@/m.sock\n    path: @DIR@/m.raw\n";
+    let (code, out) = run(&config(&[missing.into()]));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("exports.yaml:5: export \"m\": field \"path\""),
+        "{out}"
+    );
+    // Nothing was created or started by checking.
+    assert!(!dir.path().join("a.raw").exists());
+    assert!(!dir.path().join("a.sock").exists());
+}
