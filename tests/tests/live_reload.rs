@@ -35,7 +35,7 @@ fn blk(name: &str, size: &str) -> String {
     )
 }
 
-fn config(exports: &[String]) -> String {
+fn config(exports: &[&str]) -> String {
     format!("exports:\n{}", exports.concat())
 }
 
@@ -95,7 +95,7 @@ fn wait_gone(path: &std::path::Path) {
 fn exports_are_added_and_removed_live_while_io_runs() {
     let a = blk("a", "32M");
     let c = blk("c", "16M");
-    let mut appliance = Appliance::start(&config(&[a.clone(), c.clone()]), &["a.sock", "c.sock"]);
+    let mut appliance = Appliance::start(&config(&[&a, &c]), &["a.sock", "c.sock"]);
     let verifier = Verifier::start(appliance.path("a.sock"));
 
     // C: 32 writes of 64 KiB made available at once, one kick; once the first completes the
@@ -124,7 +124,7 @@ fn exports_are_added_and_removed_live_while_io_runs() {
 
     // The edit: B added, C removed, A untouched. SIGHUP applies it at once.
     let b = blk("b", "8M");
-    appliance.rewrite_config(&config(&[a.clone(), b]));
+    appliance.rewrite_config(&config(&[&a, &b]));
     appliance.process.signal(libc::SIGHUP).unwrap();
     appliance
         .process
@@ -173,7 +173,7 @@ fn exports_are_added_and_removed_live_while_io_runs() {
 #[test]
 fn invalid_edits_change_nothing_and_the_next_valid_one_applies() {
     let a = blk("a", "16M");
-    let mut appliance = Appliance::start(&config(&[a.clone()]), &["a.sock"]);
+    let mut appliance = Appliance::start(&config(&[&a]), &["a.sock"]);
     let mut fe = Frontend::connect(&appliance.path("a.sock"), 2);
     let file = appliance.path("exports.yaml").display().to_string();
     let b_missing = "  - name: b
@@ -190,25 +190,25 @@ fn invalid_edits_change_nothing_and_the_next_valid_one_applies() {
     // (the edit, what the error must say)
     let edits: [(String, Vec<String>); 4] = [
         (
-            format!("{}  - name: [\n", config(&[a.clone()])),
+            format!("{}  - name: [\n", config(&[&a])),
             vec![format!("{file}:8:")],
         ),
         (
-            config(&[a.clone()]).replace(
+            config(&[&a]).replace(
                 "    num_queues: 2\n",
                 "    num_queues: 2\n    colour: red\n",
             ),
             vec![format!("{file}:8:"), "unknown field `colour`".into()],
         ),
         (
-            config(&[a.clone(), a_duplicate.into()]),
+            config(&[&a, a_duplicate]),
             vec![
                 format!("{file}:10: export \"b\": field \"socket\""),
                 "duplicate socket".into(),
             ],
         ),
         (
-            config(&[a.clone(), b_missing.into()]),
+            config(&[&a, b_missing]),
             vec![
                 format!("{file}:11: export \"b\": field \"path\""),
                 "nowhere.raw does not exist".into(),
@@ -235,7 +235,7 @@ fn invalid_edits_change_nothing_and_the_next_valid_one_applies() {
     }
     assert!(!appliance.path("b.sock").exists());
     // The next valid edit applies.
-    appliance.rewrite_config(&config(&[a, blk("b", "4M")]));
+    appliance.rewrite_config(&config(&[&a, &blk("b", "4M")]));
     appliance
         .process
         .wait_for_path(&appliance.path("b.sock"), TIMEOUT);
@@ -245,13 +245,13 @@ fn invalid_edits_change_nothing_and_the_next_valid_one_applies() {
 #[test]
 fn changes_a_live_export_cannot_take_are_refused_and_the_rest_applies() {
     let a = blk("a", "16M");
-    let mut appliance = Appliance::start(&config(&[a.clone()]), &["a.sock"]);
+    let mut appliance = Appliance::start(&config(&[&a]), &["a.sock"]);
     let mut fe = Frontend::connect(&appliance.path("a.sock"), 2);
     let changed = a.replace("num_queues: 2", "num_queues: 4").replace(
         "create: { size: 16M }",
         "create: { size: 16M }\n    logical_block_size: 4096",
     );
-    appliance.rewrite_config(&config(&[changed, blk("b", "4M")]));
+    appliance.rewrite_config(&config(&[&changed, &blk("b", "4M")]));
     appliance.process.signal(libc::SIGHUP).unwrap();
     appliance
         .process
@@ -297,14 +297,14 @@ fn usage(pid: u32) -> (usize, usize, u64) {
 fn two_hundred_rewrites_with_io_running_keep_fds_threads_and_memory_flat() {
     let a = blk("a", "16M");
     let e = blk("e", "1M");
-    let mut appliance = Appliance::start(&config(&[a.clone()]), &["a.sock"]);
+    let mut appliance = Appliance::start(&config(&[&a]), &["a.sock"]);
     let pid = appliance.process.pid();
     let verifier = Verifier::start(appliance.path("a.sock"));
     let round = |appliance: &mut Appliance, with_e: bool| {
         if with_e {
-            appliance.rewrite_config(&config(&[a.clone(), e.clone()]));
+            appliance.rewrite_config(&config(&[&a, &e]));
         } else {
-            appliance.rewrite_config(&config(&[a.clone()]));
+            appliance.rewrite_config(&config(&[&a]));
         }
         appliance.process.signal(libc::SIGHUP).unwrap();
         if with_e {
@@ -357,17 +357,17 @@ fn check_config_validates_offline() {
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    let (code, out) = run(&config(&[blk("a", "1M")]));
+    let (code, out) = run(&config(&[&blk("a", "1M")]));
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("valid, 1 exports"), "{out}");
-    let (code, out) = run(&config(&[blk("a", "1M"), blk("a", "1M")]));
+    let (code, out) = run(&config(&[&blk("a", "1M"), &blk("a", "1M")]));
     assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("exports.yaml:8: export \"a\": field \"name\""),
         "{out}"
     );
     let missing = "  - name: m\n    type: blk\n    socket: @DIR@/m.sock\n    path: @DIR@/m.raw\n";
-    let (code, out) = run(&config(&[missing.into()]));
+    let (code, out) = run(&config(&[missing]));
     assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("exports.yaml:5: export \"m\": field \"path\""),
