@@ -169,6 +169,18 @@ impl VirtioBackend {
         completed
     }
 
+    /// Lets every queue take a change of the device over (LUNs added or removed), each
+    /// under its worker's lock, and publishes what that completed.
+    pub fn refresh_queues(&self) {
+        for i in 0..self.workers.len() {
+            if let Some(mut w) = self.worker(i) {
+                let w = &mut *w;
+                w.queue.refresh(&mut w.done);
+                w.publish();
+            }
+        }
+    }
+
     /// Ends a connection whose `VhostUserDaemon` has been dropped (its worker threads
     /// joined): completes in-flight I/O, unmaps the frontend's memory and closes the fds
     /// vhost-user-backend left open, so a connection leaves nothing behind.

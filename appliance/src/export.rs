@@ -44,11 +44,20 @@ pub enum SocketSource<'a> {
     Vvu(&'a VvuDevice),
 }
 
+/// An open backing store of an export and the LUN it backs (`None` for a blk export).
+type OpenDisk = (Option<u16>, Arc<Backing>);
+
 /// A running export.
 pub struct RunningExport {
     name: String,
     backend: Arc<VirtioBackend>,
-    disks: Vec<Backing>,
+    disks: Vec<OpenDisk>,
+    /// A scsi export's device, whose LUNs can change while it runs.
+    scsi: Option<Arc<ScsiDevice>>,
+    /// Guest memory is a PCI BAR (appliance-VM mode).
+    bar_memory: bool,
+    /// The export's largest ring.
+    queue_size: u16,
     connection: Arc<Connection>,
     /// Appliance-VM mode: the device bridge feeding the accept loop.
     vvu: Option<VvuBridge>,
@@ -79,9 +88,15 @@ impl RunningExport {
     pub fn start(export: &Export, socket: SocketSource<'_>) -> anyhow::Result<Self> {
         // Through a virtio-vhost-user device, guest memory is a PCI BAR mapping.
         let bar_memory = matches!(socket, SocketSource::Vvu(_));
-        let (backend, disks) = match &export.device {
-            Device::Blk(disk) => build_blk(export, disk, bar_memory)?,
-            Device::Scsi(luns) => build_scsi(export, luns, bar_memory)?,
+        let (backend, disks, scsi) = match &export.device {
+            Device::Blk(disk) => {
+                let (backend, disk) = build_blk(export, disk, bar_memory)?;
+                (backend, vec![(None, Arc::new(disk))], None)
+            }
+            Device::Scsi(luns) => {
+                let (backend, disks, device) = build_scsi(export, luns, bar_memory)?;
+                (backend, disks, Some(device))
+            }
         };
         let mut vvu = None;
         let mut socket_path = None;
@@ -113,7 +128,7 @@ impl RunningExport {
                 .name(format!("accept-{}", export.name))
                 .spawn(move || serve_connections(&name, &backend, listener, &connection))?
         };
-        for (disk, spec) in disks.iter().zip(export.disks()) {
+        for ((_, disk), spec) in disks.iter().zip(export.disks()) {
             let info = device_view(disk, bar_memory);
             let io = match info.direct {
                 None => "buffered".to_string(),
@@ -145,12 +160,63 @@ impl RunningExport {
             name: export.name.clone(),
             backend,
             disks,
+            scsi,
+            bar_memory,
+            queue_size: export.queue_size,
             connection,
             vvu,
             acceptor: Some(acceptor),
             listening,
             socket_path,
         })
+    }
+
+    /// Adds LUN `spec` to this running scsi export: opens its backing store, gives every
+    /// request queue a ring on it, then tells the initiator (a rescan event and REPORTED
+    /// LUNS DATA HAS CHANGED).
+    pub fn add_lun(&mut self, spec: &ScsiLun) -> anyhow::Result<()> {
+        let Some(device) = &self.scsi else {
+            bail!("not a scsi export");
+        };
+        let (lun, disk) = open_lun(spec, self.bar_memory)?;
+        let disk = Arc::new(disk);
+        let rings = Arc::clone(&disk);
+        let depth = u32::from(self.queue_size);
+        device
+            .add_lun(
+                lun,
+                Box::new(move |notifier| rings.new_queue(depth, Some(notifier))),
+            )
+            .map_err(anyhow::Error::msg)?;
+        self.backend.refresh_queues();
+        device.report_lun_change(spec.lun, true);
+        self.disks.push((Some(spec.lun), disk));
+        Ok(())
+    }
+
+    /// Removes LUN `id` from this running scsi export: new commands to it fail, the
+    /// commands it has in flight complete, the initiator is told (a removal event and
+    /// REPORTED LUNS DATA HAS CHANGED), and its backing store is synced and closed.
+    pub fn remove_lun(&mut self, id: u16) -> anyhow::Result<()> {
+        let Some(device) = &self.scsi else {
+            bail!("not a scsi export");
+        };
+        if device.remove_lun(id).is_none() {
+            bail!("LUN {id} does not exist");
+        }
+        self.backend.refresh_queues();
+        device.report_lun_change(id, false);
+        if let Some(at) = self.disks.iter().position(|(lun, _)| *lun == Some(id)) {
+            let (_, disk) = self.disks.remove(at);
+            if let Err(e) = disk.sync() {
+                tracing::error!(
+                    export = self.name,
+                    lun = id,
+                    "final sync of the removed LUN failed: {e}"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Stops the export: accepts no new frontend and takes no new request, completes every
@@ -186,7 +252,7 @@ impl RunningExport {
                 tracing::error!(export = self.name, "the accept thread panicked");
             }
         }
-        for disk in &self.disks {
+        for (_, disk) in &self.disks {
             if let Err(e) = disk.sync() {
                 tracing::error!(
                     export = self.name,
@@ -276,7 +342,7 @@ fn build_blk(
     export: &Export,
     spec: &Disk,
     bar_memory: bool,
-) -> anyhow::Result<(Arc<VirtioBackend>, Vec<Backing>)> {
+) -> anyhow::Result<(Arc<VirtioBackend>, Backing)> {
     let disk = Backing::open(spec)?;
     let settings = BlkSettings {
         logical_block_size: spec.logical_block_size,
@@ -295,57 +361,67 @@ fn build_blk(
         queues.push(Box::new(BlkQueue::new(Arc::clone(&device), ring)));
     }
     let device: Arc<dyn VirtioDevice> = device;
-    Ok((Arc::new(VirtioBackend::new(device, queues)), vec![disk]))
+    Ok((Arc::new(VirtioBackend::new(device, queues)), disk))
+}
+
+/// Opens one LUN's backing store and builds its emulation.
+fn open_lun(
+    spec: &ScsiLun,
+    bar_memory: bool,
+) -> anyhow::Result<(targets::scsi::virtio::ScsiLun, Backing)> {
+    let disk = Backing::open(&spec.disk).with_context(|| format!("LUN {}", spec.lun))?;
+    let info = device_view(&disk, bar_memory);
+    let bs = u64::from(spec.disk.logical_block_size);
+    if let Some(direct) = info.direct {
+        if direct.offset as u64 > bs {
+            anyhow::bail!(
+                "LUN {}: the backing file needs {}-byte aligned direct I/O but logical_block_size is {bs}; set logical_block_size: {} or direct: false",
+                spec.lun, direct.offset, direct.offset
+            );
+        }
+    }
+    if info.size < bs {
+        anyhow::bail!(
+            "LUN {}: the backing file is smaller than one logical block",
+            spec.lun
+        );
+    }
+    let lun = targets::scsi::virtio::ScsiLun {
+        id: spec.lun,
+        emulation: Lun::new(LunSettings {
+            block_size: spec.disk.logical_block_size,
+            blocks: info.size / bs,
+            readonly: spec.disk.readonly,
+            serial: spec.disk.serial.clone(),
+            wwn: spec.wwn,
+            rotational: spec.rotational,
+            write_cache: spec.disk.write_cache == WriteCache::Writeback,
+            discard: !spec.disk.readonly,
+            unmapped_reads_zero: info.discard_zeroes,
+        }),
+        disk: info,
+    };
+    Ok((lun, disk))
 }
 
 fn build_scsi(
     export: &Export,
     specs: &[ScsiLun],
     bar_memory: bool,
-) -> anyhow::Result<(Arc<VirtioBackend>, Vec<Backing>)> {
+) -> anyhow::Result<(Arc<VirtioBackend>, Vec<OpenDisk>, Arc<ScsiDevice>)> {
     let mut disks = Vec::with_capacity(specs.len());
     let mut luns = Vec::with_capacity(specs.len());
     for spec in specs {
-        let disk = Backing::open(&spec.disk).with_context(|| format!("LUN {}", spec.lun))?;
-        let info = device_view(&disk, bar_memory);
-        let bs = u64::from(spec.disk.logical_block_size);
-        if let Some(direct) = info.direct {
-            if direct.offset as u64 > bs {
-                anyhow::bail!(
-                    "LUN {}: the backing file needs {}-byte aligned direct I/O but logical_block_size is {bs}; set logical_block_size: {} or direct: false",
-                    spec.lun, direct.offset, direct.offset
-                );
-            }
-        }
-        if info.size < bs {
-            anyhow::bail!(
-                "LUN {}: the backing file is smaller than one logical block",
-                spec.lun
-            );
-        }
-        luns.push(targets::scsi::virtio::ScsiLun {
-            id: spec.lun,
-            emulation: Lun::new(LunSettings {
-                block_size: spec.disk.logical_block_size,
-                blocks: info.size / bs,
-                readonly: spec.disk.readonly,
-                serial: spec.disk.serial.clone(),
-                wwn: spec.wwn,
-                rotational: spec.rotational,
-                write_cache: spec.disk.write_cache == WriteCache::Writeback,
-                discard: !spec.disk.readonly,
-                unmapped_reads_zero: info.discard_zeroes,
-            }),
-            disk: info,
-        });
-        disks.push(disk);
+        let (lun, disk) = open_lun(spec, bar_memory)?;
+        luns.push(lun);
+        disks.push((Some(spec.lun), Arc::new(disk)));
     }
     let device = Arc::new(ScsiDevice::new(luns, export.num_queues, export.queue_size)?);
     // The device sorted its LUNs by id; open each queue's rings in that order.
     let order: Vec<usize> = device
         .luns()
         .iter()
-        .filter_map(|l| specs.iter().position(|s| s.lun == l.id))
+        .filter_map(|l| specs.iter().position(|s| s.lun == l.id()))
         .collect();
     let mut queues: Vec<Box<dyn QueueHandler>> = vec![
         Box::new(ControlQueue::new(Arc::clone(&device))),
@@ -353,13 +429,15 @@ fn build_scsi(
     ];
     for _ in 0..export.num_queues {
         let queue = RequestQueue::new(Arc::clone(&device), |i, notifier| {
-            disks[order[i]].new_queue(u32::from(export.queue_size), Some(notifier))
+            disks[order[i]]
+                .1
+                .new_queue(u32::from(export.queue_size), Some(notifier))
         })
         .context("cannot create the io_urings of a queue")?;
         queues.push(Box::new(queue));
     }
-    let device: Arc<dyn VirtioDevice> = device;
-    Ok((Arc::new(VirtioBackend::new(device, queues)), disks))
+    let virtio: Arc<dyn VirtioDevice> = device.clone();
+    Ok((Arc::new(VirtioBackend::new(virtio, queues)), disks, device))
 }
 
 /// Accept loop of one export; runs until the export stops.

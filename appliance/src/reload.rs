@@ -4,8 +4,9 @@
 //! adds; an invalid file changes nothing (the error names file, line, export and field).
 //! A valid one is applied by [`config::diff`] against what runs: removed exports stop
 //! (accepted requests complete, the frontend is disconnected, the socket removed), then
-//! changed exports are changed where that is safe under a live frontend and refused
-//! field by field where it is not (the running definition stays), then added exports start.
+//! changed exports are changed where that is safe under a live frontend (scsi LUNs added
+//! and removed) and refused field by field where it is not (the running definition stays),
+//! then added exports start.
 //! Nginx's "validate fully, keep the old configuration on failure" and Prometheus'
 //! `last_reload_successful` are the models: a reload succeeds only when everything the file
 //! says is in effect.
@@ -14,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use config::{Config, ConfigError, Export, ExportChange};
+use config::{Config, ConfigError, Device, Export, ExportChange};
 
 use crate::export::{RunningExport, SocketSource};
 
@@ -99,8 +100,8 @@ impl Exports {
             match (running, lun) {
                 (None, _) => true,
                 (Some(export), Some(lun)) => match &export.device {
-                    config::Device::Scsi(luns) => !luns.iter().any(|l| l.lun == lun),
-                    config::Device::Blk(_) => true,
+                    Device::Scsi(luns) => !luns.iter().any(|l| l.lun == lun),
+                    Device::Blk(_) => true,
                 },
                 (Some(_), None) => false,
             }
@@ -202,8 +203,10 @@ impl Exports {
         self.applied.exports.retain(|e| e.name != name);
     }
 
-    /// Applies what can change under a live frontend and refuses the rest, field by field.
-    /// Returns whether the whole change is in effect.
+    /// Applies a changed export: LUNs added to or removed from a scsi export go live; a
+    /// setting that cannot change under a live frontend refuses the export's whole change,
+    /// field by field with its line, and the running definition stays. Returns whether
+    /// the whole change is in effect.
     fn change_export(&mut self, old: &Export, new: &Export, config: &Config, text: &str) -> bool {
         let index = config
             .exports
@@ -211,35 +214,77 @@ impl Exports {
             .position(|e| e.name == new.name)
             .unwrap_or(0);
         let changes = config::export_changes(old, new);
-        for change in &changes {
-            let (lun, field) = match change {
-                ExportChange::Setting { field, lun, .. } => (*lun, *field),
-                ExportChange::LunAdded(position, _) => (Some(*position), "lun"),
-                ExportChange::LunRemoved(_) => (None, "luns"),
-            };
-            let why = match change {
-                ExportChange::Setting { old, new, .. } => format!(
-                    "cannot change while the export is live (running: {old}, file: {new}); the running definition stays: remove the export and add it back to apply it"
-                ),
-                ExportChange::LunAdded(_, l) => format!(
-                    "LUN {} cannot be added to a live export by this version; the running LUN set stays",
-                    l.lun
-                ),
-                ExportChange::LunRemoved(l) => format!(
-                    "LUN {} cannot be removed from a live export by this version; the running LUN set stays",
-                    l.lun
-                ),
-            };
-            let error = ConfigError {
-                file: self.path.clone(),
-                line: config::field_line(text, index, lun, field),
-                export: Some(new.name.clone()),
-                field: Some(change.field_path()),
-                message: why,
-            };
-            tracing::error!("configuration change refused: {error}");
+        let refused: Vec<&ExportChange> = changes
+            .iter()
+            .filter(|c| matches!(c, ExportChange::Setting { .. }))
+            .collect();
+        if !refused.is_empty() {
+            for change in refused {
+                if let ExportChange::Setting {
+                    field,
+                    lun,
+                    old,
+                    new: value,
+                } = change
+                {
+                    let error = ConfigError {
+                        file: self.path.clone(),
+                        line: config::field_line(text, index, *lun, field),
+                        export: Some(new.name.clone()),
+                        field: Some(change.field_path()),
+                        message: format!(
+                            "cannot change while the export is live (running: {old}, file: {value}); the running definition stays: remove the export and add it back to apply it"
+                        ),
+                    };
+                    tracing::error!("configuration change refused: {error}");
+                }
+            }
+            return false;
         }
-        changes.is_empty()
+        let Some(running) = self.running.get_mut(&new.name) else {
+            return false;
+        };
+        let mut applied = old.clone();
+        let mut complete = true;
+        for change in &changes {
+            let Device::Scsi(luns) = &mut applied.device else {
+                continue;
+            };
+            match change {
+                ExportChange::LunRemoved(lun) => match running.remove_lun(lun.lun) {
+                    Ok(()) => {
+                        luns.retain(|l| l.lun != lun.lun);
+                        tracing::info!(export = new.name, lun = lun.lun, "LUN removed");
+                    }
+                    Err(e) => {
+                        tracing::error!(export = new.name, lun = lun.lun, "LUN not removed: {e:#}");
+                        complete = false;
+                    }
+                },
+                ExportChange::LunAdded(position, lun) => match running.add_lun(lun) {
+                    Ok(()) => {
+                        luns.push(lun.clone());
+                        tracing::info!(export = new.name, lun = lun.lun, "LUN added");
+                    }
+                    Err(e) => {
+                        let error = ConfigError {
+                            file: self.path.clone(),
+                            line: config::field_line(text, index, Some(*position), "path"),
+                            export: Some(new.name.clone()),
+                            field: Some(change.field_path()),
+                            message: format!("LUN {} not added: {e:#}", lun.lun),
+                        };
+                        tracing::error!("{error}");
+                        complete = false;
+                    }
+                },
+                ExportChange::Setting { .. } => {}
+            }
+        }
+        if let Some(entry) = self.applied.exports.iter_mut().find(|e| e.name == new.name) {
+            *entry = applied;
+        }
+        complete
     }
 }
 

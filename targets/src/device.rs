@@ -68,4 +68,7 @@ pub trait QueueHandler: Send {
     /// The transport has put every request collected into `done` so far on the used ring
     /// (or dropped them with the ring).
     fn published(&mut self) {}
+    /// The control path changed the device (e.g. its LUNs): take the change over,
+    /// completing into `done` whatever it ends. Called with the queue's worker stopped.
+    fn refresh(&mut self, _done: &mut Vec<Completed>) {}
 }

@@ -377,3 +377,106 @@ fn check_config_validates_offline() {
     assert!(!dir.path().join("a.raw").exists());
     assert!(!dir.path().join("a.sock").exists());
 }
+
+#[test]
+fn scsi_luns_are_added_and_removed_live() {
+    use appliance_tests::scsi_frontend::{ScsiFrontend, REQUEST_QUEUE};
+    let lun = |n: u16, size: &str| {
+        format!("      - lun: {n}\n        path: @DIR@/lun{n}.raw\n        create: {{ size: {size} }}\n")
+    };
+    let scsi = |luns: &[&str]| {
+        format!(
+            "exports:\n  - name: s\n    type: scsi\n    socket: @DIR@/s.sock\n    luns:\n{}",
+            luns.concat()
+        )
+    };
+    let (lun0, lun1) = (lun(0, "8M"), lun(1, "4M"));
+    let mut appliance = Appliance::start(&scsi(&[&lun0]), &["s.sock"]);
+    let mut s = ScsiFrontend::connect(&appliance.path("s.sock"), 1);
+    s.clear_ua(0);
+    const EVENT: u64 = 0x40_0000;
+    let event = |s: &mut ScsiFrontend| {
+        s.fe.write_mem(EVENT, &[0xee; 16]);
+        let head = s.fe.submit_on(1, &[Buffer::writable(EVENT, 16)]);
+        (head, s.fe.wait_used_on(1, TIMEOUT))
+    };
+
+    // Add LUN 1: a rescan event for it, REPORTED LUNS DATA HAS CHANGED on LUN 0, and it serves.
+    appliance.rewrite_config(&scsi(&[&lun0, &lun1]));
+    let (head, used) = event(&mut s);
+    assert_eq!(used, (head, 16));
+    let e = s.fe.read_mem(EVENT, 16);
+    assert_eq!(
+        &e[0..4],
+        &1u32.to_le_bytes(),
+        "VIRTIO_SCSI_T_TRANSPORT_RESET"
+    );
+    assert_eq!(&e[4..8], &[1, 0, 0x40, 1], "LUN 1");
+    assert_eq!(
+        &e[12..16],
+        &0u32.to_le_bytes(),
+        "VIRTIO_SCSI_EVT_RESET_RESCAN"
+    );
+    let r = s.command(0, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!((r.status, r.sense), (2, (0x06, 0x3f, 0x0e)), "{r:?}");
+    let luns = s.good(0, &[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[], 256);
+    assert_eq!(
+        u32::from_be_bytes([luns[0], luns[1], luns[2], luns[3]]),
+        16,
+        "two LUNs"
+    );
+    let r = s.command(1, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(r.status, 2, "the new LUN's unit attention first: {r:?}");
+    let data = vec![0x11u8; 4096];
+    s.good(1, &[0x2a, 0, 0, 0, 0, 8, 0, 0, 8, 0], &data, 0);
+    assert_eq!(
+        s.good(1, &[0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0], &[], 4096),
+        data
+    );
+
+    // Remove LUN 1 with writes in flight: all complete, then it is gone.
+    for i in 0..16u8 {
+        let cdb = [0x2a, 0, 0, 0, 0, 16 + i * 8, 0, 0, 8, 0];
+        s.submit_raw(
+            REQUEST_QUEUE,
+            ScsiFrontend::lun_field(1),
+            &cdb,
+            &[0x22; 4096],
+            0,
+        );
+    }
+    appliance.rewrite_config(&scsi(&[&lun0]));
+    appliance.process.signal(libc::SIGHUP).unwrap();
+    for _ in 0..16 {
+        s.fe.wait_used_on(REQUEST_QUEUE, TIMEOUT);
+    }
+    appliance.process.wait_for_log("LUN removed", 1, TIMEOUT);
+    let (head, used) = event(&mut s);
+    assert_eq!(used, (head, 16));
+    let e = s.fe.read_mem(EVENT, 16);
+    assert_eq!(
+        &e[12..16],
+        &2u32.to_le_bytes(),
+        "VIRTIO_SCSI_EVT_RESET_REMOVED"
+    );
+    let r = s.command(1, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(
+        (r.status, r.sense),
+        (2, (0x05, 0x25, 0x00)),
+        "LUN 1 gone: {r:?}"
+    );
+    let r = s.command(0, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(r.sense, (0x06, 0x3f, 0x0e), "LUN 0 is told again: {r:?}");
+    s.good(0, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[], 512);
+
+    // Changing the path of a LUN in use is refused; the LUN keeps its file.
+    appliance.rewrite_config(&scsi(&[&lun0.replace("lun0.raw", "other.raw")]));
+    let log = appliance
+        .process
+        .wait_for_log("configuration change refused", 1, TIMEOUT);
+    assert!(
+        log.contains("field \"luns[0].path\": cannot change while the export is live"),
+        "{log}"
+    );
+    s.good(0, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[], 512);
+}

@@ -3,9 +3,12 @@
 //! - [`sense`]: status codes and fixed-format sense data.
 //! - [`emulation`]: the SPC/SBC command set of one logical unit, producing data, sense, a
 //!   disk I/O request (no I/O happens here) or a REPORT LUNS for the target to answer.
+//! - [`luns`]: the LUN table, which changes while frontends use it (LUNs added and removed
+//!   live) without a lock on the request path.
 //! - [`virtio`]: virtio-scsi framing, LUN addressing, unit attentions, the request queue
 //!   that runs the LUNs' disk I/O, the control and event queues, and the config space.
 
 pub mod emulation;
+pub mod luns;
 pub mod sense;
 pub mod virtio;

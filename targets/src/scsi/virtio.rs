@@ -9,8 +9,8 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -25,6 +25,7 @@ use super::emulation::{
     data_out_to_gather, ignores_unit_attention, report_luns, IoRequest, Lun, Outcome,
     MAX_TRANSFER_BLOCKS,
 };
+use super::luns::{LunSlot, LunTable, RingFactory};
 use super::sense::{status, Sense, FIXED_SENSE_LEN};
 use crate::chain::{
     bounce_alignment, gather, host_iovecs, scatter, split_segments, total, Chain, Memory, Segment,
@@ -93,19 +94,15 @@ pub struct ScsiLun {
 /// A virtio-scsi device: its LUNs and what all queues share.
 #[derive(Debug)]
 pub struct ScsiDevice {
-    luns: Vec<ScsiLun>,
+    /// The LUNs now; queues take a new table over when refreshed (see [`LunTable`]).
+    table: RwLock<Arc<LunTable>>,
     request_queues: u16,
     queue_size: u16,
-    /// Pending unit attention per LUN (index into `luns`).
-    unit_attention: Vec<Mutex<Option<Sense>>>,
     acked_features: AtomicU64,
     /// Events waiting for an event-queue buffer.
     events: Mutex<PendingEvents>,
     /// Signalled when an event is queued; the event queue's worker waits on it.
     event_notifier: EventFd,
-    /// Per LUN: requests accepted for disk I/O whose completion is not on a used ring yet.
-    /// A TMF answers only once the requests it affects are done (virtio-scsi 5.6.6.1).
-    busy: Vec<AtomicU32>,
     /// How long a TMF waits for them, in milliseconds, before it answers FAILURE.
     tmf_timeout_ms: AtomicU64,
 }
@@ -142,19 +139,18 @@ pub fn encode_lun(lun: u16) -> [u8; 8] {
 
 impl ScsiDevice {
     /// A device with these LUNs (sorted by id here) and `request_queues` request queues.
-    pub fn new(mut luns: Vec<ScsiLun>, request_queues: u16, queue_size: u16) -> io::Result<Self> {
-        luns.sort_by_key(|l| l.id);
-        let unit_attention = luns.iter().map(|_| Mutex::new(None)).collect();
-        let luns_len = luns.len();
+    pub fn new(luns: Vec<ScsiLun>, request_queues: u16, queue_size: u16) -> io::Result<Self> {
+        let slots = luns
+            .into_iter()
+            .map(|lun| Arc::new(LunSlot::new(lun, None)))
+            .collect();
         Ok(ScsiDevice {
-            luns,
+            table: RwLock::new(Arc::new(LunTable::new(slots))),
             request_queues,
             queue_size,
-            unit_attention,
             acked_features: AtomicU64::new(0),
             events: Mutex::new(PendingEvents::default()),
             event_notifier: EventFd::new(EFD_NONBLOCK)?,
-            busy: (0..luns_len).map(|_| AtomicU32::new(0)).collect(),
             tmf_timeout_ms: AtomicU64::new(DEFAULT_TMF_TIMEOUT.as_millis() as u64),
         })
     }
@@ -166,17 +162,12 @@ impl ScsiDevice {
             .store(timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Requests of LUN `lun` (an index) with disk I/O not yet on a used ring.
-    fn busy(&self, lun: usize) -> u32 {
-        self.busy.get(lun).map_or(0, |b| b.load(Ordering::Acquire))
-    }
-
     /// Waits until no LUN in `luns` has requests outstanding; false on timeout.
-    fn wait_idle(&self, luns: &[usize]) -> bool {
+    fn wait_idle(&self, luns: &[Arc<LunSlot>]) -> bool {
         let timeout = Duration::from_millis(self.tmf_timeout_ms.load(Ordering::Relaxed));
         let deadline = Instant::now() + timeout;
         loop {
-            if luns.iter().all(|&l| self.busy(l) == 0) {
+            if luns.iter().all(|l| l.busy() == 0) {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -229,32 +220,41 @@ impl ScsiDevice {
         Some(event)
     }
 
-    /// The LUNs, by id.
-    pub fn luns(&self) -> &[ScsiLun] {
-        &self.luns
+    /// The LUNs now, by id.
+    pub fn luns(&self) -> Arc<LunTable> {
+        Arc::clone(&self.table.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn lun_index(&self, id: u16) -> Option<usize> {
-        self.luns.binary_search_by_key(&id, |l| l.id).ok()
+    /// Adds a LUN to the live device. Queues serve it once refreshed (the transport's
+    /// `QueueHandler::refresh`), opening their rings with `open_ring`; then call
+    /// [`ScsiDevice::report_lun_change`] so the initiator scans it. Fails if the id is taken.
+    pub fn add_lun(&self, lun: ScsiLun, open_ring: RingFactory) -> Result<(), String> {
+        let id = lun.id;
+        let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
+        let new = table
+            .with(Arc::new(LunSlot::new(lun, Some(open_ring))))
+            .ok_or_else(|| format!("LUN {id} exists"))?;
+        *table = Arc::new(new);
+        Ok(())
     }
 
-    fn lun_ids(&self) -> Vec<u16> {
-        self.luns.iter().map(|l| l.id).collect()
+    /// Removes LUN `id` from the live device: new commands to it get LOGICAL UNIT NOT
+    /// SUPPORTED once the queues are refreshed, which completes its requests in flight and
+    /// closes its rings. Returns the LUN, or `None` if there is none with that id.
+    pub fn remove_lun(&self, id: u16) -> Option<Arc<LunSlot>> {
+        let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
+        let (new, removed) = table.without(id)?;
+        *table = Arc::new(new);
+        Some(removed)
     }
 
-    /// Raises `sense` as a unit attention on one LUN (`Some(index)`) or all of them.
-    pub fn set_unit_attention(&self, lun: Option<usize>, sense: Sense) {
-        for (i, ua) in self.unit_attention.iter().enumerate() {
-            if lun.is_none_or(|l| l == i) {
-                *ua.lock().unwrap_or_else(|p| p.into_inner()) = Some(sense);
+    /// Raises `sense` as a unit attention on LUN `id` (`Some`) or on every LUN.
+    pub fn set_unit_attention(&self, id: Option<u16>, sense: Sense) {
+        for slot in self.luns().iter() {
+            if id.is_none_or(|i| i == slot.id()) {
+                slot.set_unit_attention(sense);
             }
         }
-    }
-
-    fn take_unit_attention(&self, lun: usize) -> Option<Sense> {
-        self.unit_attention
-            .get(lun)
-            .and_then(|ua| ua.lock().unwrap_or_else(|p| p.into_inner()).take())
     }
 
     /// `seg_max`: the ring minus request and response headers.
@@ -264,14 +264,18 @@ impl ScsiDevice {
 
     fn config_bytes(&self) -> [u8; CONFIG_SPACE_SIZE] {
         let mut c = [0u8; CONFIG_SPACE_SIZE];
-        let max_block = self
-            .luns
+        let luns = self.luns();
+        // The largest block size any LUN may have (LUNs come and go on a live device).
+        let max_block = luns
             .iter()
-            .map(|l| l.emulation.settings().block_size)
+            .map(|l| l.lun.emulation.settings().block_size)
             .max()
-            .unwrap_or(512);
+            .unwrap_or(512)
+            .max(4096);
         let max_sectors = MAX_TRANSFER_BLOCKS * (max_block / 512);
-        let max_lun = self.luns.iter().map(|l| u32::from(l.id)).max().unwrap_or(0);
+        // Linux scans LUNs up to max_lun: the flat-addressing limit, so LUNs added later
+        // are found by a rescan.
+        let max_lun = 16383u32;
         let fields: [(usize, u32); 8] = [
             (0, u32::from(self.request_queues)),
             (4, self.seg_max()),
@@ -417,8 +421,8 @@ enum IoKind {
 
 /// A request with disk I/O in flight (one or more operations).
 struct InFlight {
-    /// LUN index.
-    lun: usize,
+    /// Its LUN.
+    lun: Arc<LunSlot>,
     head: u16,
     mem: Arc<Memory>,
     resp: Vec<Segment>,
@@ -439,12 +443,14 @@ struct InFlight {
 /// A request queue of a virtio-scsi device.
 pub struct RequestQueue {
     device: Arc<ScsiDevice>,
-    /// One ring per LUN, in the device's LUN order.
-    disks: Vec<Box<dyn DiskQueue>>,
+    /// The LUN table this queue serves (the device's, as of the last refresh).
+    table: Arc<LunTable>,
+    /// One ring per LUN, by LUN id.
+    disks: Vec<(u16, Box<dyn DiskQueue>)>,
     notifier: EventFd,
     inflight: InFlightTable<InFlight>,
-    /// Per LUN: finished requests the transport has not published yet.
-    unpublished: Vec<u32>,
+    /// Finished requests the transport has not published yet, by LUN.
+    unpublished: Vec<Arc<LunSlot>>,
     stats: Arc<QueueStats>,
 }
 
@@ -456,18 +462,28 @@ impl RequestQueue {
         mut make_disk: impl FnMut(usize, &EventFd) -> io::Result<Box<dyn DiskQueue>>,
     ) -> io::Result<Self> {
         let notifier = EventFd::new(EFD_NONBLOCK)?;
-        let disks = (0..device.luns.len())
-            .map(|i| make_disk(i, &notifier))
+        let table = device.luns();
+        let disks = table
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| Ok((slot.id(), make_disk(i, &notifier)?)))
             .collect::<io::Result<Vec<_>>>()?;
-        let unpublished = vec![0; device.luns.len()];
         Ok(RequestQueue {
             device,
+            table,
             disks,
             notifier,
             inflight: InFlightTable::new(),
-            unpublished,
+            unpublished: Vec::new(),
             stats: Arc::new(QueueStats::default()),
         })
+    }
+
+    fn ring(&mut self, id: u16) -> Option<&mut Box<dyn DiskQueue>> {
+        self.disks
+            .iter_mut()
+            .find(|(lun, _)| *lun == id)
+            .map(|(_, ring)| ring)
     }
 
     /// Counters of this queue.
@@ -554,13 +570,13 @@ impl RequestQueue {
             );
             return;
         };
-        let outcome = match self.device.lun_index(lun_id) {
-            None => Self::absent_lun(cdb, &self.device.lun_ids()),
-            Some(index) => {
+        let outcome = match self.table.find(lun_id).cloned() {
+            None => Self::absent_lun(cdb, &self.table.ids()),
+            Some(slot) => {
                 let ua = if ignores_unit_attention(cdb) {
                     None
                 } else {
-                    self.device.take_unit_attention(index)
+                    slot.take_unit_attention()
                 };
                 match ua {
                     Some(sense) => Outcome::Check(sense),
@@ -569,8 +585,7 @@ impl RequestQueue {
                         if gather(mem, &data_out, &mut params).is_none() {
                             params.clear();
                         }
-                        let lun = &self.device.luns[index];
-                        match lun.emulation.execute(cdb, &params) {
+                        match slot.lun.emulation.execute(cdb, &params) {
                             Outcome::Io(io) => {
                                 let data = if matches!(io, IoRequest::Read { .. }) {
                                     data_in
@@ -578,7 +593,7 @@ impl RequestQueue {
                                     data_out
                                 };
                                 if let Err(r) = self.submit_io(
-                                    index,
+                                    &slot,
                                     io,
                                     head,
                                     mem,
@@ -590,7 +605,7 @@ impl RequestQueue {
                                 }
                                 return;
                             }
-                            Outcome::ReportLuns => report_luns(cdb, &self.device.lun_ids()),
+                            Outcome::ReportLuns => report_luns(cdb, &self.table.ids()),
                             other => other,
                         }
                     }
@@ -639,7 +654,7 @@ impl RequestQueue {
     #[allow(clippy::too_many_arguments)]
     fn submit_io(
         &mut self,
-        lun: usize,
+        lun: &Arc<LunSlot>,
         io: IoRequest,
         head: u16,
         mem: &Arc<Memory>,
@@ -647,9 +662,9 @@ impl RequestQueue {
         data: Vec<Segment>,
         data_in_len: usize,
     ) -> Result<(), Response> {
-        let settings = self.device.luns[lun].emulation.settings();
+        let settings = lun.lun.emulation.settings();
         let bs = u64::from(settings.block_size);
-        let direct = self.device.luns[lun].disk.direct;
+        let direct = lun.lun.disk.direct;
         let write_cache = settings.write_cache;
         let internal = Response::check(Sense::INTERNAL_TARGET_FAILURE, 0);
         let mut buffer = None;
@@ -772,26 +787,29 @@ impl RequestQueue {
         };
         let slot = self.inflight.reserve();
         let count = ops.len();
-        let token = ((lun as u64) << 32) | slot as u64;
+        let token = slot as u64;
         let mut pushed = 0;
-        for op in ops {
-            if let Err(e) = self.disks[lun].push(op, token) {
-                tracing::warn!("cannot queue disk I/O: {e}");
-                break;
+        match self.ring(lun.id()) {
+            Some(ring) => {
+                for op in ops {
+                    if let Err(e) = ring.push(op, token) {
+                        tracing::warn!("cannot queue disk I/O: {e}");
+                        break;
+                    }
+                    pushed += 1;
+                }
             }
-            pushed += 1;
+            None => tracing::error!(lun = lun.id(), "no ring for the LUN on this queue"),
         }
         if pushed == 0 {
             self.inflight.release(slot);
             return Err(Response::check(Sense::INTERNAL_TARGET_FAILURE, 0));
         }
-        if let Some(busy) = self.device.busy.get(lun) {
-            busy.fetch_add(1, Ordering::AcqRel);
-        }
+        lun.started();
         self.inflight.fill(
             slot,
             InFlight {
-                lun,
+                lun: Arc::clone(lun),
                 head,
                 mem: Arc::clone(mem),
                 resp,
@@ -837,9 +855,7 @@ impl RequestQueue {
     }
 
     fn finish(&mut self, request: InFlight, done: &mut Vec<Completed>) {
-        if let Some(n) = self.unpublished.get_mut(request.lun) {
-            *n += 1;
-        }
+        self.unpublished.push(Arc::clone(&request.lun));
         let stats = &self.stats;
         let mut written = 0;
         let r = match request.failed {
@@ -924,7 +940,7 @@ impl QueueHandler for RequestQueue {
     }
 
     fn submit(&mut self) -> io::Result<()> {
-        for d in &mut self.disks {
+        for (_, d) in &mut self.disks {
             d.submit()?;
         }
         Ok(())
@@ -934,7 +950,7 @@ impl QueueHandler for RequestQueue {
         // One reset of the shared notifier, then every ring: no completion is missed.
         let _ = self.notifier.read();
         let mut completions = Vec::new();
-        for d in &mut self.disks {
+        for (_, d) in &mut self.disks {
             d.reap(&mut completions);
         }
         self.complete_all(completions, done);
@@ -943,7 +959,7 @@ impl QueueHandler for RequestQueue {
     fn drain(&mut self, done: &mut Vec<Completed>) -> io::Result<()> {
         while self.in_flight() > 0 {
             let mut completions = Vec::new();
-            for d in &mut self.disks {
+            for (_, d) in &mut self.disks {
                 d.drain(&mut completions)?;
             }
             self.complete_all(completions, done);
@@ -951,18 +967,49 @@ impl QueueHandler for RequestQueue {
         Ok(())
     }
 
+    /// Takes the device's LUN table over: opens rings on added LUNs, completes what is in
+    /// flight on removed ones and closes their rings.
+    fn refresh(&mut self, done: &mut Vec<Completed>) {
+        let table = self.device.luns();
+        if Arc::ptr_eq(&table, &self.table) {
+            return;
+        }
+        for slot in table.iter() {
+            if self.ring(slot.id()).is_none() {
+                match slot.open_ring(&self.notifier) {
+                    Ok(ring) => self.disks.push((slot.id(), ring)),
+                    Err(e) => {
+                        tracing::error!(lun = slot.id(), "cannot open a ring on the new LUN: {e}")
+                    }
+                }
+            }
+        }
+        let mut kept = Vec::with_capacity(self.disks.len());
+        for (id, mut ring) in std::mem::take(&mut self.disks) {
+            if table.find(id).is_some() {
+                kept.push((id, ring));
+                continue;
+            }
+            let mut completions = Vec::new();
+            while ring.in_flight() > 0 {
+                if let Err(e) = ring.drain(&mut completions) {
+                    tracing::error!(lun = id, "draining the removed LUN failed: {e}");
+                    break;
+                }
+            }
+            self.complete_all(completions, done);
+        }
+        self.disks = kept;
+        self.table = table;
+    }
+
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.notifier.as_raw_fd())
     }
 
     fn published(&mut self) {
-        for (lun, n) in self.unpublished.iter_mut().enumerate() {
-            if *n > 0 {
-                if let Some(busy) = self.device.busy.get(lun) {
-                    busy.fetch_sub(*n, Ordering::AcqRel);
-                }
-                *n = 0;
-            }
+        for lun in self.unpublished.drain(..) {
+            lun.published();
         }
     }
 }
@@ -986,8 +1033,9 @@ impl ControlQueue {
         let subtype = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
         let mut lun = [0u8; 8];
         lun.copy_from_slice(&req[8..16]);
-        let index = decode_lun(&lun).and_then(|id| self.device.lun_index(id));
-        let settle = |luns: &[usize], answer: u8| {
+        let table = self.device.luns();
+        let index = decode_lun(&lun).and_then(|id| table.find(id).cloned());
+        let settle = |luns: &[Arc<LunSlot>], answer: u8| {
             if self.device.wait_idle(luns) {
                 answer
             } else {
@@ -1006,7 +1054,7 @@ impl ControlQueue {
             },
             // I_T NEXUS RESET
             4 => {
-                let all: Vec<usize> = (0..self.device.luns.len()).collect();
+                let all: Vec<Arc<LunSlot>> = table.iter().cloned().collect();
                 let answer = settle(&all, response::FUNCTION_SUCCEEDED);
                 self.device.set_unit_attention(None, Sense::I_T_NEXUS_LOSS);
                 answer
@@ -1014,9 +1062,8 @@ impl ControlQueue {
             // LOGICAL UNIT RESET
             5 => match index {
                 Some(i) => {
-                    let answer = settle(&[i], response::FUNCTION_SUCCEEDED);
-                    self.device
-                        .set_unit_attention(Some(i), Sense::LUN_RESET_OCCURRED);
+                    let answer = settle(std::slice::from_ref(&i), response::FUNCTION_SUCCEEDED);
+                    i.set_unit_attention(Sense::LUN_RESET_OCCURRED);
                     answer
                 }
                 None => response::INCORRECT_LUN,
@@ -1024,7 +1071,7 @@ impl ControlQueue {
             // QUERY TASK SET: whether the LUN has commands in flight. QUERY TASK would need
             // the tag, which is not tracked: it reports none.
             6 | 7 => match index {
-                Some(i) if subtype == 7 && self.device.busy(i) > 0 => response::FUNCTION_SUCCEEDED,
+                Some(i) if subtype == 7 && i.busy() > 0 => response::FUNCTION_SUCCEEDED,
                 Some(_) => response::FUNCTION_COMPLETE,
                 None => response::INCORRECT_LUN,
             },
