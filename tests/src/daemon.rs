@@ -191,6 +191,46 @@ impl Drop for Process {
     }
 }
 
+/// What a process holds, from `/proc/PID`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Open file descriptors.
+    pub fds: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Mappings of memfds (frontend guest memory arrives as memfds).
+    pub memfd_maps: usize,
+    /// Address space, KiB (VmSize).
+    pub vm_kib: u64,
+    /// Resident memory, KiB (VmRSS).
+    pub rss_kib: u64,
+}
+
+/// Reads [`Usage`] of process `pid`.
+pub fn usage(pid: u32) -> Usage {
+    let count = |dir: &str| {
+        fs::read_dir(format!("/proc/{pid}/{dir}"))
+            .expect("read /proc")
+            .count()
+    };
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).expect("read maps");
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("a kB field of /proc/PID/status")
+    };
+    Usage {
+        fds: count("fd"),
+        threads: count("task"),
+        memfd_maps: maps.lines().filter(|l| l.contains("/memfd:")).count(),
+        vm_kib: kib("VmSize:"),
+        rss_kib: kib("VmRSS:"),
+    }
+}
+
 /// The appliance daemon serving an `exports.yaml` written into a scratch directory.
 pub struct Appliance {
     /// The daemon process.

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use appliance_tests::blkio_frontend::Frontend;
-use appliance_tests::daemon::{workspace_binary, Appliance};
+use appliance_tests::daemon::{usage, workspace_binary, Appliance, Usage};
 use appliance_tests::scsi_frontend::ScsiFrontend;
 
 const CONFIG: &str = "exports:
@@ -61,37 +61,6 @@ const KILL_EVERY: usize = 25;
 /// cached thread stacks settle, but one leaked 16 MiB guest memory mapping per connection
 /// would be gigabytes.
 const VM_SLACK_KIB: u64 = 32 << 10;
-
-/// What the daemon holds, from `/proc/PID`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Usage {
-    fds: usize,
-    threads: usize,
-    /// Mappings of shared memory files (frontend guest memory arrives as memfds).
-    memfd_maps: usize,
-    vm_kib: u64,
-}
-
-fn usage(pid: u32) -> Usage {
-    let count = |dir: &str| {
-        std::fs::read_dir(format!("/proc/{pid}/{dir}"))
-            .unwrap()
-            .count()
-    };
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let vm_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmSize:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    Usage {
-        fds: count("fd"),
-        threads: count("task"),
-        memfd_maps: maps.lines().filter(|l| l.contains("/memfd:")).count(),
-        vm_kib,
-    }
-}
 
 /// Waits until the daemon's fds, threads and memfd mappings equal `baseline` (it releases
 /// a connection's resources after the frontend hung up, asynchronously to this test).

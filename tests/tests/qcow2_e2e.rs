@@ -38,6 +38,20 @@ fn qemu_img_ok(args: &[&str]) -> String {
     text
 }
 
+/// A 16 MiB qcow2 image at `path` whose every byte is 0x5a (written by qemu-io).
+fn base_image_of_0x5a(path: &str) {
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", path, "16M"]);
+    let io = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 16M", path])
+        .output()
+        .unwrap();
+    assert!(
+        io.status.success(),
+        "{}",
+        String::from_utf8_lossy(&io.stderr)
+    );
+}
+
 fn export(name: &str, path: &str, extra: &str) -> String {
     format!(
         "  - name: {name}\n    type: blk\n    socket: @DIR@/{name}.sock\n    path: @DIR@/{path}\n    format: qcow2\n    num_queues: 2\n{extra}"
@@ -155,16 +169,7 @@ fn backing_chain_reads_fall_through_and_writes_copy_on_write() {
     let dir = scratch_dir();
     let base = dir.path().join("base.qcow2");
     let base_s = base.to_str().unwrap();
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", base_s, "16M"]);
-    let io = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 16M", base_s])
-        .output()
-        .unwrap();
-    assert!(
-        io.status.success(),
-        "{}",
-        String::from_utf8_lossy(&io.stderr)
-    );
+    base_image_of_0x5a(base_s);
     let before = std::fs::read(&base).unwrap();
     // The daemon creates the overlay, with a relative backing path as qemu-img would.
     let cfg = format!(
@@ -220,16 +225,7 @@ fn write_zeroes_on_a_v2_overlay_hides_the_backing_file() {
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
     let (base_s, top_s) = (base.to_str().unwrap(), top.to_str().unwrap());
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", base_s, "16M"]);
-    let io = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 16M", base_s])
-        .output()
-        .unwrap();
-    assert!(
-        io.status.success(),
-        "{}",
-        String::from_utf8_lossy(&io.stderr)
-    );
+    base_image_of_0x5a(base_s);
     qemu_img_ok(&[
         "create",
         "-q",
