@@ -160,7 +160,7 @@ fn serve_config(path: &Path, signals: &SigSet) -> anyhow::Result<()> {
     notify_systemd_ready();
     loop {
         match watch.next_event() {
-            watch::Event::Reload(why) => match exports.reload(why) {
+            watch::Event::Reload(why) => match exports.reload(why, why == watch::SIGHUP) {
                 None => {}
                 Some(true) => tracing::info!("configuration reload succeeded"),
                 Some(false) => tracing::warn!("configuration reload failed: see the errors above"),

@@ -67,9 +67,10 @@ impl Exports {
     }
 
     /// Re-reads the file and applies what changed; `why` names the trigger for the log.
-    /// Returns `None` when the file did not change (nothing done), else whether the reload
-    /// succeeded: the file is valid and everything it says is in effect.
-    pub fn reload(&mut self, why: &str) -> Option<bool> {
+    /// Unless `forced` (SIGHUP: also retries exports that failed to start), a file whose
+    /// text did not change is left alone. Returns `None` when nothing was done, else whether
+    /// the reload succeeded: the file is valid and everything it says is in effect.
+    pub fn reload(&mut self, why: &str, forced: bool) -> Option<bool> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) => {
@@ -80,7 +81,7 @@ impl Exports {
                 return Some(false);
             }
         };
-        if text == self.text {
+        if text == self.text && !forced {
             tracing::debug!("configuration reload ({why}): file unchanged");
             return None;
         }

@@ -18,6 +18,9 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+/// The reason a SIGHUP reload gives.
+pub const SIGHUP: &str = "SIGHUP";
+
 /// How long the config directory must be quiet before a reload.
 pub const SETTLE: Duration = Duration::from_millis(200);
 
@@ -84,7 +87,7 @@ impl ConfigWatch {
                 match signal {
                     Signal::SIGHUP => {
                         self.pending = None;
-                        return Event::Reload("SIGHUP");
+                        return Event::Reload(SIGHUP);
                     }
                     other => return Event::Stop(other),
                 }

@@ -468,3 +468,21 @@ fn scsi_luns_are_added_and_removed_live() {
     );
     s.good(0, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[], 512);
 }
+
+#[test]
+fn sighup_retries_an_export_that_failed_to_start() {
+    let b = "  - name: b\n    type: blk\n    socket: @DIR@/b.sock\n    path: @DIR@/b.raw\n";
+    let mut appliance = Appliance::start(&config(&[&blk("a", "4M"), b]), &["a.sock"]);
+    appliance
+        .process
+        .wait_for_log("export not started: backing file", 1, TIMEOUT);
+    assert!(!appliance.path("b.sock").exists());
+    // The operator provides the missing file; the config file itself is unchanged.
+    std::fs::write(appliance.path("b.raw"), vec![0u8; 1 << 20]).unwrap();
+    appliance.process.signal(libc::SIGHUP).unwrap();
+    appliance
+        .process
+        .wait_for_path(&appliance.path("b.sock"), TIMEOUT);
+    let mut fe = Frontend::connect(&appliance.path("b.sock"), 1);
+    assert_eq!(fe.read(0, 0, 0, 4096), 0);
+}
