@@ -235,6 +235,7 @@ fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {
             direct: Some(!cli.no_direct),
             write_cache: None,
             create: None,
+            size: None,
             luns: None,
         },
         &std::env::current_dir().context("cannot read the current directory")?,

@@ -214,6 +214,7 @@ impl Exports {
         for change in &changes {
             let (lun, field) = match change {
                 ExportChange::Setting { field, lun, .. } => (*lun, *field),
+                ExportChange::Size { lun, .. } => (*lun, "size"),
                 ExportChange::LunAdded(position, _) => (Some(*position), "lun"),
                 ExportChange::LunRemoved(_) => (None, "luns"),
             };
@@ -221,6 +222,9 @@ impl Exports {
                 ExportChange::Setting { old, new, .. } => format!(
                     "cannot change while the export is live (running: {old}, file: {new}); the running definition stays: remove the export and add it back to apply it"
                 ),
+                ExportChange::Size { .. } => {
+                    "cannot change while the export is live; the running size stays".to_string()
+                }
                 ExportChange::LunAdded(_, l) => format!(
                     "LUN {} cannot be added to a live export by this version; the running LUN set stays",
                     l.lun
