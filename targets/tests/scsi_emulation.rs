@@ -1435,7 +1435,10 @@ fn usage_maps_agree_with_what_the_emulation_checks() {
                 // DPO and FUA on reads, DPO on writes and verifies: supported because MODE
                 // SENSE reports DPOFUA (SBC-4), with no effect an outcome here can show.
                 let hint = byte == 1
-                    && matches!(opcode, 0x28 | 0x2a | 0x2f | 0x88 | 0x8a | 0x8f | 0xa8 | 0xaa)
+                    && matches!(
+                        opcode,
+                        0x28 | 0x2a | 0x2f | 0x88 | 0x8a | 0x8f | 0xa8 | 0xaa
+                    )
                     && mask & 0x18 != 0;
                 if evaluated && !hint {
                     assert!(
