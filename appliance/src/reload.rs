@@ -9,6 +9,13 @@
 //! Nginx's "validate fully, keep the old configuration on failure" and Prometheus'
 //! `last_reload_successful` are the models: a reload succeeds only when everything the file
 //! says is in effect.
+//!
+//! What a live export takes: a grown `size:` (the backing store is grown and the frontend
+//! told, see [`RunningExport::resize`]); a smaller one is refused (shrinking is), and so is
+//! every other setting. A change is all-or-nothing per export: one refused field keeps the
+//! whole running definition. Every reload, whether the file changed or not (SIGHUP with the
+//! same file), also looks for backing stores that grew underneath (`truncate -s`,
+//! `lvextend`) and, where no `size:` pins the capacity, gives the device the new size.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +23,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use config::{Config, ConfigError, Export, ExportChange};
 
-use crate::export::{RunningExport, SocketSource};
+use crate::export::{Resized, RunningExport, SocketSource};
 
 /// The exports of one config file, as they run.
 pub struct Exports {
@@ -65,10 +72,18 @@ impl Exports {
         Ok(exports)
     }
 
-    /// Re-reads the file and applies what changed; `why` names the trigger for the log.
-    /// Returns `None` when the file did not change (nothing done), else whether the reload
-    /// succeeded: the file is valid and everything it says is in effect.
+    /// Re-reads the file and applies what changed, then picks up backing stores that grew
+    /// underneath; `why` names the trigger for the log. Returns `None` when the file did
+    /// not change (nothing done but the growth check), else whether the reload succeeded:
+    /// the file is valid and everything it says is in effect.
     pub fn reload(&mut self, why: &str) -> Option<bool> {
+        let result = self.reload_file(why);
+        self.follow_grown_stores(why);
+        result
+    }
+
+    /// The file part of [`Exports::reload`].
+    fn reload_file(&mut self, why: &str) -> Option<bool> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) => {
@@ -202,37 +217,21 @@ impl Exports {
         self.applied.exports.retain(|e| e.name != name);
     }
 
-    /// Applies what can change under a live frontend and refuses the rest, field by field.
-    /// Returns whether the whole change is in effect.
+    /// Applies what can change under a live frontend (a grown `size:`) and refuses the
+    /// rest, field by field; one refusal keeps the whole running definition. Returns
+    /// whether the whole change is in effect.
     fn change_export(&mut self, old: &Export, new: &Export, config: &Config, text: &str) -> bool {
         let index = config
             .exports
             .iter()
             .position(|e| e.name == new.name)
             .unwrap_or(0);
-        let changes = config::export_changes(old, new);
-        for change in &changes {
+        let refuse = |change: &ExportChange, why: String| {
             let (lun, field) = match change {
                 ExportChange::Setting { field, lun, .. } => (*lun, *field),
                 ExportChange::Size { lun, .. } => (*lun, "size"),
                 ExportChange::LunAdded(position, _) => (Some(*position), "lun"),
                 ExportChange::LunRemoved(_) => (None, "luns"),
-            };
-            let why = match change {
-                ExportChange::Setting { old, new, .. } => format!(
-                    "cannot change while the export is live (running: {old}, file: {new}); the running definition stays: remove the export and add it back to apply it"
-                ),
-                ExportChange::Size { .. } => {
-                    "cannot change while the export is live; the running size stays".to_string()
-                }
-                ExportChange::LunAdded(_, l) => format!(
-                    "LUN {} cannot be added to a live export by this version; the running LUN set stays",
-                    l.lun
-                ),
-                ExportChange::LunRemoved(l) => format!(
-                    "LUN {} cannot be removed from a live export by this version; the running LUN set stays",
-                    l.lun
-                ),
             };
             let error = ConfigError {
                 file: self.path.clone(),
@@ -242,8 +241,169 @@ impl Exports {
                 message: why,
             };
             tracing::error!("configuration change refused: {error}");
+        };
+        let Some(running) = self.running.get(&new.name) else {
+            tracing::error!(export = new.name, "a changed export is not running");
+            return false;
+        };
+        let changes = config::export_changes(old, new);
+        // Everything is checked before anything is applied.
+        let mut refused = false;
+        for change in &changes {
+            let why = match change {
+                ExportChange::Setting { old, new, .. } => Some(format!(
+                    "cannot change while the export is live (running: {old}, file: {new}); the running definition stays: remove the export and add it back to apply it"
+                )),
+                ExportChange::Size {
+                    old: Some(old),
+                    new: Some(bytes),
+                    ..
+                } if change.is_shrink() => Some(format!(
+                    "{bytes} is smaller than the running size {old}: shrinking is refused; the running size stays"
+                )),
+                ExportChange::Size {
+                    lun,
+                    new: Some(bytes),
+                    ..
+                } => running.check_size(lun_id(new, *lun), *bytes).err(),
+                ExportChange::Size { new: None, .. } => None,
+                ExportChange::LunAdded(_, l) => Some(format!(
+                    "LUN {} cannot be added to a live export by this version; the running LUN set stays",
+                    l.lun
+                )),
+                ExportChange::LunRemoved(l) => Some(format!(
+                    "LUN {} cannot be removed from a live export by this version; the running LUN set stays",
+                    l.lun
+                )),
+            };
+            if let Some(why) = why {
+                refuse(change, why);
+                refused = true;
+            }
         }
-        changes.is_empty()
+        if refused {
+            return false;
+        }
+        // Only sizes are left: grow.
+        let mut effective = old.clone();
+        let mut complete = true;
+        for change in &changes {
+            let ExportChange::Size { lun, new: size, .. } = change else {
+                continue;
+            };
+            let id = lun_id(new, *lun);
+            match running.resize(id, *size) {
+                Ok(resized) => {
+                    log_resize(&new.name, id, "size: changed", resized.as_ref());
+                    set_size(&mut effective, id, *size);
+                }
+                Err(e) => {
+                    refuse(change, format!("{e:#}; the running size stays"));
+                    complete = false;
+                }
+            }
+        }
+        if let Some(slot) = self.applied.exports.iter_mut().find(|e| e.name == new.name) {
+            *slot = effective;
+        }
+        complete
+    }
+
+    /// Exports whose backing store grew underneath (`truncate -s`, `lvextend`) and whose
+    /// capacity no `size:` pins take the store's new size, and their frontends are told.
+    fn follow_grown_stores(&self, why: &str) {
+        for export in &self.applied.exports {
+            let Some(running) = self.running.get(&export.name) else {
+                continue;
+            };
+            for (id, disk) in disks_by_lun(export) {
+                let (store, capacity) = match (running.store_size(id), running.capacity(id)) {
+                    (Ok(store), Ok(capacity)) => (store, capacity),
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::warn!(export = export.name, lun = id, "{e:#}");
+                        continue;
+                    }
+                };
+                if store < capacity {
+                    tracing::error!(
+                        export = export.name,
+                        lun = id,
+                        path = %disk.path.display(),
+                        "the backing store shrank underneath to {store} bytes, below the capacity in use ({capacity} bytes): requests past its end fail"
+                    );
+                    continue;
+                }
+                match disk.size {
+                    Some(pinned) if store > pinned => tracing::warn!(
+                        export = export.name,
+                        lun = id,
+                        path = %disk.path.display(),
+                        "the backing store is {store} bytes, more than size: {pinned}; the capacity stays at size:"
+                    ),
+                    Some(_) => {}
+                    None => match running.resize(id, None) {
+                        Ok(resized) => log_resize(
+                            &export.name,
+                            id,
+                            &format!("backing store grew underneath ({why})"),
+                            resized.as_ref(),
+                        ),
+                        Err(e) => tracing::warn!(
+                            export = export.name,
+                            lun = id,
+                            "cannot take the grown backing store: {e:#}"
+                        ),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// The LUN number of the LUN at `position` in `export`'s `luns:` (`None` for blk).
+fn lun_id(export: &Export, position: Option<usize>) -> Option<u16> {
+    match (&export.device, position) {
+        (config::Device::Scsi(luns), Some(i)) => luns.get(i).map(|l| l.lun),
+        _ => None,
+    }
+}
+
+/// Every backing store of `export` with its LUN number (`None` for blk).
+fn disks_by_lun(export: &Export) -> Vec<(Option<u16>, &config::Disk)> {
+    match &export.device {
+        config::Device::Blk(disk) => vec![(None, disk)],
+        config::Device::Scsi(luns) => luns.iter().map(|l| (Some(l.lun), &l.disk)).collect(),
+    }
+}
+
+/// Records `size` as the `size:` of LUN `id` (`None`: the blk disk) of `export`.
+fn set_size(export: &mut Export, id: Option<u16>, size: Option<u64>) {
+    match (&mut export.device, id) {
+        (config::Device::Blk(disk), None) => disk.size = size,
+        (config::Device::Scsi(luns), Some(id)) => {
+            if let Some(lun) = luns.iter_mut().find(|l| l.lun == id) {
+                lun.disk.size = size;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Logs an online resize: which export and LUN, from how many bytes to how many, why, and
+/// how the frontend was told.
+fn log_resize(export: &str, lun: Option<u16>, why: &str, resized: Option<&Resized>) {
+    match resized {
+        Some(r) => tracing::info!(
+            export,
+            lun,
+            old = r.old,
+            new = r.new,
+            "resized ({why}): {} -> {} bytes; {}",
+            r.old,
+            r.new,
+            r.notified
+        ),
+        None => tracing::info!(export, lun, "{why}: the capacity is unchanged"),
     }
 }
 
