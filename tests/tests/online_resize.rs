@@ -3,8 +3,9 @@
 //! channel gets CONFIG_CHANGE_MSG, reads the new capacity with GET_CONFIG (before it
 //! answers, as QEMU does) and writes into the new range; a qcow2 export grows through
 //! imago; a SCSI LUN reports CAPACITY DATA HAS CHANGED and READ CAPACITY shows the new size;
-//! shrinking is refused with file, line and field, at start and on reload; and stores grown
-//! underneath (`truncate -s`) are picked up at the next SIGHUP unless `size:` pins them.
+//! shrinking is refused with file, line and field, at start and on reload; stores grown
+//! underneath (`truncate -s`) are picked up at the next SIGHUP unless `size:` pins them; a
+//! block device (a loop device here; needs root) is grown by its owner, never by `size:`.
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -413,4 +414,94 @@ fn stores_grown_underneath_are_picked_up_at_the_next_sighup() {
         "{}",
         appliance.process.log()
     );
+}
+
+/// A loop device over a file, detached when dropped (the test needs root).
+struct LoopDevice(std::path::PathBuf);
+
+impl LoopDevice {
+    fn attach(file: &Path) -> Self {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup (this test needs root and a free loop device)");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDevice(String::from_utf8_lossy(&out.stdout).trim().into())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_block_device_is_grown_by_its_owner_and_then_picked_up() {
+    let dir = dir_with_file("dev.img", 8 * MIB);
+    std::fs::File::create(dir.path().join("big.img"))
+        .unwrap()
+        .set_len(8 * MIB)
+        .unwrap();
+    let dev = LoopDevice::attach(&dir.path().join("dev.img"));
+    let big = LoopDevice::attach(&dir.path().join("big.img"));
+    let export = |name: &str, dev: &LoopDevice, extra: &str| {
+        format!(
+            "  - name: {name}\n    type: blk\n    socket: @DIR@/{name}.sock\n    path: {}\n{extra}",
+            dev.0.display()
+        )
+    };
+    // size: beyond a block device: the daemon cannot grow it, so the export is refused.
+    let mut appliance = Appliance::start_in(
+        dir,
+        &config(&[
+            &export("d", &dev, ""),
+            &export("big", &big, "    size: 16M\n"),
+        ]),
+        &["d.sock"],
+    );
+    let log = appliance
+        .process
+        .wait_for_log("export not started", 1, TIMEOUT);
+    assert!(
+        log.contains(&format!(
+            "{} is a block device of {} bytes: it is grown by its owner (e.g. lvextend), not by the daemon",
+            big.0.display(),
+            8 * MIB
+        )),
+        "{log}"
+    );
+    let mut fe =
+        RawFrontend::connect_with_backend_channel(&appliance.path("d.sock"), 1, 128, u64::MAX);
+    assert_eq!(capacity(&mut fe), 8 * MIB);
+
+    // Its owner grows it (as lvextend would; here the file and the loop device's capacity).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(appliance.path("dev.img"))
+        .unwrap()
+        .set_len(12 * MIB)
+        .unwrap();
+    let out = Command::new("losetup")
+        .arg("-c")
+        .arg(&dev.0)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "losetup -c: {out:?}");
+    appliance.process.signal(libc::SIGHUP).unwrap();
+    let request = fe.next_backend_request(TIMEOUT);
+    assert_eq!(request.request, CONFIG_CHANGE_MSG);
+    fe.reply_backend_request(request, 0);
+    assert_eq!(capacity(&mut fe), 12 * MIB);
+    write_read(&mut fe, 11 * MIB, 1 << 20, 0x6e);
+    appliance
+        .process
+        .wait_for_log(&format!("{} -> {} bytes", 8 * MIB, 12 * MIB), 1, TIMEOUT);
+    drop(fe);
+    appliance.process.terminate(TIMEOUT);
 }
