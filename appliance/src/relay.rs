@@ -128,15 +128,15 @@ fn recv_exact(
                 }
             }
         }
+        if fds.len() > MAX_FDS {
+            return Err(RelayError::Protocol(format!(
+                "more than {MAX_FDS} file descriptors in a message"
+            )));
+        }
         if received == 0 {
             break;
         }
         filled += received;
-    }
-    if fds.len() > MAX_FDS {
-        return Err(RelayError::Protocol(format!(
-            "more than {MAX_FDS} file descriptors in a message"
-        )));
     }
     Ok(filled)
 }
