@@ -285,7 +285,9 @@ impl VhostUserBackend for VirtioBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE;
         if self.device.offers_config() {
-            features | VhostUserProtocolFeatures::CONFIG
+            // A backend channel carries CONFIG_CHANGE_MSG when the config space changes
+            // (online resize); the accept loop's relay keeps it (`crate::relay`).
+            features | VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::BACKEND_REQ
         } else {
             features
         }

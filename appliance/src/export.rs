@@ -3,6 +3,14 @@
 //! SET_OWNER on a reused one) over the same `Arc` backend, so export state survives
 //! reconnects and a frontend that disconnects, even mid-I/O, never stops the daemon; and
 //! stop an export (removal by a reload, or daemon exit) without losing accepted requests.
+//!
+//! The accept loop accepts each frontend itself and carries its control messages to the
+//! connection's daemon through [`relay`], which keeps the frontend's backend channel; that
+//! is how a resize reaches a virtio-blk frontend (CONFIG_CHANGE_MSG).
+//!
+//! Capacity: `size:` is applied when the export starts (the store grown to it, refused if
+//! the store is larger: shrinking is refused), and [`RunningExport::resize`] grows a running
+//! export, for a grown `size:` or a store grown underneath, and tells the frontend.
 
 use std::fs;
 use std::io;
@@ -14,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use config::{
     BackingFormat, Device, Disk, Export, ScsiLun, SocketPermissions, VvuDevice, WriteCache,
 };
@@ -32,6 +40,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{completion_event, VirtioBackend};
+use crate::relay::{self, BackendChannel, PrivateListener};
 use crate::vvu::VvuBridge;
 
 /// Where an export gets its frontend connections from.
@@ -44,16 +53,13 @@ pub enum SocketSource<'a> {
     Vvu(&'a VvuDevice),
 }
 
-/// An open backing store of an export and the LUN it backs (`None` for a blk export).
-type OpenDisk = (Option<u16>, Arc<Backing>);
-
 /// A running export.
 pub struct RunningExport {
     name: String,
     backend: Arc<VirtioBackend>,
-    disks: Vec<OpenDisk>,
-    /// A scsi export's device, whose LUNs can change while it runs.
-    scsi: Option<Arc<ScsiDevice>>,
+    /// The device, to grow its capacity and change its LUNs.
+    device: DeviceHandle,
+    disks: Vec<ExportDisk>,
     /// Guest memory is a PCI BAR (appliance-VM mode).
     bar_memory: bool,
     /// The export's largest ring.
@@ -74,13 +80,48 @@ struct Connection {
     /// Set once, when the export stops: no new connection is served.
     stopping: AtomicBool,
     /// The connected frontend, while there is one.
-    handle: Mutex<Option<ShutdownHandle>>,
+    session: Mutex<Option<Session>>,
+    /// The connected frontend's backend channel, if it offered one.
+    channel: BackendChannel,
+}
+
+/// What ends a frontend connection from outside.
+struct Session {
+    /// The connection's daemon.
+    daemon: Option<ShutdownHandle>,
+    /// The frontend's socket (a duplicate): shut down, it wakes the relay.
+    frontend: UnixStream,
+}
+
+impl Session {
+    fn shutdown(self) {
+        if let Some(daemon) = self.daemon {
+            daemon.shutdown();
+        }
+        let _ = self.frontend.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 impl Connection {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
-        self.handle.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Session>> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The device of an export, typed, for the control path.
+enum DeviceHandle {
+    Blk(Arc<BlkDevice>),
+    Scsi(Arc<ScsiDevice>),
+}
+
+/// One backing store of an export.
+struct ExportDisk {
+    /// The SCSI LUN it backs; `None` for a blk export.
+    lun: Option<u16>,
+    /// Logical block size in bytes.
+    block_size: u64,
+    /// Shared with the rings of LUNs added to a live export.
+    backing: Arc<Backing>,
 }
 
 impl RunningExport {
@@ -88,16 +129,11 @@ impl RunningExport {
     pub fn start(export: &Export, socket: SocketSource<'_>) -> anyhow::Result<Self> {
         // Through a virtio-vhost-user device, guest memory is a PCI BAR mapping.
         let bar_memory = matches!(socket, SocketSource::Vvu(_));
-        let (backend, disks, scsi) = match &export.device {
-            Device::Blk(disk) => {
-                let (backend, disk) = build_blk(export, disk, bar_memory)?;
-                (backend, vec![(None, Arc::new(disk))], None)
-            }
-            Device::Scsi(luns) => {
-                let (backend, disks, device) = build_scsi(export, luns, bar_memory)?;
-                (backend, disks, Some(device))
-            }
+        let (backend, device, disks) = match &export.device {
+            Device::Blk(disk) => build_blk(export, disk, bar_memory)?,
+            Device::Scsi(luns) => build_scsi(export, luns, bar_memory)?,
         };
+        let private = PrivateListener::new().context("cannot create the relay socket")?;
         let mut vvu = None;
         let mut socket_path = None;
         let listener = match socket {
@@ -126,10 +162,12 @@ impl RunningExport {
             let connection = Arc::clone(&connection);
             std::thread::Builder::new()
                 .name(format!("accept-{}", export.name))
-                .spawn(move || serve_connections(&name, &backend, listener, &connection))?
+                .spawn(move || {
+                    serve_connections(&name, &backend, listener, &private, &connection)
+                })?
         };
-        for ((_, disk), spec) in disks.iter().zip(export.disks()) {
-            let info = device_view(disk, bar_memory);
+        for (disk, spec) in disks.iter().zip(export.disks()) {
+            let info = device_view(&disk.backing, bar_memory);
             let io = match info.direct {
                 None => "buffered".to_string(),
                 Some(d) if d.bounce_always => {
@@ -159,8 +197,8 @@ impl RunningExport {
         Ok(RunningExport {
             name: export.name.clone(),
             backend,
+            device,
             disks,
-            scsi,
             bar_memory,
             queue_size: export.queue_size,
             connection,
@@ -175,7 +213,7 @@ impl RunningExport {
     /// request queue a ring on it, then tells the initiator (a rescan event and REPORTED
     /// LUNS DATA HAS CHANGED).
     pub fn add_lun(&mut self, spec: &ScsiLun) -> anyhow::Result<()> {
-        let Some(device) = &self.scsi else {
+        let DeviceHandle::Scsi(device) = &self.device else {
             bail!("not a scsi export");
         };
         let (lun, disk) = open_lun(spec, self.bar_memory)?;
@@ -190,7 +228,11 @@ impl RunningExport {
             .map_err(anyhow::Error::msg)?;
         self.backend.refresh_queues();
         device.report_lun_change(spec.lun, true);
-        self.disks.push((Some(spec.lun), disk));
+        self.disks.push(ExportDisk {
+            lun: Some(spec.lun),
+            block_size: u64::from(spec.disk.logical_block_size),
+            backing: disk,
+        });
         Ok(())
     }
 
@@ -198,7 +240,7 @@ impl RunningExport {
     /// commands it has in flight complete, the initiator is told (a removal event and
     /// REPORTED LUNS DATA HAS CHANGED), and its backing store is synced and closed.
     pub fn remove_lun(&mut self, id: u16) -> anyhow::Result<()> {
-        let Some(device) = &self.scsi else {
+        let DeviceHandle::Scsi(device) = &self.device else {
             bail!("not a scsi export");
         };
         if device.remove_lun(id).is_none() {
@@ -206,9 +248,9 @@ impl RunningExport {
         }
         self.backend.refresh_queues();
         device.report_lun_change(id, false);
-        if let Some(at) = self.disks.iter().position(|(lun, _)| *lun == Some(id)) {
-            let (_, disk) = self.disks.remove(at);
-            if let Err(e) = disk.sync() {
+        if let Some(at) = self.disks.iter().position(|d| d.lun == Some(id)) {
+            let disk = self.disks.remove(at);
+            if let Err(e) = disk.backing.sync() {
                 tracing::error!(
                     export = self.name,
                     lun = id,
@@ -232,8 +274,8 @@ impl RunningExport {
             in_flight,
             "stopping: accepted requests completed, disconnecting the frontend"
         );
-        if let Some(handle) = self.connection.lock().take() {
-            handle.shutdown();
+        if let Some(session) = self.connection.lock().take() {
+            session.shutdown();
         }
         // A blocked accept returns once its socket is shut down.
         if let Err(e) =
@@ -252,7 +294,7 @@ impl RunningExport {
                 tracing::error!(export = self.name, "the accept thread panicked");
             }
         }
-        for (_, disk) in &self.disks {
+        for disk in self.disks.iter().map(|d| &d.backing) {
             if let Err(e) = disk.sync() {
                 tracing::error!(
                     export = self.name,
@@ -270,6 +312,122 @@ impl RunningExport {
                 );
             }
         }
+    }
+}
+
+/// What [`RunningExport::resize`] did to a device's capacity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resized {
+    /// Capacity before, in bytes.
+    pub old: u64,
+    /// Capacity now, in bytes.
+    pub new: u64,
+    /// How the frontend was told, as a phrase for the log.
+    pub notified: String,
+}
+
+impl RunningExport {
+    fn disk(&self, lun: Option<u16>) -> anyhow::Result<&ExportDisk> {
+        self.disks
+            .iter()
+            .find(|d| d.lun == lun)
+            .ok_or_else(|| anyhow!("export {} has no LUN {lun:?}", self.name))
+    }
+
+    /// The capacity the device presents for `lun` (`None` for a blk export), in bytes.
+    pub fn capacity(&self, lun: Option<u16>) -> anyhow::Result<u64> {
+        let disk = self.disk(lun)?;
+        match (&self.device, lun) {
+            (DeviceHandle::Blk(d), None) => Ok(d.capacity_bytes()),
+            (DeviceHandle::Scsi(d), Some(id)) => d
+                .luns()
+                .find(id)
+                .map(|l| l.lun.emulation.blocks() * disk.block_size)
+                .ok_or_else(|| anyhow!("export {} has no LUN {id}", self.name)),
+            _ => bail!("export {}: LUN {lun:?} is not one of its device", self.name),
+        }
+    }
+
+    /// The size of the backing store of `lun` now, in bytes (it may have grown underneath).
+    pub fn store_size(&self, lun: Option<u16>) -> anyhow::Result<u64> {
+        let disk = self.disk(lun)?;
+        disk.backing
+            .current_size()
+            .with_context(|| format!("cannot read the size of {}", disk.backing.path().display()))
+    }
+
+    /// Whether `size:` `bytes` can be applied to `lun` without shrinking it: refused when the
+    /// backing store is larger, or when it is a block device that would need to grow.
+    pub fn check_size(&self, lun: Option<u16>, bytes: u64) -> Result<(), String> {
+        let disk = self.disk(lun).map_err(|e| e.to_string())?;
+        let store = disk
+            .backing
+            .current_size()
+            .map_err(|e| format!("cannot read the size of the backing store: {e}"))?;
+        if bytes < store {
+            return Err(format!(
+                "{bytes} is smaller than the backing store ({store} bytes): shrinking is refused; the running size stays"
+            ));
+        }
+        if bytes > store && disk.backing.is_block_device() {
+            return Err(format!(
+                "{} is a block device of {store} bytes: it is grown by its owner (e.g. lvextend), then picked up at the next reload; the running size stays",
+                disk.backing.path().display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Online resize of `lun` (`None` for a blk export): with `size` (`size:` in bytes), the
+    /// backing store is grown to it first (a smaller size is refused: shrinking is); without,
+    /// the device follows the store, which may have grown underneath. The capacity becomes
+    /// the store's size rounded down to the logical block size, and the frontend is told:
+    /// virtio-blk by VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on its backend channel, SCSI by
+    /// CAPACITY DATA HAS CHANGED (and a parameter-change event). Returns what changed, or
+    /// `None` when the capacity already was that (a capacity never shrinks).
+    pub fn resize(&self, lun: Option<u16>, size: Option<u64>) -> anyhow::Result<Option<Resized>> {
+        let disk = self.disk(lun)?;
+        if let Some(bytes) = size {
+            disk.backing.apply_size(bytes)?;
+        }
+        let target = match size {
+            Some(bytes) => bytes,
+            None => self.store_size(lun)?,
+        } / disk.block_size
+            * disk.block_size;
+        let old = match (&self.device, lun) {
+            (DeviceHandle::Blk(d), None) => d.grow_capacity(target),
+            (DeviceHandle::Scsi(d), Some(id)) => {
+                let blocks = d
+                    .grow_lun(id, target / disk.block_size)
+                    .ok_or_else(|| anyhow!("export {} has no LUN {id}", self.name))?;
+                blocks * disk.block_size
+            }
+            _ => bail!("export {}: LUN {lun:?} is not one of its device", self.name),
+        };
+        if target <= old {
+            return Ok(None);
+        }
+        let notified = match &self.device {
+            DeviceHandle::Scsi(_) => {
+                "frontend told by the unit attention CAPACITY DATA HAS CHANGED (and a parameter-change event where the driver takes them)".to_string()
+            }
+            DeviceHandle::Blk(_) => match self.connection.channel.config_changed() {
+                Ok(true) => "frontend told by CONFIG_CHANGE_MSG on the backend channel".to_string(),
+                Ok(false) => {
+                    "no backend channel to tell a frontend: it sees the capacity when it reads the config space again".to_string()
+                }
+                Err(e) => {
+                    tracing::warn!(export = self.name, "telling the frontend of the new capacity failed: {e}");
+                    format!("telling the frontend failed: CONFIG_CHANGE_MSG: {e}")
+                }
+            },
+        };
+        Ok(Some(Resized {
+            old,
+            new: target,
+            notified,
+        }))
     }
 }
 
@@ -297,11 +455,53 @@ impl Backing {
         })
     }
 
+    /// How it was opened, with its size now.
     fn info(&self) -> DiskInfo {
-        match self {
+        let mut info = match self {
             Backing::Raw(d) => d.info(),
             Backing::Qcow2(d) => d.info(),
+        };
+        if let Ok(size) = self.current_size() {
+            info.size = size;
         }
+        info
+    }
+
+    /// Size in bytes now (a raw store may have grown underneath).
+    fn current_size(&self) -> io::Result<u64> {
+        match self {
+            Backing::Raw(d) => d.current_size(),
+            Backing::Qcow2(d) => Ok(d.current_size()),
+        }
+    }
+
+    fn is_block_device(&self) -> bool {
+        match self {
+            Backing::Raw(d) => d.info().is_block_device,
+            Backing::Qcow2(_) => false,
+        }
+    }
+
+    /// Makes the store hold `size` bytes (`size:`): grows a smaller one (a raw file by
+    /// `ftruncate`, a qcow2 image through imago), refuses a larger one (shrinking is refused)
+    /// and a block device that would have to grow (its owner grows it).
+    fn apply_size(&self, size: u64) -> anyhow::Result<()> {
+        let path = self.path().display();
+        let store = self
+            .current_size()
+            .with_context(|| format!("cannot read the size of {path}"))?;
+        if size < store {
+            bail!("size: {size} is smaller than the backing store {path} ({store} bytes): shrinking is refused");
+        }
+        if size > store {
+            match self {
+                Backing::Raw(d) => d.grow(size),
+                Backing::Qcow2(d) => d.grow(size),
+            }
+            .with_context(|| format!("cannot grow {path} from {store} to {size} bytes"))?;
+            tracing::info!(path = %path, old = store, new = size, "backing store grown to size:");
+        }
+        Ok(())
     }
 
     fn path(&self) -> &Path {
@@ -338,12 +538,19 @@ fn device_view(disk: &Backing, bar_memory: bool) -> DiskInfo {
     info
 }
 
-fn build_blk(
-    export: &Export,
-    spec: &Disk,
-    bar_memory: bool,
-) -> anyhow::Result<(Arc<VirtioBackend>, Backing)> {
+/// Opens a backing store and applies `size:` to it.
+fn open_sized(spec: &Disk) -> anyhow::Result<Backing> {
     let disk = Backing::open(spec)?;
+    if let Some(size) = spec.size {
+        disk.apply_size(size)?;
+    }
+    Ok(disk)
+}
+
+type Built = (Arc<VirtioBackend>, DeviceHandle, Vec<ExportDisk>);
+
+fn build_blk(export: &Export, spec: &Disk, bar_memory: bool) -> anyhow::Result<Built> {
+    let disk = open_sized(spec)?;
     let settings = BlkSettings {
         logical_block_size: spec.logical_block_size,
         readonly: spec.readonly,
@@ -360,16 +567,26 @@ fn build_blk(
             .context("cannot create the I/O context of a queue")?;
         queues.push(Box::new(BlkQueue::new(Arc::clone(&device), ring)));
     }
+    let handle = DeviceHandle::Blk(Arc::clone(&device));
     let device: Arc<dyn VirtioDevice> = device;
-    Ok((Arc::new(VirtioBackend::new(device, queues)), disk))
+    let disk = ExportDisk {
+        lun: None,
+        block_size: u64::from(spec.logical_block_size),
+        backing: Arc::new(disk),
+    };
+    Ok((
+        Arc::new(VirtioBackend::new(device, queues)),
+        handle,
+        vec![disk],
+    ))
 }
 
-/// Opens one LUN's backing store and builds its emulation.
+/// Opens one LUN's backing store (applying its `size:`) and builds its emulation.
 fn open_lun(
     spec: &ScsiLun,
     bar_memory: bool,
 ) -> anyhow::Result<(targets::scsi::virtio::ScsiLun, Backing)> {
-    let disk = Backing::open(&spec.disk).with_context(|| format!("LUN {}", spec.lun))?;
+    let disk = open_sized(&spec.disk).with_context(|| format!("LUN {}", spec.lun))?;
     let info = device_view(&disk, bar_memory);
     let bs = u64::from(spec.disk.logical_block_size);
     if let Some(direct) = info.direct {
@@ -404,17 +621,13 @@ fn open_lun(
     Ok((lun, disk))
 }
 
-fn build_scsi(
-    export: &Export,
-    specs: &[ScsiLun],
-    bar_memory: bool,
-) -> anyhow::Result<(Arc<VirtioBackend>, Vec<OpenDisk>, Arc<ScsiDevice>)> {
+fn build_scsi(export: &Export, specs: &[ScsiLun], bar_memory: bool) -> anyhow::Result<Built> {
     let mut disks = Vec::with_capacity(specs.len());
     let mut luns = Vec::with_capacity(specs.len());
     for spec in specs {
         let (lun, disk) = open_lun(spec, bar_memory)?;
         luns.push(lun);
-        disks.push((Some(spec.lun), Arc::new(disk)));
+        disks.push(Arc::new(disk));
     }
     let device = Arc::new(ScsiDevice::new(luns, export.num_queues, export.queue_size)?);
     // The device sorted its LUNs by id; open each queue's rings in that order.
@@ -429,26 +642,35 @@ fn build_scsi(
     ];
     for _ in 0..export.num_queues {
         let queue = RequestQueue::new(Arc::clone(&device), |i, notifier| {
-            disks[order[i]]
-                .1
-                .new_queue(u32::from(export.queue_size), Some(notifier))
+            disks[order[i]].new_queue(u32::from(export.queue_size), Some(notifier))
         })
         .context("cannot create the io_urings of a queue")?;
         queues.push(Box::new(queue));
     }
-    let virtio: Arc<dyn VirtioDevice> = device.clone();
-    Ok((Arc::new(VirtioBackend::new(virtio, queues)), disks, device))
+    let handle = DeviceHandle::Scsi(Arc::clone(&device));
+    let device: Arc<dyn VirtioDevice> = device;
+    let disks = disks
+        .into_iter()
+        .zip(specs)
+        .map(|(backing, spec)| ExportDisk {
+            lun: Some(spec.lun),
+            block_size: u64::from(spec.disk.logical_block_size),
+            backing,
+        })
+        .collect();
+    Ok((Arc::new(VirtioBackend::new(device, queues)), handle, disks))
 }
 
 /// Accept loop of one export; runs until the export stops.
 fn serve_connections(
     name: &str,
     backend: &Arc<VirtioBackend>,
-    mut listener: Listener,
+    listener: Listener,
+    private: &PrivateListener,
     connection: &Connection,
 ) {
     while !connection.stopping.load(Ordering::SeqCst) {
-        if let Err(e) = serve_one(name, backend, &mut listener, connection) {
+        if let Err(e) = serve_one(name, backend, &listener, private, connection) {
             if connection.stopping.load(Ordering::SeqCst) {
                 break;
             }
@@ -464,20 +686,32 @@ fn serve_connections(
 fn serve_one(
     name: &str,
     backend: &Arc<VirtioBackend>,
-    listener: &mut Listener,
+    listener: &Listener,
+    private: &PrivateListener,
     connection: &Connection,
 ) -> anyhow::Result<()> {
-    let result = run_connection(name, backend, listener, connection);
+    let frontend = loop {
+        match listener.accept() {
+            Ok(Some(stream)) => break stream,
+            // The connection was aborted before it was accepted.
+            Ok(None) => continue,
+            Err(e) => bail!("accepting a frontend failed: {e:?}"),
+        }
+    };
+    let result = run_connection(name, backend, frontend, private, connection);
     // The connection's daemon is dropped (its vring threads joined): complete whatever they
     // left in flight and release what the connection held.
     backend.end_session();
     result
 }
 
+/// Serves `frontend`: a fresh daemon on the private listener, and the relay between them
+/// on this thread until either side ends the connection.
 fn run_connection(
     name: &str,
     backend: &Arc<VirtioBackend>,
-    listener: &mut Listener,
+    frontend: UnixStream,
+    private: &PrivateListener,
     connection: &Connection,
 ) -> anyhow::Result<()> {
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -493,18 +727,34 @@ fn run_connection(
     }
     backend.session_started();
     daemon
-        .start(listener)
-        .map_err(|e| anyhow::anyhow!("accepting a frontend failed: {e:?}"))?;
+        .start_client(&private.path())
+        .map_err(|e| anyhow!("connecting the daemon to the relay failed: {e:?}"))?;
+    let inner = private
+        .accept_own()
+        .context("accepting the daemon's relay connection")?;
     tracing::info!(export = name, "frontend connected");
     {
         let mut current = connection.lock();
-        *current = daemon.shutdown_handle();
+        *current = Some(Session {
+            daemon: daemon.shutdown_handle(),
+            frontend: frontend
+                .try_clone()
+                .context("cannot duplicate the frontend socket")?,
+        });
         // The export began stopping while this frontend was being accepted.
         if connection.stopping.load(Ordering::SeqCst) {
-            if let Some(handle) = current.take() {
-                handle.shutdown();
+            if let Some(session) = current.take() {
+                session.shutdown();
             }
         }
+    }
+    let relayed = relay::relay(&frontend, &inner, &connection.channel);
+    connection.channel.clear();
+    // Whichever side ended the connection, the other one ends with it.
+    let _ = inner.shutdown(std::net::Shutdown::Both);
+    let _ = frontend.shutdown(std::net::Shutdown::Both);
+    if let Err(e) = relayed {
+        tracing::warn!(export = name, "frontend connection dropped: {e}");
     }
     let result = daemon.wait();
     connection.lock().take();

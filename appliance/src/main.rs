@@ -6,13 +6,16 @@
 //! - QEMU's backend-program conventions for a single export: `--socket-path` or `--fd`,
 //!   `--blk-file`, `--read-only`, `--print-capabilities`.
 //!
-//! Modules: [`backend`] (the `VhostUserBackend`), [`export`] (sockets and connection
-//! lifecycle), [`vvu`] (appliance-VM mode: exports served through a virtio-vhost-user
-//! device). The process never daemonizes; it exits cleanly on SIGTERM/SIGINT after
+//! Modules: [`backend`] (the `VhostUserBackend`), [`export`] (sockets, connection
+//! lifecycle, online resize), [`relay`] (each frontend's control messages to its daemon, and
+//! the backend channel kept for CONFIG_CHANGE_MSG), [`reload`] (live `exports.yaml`),
+//! [`watch`] (inotify and signals), [`vvu`] (appliance-VM mode: exports served through a
+//! virtio-vhost-user device). The process never daemonizes; it exits cleanly on SIGTERM/SIGINT after
 //! completing in-flight I/O, and tells systemd it is ready when `NOTIFY_SOCKET` is set.
 
 mod backend;
 mod export;
+mod relay;
 mod reload;
 mod vring;
 mod vvu;
@@ -235,6 +238,7 @@ fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {
             direct: Some(!cli.no_direct),
             write_cache: None,
             create: None,
+            size: None,
             luns: None,
         },
         &std::env::current_dir().context("cannot read the current directory")?,

@@ -4,12 +4,18 @@
 //! adds; an invalid file changes nothing (the error names file, line, export and field).
 //! A valid one is applied by [`config::diff`] against what runs: removed exports stop
 //! (accepted requests complete, the frontend is disconnected, the socket removed), then
-//! changed exports are changed where that is safe under a live frontend (scsi LUNs added
-//! and removed) and refused field by field where it is not (the running definition stays),
-//! then added exports start.
+//! changed exports are changed where that is safe under a live frontend and refused
+//! field by field where it is not (the running definition stays), then added exports start.
 //! Nginx's "validate fully, keep the old configuration on failure" and Prometheus'
 //! `last_reload_successful` are the models: a reload succeeds only when everything the file
 //! says is in effect.
+//!
+//! What a live export takes: a grown `size:` (the backing store is grown and the frontend
+//! told, see [`RunningExport::resize`]); a smaller one is refused (shrinking is), and so is
+//! every other setting. A change is all-or-nothing per export: one refused field keeps the
+//! whole running definition. Every reload, whether the file changed or not (SIGHUP with the
+//! same file), also looks for backing stores that grew underneath (`truncate -s`,
+//! `lvextend`) and, where no `size:` pins the capacity, gives the device the new size.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +23,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use config::{Config, ConfigError, Device, Export, ExportChange};
 
-use crate::export::{RunningExport, SocketSource};
+use crate::export::{Resized, RunningExport, SocketSource};
 
 /// The exports of one config file, as they run.
 pub struct Exports {
@@ -66,11 +72,20 @@ impl Exports {
         Ok(exports)
     }
 
-    /// Re-reads the file and applies what changed; `why` names the trigger for the log.
-    /// Unless `forced` (SIGHUP: also retries exports that failed to start), a file whose
-    /// text did not change is left alone. Returns `None` when nothing was done, else whether
-    /// the reload succeeded: the file is valid and everything it says is in effect.
+    /// Re-reads the file and applies what changed, then picks up backing stores that grew
+    /// underneath; `why` names the trigger for the log. Unless `forced` (SIGHUP: also
+    /// retries exports that failed to start), a file whose text did not change is left
+    /// alone. Returns `None` when the file was left alone (nothing done but the growth
+    /// check), else whether the reload succeeded: the file is valid and everything it says
+    /// is in effect.
     pub fn reload(&mut self, why: &str, forced: bool) -> Option<bool> {
+        let result = self.reload_file(why, forced);
+        self.follow_grown_stores(why);
+        result
+    }
+
+    /// The file part of [`Exports::reload`].
+    fn reload_file(&mut self, why: &str, forced: bool) -> Option<bool> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) => {
@@ -101,8 +116,8 @@ impl Exports {
             match (running, lun) {
                 (None, _) => true,
                 (Some(export), Some(lun)) => match &export.device {
-                    Device::Scsi(luns) => !luns.iter().any(|l| l.lun == lun),
-                    Device::Blk(_) => true,
+                    config::Device::Scsi(luns) => !luns.iter().any(|l| l.lun == lun),
+                    config::Device::Blk(_) => true,
                 },
                 (Some(_), None) => false,
             }
@@ -204,52 +219,72 @@ impl Exports {
         self.applied.exports.retain(|e| e.name != name);
     }
 
-    /// Applies a changed export: LUNs added to or removed from a scsi export go live; a
-    /// setting that cannot change under a live frontend refuses the export's whole change,
-    /// field by field with its line, and the running definition stays. Returns whether
-    /// the whole change is in effect.
+    /// Applies what can change under a live frontend (scsi LUNs added or removed, a grown
+    /// `size:`) and refuses the rest, field by field; one refusal keeps the whole running
+    /// definition. Returns whether the whole change is in effect.
     fn change_export(&mut self, old: &Export, new: &Export, config: &Config, text: &str) -> bool {
         let index = config
             .exports
             .iter()
             .position(|e| e.name == new.name)
             .unwrap_or(0);
-        let changes = config::export_changes(old, new);
-        let refused: Vec<&ExportChange> = changes
-            .iter()
-            .filter(|c| matches!(c, ExportChange::Setting { .. }))
-            .collect();
-        if !refused.is_empty() {
-            for change in refused {
-                if let ExportChange::Setting {
-                    field,
-                    lun,
-                    old,
-                    new: value,
-                } = change
-                {
-                    let error = ConfigError {
-                        file: self.path.clone(),
-                        line: config::field_line(text, index, *lun, field),
-                        export: Some(new.name.clone()),
-                        field: Some(change.field_path()),
-                        message: format!(
-                            "cannot change while the export is live (running: {old}, file: {value}); the running definition stays: remove the export and add it back to apply it"
-                        ),
-                    };
-                    tracing::error!("configuration change refused: {error}");
-                }
-            }
-            return false;
-        }
+        let refuse = |change: &ExportChange, why: String| {
+            let (lun, field) = match change {
+                ExportChange::Setting { field, lun, .. } => (*lun, *field),
+                ExportChange::Size { lun, .. } => (*lun, "size"),
+                ExportChange::LunAdded(position, _) => (Some(*position), "lun"),
+                ExportChange::LunRemoved(_) => (None, "luns"),
+            };
+            let error = ConfigError {
+                file: self.path.clone(),
+                line: config::field_line(text, index, lun, field),
+                export: Some(new.name.clone()),
+                field: Some(change.field_path()),
+                message: why,
+            };
+            tracing::error!("configuration change refused: {error}");
+        };
         let Some(running) = self.running.get_mut(&new.name) else {
+            tracing::error!(export = new.name, "a changed export is not running");
             return false;
         };
-        let mut applied = old.clone();
+        let changes = config::export_changes(old, new);
+        // Everything is checked before anything is applied.
+        let mut refused = false;
+        for change in &changes {
+            let why = match change {
+                ExportChange::Setting { old, new, .. } => Some(format!(
+                    "cannot change while the export is live (running: {old}, file: {new}); the running definition stays: remove the export and add it back to apply it"
+                )),
+                ExportChange::Size {
+                    old: Some(old),
+                    new: Some(bytes),
+                    ..
+                } if change.is_shrink() => Some(format!(
+                    "{bytes} is smaller than the running size {old}: shrinking is refused; the running size stays"
+                )),
+                ExportChange::Size {
+                    lun,
+                    new: Some(bytes),
+                    ..
+                } => running.check_size(lun_id(new, *lun), *bytes).err(),
+                ExportChange::Size { new: None, .. } => None,
+                ExportChange::LunAdded(..) | ExportChange::LunRemoved(_) => None,
+            };
+            if let Some(why) = why {
+                refuse(change, why);
+                refused = true;
+            }
+        }
+        if refused {
+            return false;
+        }
+        // LUNs removed, then added, then sizes grown.
+        let mut effective = old.clone();
         let mut complete = true;
         for change in &changes {
-            let Device::Scsi(luns) = &mut applied.device else {
-                continue;
+            let Device::Scsi(luns) = &mut effective.device else {
+                break;
             };
             match change {
                 ExportChange::LunRemoved(lun) => match running.remove_lun(lun.lun) {
@@ -262,30 +297,136 @@ impl Exports {
                         complete = false;
                     }
                 },
-                ExportChange::LunAdded(position, lun) => match running.add_lun(lun) {
+                ExportChange::LunAdded(_, lun) => match running.add_lun(lun) {
                     Ok(()) => {
                         luns.push(lun.clone());
                         tracing::info!(export = new.name, lun = lun.lun, "LUN added");
                     }
                     Err(e) => {
-                        let error = ConfigError {
-                            file: self.path.clone(),
-                            line: config::field_line(text, index, Some(*position), "path"),
-                            export: Some(new.name.clone()),
-                            field: Some(change.field_path()),
-                            message: format!("LUN {} not added: {e:#}", lun.lun),
-                        };
-                        tracing::error!("{error}");
+                        refuse(change, format!("LUN {} not added: {e:#}", lun.lun));
                         complete = false;
                     }
                 },
-                ExportChange::Setting { .. } => {}
+                _ => {}
             }
         }
-        if let Some(entry) = self.applied.exports.iter_mut().find(|e| e.name == new.name) {
-            *entry = applied;
+        for change in &changes {
+            let ExportChange::Size { lun, new: size, .. } = change else {
+                continue;
+            };
+            let id = lun_id(new, *lun);
+            match running.resize(id, *size) {
+                Ok(resized) => {
+                    log_resize(&new.name, id, "size: changed", resized.as_ref());
+                    set_size(&mut effective, id, *size);
+                }
+                Err(e) => {
+                    refuse(change, format!("{e:#}; the running size stays"));
+                    complete = false;
+                }
+            }
+        }
+        if let Some(slot) = self.applied.exports.iter_mut().find(|e| e.name == new.name) {
+            *slot = effective;
         }
         complete
+    }
+
+    /// Exports whose backing store grew underneath (`truncate -s`, `lvextend`) and whose
+    /// capacity no `size:` pins take the store's new size, and their frontends are told.
+    fn follow_grown_stores(&self, why: &str) {
+        for export in &self.applied.exports {
+            let Some(running) = self.running.get(&export.name) else {
+                continue;
+            };
+            for (id, disk) in disks_by_lun(export) {
+                let (store, capacity) = match (running.store_size(id), running.capacity(id)) {
+                    (Ok(store), Ok(capacity)) => (store, capacity),
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::warn!(export = export.name, lun = id, "{e:#}");
+                        continue;
+                    }
+                };
+                if store < capacity {
+                    tracing::error!(
+                        export = export.name,
+                        lun = id,
+                        path = %disk.path.display(),
+                        "the backing store shrank underneath to {store} bytes, below the capacity in use ({capacity} bytes): requests past its end fail"
+                    );
+                    continue;
+                }
+                match disk.size {
+                    Some(pinned) if store > pinned => tracing::warn!(
+                        export = export.name,
+                        lun = id,
+                        path = %disk.path.display(),
+                        "the backing store is {store} bytes, more than size: {pinned}; the capacity stays at size:"
+                    ),
+                    Some(_) => {}
+                    None => match running.resize(id, None) {
+                        Ok(resized) => log_resize(
+                            &export.name,
+                            id,
+                            &format!("backing store grew underneath ({why})"),
+                            resized.as_ref(),
+                        ),
+                        Err(e) => tracing::warn!(
+                            export = export.name,
+                            lun = id,
+                            "cannot take the grown backing store: {e:#}"
+                        ),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// The LUN number of the LUN at `position` in `export`'s `luns:` (`None` for blk).
+fn lun_id(export: &Export, position: Option<usize>) -> Option<u16> {
+    match (&export.device, position) {
+        (config::Device::Scsi(luns), Some(i)) => luns.get(i).map(|l| l.lun),
+        _ => None,
+    }
+}
+
+/// Every backing store of `export` with its LUN number (`None` for blk).
+fn disks_by_lun(export: &Export) -> Vec<(Option<u16>, &config::Disk)> {
+    match &export.device {
+        config::Device::Blk(disk) => vec![(None, disk)],
+        config::Device::Scsi(luns) => luns.iter().map(|l| (Some(l.lun), &l.disk)).collect(),
+    }
+}
+
+/// Records `size` as the `size:` of LUN `id` (`None`: the blk disk) of `export`.
+fn set_size(export: &mut Export, id: Option<u16>, size: Option<u64>) {
+    match (&mut export.device, id) {
+        (config::Device::Blk(disk), None) => disk.size = size,
+        (config::Device::Scsi(luns), Some(id)) => {
+            if let Some(lun) = luns.iter_mut().find(|l| l.lun == id) {
+                lun.disk.size = size;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Logs an online resize: which export and LUN, from how many bytes to how many, why, and
+/// how the frontend was told.
+fn log_resize(export: &str, lun: Option<u16>, why: &str, resized: Option<&Resized>) {
+    match resized {
+        Some(r) => tracing::info!(
+            export,
+            lun,
+            old = r.old,
+            new = r.new,
+            "resized ({why}): {} -> {} bytes; {}",
+            r.old,
+            r.new,
+            r.notified
+        ),
+        None => tracing::info!(export, lun, "{why}: the capacity is unchanged"),
     }
 }
 

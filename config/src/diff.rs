@@ -1,7 +1,8 @@
 //! The difference between two valid configs, keyed by export name: what live reload applies.
 //! [`diff`] says which exports were added, removed or changed; [`export_changes`] says, for
 //! a changed export, which settings differ, as fields named the way `exports.yaml` writes
-//! them, so a refusal can point at the line.
+//! them, so a refusal can point at the line. A `size:` change is an [`ExportChange::Size`]
+//! of its own: reload grows the device for it, where every other setting is refused.
 
 use crate::validate::{Config, Device, Disk, Export, ScsiLun, Transport};
 
@@ -60,6 +61,18 @@ pub enum ExportChange {
         /// The value in the file.
         new: String,
     },
+    /// `size:` of a blk export or of a scsi LUN differs: the capacity the daemon maintains,
+    /// in bytes (`None`: not pinned, the backing store's own size). Whether this grows or
+    /// shrinks the device depends on the capacity in use, which only the daemon knows; a
+    /// smaller `new` than `old` is a shrink ([`ExportChange::is_shrink`]).
+    Size {
+        /// Position of the LUN in the new config's `luns:` list; `None` for a blk export.
+        lun: Option<usize>,
+        /// The running value.
+        old: Option<u64>,
+        /// The value in the file.
+        new: Option<u64>,
+    },
     /// A scsi LUN only the new config has, with its position in `luns:`.
     LunAdded(usize, ScsiLun),
     /// A scsi LUN only the old config has.
@@ -76,16 +89,33 @@ impl ExportChange {
                 ..
             } => format!("luns[{i}].{field}"),
             ExportChange::Setting { field, .. } => (*field).to_string(),
+            ExportChange::Size { lun: Some(i), .. } => format!("luns[{i}].size"),
+            ExportChange::Size { lun: None, .. } => "size".to_string(),
             ExportChange::LunAdded(i, _) => format!("luns[{i}]"),
             ExportChange::LunRemoved(_) => "luns".to_string(),
         }
+    }
+
+    /// A `size:` made smaller than the running one (refused: shrinking loses data).
+    pub fn is_shrink(&self) -> bool {
+        matches!(self, ExportChange::Size { old: Some(old), new: Some(new), .. } if new < old)
     }
 }
 
 /// Every difference between two definitions of the same export.
 pub fn export_changes(old: &Export, new: &Export) -> Vec<ExportChange> {
     let mut changes = Vec::new();
+    let mut sizes = Vec::new();
     let mut luns = Vec::new();
+    let mut size = |lun: Option<usize>, old: &Disk, new: &Disk| {
+        if old.size != new.size {
+            sizes.push(ExportChange::Size {
+                lun,
+                old: old.size,
+                new: new.size,
+            });
+        }
+    };
     let mut setting = |field: &'static str, lun: Option<usize>, old: String, new: String| {
         if old != new {
             changes.push(ExportChange::Setting {
@@ -121,7 +151,10 @@ pub fn export_changes(old: &Export, new: &Export) -> Vec<ExportChange> {
         new.queue_size.to_string(),
     );
     match (&old.device, &new.device) {
-        (Device::Blk(a), Device::Blk(b)) => disk_changes(a, b, None, &mut setting),
+        (Device::Blk(a), Device::Blk(b)) => {
+            disk_changes(a, b, None, &mut setting);
+            size(None, a, b);
+        }
         (Device::Scsi(a), Device::Scsi(b)) => {
             for (position, lun) in b.iter().enumerate() {
                 match a.iter().find(|l| l.lun == lun.lun) {
@@ -129,6 +162,7 @@ pub fn export_changes(old: &Export, new: &Export) -> Vec<ExportChange> {
                     Some(previous) => {
                         let at = Some(position);
                         disk_changes(&previous.disk, &lun.disk, at, &mut setting);
+                        size(at, &previous.disk, &lun.disk);
                         setting(
                             "rotational",
                             at,
@@ -152,6 +186,7 @@ pub fn export_changes(old: &Export, new: &Export) -> Vec<ExportChange> {
         }
         (a, b) => setting("type", None, kind(a).into(), kind(b).into()),
     }
+    changes.extend(sizes);
     changes.extend(luns);
     changes
 }
@@ -163,7 +198,7 @@ fn kind(device: &Device) -> &'static str {
     }
 }
 
-/// The settings of one backing store that differ.
+/// The settings of one backing store that differ, but `size` (an [`ExportChange::Size`]).
 fn disk_changes(
     old: &Disk,
     new: &Disk,

@@ -13,6 +13,41 @@ fn indent(line: &str) -> usize {
     line.len() - line.trim_start().len()
 }
 
+/// Column of the first key of a sequence item (`  - name: a` → 4), or of a key line.
+fn key_column(line: &str) -> usize {
+    let t = line.trim_start();
+    match t.strip_prefix('-') {
+        Some(rest) => line.len() - rest.trim_start().len(),
+        None => indent(line),
+    }
+}
+
+/// The key a line starts with (after a sequence item's `- `).
+fn starts_with_key(line: &str, key: &str) -> bool {
+    let t = line.trim_start();
+    t.strip_prefix("- ")
+        .unwrap_or(t)
+        .trim_start()
+        .starts_with(key)
+}
+
+/// First line in `range` holding `field:` as a key of the item that starts at `start`:
+/// at the item's own key column if there is one (so `size:` is not taken from inside a
+/// `create:` block), else at any depth.
+fn find_key(
+    lines: &[&str],
+    start: usize,
+    range: std::ops::Range<usize>,
+    field: &str,
+) -> Option<usize> {
+    let key = format!("{field}:");
+    let column = key_column(lines[start]);
+    range
+        .clone()
+        .find(|&i| starts_with_key(lines[i], &key) && key_column(lines[i]) == column)
+        .or_else(|| range.into_iter().find(|&i| starts_with_key(lines[i], &key)))
+}
+
 fn is_blank_or_comment(line: &str) -> bool {
     let t = line.trim_start();
     t.is_empty() || t.starts_with('#')
@@ -64,13 +99,7 @@ impl<'a> LineIndex<'a> {
             .get(index + 1)
             .copied()
             .unwrap_or(self.lines.len());
-        let key = format!("{field}:");
-        (start..end)
-            .find(|&i| {
-                let t = self.lines[i].trim_start();
-                let t = t.strip_prefix("- ").unwrap_or(t).trim_start();
-                t.starts_with(&key)
-            })
+        find_key(&self.lines, start, start..end, field)
             .map(|i| i + 1)
             .or(Some(start + 1))
     }
@@ -138,15 +167,7 @@ impl<'a> LineIndex<'a> {
             .copied()
             .or_else(|| self.export_range(index).map(|(_, e)| e))
             .unwrap_or(self.lines.len());
-        let key = format!("{field}:");
-        (start..end)
-            .find(|&i| {
-                let t = self.lines[i].trim_start();
-                t.strip_prefix("- ")
-                    .unwrap_or(t)
-                    .trim_start()
-                    .starts_with(&key)
-            })
+        find_key(&self.lines, start, start..end, field)
             .map(|i| i + 1)
             .or(Some(start + 1))
     }
@@ -193,5 +214,24 @@ mod tests {
             "falls back to luns:"
         );
         assert_eq!(index.export_line(1), Some(9));
+    }
+
+    #[test]
+    fn a_key_of_the_item_wins_over_the_same_key_nested_deeper() {
+        let text = "exports:
+  - name: a
+    create:
+      size: 1M
+    size: 2M
+  - name: s
+    luns:
+      - path: /a
+        create:
+          size: 1M
+        size: 2M
+";
+        let index = LineIndex::new(text);
+        assert_eq!(index.field_line(0, "size"), Some(5));
+        assert_eq!(index.lun_field_line(1, 0, "size"), Some(11));
     }
 }

@@ -92,6 +92,8 @@ pub struct ExportFile {
     pub write_cache: Option<String>,
     /// Create a sparse backing file of this size when it does not exist.
     pub create: Option<CreateFile>,
+    /// The capacity the daemon maintains: the backing store is grown to it (never shrunk).
+    pub size: Option<SizeValue>,
     /// The logical units of a `scsi` export.
     pub luns: Option<Vec<LunFile>>,
 }
@@ -122,6 +124,8 @@ pub struct LunFile {
     pub write_cache: Option<String>,
     /// Create a sparse backing file of this size when it does not exist.
     pub create: Option<CreateFile>,
+    /// The capacity the daemon maintains: the backing store is grown to it (never shrunk).
+    pub size: Option<SizeValue>,
 }
 
 /// `create:` of an export.

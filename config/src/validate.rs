@@ -106,6 +106,11 @@ pub struct Disk {
     pub write_cache: WriteCache,
     /// Create the backing file when missing.
     pub create: Option<CreateSpec>,
+    /// `size:`, in bytes (a multiple of `logical_block_size`): the capacity the daemon
+    /// maintains. A smaller backing store is grown to it (a raw file by `ftruncate`, a
+    /// qcow2 image through imago); a larger one is refused, as shrinking is. `None`: the
+    /// capacity is the backing store's size, and follows it when it grows.
+    pub size: Option<u64>,
 }
 
 /// One logical unit of a scsi export.
@@ -336,6 +341,7 @@ struct DiskFields {
     direct: Option<bool>,
     write_cache: Option<String>,
     create: Option<crate::schema::CreateFile>,
+    size: Option<SizeValue>,
 }
 
 /// A stable locally assigned NAA (type 3) identifier for an export's LUN.
@@ -503,6 +509,7 @@ impl Validator<'_> {
             direct: raw.direct,
             write_cache: raw.write_cache,
             create: raw.create,
+            size: raw.size,
         };
         let device = match raw.export_type.as_deref() {
             None => return Err(at.err("type", "is required (blk or scsi)")),
@@ -524,6 +531,7 @@ impl Validator<'_> {
                     ("direct", fields.direct.is_some()),
                     ("write_cache", fields.write_cache.is_some()),
                     ("create", fields.create.is_some()),
+                    ("size", fields.size.is_some()),
                 ] {
                     if set {
                         return Err(at.err(field, "belongs to each entry of luns in a scsi export"));
@@ -581,6 +589,7 @@ impl Validator<'_> {
                     direct: l.direct,
                     write_cache: l.write_cache,
                     create: l.create,
+                    size: l.size,
                 },
                 serial,
             )?;
@@ -643,21 +652,25 @@ impl Validator<'_> {
             }
         };
         let readonly = raw.readonly.unwrap_or(false);
+        let block_multiple = |field: &str, value: SizeValue| -> Result<u64, ConfigError> {
+            let size = match value {
+                SizeValue::Bytes(b) => b,
+                SizeValue::Text(t) => parse_size(&t).map_err(|m| at.err(field, m))?,
+            };
+            if size == 0 || size % u64::from(logical_block_size) != 0 {
+                return Err(at.err(
+                    field,
+                    format!(
+                        "size {size} must be a positive multiple of logical_block_size {logical_block_size}"
+                    ),
+                ));
+            }
+            Ok(size)
+        };
         let create = match raw.create {
             None => None,
             Some(c) => {
-                let size = match c.size {
-                    SizeValue::Bytes(b) => b,
-                    SizeValue::Text(t) => parse_size(&t).map_err(|m| at.err("create", m))?,
-                };
-                if size == 0 || size % u64::from(logical_block_size) != 0 {
-                    return Err(at.err(
-                        "create",
-                        format!(
-                            "size {size} must be a positive multiple of logical_block_size {logical_block_size}"
-                        ),
-                    ));
-                }
+                let size = block_multiple("create", c.size)?;
                 if readonly {
                     return Err(
                         at.err("create", "a readonly export cannot create its backing file")
@@ -672,6 +685,28 @@ impl Validator<'_> {
                 })
             }
         };
+        let size = match raw.size {
+            None => None,
+            Some(value) => {
+                let size = block_multiple("size", value)?;
+                if readonly {
+                    return Err(at.err(
+                        "size",
+                        "a readonly export cannot grow its backing store (remove size:)",
+                    ));
+                }
+                if let Some(c) = create.as_ref().filter(|c| c.size > size) {
+                    return Err(at.err(
+                        "size",
+                        format!(
+                            "{size} is smaller than create: {{ size: {} }}; shrinking is refused",
+                            c.size
+                        ),
+                    ));
+                }
+                Some(size)
+            }
+        };
         Ok(Disk {
             path,
             format,
@@ -681,6 +716,7 @@ impl Validator<'_> {
             direct: raw.direct.unwrap_or(true),
             write_cache,
             create,
+            size,
         })
     }
 

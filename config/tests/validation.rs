@@ -377,3 +377,130 @@ fn vvu_transport_errors_name_the_field() {
         "{e}"
     );
 }
+
+#[test]
+fn size_is_a_block_multiple_on_a_blk_export_and_each_lun() {
+    let cfg = parse(&TWO_EXPORTS.replace(
+        "    path: /data/a.raw\n",
+        "    path: /data/a.raw\n    size: 2G\n",
+    ))
+    .unwrap();
+    assert_eq!(blk(&cfg.exports[0]).size, Some(2 << 30));
+    assert_eq!(blk(&cfg.exports[1]).size, None);
+    let cfg = parse(&SCSI.replace(
+        "        create: { size: 64M }\n",
+        "        create: { size: 64M }\n        size: 1073741824\n",
+    ))
+    .unwrap();
+    assert_eq!(scsi_luns(&cfg)[0].disk.size, Some(1 << 30));
+    assert_eq!(scsi_luns(&cfg)[1].disk.size, None);
+
+    // (text, field, line, words of the message)
+    let with_a = |line: &str| {
+        TWO_EXPORTS.replace(
+            "    path: /data/a.raw\n",
+            &format!("    path: /data/a.raw\n{line}"),
+        )
+    };
+    let cases = [
+        (
+            with_a("    size: 1000\n"),
+            "size",
+            7,
+            "multiple of logical_block_size 512",
+        ),
+        (
+            with_a("    logical_block_size: 4096\n    size: 6K\n"),
+            "size",
+            8,
+            "multiple of logical_block_size 4096",
+        ),
+        (with_a("    size: 0\n"), "size", 7, "positive multiple"),
+        (with_a("    size: 1Q\n"), "size", 7, "unknown size suffix"),
+        (
+            with_a("    create:\n      size: 2M\n    size: 1M\n"),
+            "size",
+            9,
+            "shrinking is refused",
+        ),
+        (
+            with_a("    readonly: true\n    size: 1M\n"),
+            "size",
+            8,
+            "readonly",
+        ),
+        (
+            SCSI.replace("    num_queues: 2\n", "    num_queues: 2\n    size: 1G\n"),
+            "size",
+            6,
+            "each entry of luns",
+        ),
+        (
+            SCSI.replace("        readonly: true\n", "        size: 6K\n"),
+            "luns[1].size",
+            11,
+            "multiple of logical_block_size 4096",
+        ),
+    ];
+    for (text, field, line, words) in cases {
+        let e = parse_err(&text);
+        assert_eq!(e.field.as_deref(), Some(field), "{e}");
+        assert_eq!(e.line, Some(line), "{e}");
+        assert!(e.to_string().contains(words), "{e}");
+    }
+}
+
+#[test]
+fn a_size_change_is_its_own_change() {
+    use config::{export_changes, ExportChange};
+    let sized = |size: &str| {
+        let text = TWO_EXPORTS.replace(
+            "    path: /data/a.raw\n",
+            &format!("    path: /data/a.raw\n{size}"),
+        );
+        parse(&text).unwrap().exports[0].clone()
+    };
+    let (none, one, two) = (sized(""), sized("    size: 1G\n"), sized("    size: 2G\n"));
+    let grow = export_changes(&one, &two);
+    assert_eq!(
+        grow,
+        [ExportChange::Size {
+            lun: None,
+            old: Some(1 << 30),
+            new: Some(2 << 30)
+        }]
+    );
+    assert!(!grow[0].is_shrink());
+    assert_eq!(grow[0].field_path(), "size");
+    let shrink = export_changes(&two, &one);
+    assert!(shrink[0].is_shrink());
+    let pinned = export_changes(&none, &one);
+    assert_eq!(
+        pinned,
+        [ExportChange::Size {
+            lun: None,
+            old: None,
+            new: Some(1 << 30)
+        }]
+    );
+    assert!(
+        !pinned[0].is_shrink(),
+        "pinning is checked against the store"
+    );
+    // A LUN's size, with another setting refused beside it.
+    let old = parse(SCSI).unwrap().exports[0].clone();
+    let new = parse(
+        &SCSI
+            .replace("        rotational: true\n", "")
+            .replace("        readonly: true\n", "        size: 8M\n"),
+    )
+    .unwrap()
+    .exports[0]
+        .clone();
+    let changes = export_changes(&old, &new);
+    let paths: Vec<String> = changes.iter().map(ExportChange::field_path).collect();
+    assert_eq!(
+        paths,
+        ["luns[1].readonly", "luns[1].rotational", "luns[1].size"]
+    );
+}

@@ -7,6 +7,11 @@
 //! transport to put on the used ring. Requests it refuses are answered with the status
 //! [`Refusal::status`] gives (the spec's, else QEMU's), never a panic; chains without a
 //! writable status byte are returned with used length 0.
+//!
+//! The capacity can grow while queues run ([`BlkDevice::grow_capacity`], online resize):
+//! it is one atomic that range checks and the config space read without a lock. Telling
+//! the driver (a configuration change notification, virtio 1.2 §2.5.2 / §5.2.6) is the
+//! transport's part.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -92,8 +97,10 @@ pub enum SettingsError {
 #[derive(Debug)]
 pub struct BlkDevice {
     settings: BlkSettings,
+    /// The disk as opened (its `size` is the size at open; the capacity may grow since).
     disk: DiskInfo,
-    capacity_bytes: u64,
+    /// Exported size in bytes, a multiple of the logical block size; only ever grows.
+    capacity_bytes: AtomicU64,
     writeback: AtomicBool,
     acked_features: AtomicU64,
 }
@@ -121,7 +128,7 @@ impl BlkDevice {
             writeback: AtomicBool::new(settings.writeback),
             settings,
             disk,
-            capacity_bytes,
+            capacity_bytes: AtomicU64::new(capacity_bytes),
             acked_features: AtomicU64::new(0),
         })
     }
@@ -131,9 +138,21 @@ impl BlkDevice {
         &self.settings
     }
 
-    /// Exported size in bytes (backing size rounded down to the logical block size).
+    /// Exported size in bytes: the backing size at open rounded down to the logical block
+    /// size, or what [`BlkDevice::grow_capacity`] made it since.
     pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes.load(Ordering::Acquire)
+    }
+
+    /// Grows the exported size to `bytes` rounded down to the logical block size, for a
+    /// backing store that has grown to at least that (online resize). Requests are checked
+    /// against the new size from now on; the config space's `capacity` (512-byte sectors)
+    /// reports it. A size at or below the current one changes nothing: the capacity never
+    /// shrinks under a driver. Returns the previous capacity in bytes.
+    pub fn grow_capacity(&self, bytes: u64) -> u64 {
+        let lbs = u64::from(self.settings.logical_block_size);
         self.capacity_bytes
+            .fetch_max(bytes / lbs * lbs, Ordering::AcqRel)
     }
 
     /// Most data descriptors per request: the ring minus header and status, capped so one
@@ -195,7 +214,7 @@ impl BlkDevice {
         let lbs = self.settings.logical_block_size;
         let mut c = [0u8; CONFIG_SPACE_SIZE];
         let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
-        put(0, &(self.capacity_bytes / SECTOR_SIZE).to_le_bytes());
+        put(0, &(self.capacity_bytes() / SECTOR_SIZE).to_le_bytes());
         put(8, &SIZE_MAX.to_le_bytes());
         put(12, &self.seg_max().to_le_bytes());
         // geometry (16..20) left zero: not offered.
@@ -655,8 +674,10 @@ impl BlkQueue {
         let lbs = u64::from(self.device.settings.logical_block_size);
         let offset = sector.checked_mul(SECTOR_SIZE)?;
         let end = offset.checked_add(len)?;
-        (offset.is_multiple_of(lbs) && len.is_multiple_of(lbs) && end <= self.device.capacity_bytes)
-            .then_some(offset)
+        (offset.is_multiple_of(lbs)
+            && len.is_multiple_of(lbs)
+            && end <= self.device.capacity_bytes())
+        .then_some(offset)
     }
 
     fn submit_io(

@@ -102,7 +102,7 @@ pub trait DiskQueue: Send {
 /// How the backing file was opened, as it matters to request handling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskInfo {
-    /// Size in bytes.
+    /// Size in bytes when opened (a store may grow since: [`RawDisk::current_size`]).
     pub size: u64,
     /// Opened read-only.
     pub readonly: bool,
@@ -265,6 +265,45 @@ impl RawDisk {
     /// The path it was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The size of the backing store now, in bytes: a file's length or a block device's
+    /// size (`lseek(SEEK_END)`), which may have grown since it was opened (`truncate -s`,
+    /// `lvextend`).
+    pub fn current_size(&self) -> io::Result<u64> {
+        (&self.file).seek(SeekFrom::End(0))
+    }
+
+    /// Grows a backing file to `size` bytes, sparsely (`ftruncate`: no data is written and
+    /// the new range reads as zeroes), and makes the new length durable. A file already that
+    /// large is left as it is. A block device is grown by its owner (`lvextend`, a SAN
+    /// resize), never here: that, and a read-only disk, is an `Unsupported` /
+    /// `PermissionDenied` error. Returns the size before.
+    pub fn grow(&self, size: u64) -> io::Result<u64> {
+        let before = self.current_size()?;
+        if size <= before {
+            return Ok(before);
+        }
+        if self.info.is_block_device {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{} is a block device of {before} bytes: it is grown by its owner (e.g. lvextend), not by the daemon",
+                    self.path.display()
+                ),
+            ));
+        }
+        if self.info.readonly {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{} is open read-only", self.path.display()),
+            ));
+        }
+        self.file.set_len(size)?;
+        // The length is metadata a later fdatasync would write too; growth is rare and
+        // should survive a crash on its own.
+        self.file.sync_all()?;
+        Ok(before)
     }
 
     /// Makes completed writes durable (fdatasync).
@@ -778,6 +817,39 @@ mod tests {
         let (_dir, disk) = disk_with(1 << 20, false);
         assert_eq!(disk.info().size, 1 << 20);
         assert_eq!(disk.info().direct, None);
+    }
+
+    #[test]
+    fn grow_is_sparse_durable_and_never_shrinks() {
+        use std::os::unix::fs::FileExt;
+        let (dir, disk) = disk_with(1 << 20, true);
+        let path = dir.path().join("sub/disk.raw");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&[0x77; 4096], 0)
+            .unwrap();
+        assert_eq!(disk.grow(3 << 20).unwrap(), 1 << 20);
+        assert_eq!(disk.current_size().unwrap(), 3 << 20);
+        assert_eq!(
+            disk.grow(2 << 20).unwrap(),
+            3 << 20,
+            "a smaller size is no shrink"
+        );
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 3 << 20);
+        assert!(meta.blocks() * 512 < 1 << 20, "the new range is a hole");
+        // Grown underneath (truncate -s): seen at once.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(5 << 20)
+            .unwrap();
+        assert_eq!(disk.current_size().unwrap(), 5 << 20);
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(&data[..4096], &[0x77; 4096][..]);
     }
 
     #[test]

@@ -616,3 +616,35 @@ fn config_space_and_write_cache_toggle() {
     d.write_config(32, &[1]).unwrap();
     assert!(!d.writeback_enabled());
 }
+
+#[test]
+fn a_grown_capacity_is_in_the_config_space_and_serves_the_new_range() {
+    let mut f = fixture();
+    let sectors =
+        |f: &Fixture| u64::from_le_bytes(f.device.config_space()[..8].try_into().unwrap());
+    assert_eq!(sectors(&f), DISK_SIZE / 512);
+    let end = DISK_SIZE / 512;
+    assert_eq!(f.rw(VIRTIO_BLK_T_OUT, end, 4096).1, IOERR, "past the end");
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f.path)
+        .unwrap()
+        .set_len(2 * DISK_SIZE)
+        .unwrap();
+    // Rounded down to the logical block size.
+    assert_eq!(f.device.grow_capacity(2 * DISK_SIZE + 100), DISK_SIZE);
+    assert_eq!(f.device.capacity_bytes(), 2 * DISK_SIZE);
+    assert_eq!(sectors(&f), 2 * DISK_SIZE / 512);
+    f.mem
+        .write_slice(&[0x3c; 4096], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(f.rw(VIRTIO_BLK_T_OUT, end, 4096).1, OK, "the new range");
+    assert_eq!(f.file_bytes(DISK_SIZE, 4096), vec![0x3c; 4096]);
+    assert_eq!(f.rw(VIRTIO_BLK_T_IN, 2 * end - 8, 4096).1, OK);
+    assert_eq!(f.rw(VIRTIO_BLK_T_IN, 2 * end - 7, 4096).1, IOERR);
+
+    // Never shrinks.
+    assert_eq!(f.device.grow_capacity(DISK_SIZE), 2 * DISK_SIZE);
+    assert_eq!(f.device.capacity_bytes(), 2 * DISK_SIZE);
+}

@@ -67,8 +67,8 @@ fn hotplug_is_offered_and_buffers_wait_for_events() {
     assert_eq!(done[0].used_len, EVENT_SIZE as u32);
     assert_eq!(
         event_at(&f.mem, 0),
-        (1, encode_lun(5), 0),
-        "TRANSPORT_RESET, RESCAN"
+        (1, [1, 0, 0, 5, 0, 0, 0, 0], 0),
+        "TRANSPORT_RESET, RESCAN, LUN 5 as REPORT LUNS gives it (no flat-space bit)"
     );
     // An event queued before a buffer arrives is delivered when it does.
     f.device.report_lun_change(0, false);
@@ -76,9 +76,19 @@ fn hotplug_is_offered_and_buffers_wait_for_events() {
     assert_eq!(done.len(), 1);
     assert_eq!(
         event_at(&f.mem, 1),
-        (1, encode_lun(0), 2),
+        (1, [1, 0, 0, 0, 0, 0, 0, 0], 2),
         "TRANSPORT_RESET, REMOVED"
     );
+}
+
+#[test]
+fn event_luns_use_flat_addressing_only_from_256() {
+    let f = fixture();
+    let mut eq = EventQueue::new(Arc::clone(&f.device));
+    f.device.report_lun_change(300, true);
+    let done = post_event_buffer(&mut eq, &f.mem, 0);
+    assert_eq!(done.len(), 1);
+    assert_eq!(event_at(&f.mem, 0), (1, [1, 0, 0x41, 44, 0, 0, 0, 0], 0));
 }
 
 #[test]

@@ -1,8 +1,12 @@
-//! libblkio's virtio-blk-vhost-user driver (the `blkio` crate) as a test frontend, and
-//! randomized operation sequences to replay through it.
+//! libblkio's virtio-blk-vhost-user driver (the `blkio` crate) as a test frontend,
+//! randomized operation sequences to replay through it, and a [`Verifier`] doing verified
+//! I/O on a thread while a test changes the daemon's configuration.
 
 use std::mem::MaybeUninit;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
@@ -168,4 +172,50 @@ pub fn replay(fe: &mut Frontend, ops: &[Op]) -> Vec<u8> {
     }
     assert_eq!(fe.flush(0), 0);
     reads
+}
+
+/// Verified I/O on an export until stopped: 64 KiB writes of a fresh pattern at random
+/// offsets, each read back and compared, alternating queues. Returns the operations done.
+pub struct Verifier {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<u64>>,
+}
+
+impl Verifier {
+    /// Connects libblkio to `socket` with two queues and verifies on a thread until
+    /// [`Verifier::finish`], within the capacity seen at connect.
+    pub fn start(socket: PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut fe = Frontend::connect(&socket, 2);
+            let blocks = fe.capacity / 65536;
+            let mut rng = Rng::new(7);
+            let mut ops = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                let q = (ops % 2) as usize;
+                let offset = rng.below(blocks) * 65536;
+                rng.fill(fe.buf(0, 65536));
+                let pattern = fe.buf(0, 65536).to_vec();
+                assert_eq!(fe.write(q, offset, 0, 65536), 0, "write {ops} failed");
+                assert_eq!(fe.read(q, offset, 65536, 65536), 0, "read {ops} failed");
+                assert!(fe.buf(65536, 65536) == &pattern[..], "data {ops} differs");
+                ops += 2;
+            }
+            ops
+        });
+        Verifier {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns the operations done; a failed check fails the test here.
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().unwrap().join() {
+            Ok(ops) => ops,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
 }

@@ -1,10 +1,13 @@
 //! A raw vhost-user frontend for tests: the `vhost` crate's `Frontend` for the control
 //! plane, shared memfd "guest" memory, and a driver-side split ring from `vvu-transport`.
 //! Unlike a real driver it can build any descriptor chain, including malformed ones, so the
-//! daemon's answers to hostile input can be checked over its real socket.
+//! daemon's answers to hostile input can be checked over its real socket. It can open a
+//! backend channel (SET_BACKEND_REQ_FD) whose requests the test reads and answers itself.
 
 use std::fs::File;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -68,7 +71,20 @@ pub struct RawFrontend {
     queues: Vec<DriverQueue>,
     /// Virtio features acked (without PROTOCOL_FEATURES).
     pub features: u64,
+    /// The frontend's end of the backend channel, if it opened one.
+    backend_channel: Option<UnixStream>,
     _memfd: File,
+}
+
+/// A request the backend sent on the backend channel: its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendRequest {
+    /// Request code (2: VHOST_USER_BACKEND_CONFIG_CHANGE_MSG).
+    pub request: u32,
+    /// Header flags (0x8: NEED_REPLY).
+    pub flags: u32,
+    /// Payload size.
+    pub size: u32,
 }
 
 impl RawFrontend {
@@ -98,6 +114,28 @@ impl RawFrontend {
 
     /// Connects and sets up the queues as `setup` says.
     pub fn connect_with(socket: &Path, setup: &Setup) -> Self {
+        Self::connect_inner(socket, setup, false)
+    }
+
+    /// As [`RawFrontend::connect_queues`], and opens a backend channel (BACKEND_REQ acked,
+    /// SET_BACKEND_REQ_FD with one end of a socket pair), which the backend must offer.
+    pub fn connect_with_backend_channel(
+        socket: &Path,
+        num_queues: usize,
+        queue_size: u16,
+        wanted_features: u64,
+    ) -> Self {
+        let setup = Setup {
+            num_queues,
+            queue_size,
+            wanted_features,
+            stale_used_idx: None,
+            base_first: false,
+        };
+        Self::connect_inner(socket, &setup, true)
+    }
+
+    fn connect_inner(socket: &Path, setup: &Setup, backend_channel: bool) -> Self {
         let Setup {
             num_queues,
             queue_size,
@@ -123,9 +161,16 @@ impl RawFrontend {
         let protocol = frontend
             .get_protocol_features()
             .expect("GET_PROTOCOL_FEATURES");
-        let wanted = VhostUserProtocolFeatures::CONFIG
+        let mut wanted = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::MQ;
+        if backend_channel {
+            assert!(
+                protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ),
+                "the backend must offer BACKEND_REQ: {protocol:?}"
+            );
+            wanted |= VhostUserProtocolFeatures::BACKEND_REQ;
+        }
         frontend
             .set_protocol_features(protocol & wanted)
             .expect("SET_PROTOCOL_FEATURES");
@@ -133,6 +178,13 @@ impl RawFrontend {
             // Every later message waits for the backend's acknowledgement, as QEMU's do.
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
+        let backend_channel = backend_channel.then(|| {
+            let (ours, theirs) = UnixStream::pair().expect("backend channel socket pair");
+            frontend
+                .set_backend_request_fd(&theirs)
+                .expect("SET_BACKEND_REQ_FD");
+            ours
+        });
 
         let memfd = memfd(MEM_SIZE);
         let mem = GuestMemoryMmap::from_ranges_with_files([(
@@ -204,8 +256,47 @@ impl RawFrontend {
             mem,
             queues,
             features,
+            backend_channel,
             _memfd: memfd,
         }
+    }
+
+    /// Waits up to `timeout` for the backend's next request on the backend channel and
+    /// returns its header (reading its payload, if any). Answer it with
+    /// [`RawFrontend::reply_backend_request`] when it has NEED_REPLY.
+    pub fn next_backend_request(&mut self, timeout: Duration) -> BackendRequest {
+        let channel = self.backend_channel.as_mut().expect("no backend channel");
+        channel.set_read_timeout(Some(timeout)).expect("timeout");
+        let mut header = [0u8; 12];
+        channel
+            .read_exact(&mut header)
+            .unwrap_or_else(|e| panic!("no backend request within {timeout:?}: {e}"));
+        let word = |at: usize| {
+            u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
+        let request = BackendRequest {
+            request: word(0),
+            flags: word(4),
+            size: word(8),
+        };
+        let mut payload = vec![0u8; request.size as usize];
+        channel
+            .read_exact(&mut payload)
+            .expect("backend request payload");
+        request
+    }
+
+    /// Answers `request` on the backend channel with `value` (0: success), as a reply.
+    pub fn reply_backend_request(&mut self, request: BackendRequest, value: u64) {
+        let channel = self.backend_channel.as_mut().expect("no backend channel");
+        let mut reply = Vec::with_capacity(20);
+        reply.extend_from_slice(&request.request.to_le_bytes());
+        reply.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes()); // VERSION | REPLY
+        reply.extend_from_slice(&8u32.to_le_bytes());
+        reply.extend_from_slice(&value.to_le_bytes());
+        channel
+            .write_all(&reply)
+            .expect("reply on the backend channel");
     }
 
     /// The shared guest memory.

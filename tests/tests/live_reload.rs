@@ -8,16 +8,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use appliance_tests::blk_raw::{DATA, HEADER, STATUS};
-use appliance_tests::blkio_frontend::Frontend;
+use appliance_tests::blkio_frontend::{Frontend, Verifier};
 use appliance_tests::daemon::{appliance_binary, scratch_dir, usage, Appliance};
 use appliance_tests::frontend::RawFrontend;
-use appliance_tests::rng::Rng;
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_OUT;
 use vvu_transport::split_ring::Buffer;
 
@@ -37,50 +33,6 @@ fn blk(name: &str, size: &str) -> String {
 
 fn config(exports: &[&str]) -> String {
     format!("exports:\n{}", exports.concat())
-}
-
-/// Verified I/O on an export until stopped: 64 KiB writes of a fresh pattern at random
-/// offsets, each read back and compared, alternating queues. Returns the operations done.
-struct Verifier {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<u64>>,
-}
-
-impl Verifier {
-    fn start(socket: std::path::PathBuf) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let mut fe = Frontend::connect(&socket, 2);
-            let blocks = fe.capacity / 65536;
-            let mut rng = Rng::new(7);
-            let mut ops = 0u64;
-            while !flag.load(Ordering::Relaxed) {
-                let q = (ops % 2) as usize;
-                let offset = rng.below(blocks) * 65536;
-                rng.fill(fe.buf(0, 65536));
-                let pattern = fe.buf(0, 65536).to_vec();
-                assert_eq!(fe.write(q, offset, 0, 65536), 0, "write {ops} failed");
-                assert_eq!(fe.read(q, offset, 65536, 65536), 0, "read {ops} failed");
-                assert!(fe.buf(65536, 65536) == &pattern[..], "data {ops} differs");
-                ops += 2;
-            }
-            ops
-        });
-        Verifier {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops and returns the operations done; a failed check fails the test here.
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.thread.take().unwrap().join() {
-            Ok(ops) => ops,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    }
 }
 
 fn wait_gone(path: &std::path::Path) {
@@ -399,7 +351,7 @@ fn scsi_luns_are_added_and_removed_live() {
         &1u32.to_le_bytes(),
         "VIRTIO_SCSI_T_TRANSPORT_RESET"
     );
-    assert_eq!(&e[4..8], &[1, 0, 0x40, 1], "LUN 1");
+    assert_eq!(&e[4..8], &[1, 0, 0, 1], "LUN 1, as Linux looks it up");
     assert_eq!(
         &e[12..16],
         &0u32.to_le_bytes(),

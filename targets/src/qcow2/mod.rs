@@ -40,6 +40,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use imago::file::File as ImagoFile;
+use imago::format::PreallocateMode;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::ShallowMapping;
@@ -181,6 +182,41 @@ impl Qcow2Disk {
     /// The image path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The image's virtual size now, in bytes.
+    pub fn current_size(&self) -> u64 {
+        block_on(async { self.shared.image.read().await.size() })
+    }
+
+    /// Grows the image's virtual size to `size` bytes through imago (the L1 table grows,
+    /// nothing is allocated), as `qemu-img resize` does: the new range reads as zeroes,
+    /// also where a longer backing file lies underneath (imago's `PreallocateMode::Zero`
+    /// then marks it zero). The header is written and the image synced before this returns.
+    /// A smaller or equal size changes nothing. Requests keep running meanwhile: growth
+    /// only takes imago's own metadata locks. Returns the size before.
+    pub fn grow(&self, size: u64) -> io::Result<u64> {
+        if self.info.readonly {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{} is open read-only", self.path.display()),
+            ));
+        }
+        let mode = if self.shared.zeroing.backing {
+            PreallocateMode::Zero
+        } else {
+            PreallocateMode::None
+        };
+        block_on(async {
+            let image = self.shared.image.read().await;
+            let before = image.size();
+            if size > before {
+                image.resize_grow(size, mode).await?;
+                image.flush().await?;
+                image.sync().await?;
+            }
+            Ok(before)
+        })
     }
 
     /// Writes cached metadata and makes everything durable.

@@ -246,3 +246,57 @@ fn discard_and_write_zeroes_from_two_queues_read_back_as_zeroes() {
     drop(disk);
     qemu_img_check(&path);
 }
+
+#[test]
+fn a_grown_image_reads_zeroes_past_the_old_end_even_over_a_longer_backing_file() {
+    let dir = scratch_dir();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0xaa; 4 << 20]).unwrap();
+    let path = dir.path().join("grow.qcow2");
+    let disk = Qcow2Disk::open(&Qcow2Options {
+        path: path.clone(),
+        readonly: false,
+        direct: false,
+        create: Some((1 << 20, Some("base.raw".into()))),
+    })
+    .unwrap();
+    // A queue opened before the growth serves the new range after it.
+    let mut q = disk.new_queue(8, None).unwrap();
+    assert_eq!(disk.grow(4 << 20).unwrap(), 1 << 20);
+    assert_eq!(disk.current_size(), 4 << 20);
+    assert_eq!(disk.grow(2 << 20).unwrap(), 4 << 20, "never shrinks");
+    assert_eq!(disk.current_size(), 4 << 20);
+
+    let mut block = pattern(1, 768);
+    q.push(
+        DiskOp::Write {
+            offset: 3 << 20,
+            iovecs: iov(&mut block),
+            durable: false,
+        },
+        0,
+    )
+    .unwrap();
+    let mut done = Vec::new();
+    q.drain(&mut done).unwrap();
+    assert_eq!(done[0].result, BLOCK as i32);
+    let back = read_back(&mut q, 4 << 20, 0x55);
+    assert!(back[..1 << 20].iter().all(|&b| b == 0xaa), "the base below");
+    let (grown, written) = back[1 << 20..].split_at(2 << 20);
+    assert!(grown.iter().all(|&b| b == 0), "zeroes over the base");
+    assert!(written[..BLOCK] == block[..], "a write into the new range");
+    assert!(written[BLOCK..].iter().all(|&b| b == 0));
+    drop(q);
+    drop(disk);
+    qemu_img_check(&path);
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains(&format!("\"virtual-size\": {}", 4 << 20)),
+        "{info}"
+    );
+}

@@ -9,8 +9,14 @@
 //! One table, `COMMANDS`, lists every implemented command with its handler and its CDB usage
 //! map (SPC-4 6.35.3): dispatch and REPORT SUPPORTED OPERATION CODES both read it, so what is
 //! reported is what runs, and a bit the usage map shows as not evaluated changes nothing.
+//!
+//! The capacity can grow while commands run ([`Lun::grow`], online resize): READ CAPACITY,
+//! MODE SENSE's block descriptor and every range check read one atomic block count, and
+//! growth establishes CAPACITY DATA HAS CHANGED (SPC-4 5.14, ASC 2Ah/ASCQ 09h) for the
+//! transport to report as a unit attention ([`Lun::take_capacity_changed`]).
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::sense::Sense;
 
@@ -39,7 +45,7 @@ const REVISION: &[u8; 4] = b"0001";
 pub struct LunSettings {
     /// Logical block size (512 or 4096).
     pub block_size: u32,
-    /// Capacity in logical blocks.
+    /// Capacity in logical blocks at creation ([`Lun::blocks`] is the capacity now).
     pub blocks: u64,
     /// Refuse writes.
     pub readonly: bool,
@@ -174,9 +180,23 @@ fn truncated(mut data: Vec<u8>, alloc: usize) -> Outcome {
 }
 
 /// One emulated logical unit.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Lun {
     settings: LunSettings,
+    /// Capacity in logical blocks; starts at `settings.blocks` and only grows.
+    blocks: AtomicU64,
+    /// The capacity grew and no command has reported CAPACITY DATA HAS CHANGED yet.
+    capacity_changed: AtomicBool,
+}
+
+impl Clone for Lun {
+    fn clone(&self) -> Self {
+        Lun {
+            settings: self.settings.clone(),
+            blocks: AtomicU64::new(self.blocks()),
+            capacity_changed: AtomicBool::new(self.capacity_changed.load(Ordering::Acquire)),
+        }
+    }
 }
 
 /// CONTROL byte usage (SAM-5, CONTROL byte): NACA is evaluated (a CDB with NACA set is
@@ -499,12 +519,42 @@ const COMMAND_TIMEOUTS: [u8; 12] = [0x00, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 impl Lun {
     /// A logical unit with `settings`.
     pub fn new(settings: LunSettings) -> Self {
-        Lun { settings }
+        Lun {
+            blocks: AtomicU64::new(settings.blocks),
+            capacity_changed: AtomicBool::new(false),
+            settings,
+        }
     }
 
-    /// Its settings.
+    /// Its settings (`blocks` as created; see [`Lun::blocks`]).
     pub fn settings(&self) -> &LunSettings {
         &self.settings
+    }
+
+    /// Capacity in logical blocks now.
+    pub fn blocks(&self) -> u64 {
+        self.blocks.load(Ordering::Acquire)
+    }
+
+    /// Grows the capacity to `blocks` logical blocks, for a backing store that has grown to
+    /// at least that (online resize): commands see the new capacity from now on, and
+    /// CAPACITY DATA HAS CHANGED is established (SPC-4 5.14, SBC-4 4.6). A count at or
+    /// below the current one changes nothing: the capacity never shrinks under an
+    /// initiator. Returns the previous capacity in blocks.
+    pub fn grow(&self, blocks: u64) -> u64 {
+        let before = self.blocks.fetch_max(blocks, Ordering::AcqRel);
+        if blocks > before {
+            self.capacity_changed.store(true, Ordering::Release);
+        }
+        before
+    }
+
+    /// Takes the pending CAPACITY DATA HAS CHANGED unit attention, if the capacity grew
+    /// since it was last reported.
+    pub fn take_capacity_changed(&self) -> Option<Sense> {
+        self.capacity_changed
+            .swap(false, Ordering::AcqRel)
+            .then_some(Sense::CAPACITY_DATA_HAS_CHANGED)
     }
 
     /// Executes `cdb` (the transport's fixed-size CDB field); `parameters` are the gathered
@@ -659,7 +709,7 @@ impl Lun {
     }
 
     fn read_capacity_10(&self) -> Outcome {
-        let last = self.settings.blocks.saturating_sub(1);
+        let last = self.blocks().saturating_sub(1);
         let mut d = Vec::with_capacity(8);
         d.extend_from_slice(&u32::try_from(last).unwrap_or(u32::MAX).to_be_bytes());
         d.extend_from_slice(&self.settings.block_size.to_be_bytes());
@@ -669,7 +719,7 @@ impl Lun {
     fn read_capacity_16(&self, cdb: &[u8]) -> Outcome {
         let alloc = be32(cdb, 10) as usize;
         let mut d = vec![0u8; 32];
-        d[0..8].copy_from_slice(&self.settings.blocks.saturating_sub(1).to_be_bytes());
+        d[0..8].copy_from_slice(&self.blocks().saturating_sub(1).to_be_bytes());
         d[8..12].copy_from_slice(&self.settings.block_size.to_be_bytes());
         let per_physical = (4096 / self.settings.block_size).max(1);
         d[13] = per_physical.trailing_zeros() as u8;
@@ -684,7 +734,7 @@ impl Lun {
 
     fn check_range(&self, lba: u64, blocks: u64) -> Result<(), Sense> {
         match lba.checked_add(blocks) {
-            Some(end) if end <= self.settings.blocks => Ok(()),
+            Some(end) if end <= self.blocks() => Ok(()),
             _ => Err(Sense::LBA_OUT_OF_RANGE),
         }
     }
@@ -943,7 +993,7 @@ impl Lun {
         };
         let mut block_descriptor = Vec::new();
         if !dbd {
-            let blocks = u32::try_from(self.settings.blocks).unwrap_or(u32::MAX);
+            let blocks = u32::try_from(self.blocks()).unwrap_or(u32::MAX);
             block_descriptor.extend_from_slice(&blocks.to_be_bytes());
             block_descriptor.push(0);
             block_descriptor.extend_from_slice(&self.settings.block_size.to_be_bytes()[1..]);

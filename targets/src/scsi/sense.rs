@@ -63,6 +63,8 @@ impl Sense {
     pub const I_T_NEXUS_LOSS: Sense = Sense::new(0x06, 0x29, 0x07);
     /// Unit attention: the LUN inventory changed.
     pub const REPORTED_LUNS_DATA_CHANGED: Sense = Sense::new(0x06, 0x3f, 0x0e);
+    /// Unit attention: the capacity changed (SPC-4, ASC 2Ah/ASCQ 09h), after online resize.
+    pub const CAPACITY_DATA_HAS_CHANGED: Sense = Sense::new(0x06, 0x2a, 0x09);
 
     /// Fixed-format sense data with the INFORMATION field set (and VALID).
     pub fn fixed_with_information(&self, information: u32) -> [u8; FIXED_SENSE_LEN] {

@@ -6,6 +6,10 @@
 //! CDB) followed by data-out bytes, and the 108-byte `virtio_scsi_cmd_resp` (96-byte sense)
 //! followed by data-in bytes. Commands are emulated by [`Lun`]; disk I/O runs on one ring per
 //! LUN per queue, all signalling one completion eventfd.
+//!
+//! A LUN whose capacity grows ([`ScsiDevice::grow_lun`]) reports CAPACITY DATA HAS CHANGED
+//! as a unit attention, after any other pending one, and with VIRTIO_SCSI_F_CHANGE as a
+//! parameter-change event too.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -113,6 +117,7 @@ pub const EVENT_SIZE: usize = 16;
 /// next one delivered carries VIRTIO_SCSI_T_EVENTS_MISSED.
 const MAX_PENDING_EVENTS: usize = 64;
 const VIRTIO_SCSI_T_TRANSPORT_RESET: u32 = 1;
+const VIRTIO_SCSI_T_PARAM_CHANGE: u32 = 3;
 const VIRTIO_SCSI_T_EVENTS_MISSED: u32 = 0x8000_0000;
 const VIRTIO_SCSI_EVT_RESET_RESCAN: u32 = 0;
 const VIRTIO_SCSI_EVT_RESET_REMOVED: u32 = 2;
@@ -123,7 +128,20 @@ struct PendingEvents {
     missed: bool,
 }
 
-/// The 8-byte virtio-scsi LUN field for target 0, `lun` (flat addressing).
+/// The LUN field of an event (`virtio_scsi_event.lun`) for target 0, as QEMU writes it and
+/// REPORT LUNS gives LUNs: peripheral addressing below 256, flat (0x40) from 256. Linux
+/// looks the device up by bytes 2..3 as they are, so LUN 1 must not carry the flat-space
+/// bit that requests use.
+pub fn event_lun(lun: u16) -> [u8; 8] {
+    let mut field = [1, 0, 0, lun as u8, 0, 0, 0, 0];
+    if lun >= 256 {
+        field[2] = 0x40 | ((lun >> 8) as u8 & 0x3f);
+    }
+    field
+}
+
+/// The 8-byte virtio-scsi LUN field for target 0, `lun` (flat addressing, as Linux's
+/// virtio_scsi writes it in requests).
 pub fn encode_lun(lun: u16) -> [u8; 8] {
     [
         1,
@@ -188,8 +206,36 @@ impl ScsiDevice {
         };
         let mut event = [0u8; EVENT_SIZE];
         event[0..4].copy_from_slice(&VIRTIO_SCSI_T_TRANSPORT_RESET.to_le_bytes());
-        event[4..12].copy_from_slice(&encode_lun(id));
+        event[4..12].copy_from_slice(&event_lun(id));
         event[12..16].copy_from_slice(&reason.to_le_bytes());
+        self.set_unit_attention(None, Sense::REPORTED_LUNS_DATA_CHANGED);
+        self.push_event(event);
+    }
+
+    /// Grows LUN `id` to `blocks` logical blocks (online resize; the backing store already
+    /// holds them) and tells the initiator: the LUN's next command that reports unit
+    /// attentions gets CAPACITY DATA HAS CHANGED (ASC 2Ah/ASCQ 09h, SPC-4), and a driver
+    /// that accepted VIRTIO_SCSI_F_CHANGE also gets a VIRTIO_SCSI_T_PARAM_CHANGE event with
+    /// that ASC/ASCQ (virtio 1.2 §5.6.6.3.2), on which Linux rescans the LUN by itself.
+    /// Returns the capacity before, in blocks; `None` if there is no such LUN.
+    pub fn grow_lun(&self, id: u16, blocks: u64) -> Option<u64> {
+        let luns = self.luns();
+        let before = luns.find(id)?.lun.emulation.grow(blocks);
+        let change = 1u64 << VIRTIO_SCSI_F_CHANGE;
+        if blocks > before && self.acked_features.load(Ordering::Relaxed) & change != 0 {
+            let sense = Sense::CAPACITY_DATA_HAS_CHANGED;
+            let mut event = [0u8; EVENT_SIZE];
+            event[0..4].copy_from_slice(&VIRTIO_SCSI_T_PARAM_CHANGE.to_le_bytes());
+            event[4..12].copy_from_slice(&event_lun(id));
+            let reason = u32::from(sense.asc) | u32::from(sense.ascq) << 8;
+            event[12..16].copy_from_slice(&reason.to_le_bytes());
+            self.push_event(event);
+        }
+        Some(before)
+    }
+
+    /// Queues an event for the event queue and wakes its worker.
+    fn push_event(&self, event: [u8; EVENT_SIZE]) {
         {
             let mut pending = self.events.lock().unwrap_or_else(|p| p.into_inner());
             if pending.queue.len() < MAX_PENDING_EVENTS {
@@ -198,7 +244,6 @@ impl ScsiDevice {
                 pending.missed = true;
             }
         }
-        self.set_unit_attention(None, Sense::REPORTED_LUNS_DATA_CHANGED);
         if let Err(e) = self.event_notifier.write(1) {
             tracing::warn!("cannot wake the event queue: {e}");
         }
@@ -303,8 +348,8 @@ impl VirtioDevice for ScsiDevice {
         self.queue_size
     }
 
-    /// VIRTIO_SCSI_F_CHANGE is offered because QEMU's vhost-user-scsi passes the guest's
-    /// ack of it through without checking the backend; no parameter-change events are sent.
+    /// VIRTIO_SCSI_F_CHANGE: parameter-change events are sent when a LUN's capacity grows
+    /// ([`ScsiDevice::grow_lun`]); QEMU's vhost-user-scsi passes the guest's ack through.
     fn features(&self) -> u64 {
         [
             VIRTIO_F_VERSION_1,
@@ -577,6 +622,7 @@ impl RequestQueue {
                     None
                 } else {
                     slot.take_unit_attention()
+                        .or_else(|| slot.lun.emulation.take_capacity_changed())
                 };
                 match ua {
                     Some(sense) => Outcome::Check(sense),
