@@ -74,9 +74,10 @@ fn exports_are_added_and_removed_live_while_io_runs() {
     fe_c.kick(0);
     let mut completed = vec![fe_c.wait_used(TIMEOUT)];
 
-    // The edit: B added, C removed, A untouched. SIGHUP applies it at once.
+    // The edit: B added, C removed, A grown from 32 to 48 MiB. SIGHUP applies it at once.
     let b = blk("b", "8M");
-    appliance.rewrite_config(&config(&[&a, &b]));
+    let a_grown = a.replace("    num_queues: 2\n", "    num_queues: 2\n    size: 48M\n");
+    appliance.rewrite_config(&config(&[&a_grown, &b]));
     appliance.process.signal(libc::SIGHUP).unwrap();
     appliance
         .process
@@ -109,9 +110,22 @@ fn exports_are_added_and_removed_live_while_io_runs() {
     assert_eq!(fe_b.read(0, 4096, 4096, 4096), 0);
     assert_eq!(fe_b.buf(4096, 4096), &[0xbb; 4096][..]);
 
-    // A saw no error through all of it.
+    // A saw no error through all of it, and a new frontend sees its new size.
     let ops = verifier.finish();
     assert!(ops > 0);
+    appliance.process.wait_for_log(
+        "resized (size: changed): 33554432 -> 50331648 bytes",
+        1,
+        TIMEOUT,
+    );
+    let mut fe_a = Frontend::connect(&appliance.path("a.sock"), 2);
+    assert_eq!(fe_a.capacity, 48 << 20);
+    fe_a.buf(0, 4096).fill(0xaa);
+    assert_eq!(
+        fe_a.write(0, (48 << 20) - 4096, 0, 4096),
+        0,
+        "the new last block"
+    );
     let log = appliance.process.log();
     assert!(log.contains("export removed export=\"c\""), "{log}");
     let stopping = log
@@ -119,7 +133,7 @@ fn exports_are_added_and_removed_live_while_io_runs() {
         .find(|l| l.contains("stopping: accepted requests completed") && l.contains("\"c\""))
         .unwrap_or_else(|| panic!("no stop line for C:\n{log}"));
     eprintln!("{stopping}");
-    assert!(log.contains("configuration reload (SIGHUP): 1 added, 1 removed, 0 changed"));
+    assert!(log.contains("configuration reload (SIGHUP): 1 added, 1 removed, 1 changed"));
 }
 
 #[test]
