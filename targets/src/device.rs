@@ -9,6 +9,7 @@ use std::sync::Arc;
 use virtio_queue::DescriptorChain;
 
 use crate::chain::Memory;
+use crate::stats::QueueStats;
 
 /// A request the transport must put on the used ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +41,11 @@ pub trait VirtioDevice: Send + Sync {
     fn offers_config(&self) -> bool {
         true
     }
+    /// The logical units the device exposes, by LUN number, with their current capacity in
+    /// bytes (virtio-blk: one, LUN 0). Read by the metrics collector at scrape time.
+    fn lun_capacities(&self) -> Vec<(u16, u64)> {
+        Vec::new()
+    }
 }
 
 /// The request handler of one virtqueue, owned by that queue's worker thread.
@@ -68,4 +74,9 @@ pub trait QueueHandler: Send {
     /// The transport has put every request collected into `done` so far on the used ring
     /// (or dropped them with the ring).
     fn published(&mut self) {}
+    /// This queue's counters, shared with the metrics collector (which sums them at scrape
+    /// time); `None` for a queue that keeps none.
+    fn stats(&self) -> Option<Arc<QueueStats>> {
+        None
+    }
 }
