@@ -125,8 +125,14 @@ impl RunningExport {
         &self.name
     }
 
+    /// The export's backend (for metrics registration).
+    pub fn backend(&self) -> &VirtioBackend {
+        &self.backend
+    }
+
     /// Disconnects the frontend, completes in-flight I/O and makes written data durable.
     pub fn stop(&self) {
+        self.backend.connections().stopping();
         if let Some(bridge) = self.vvu.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             bridge.stop();
         }
@@ -359,16 +365,24 @@ fn run_connection(
         .start(listener)
         .map_err(|e| anyhow::anyhow!("accepting a frontend failed: {e:?}"))?;
     tracing::info!(export = name, "frontend connected");
+    backend.connections().connected();
     *connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
     let result = daemon.wait();
     connection.lock().unwrap_or_else(|p| p.into_inner()).take();
-    match result {
+    let clean = match result {
         Ok(())
         | Err(vhost_user_backend::Error::HandleRequest(
             vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-        )) => tracing::info!(export = name, "frontend disconnected"),
-        Err(e) => tracing::warn!(export = name, "frontend connection ended: {e:?}"),
-    }
+        )) => {
+            tracing::info!(export = name, "frontend disconnected");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(export = name, "frontend connection ended: {e:?}");
+            false
+        }
+    };
+    backend.connections().disconnected(clean);
     // Joins this connection's vring threads.
     drop(daemon);
     Ok(())

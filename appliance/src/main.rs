@@ -8,11 +8,16 @@
 //!
 //! Modules: [`backend`] (the `VhostUserBackend`), [`export`] (sockets and connection
 //! lifecycle), [`vvu`] (appliance-VM mode: exports served through a virtio-vhost-user
-//! device). The process never daemonizes; it exits cleanly on SIGTERM/SIGINT after
-//! completing in-flight I/O, and tells systemd it is ready when `NOTIFY_SOCKET` is set.
+//! device), [`metrics`] and [`http`] (Prometheus `/metrics` and `/healthz` on
+//! `metrics.listen`), [`process`] (the daemon's own resource use). The process never
+//! daemonizes; it exits cleanly on SIGTERM/SIGINT after completing in-flight I/O, and tells
+//! systemd it is ready when `NOTIFY_SOCKET` is set.
 
 mod backend;
 mod export;
+mod http;
+mod metrics;
+mod process;
 mod vring;
 mod vvu;
 
@@ -109,8 +114,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     signals.thread_block().context("cannot block signals")?;
     raise_open_file_limit();
 
+    let metrics = metrics::Metrics::new();
     let exports = if let Some(path) = &cli.config {
-        start_from_config(path)?
+        start_from_config(path, &metrics)?
     } else {
         vec![start_single(cli)?]
     };
@@ -135,10 +141,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_from_config(path: &Path) -> anyhow::Result<Vec<RunningExport>> {
+fn start_from_config(
+    path: &Path,
+    metrics: &metrics::Metrics,
+) -> anyhow::Result<Vec<RunningExport>> {
     let config = config::load_file(path)?;
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
+    metrics.serve(config.metrics_listen);
     let mut running = Vec::new();
     for export in &config.exports {
         let socket = match &export.transport {
@@ -146,9 +156,15 @@ fn start_from_config(path: &Path) -> anyhow::Result<Vec<RunningExport>> {
             config::Transport::Vvu(device) => SocketSource::Vvu(device),
         };
         match RunningExport::start(export, socket) {
-            Ok(r) => running.push(r),
+            Ok(r) => {
+                metrics.add_export(export, r.backend());
+                running.push(r)
+            }
             // One broken LUN must not take the others down.
-            Err(e) => tracing::error!(export = export.name, "export not started: {e:#}"),
+            Err(e) => {
+                metrics.set_export_state(&export.name, metrics::ExportState::Failed);
+                tracing::error!(export = export.name, "export not started: {e:#}")
+            }
         }
     }
     if running.is_empty() && !config.exports.is_empty() {
