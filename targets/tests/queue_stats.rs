@@ -397,3 +397,31 @@ fn scsi_counters_equal_the_commands_made() {
     assert_eq!(tmf, [0, 0, 0, 0, 0, 1, 0, 0, 1]);
     assert!(control.stats().luns().is_empty());
 }
+
+/// What counting costs a request: the clock read at pop, and `record` at completion (the
+/// second clock read, the histogram bucket search, six relaxed load/stores). Run with
+/// `cargo test --release -p targets --test queue_stats -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn cost_of_counting_a_request() {
+    let stats = QueueStats::default();
+    let lun = stats.lun(0).unwrap();
+    let n = 10_000_000u32;
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        let started = std::time::Instant::now();
+        let op = if i % 2 == 0 { Op::Read } else { Op::Write };
+        lun.record(op, 4096, started, None);
+    }
+    let per = t.elapsed().as_nanos() as f64 / f64::from(n);
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(std::time::Instant::now());
+    }
+    let clock = t.elapsed().as_nanos() as f64 / f64::from(n);
+    println!("count one request: {per:.1} ns (of which a clock read: {clock:.1} ns)");
+    assert_eq!(
+        stats.requests(Op::Read) + stats.requests(Op::Write),
+        u64::from(n)
+    );
+}
