@@ -6,10 +6,11 @@
 //! - any other path: 404; any other method: 405; a request that is not HTTP: 400; a
 //!   request head over [`MAX_REQUEST`] bytes: 431.
 //!
-//! One connection at a time, each with read and write timeouts, answered with
-//! `Connection: close`; the request body (there should be none) is never read. Prometheus
-//! scrapes every 15–60 s and a response takes milliseconds, so a single thread is plenty;
-//! a client that stalls holds the endpoint for at most [`IO_TIMEOUT`].
+//! One connection at a time, answered with `Connection: close`; the request body (there
+//! should be none) is never read. Prometheus scrapes every 15–60 s and a response takes
+//! milliseconds, so a single thread is plenty; reading a request may take [`IO_TIMEOUT`] in
+//! all and each write as long, so a client that stalls or trickles bytes holds the endpoint
+//! only that long.
 //!
 //! Why not a crate: the HTTP server crates that need no async runtime are `tiny_http`
 //! (no release since 2022, an acceptor plus a worker pool) and `astra` (hyper and mio under
@@ -19,7 +20,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::metrics::{Metrics, CONTENT_TYPE};
 
@@ -120,8 +121,28 @@ fn parse(head: &[u8]) -> Result<(Route, bool), Response> {
     Ok((route, head_only))
 }
 
-/// Reads the request head: up to the blank line, at most [`MAX_REQUEST`] bytes.
-fn read_head(stream: &mut impl Read) -> Result<Vec<u8>, Response> {
+/// A stream whose reads can be given a timeout.
+trait TimedRead: Read {
+    fn set_timeout(&mut self, timeout: Duration) -> io::Result<()>;
+}
+
+impl TimedRead for TcpStream {
+    fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+impl TimedRead for &[u8] {
+    fn set_timeout(&mut self, _: Duration) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads the request head: up to the blank line, at most [`MAX_REQUEST`] bytes, within
+/// [`IO_TIMEOUT`] in all (a client trickling bytes does not hold the endpoint longer).
+fn read_head(stream: &mut impl TimedRead) -> Result<Vec<u8>, Response> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let timeout = || Response::text("408 Request Timeout", "timeout");
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     loop {
@@ -133,6 +154,10 @@ fn read_head(stream: &mut impl Read) -> Result<Vec<u8>, Response> {
                 "431 Request Header Fields Too Large",
                 "request too large",
             ));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_timeout(left).is_err() {
+            return Err(timeout());
         }
         let want = buf.len().min(MAX_REQUEST - head.len());
         match stream.read(&mut buf[..want]) {
@@ -146,7 +171,7 @@ fn read_head(stream: &mut impl Read) -> Result<Vec<u8>, Response> {
             }
             Ok(n) => head.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(Response::text("408 Request Timeout", "timeout")),
+            Err(_) => return Err(timeout()),
         }
     }
 }
