@@ -10,6 +10,10 @@
 //!
 //! Per-connection resources end with the connection ([`VirtioBackend::end_session`]): the
 //! vrings, the guest memory mapping and the exit-event fds vhost-user-backend leaves open.
+//!
+//! Each worker also counts its queue's kicks (a vring event: [`VirtioBackend::handle_event`]
+//! calling `process_queue`) and notifications (used-ring signals in `Worker::publish`) in the
+//! queue's own [`QueueStats`], which the metrics collector reads without this lock.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -18,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use targets::blk::Memory;
 use targets::device::{Completed, QueueHandler, VirtioDevice};
+use targets::stats::{bump, QueueStats};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
@@ -27,6 +32,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::metrics::ConnectionStats;
 use crate::vring::SessionVring;
 
 /// The vring type of every export.
@@ -41,6 +47,8 @@ struct Worker {
     /// The vring of the current connection, known from its first event.
     vring: Option<Vring>,
     done: Vec<Completed>,
+    /// The queue's counters (kicks and notifications are counted here).
+    stats: Option<Arc<QueueStats>>,
 }
 
 impl Worker {
@@ -61,11 +69,14 @@ impl Worker {
         }
         match vring.needs_notification() {
             Ok(false) => {}
-            Ok(true) | Err(_) => {
-                if let Err(e) = vring.signal_used_queue() {
-                    tracing::debug!("cannot signal the used ring: {e}");
+            Ok(true) | Err(_) => match vring.signal_used_queue() {
+                Ok(()) => {
+                    if let Some(stats) = &self.stats {
+                        bump(&stats.notifications, 1);
+                    }
                 }
-            }
+                Err(e) => tracing::debug!("cannot signal the used ring: {e}"),
+            },
         }
         self.queue.published();
     }
@@ -95,6 +106,10 @@ pub struct VirtioBackend {
     /// and never closes it (one eventfd per worker thread per connection), so
     /// [`VirtioBackend::end_session`] closes them once the connection's threads are joined.
     exit_consumers: Mutex<Vec<RawFd>>,
+    /// Each queue's counters, by queue index (`None` for a queue that keeps none).
+    stats: Vec<Option<Arc<QueueStats>>>,
+    /// Frontend connections of the export.
+    connections: Arc<ConnectionStats>,
 }
 
 /// Epoll data value of the per-thread io_uring completion eventfd (above the vring range).
@@ -105,15 +120,18 @@ pub fn completion_event(num_queues: usize) -> u64 {
 impl VirtioBackend {
     /// A backend over `device`, with one queue handler per virtqueue.
     pub fn new(device: Arc<dyn VirtioDevice>, queues: Vec<Box<dyn QueueHandler>>) -> Self {
+        let stats: Vec<_> = queues.iter().map(|q| q.stats()).collect();
         VirtioBackend {
             device,
             workers: queues
                 .into_iter()
-                .map(|queue| {
+                .zip(&stats)
+                .map(|(queue, stats)| {
                     Mutex::new(Worker {
                         queue,
                         vring: None,
                         done: Vec::new(),
+                        stats: stats.clone(),
                     })
                 })
                 .collect(),
@@ -121,7 +139,24 @@ impl VirtioBackend {
             event_idx: AtomicBool::new(false),
             quiesced: AtomicBool::new(false),
             exit_consumers: Mutex::new(Vec::new()),
+            stats,
+            connections: Arc::new(ConnectionStats::default()),
         }
+    }
+
+    /// The device (LUNs and capacities, for the metrics collector).
+    pub fn device(&self) -> &Arc<dyn VirtioDevice> {
+        &self.device
+    }
+
+    /// Each queue's counters, by queue index.
+    pub fn queue_stats(&self) -> &[Option<Arc<QueueStats>>] {
+        &self.stats
+    }
+
+    /// Frontend connection counters of the export.
+    pub fn connections(&self) -> &Arc<ConnectionStats> {
+        &self.connections
     }
 
     fn worker(&self, index: usize) -> Option<MutexGuard<'_, Worker>> {
@@ -208,6 +243,9 @@ impl VirtioBackend {
         let Some(mut worker) = self.worker(index) else {
             return Ok(());
         };
+        if let Some(stats) = &worker.stats {
+            bump(&stats.kicks, 1);
+        }
         if !vring.get_ref().get_queue().ready() || self.quiesced.load(Ordering::SeqCst) {
             return Ok(());
         }

@@ -236,6 +236,11 @@ impl RunningExport {
         Ok(())
     }
 
+    /// The export's backend (for metrics registration).
+    pub fn backend(&self) -> &VirtioBackend {
+        &self.backend
+    }
+
     /// Removes LUN `id` from this running scsi export: new commands to it fail, the
     /// commands it has in flight complete, the initiator is told (a removal event and
     /// REPORTED LUNS DATA HAS CHANGED), and its backing store is synced and closed.
@@ -266,6 +271,7 @@ impl RunningExport {
     /// the frontend, makes written data durable and removes the socket (the VVU device is
     /// released). The frontend sees a clean disconnect with nothing it submitted lost.
     pub fn stop(mut self) {
+        self.backend.connections().stopping();
         self.connection.stopping.store(true, Ordering::SeqCst);
         self.backend.quiesce();
         let in_flight = self.backend.complete_accepted();
@@ -733,6 +739,7 @@ fn run_connection(
         .accept_own()
         .context("accepting the daemon's relay connection")?;
     tracing::info!(export = name, "frontend connected");
+    backend.connections().connected();
     {
         let mut current = connection.lock();
         *current = Some(Session {
@@ -758,13 +765,20 @@ fn run_connection(
     }
     let result = daemon.wait();
     connection.lock().take();
-    match result {
+    let clean = match result {
         Ok(())
         | Err(vhost_user_backend::Error::HandleRequest(
             vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-        )) => tracing::info!(export = name, "frontend disconnected"),
-        Err(e) => tracing::warn!(export = name, "frontend connection ended: {e:?}"),
-    }
+        )) => {
+            tracing::info!(export = name, "frontend disconnected");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(export = name, "frontend connection ended: {e:?}");
+            false
+        }
+    };
+    backend.connections().disconnected(clean);
     // Joins this connection's vring threads.
     drop(daemon);
     Ok(())

@@ -10,11 +10,16 @@
 //! lifecycle, online resize), [`relay`] (each frontend's control messages to its daemon, and
 //! the backend channel kept for CONFIG_CHANGE_MSG), [`reload`] (live `exports.yaml`),
 //! [`watch`] (inotify and signals), [`vvu`] (appliance-VM mode: exports served through a
-//! virtio-vhost-user device). The process never daemonizes; it exits cleanly on SIGTERM/SIGINT after
-//! completing in-flight I/O, and tells systemd it is ready when `NOTIFY_SOCKET` is set.
+//! virtio-vhost-user device), [`metrics`] and [`http`] (Prometheus `/metrics` and
+//! `/healthz` on `metrics.listen`), [`process`] (the daemon's own resource use). The process
+//! never daemonizes; it exits cleanly on SIGTERM/SIGINT after completing in-flight I/O, and
+//! tells systemd it is ready when `NOTIFY_SOCKET` is set.
 
 mod backend;
 mod export;
+mod http;
+mod metrics;
+mod process;
 mod relay;
 mod reload;
 mod vring;
@@ -158,15 +163,22 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 /// Serves the exports of `path`, applying edits of the file (and SIGHUP) live, until
 /// SIGTERM or SIGINT.
 fn serve_config(path: &Path, signals: &SigSet) -> anyhow::Result<()> {
-    let mut exports = reload::Exports::start(path)?;
+    let metrics = metrics::Metrics::new();
+    let mut exports = reload::Exports::start(path, metrics.clone())?;
     let mut watch = watch::ConfigWatch::new(path, signals)?;
     notify_systemd_ready();
     loop {
         match watch.next_event() {
             watch::Event::Reload(why) => match exports.reload(why, why == watch::SIGHUP) {
                 None => {}
-                Some(true) => tracing::info!("configuration reload succeeded"),
-                Some(false) => tracing::warn!("configuration reload failed: see the errors above"),
+                Some(ok) => {
+                    metrics.record_reload(ok);
+                    if ok {
+                        tracing::info!("configuration reload succeeded");
+                    } else {
+                        tracing::warn!("configuration reload failed: see the errors above");
+                    }
+                }
             },
             watch::Event::Stop(signal) => {
                 tracing::info!("{signal}: completing in-flight I/O and exiting");

@@ -24,6 +24,7 @@ use anyhow::Context;
 use config::{Config, ConfigError, Device, Export, ExportChange};
 
 use crate::export::{Resized, RunningExport, SocketSource};
+use crate::metrics::{ExportState, Metrics};
 
 /// The exports of one config file, as they run.
 pub struct Exports {
@@ -34,12 +35,14 @@ pub struct Exports {
     /// start are absent, so the next reload tries them again.
     applied: Config,
     running: BTreeMap<String, RunningExport>,
+    /// Exports by state, reload results.
+    metrics: Metrics,
 }
 
 impl Exports {
     /// Loads `path` and starts its exports. An invalid file is an error; an export that
     /// cannot start is logged and left out, the others run.
-    pub fn start(path: &Path) -> anyhow::Result<Self> {
+    pub fn start(path: &Path, metrics: Metrics) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let config = parse(path, &text)?;
@@ -53,7 +56,9 @@ impl Exports {
                 ..config.clone()
             },
             running: BTreeMap::new(),
+            metrics,
         };
+        exports.metrics.serve(config.metrics_listen);
         for export in &config.exports {
             exports.start_export(export, &config);
         }
@@ -200,12 +205,15 @@ impl Exports {
         };
         match RunningExport::start(export, socket) {
             Ok(running) => {
+                self.metrics.add_export(export, running.backend());
                 self.running.insert(export.name.clone(), running);
                 self.applied.exports.push(export.clone());
                 true
             }
             Err(e) => {
                 // One broken LUN must not take the others down.
+                self.metrics
+                    .set_export_state(&export.name, ExportState::Failed);
                 tracing::error!(export = export.name, "export not started: {e:#}");
                 false
             }
@@ -216,6 +224,7 @@ impl Exports {
         if let Some(export) = self.running.remove(name) {
             export.stop();
         }
+        self.metrics.remove_export(name);
         self.applied.exports.retain(|e| e.name != name);
     }
 

@@ -16,6 +16,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -34,7 +35,7 @@ use crate::device::{QueueHandler, VirtioDevice};
 use crate::disk::{DiskCompletion, DiskInfo, DiskOp, DiskQueue};
 use crate::inflight::InFlightTable;
 use crate::iobuf::AlignedBuf;
-use crate::stats::QueueStats;
+use crate::stats::{bump, Failure, LunStats, Op, QueueStats};
 
 /// virtio-blk sectors are always 512 bytes, whatever the logical block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -388,6 +389,26 @@ impl Refusal {
         status as u8
     }
 
+    /// The failure reason a refused request counts under (metric label `reason`).
+    pub fn failure(self) -> Failure {
+        match self {
+            Refusal::ReadOnly => Failure::ReadOnly,
+            Refusal::UnknownType
+            | Refusal::TooManySegments
+            | Refusal::UnknownFlags
+            | Refusal::NotOffered => Failure::Unsupported,
+            Refusal::DiskQueue => Failure::IoError,
+            Refusal::MalformedChain
+            | Refusal::ShortHeader
+            | Refusal::WrongDirection
+            | Refusal::OutOfRange
+            | Refusal::TooLarge
+            | Refusal::ShortSegment
+            | Refusal::TooManySectors
+            | Refusal::BadMemory => Failure::Invalid,
+        }
+    }
+
     /// The driver broke the virtio framing (counted as malformed, not as an I/O error).
     pub fn is_malformed(self) -> bool {
         matches!(
@@ -407,6 +428,31 @@ enum Kind {
     WriteZeroes { unmap: bool },
 }
 
+impl Kind {
+    /// The metric op of a request of this kind.
+    fn op(self) -> Op {
+        match self {
+            Kind::Read => Op::Read,
+            Kind::Write => Op::Write,
+            Kind::Flush => Op::Flush,
+            Kind::Discard => Op::Discard,
+            Kind::WriteZeroes { .. } => Op::WriteZeroes,
+        }
+    }
+}
+
+/// The metric op of a virtio-blk request type.
+fn request_op(request_type: u32) -> Op {
+    match request_type {
+        VIRTIO_BLK_T_IN => Op::Read,
+        VIRTIO_BLK_T_OUT => Op::Write,
+        VIRTIO_BLK_T_FLUSH => Op::Flush,
+        VIRTIO_BLK_T_DISCARD => Op::Discard,
+        VIRTIO_BLK_T_WRITE_ZEROES => Op::WriteZeroes,
+        _ => Op::Other,
+    }
+}
+
 struct PendingIo {
     kind: Kind,
     offset: u64,
@@ -422,6 +468,8 @@ struct InFlight {
     mem: Arc<Memory>,
     io: PendingIo,
     bounce: Option<AlignedBuf>,
+    /// When the chain was popped (request latency).
+    started: Instant,
 }
 
 /// One virtqueue's request handler, owned by that queue's worker thread.
@@ -430,17 +478,22 @@ pub struct BlkQueue {
     disk: Box<dyn DiskQueue>,
     inflight: InFlightTable<InFlight>,
     stats: Arc<QueueStats>,
+    /// The queue's one LUN slot of `stats`, kept here so requests take no lock.
+    lun_stats: Arc<LunStats>,
     scratch: Vec<DiskCompletion>,
 }
 
 impl BlkQueue {
     /// A handler for one virtqueue of `device`, doing I/O on `disk`.
     pub fn new(device: Arc<BlkDevice>, disk: Box<dyn DiskQueue>) -> Self {
+        let stats = Arc::new(QueueStats::default());
+        let lun_stats = stats.lun(0).unwrap_or_else(|| stats.add_lun(0));
         BlkQueue {
             device,
             disk,
             inflight: InFlightTable::new(),
-            stats: Arc::new(QueueStats::default()),
+            lun_stats,
+            stats,
             scratch: Vec::new(),
         }
     }
@@ -462,6 +515,7 @@ impl BlkQueue {
         mem: &Arc<Memory>,
         done: &mut Vec<Completed>,
     ) {
+        let started = Instant::now();
         let Chain {
             head,
             readable,
@@ -478,86 +532,96 @@ impl BlkQueue {
         });
         let Some(status) = status_at.filter(|a| mem.check_range(*a, 1)) else {
             tracing::debug!(head, "request without a writable status byte dropped");
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            bump(&self.stats.malformed, 1);
             done.push(Completed { head, used_len: 0 });
             return;
         };
         let (writable_data, _) = split_segments(&writable, writable_len - 1);
 
-        let action = if misordered || too_long {
+        let (op, action) = if misordered || too_long {
             tracing::debug!(head, misordered, too_long, "malformed descriptor chain");
-            Action::Refuse(Refusal::MalformedChain)
+            (Op::Other, Action::Refuse(Refusal::MalformedChain))
         } else {
             self.parse(mem, &readable, writable_data)
         };
         let refusal = match action {
             Action::Done(data_written) => {
-                return self.finish_now(
-                    mem,
-                    head,
-                    status,
-                    VIRTIO_BLK_S_OK as u8,
-                    data_written,
-                    done,
-                )
+                return self.finish_now(mem, head, status, Ok(data_written), op, started, done)
             }
             Action::Refuse(refusal) => refusal,
-            Action::Io(io) => match self.submit_io(mem, head, status, io) {
+            Action::Io(io) => match self.submit_io(mem, head, status, io, started) {
                 Ok(()) => return,
                 Err(refusal) => refusal,
             },
         };
         tracing::debug!(head, ?refusal, "request refused");
-        if let Some(count) = self.stats.refused.get(refusal as usize) {
-            count.fetch_add(1, Ordering::Relaxed);
-        }
-        if refusal.is_malformed() {
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-        }
-        self.finish_now(mem, head, status, refusal.status(), 0, done);
+        self.finish_now(mem, head, status, Err(refusal), op, started, done);
     }
 
+    /// Answers a request without disk I/O: done (`Ok(bytes written to its data buffers)`)
+    /// or refused, and counts it.
+    #[allow(clippy::too_many_arguments)]
     fn finish_now(
         &self,
         mem: &Memory,
         head: u16,
         status: GuestAddress,
-        code: u8,
-        data_written: u32,
+        answer: Result<u32, Refusal>,
+        op: Op,
+        started: Instant,
         done: &mut Vec<Completed>,
     ) {
-        self.count_status(code);
+        let (code, data_written, failure) = match answer {
+            Ok(n) => (VIRTIO_BLK_S_OK as u8, n, None),
+            Err(refusal) => {
+                if let Some(count) = self.stats.refused.get(refusal as usize) {
+                    bump(count, 1);
+                }
+                if refusal.is_malformed() {
+                    bump(&self.stats.malformed, 1);
+                }
+                (refusal.status(), 0, Some(refusal.failure()))
+            }
+        };
         let used_len = match mem.write_obj(code, status) {
             Ok(()) => data_written + 1,
             Err(_) => 0,
         };
+        self.lun_stats.record(op, 0, started, failure);
         done.push(Completed { head, used_len });
     }
 
-    fn count_status(&self, code: u8) {
-        match u32::from(code) {
-            VIRTIO_BLK_S_OK => {}
-            VIRTIO_BLK_S_UNSUPP => {
-                self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Validates a well-framed request.
-    fn parse(&self, mem: &Memory, readable: &[Segment], writable_data: Vec<Segment>) -> Action {
+    /// Validates a well-framed request; also says which op it is (for the counters).
+    fn parse(
+        &self,
+        mem: &Memory,
+        readable: &[Segment],
+        writable_data: Vec<Segment>,
+    ) -> (Op, Action) {
         let (header_segs, readable_data) = split_segments(readable, HEADER_SIZE);
         let mut header = [0u8; HEADER_SIZE];
         if gather(mem, &header_segs, &mut header).is_none() {
-            return Action::Refuse(Refusal::ShortHeader);
+            return (Op::Other, Action::Refuse(Refusal::ShortHeader));
         }
         let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
         let request_type = u32::from_le_bytes([t0, t1, t2, t3]);
         let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
-        let readonly = self.device.settings.readonly;
+        (
+            request_op(request_type),
+            self.parse_request(mem, request_type, sector, readable_data, writable_data),
+        )
+    }
 
+    /// Validates a request whose header was read.
+    fn parse_request(
+        &self,
+        mem: &Memory,
+        request_type: u32,
+        sector: u64,
+        readable_data: Vec<Segment>,
+        writable_data: Vec<Segment>,
+    ) -> Action {
+        let readonly = self.device.settings.readonly;
         match request_type {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
                 let is_read = request_type == VIRTIO_BLK_T_IN;
@@ -686,6 +750,7 @@ impl BlkQueue {
         head: u16,
         status: GuestAddress,
         io: PendingIo,
+        started: Instant,
     ) -> Result<(), Refusal> {
         const IOERR: Refusal = Refusal::BadMemory;
         let mut bounce = None;
@@ -745,8 +810,10 @@ impl BlkQueue {
                 mem: Arc::clone(mem),
                 io,
                 bounce,
+                started,
             },
         );
+        self.lun_stats.started_io();
         Ok(())
     }
 
@@ -783,48 +850,26 @@ impl BlkQueue {
     /// Counts a finished request and writes its status.
     fn finish(&self, request: InFlight, ok: bool) -> Completed {
         let io = &request.io;
-        let stats = &self.stats;
-        let mut data_written = 0u32;
-        if ok {
-            match io.kind {
-                Kind::Read => {
-                    stats.read_ops.fetch_add(1, Ordering::Relaxed);
-                    stats.read_bytes.fetch_add(io.len, Ordering::Relaxed);
-                    data_written = io.len as u32;
-                }
-                Kind::Write => {
-                    stats.write_ops.fetch_add(1, Ordering::Relaxed);
-                    stats.write_bytes.fetch_add(io.len, Ordering::Relaxed);
-                }
-                Kind::Flush => {
-                    stats.flush_ops.fetch_add(1, Ordering::Relaxed);
-                }
-                Kind::Discard => {
-                    stats.discard_ops.fetch_add(1, Ordering::Relaxed);
-                }
-                Kind::WriteZeroes { .. } => {
-                    stats.write_zeroes_ops.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        let mut code = if ok {
-            VIRTIO_BLK_S_OK as u8
-        } else {
-            VIRTIO_BLK_S_IOERR as u8
-        };
+        let mut failure = (!ok).then_some(Failure::IoError);
         if ok && io.kind == Kind::Read {
             if let Some(buf) = &request.bounce {
                 if scatter(&request.mem, &io.data, buf.as_slice()) != Some(buf.len()) {
-                    code = VIRTIO_BLK_S_IOERR as u8;
-                    data_written = 0;
+                    failure = Some(Failure::Invalid);
                 }
             }
         }
-        self.count_status(code);
+        let (code, data_written) = match failure {
+            Some(_) => (VIRTIO_BLK_S_IOERR as u8, 0),
+            None if io.kind == Kind::Read => (VIRTIO_BLK_S_OK as u8, io.len as u32),
+            None => (VIRTIO_BLK_S_OK as u8, 0),
+        };
         let used_len = match request.mem.write_obj(code, request.status) {
             Ok(()) => data_written + 1,
             Err(_) => 0,
         };
+        self.lun_stats.finished_io();
+        self.lun_stats
+            .record(io.kind.op(), io.len, request.started, failure);
         Completed {
             head: request.head,
             used_len,
@@ -865,6 +910,10 @@ impl QueueHandler for BlkQueue {
     fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
         Some(self.disk.completion_fd())
     }
+
+    fn stats(&self) -> Option<Arc<QueueStats>> {
+        Some(Arc::clone(&self.stats))
+    }
 }
 
 impl VirtioDevice for BlkDevice {
@@ -890,5 +939,9 @@ impl VirtioDevice for BlkDevice {
 
     fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), String> {
         BlkDevice::write_config(self, offset, data).map_err(|e| e.to_string())
+    }
+
+    fn lun_capacities(&self) -> Vec<(u16, u64)> {
+        vec![(0, self.capacity_bytes())]
     }
 }

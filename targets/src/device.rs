@@ -9,6 +9,7 @@ use std::sync::Arc;
 use virtio_queue::DescriptorChain;
 
 use crate::chain::Memory;
+use crate::stats::QueueStats;
 
 /// A request the transport must put on the used ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +40,11 @@ pub trait VirtioDevice: Send + Sync {
     /// CONFIG); false where the frontend keeps its own.
     fn offers_config(&self) -> bool {
         true
+    }
+    /// The logical units the device exposes, by LUN number, with their current capacity in
+    /// bytes (virtio-blk: one, LUN 0). Read by the metrics collector at scrape time.
+    fn lun_capacities(&self) -> Vec<(u16, u64)> {
+        Vec::new()
     }
 }
 
@@ -71,4 +77,9 @@ pub trait QueueHandler: Send {
     /// The control path changed the device (e.g. its LUNs): take the change over,
     /// completing into `done` whatever it ends. Called with the queue's worker stopped.
     fn refresh(&mut self, _done: &mut Vec<Completed>) {}
+    /// This queue's counters, shared with the metrics collector (which sums them at scrape
+    /// time); `None` for a queue that keeps none.
+    fn stats(&self) -> Option<Arc<QueueStats>> {
+        None
+    }
 }

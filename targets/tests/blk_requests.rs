@@ -14,6 +14,7 @@ use std::sync::Arc;
 use targets::blk::{BlkDevice, BlkQueue, BlkSettings, Completed, Memory};
 use targets::device::QueueHandler;
 use targets::disk::{DiskInfo, RawDisk, RawDiskOptions};
+use targets::stats::Op;
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -147,11 +148,8 @@ fn write_then_read_round_trips_through_the_file() {
     f.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
     assert_eq!(back, pattern);
     let stats = f.queue.stats();
-    assert_eq!(
-        stats.write_bytes.load(std::sync::atomic::Ordering::Relaxed),
-        8192
-    );
-    assert_eq!(stats.read_ops.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(stats.bytes(Op::Write), 8192);
+    assert_eq!(stats.requests(Op::Read), 1);
 }
 
 #[test]

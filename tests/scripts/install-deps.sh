@@ -2,7 +2,10 @@
 # Installs what the test suite needs on a fresh Debian bookworm machine, idempotently:
 #   - bookworm-backports in apt sources (QEMU 10.0 lives there),
 #   - qemu-utils 10.0 (qemu-storage-daemon: the reference backend of differential tests),
-#   - qemu-system-x86 10.0 (the consumer VMs of the guest tests).
+#   - qemu-system-x86 10.0 (the consumer VMs of the guest tests),
+#   - promtool (bookworm's `prometheus` package, 2.42) for the metrics tests: the .deb is
+#     downloaded and unpacked into /var/cache/vhost-appliance/prometheus-VERSION, never
+#     installed (no service, no web UI assets in /usr).
 # The consumer image's own packages are installed by image-builder/build-image.sh.
 # Runs as root, or through sudo when available. Does nothing when all is present.
 set -euo pipefail
@@ -12,6 +15,41 @@ set -euo pipefail
 qemu_major() {
     "$1" --version 2>/dev/null | sed -n '1s/.* version \([0-9]*\)\..*/\1/p'
 }
+
+# promtool: `dpkg -x` of the package into a versioned cache folder, once.
+PROMETHEUS_CACHE=/var/cache/vhost-appliance
+ensure_promtool() {
+    local found
+    found=$(ls -d "$PROMETHEUS_CACHE"/prometheus-*/usr/bin/promtool 2>/dev/null | tail -n 1 || true)
+    if [ -n "$found" ] && "$found" --version >/dev/null 2>&1; then
+        echo "install-deps: promtool present ($found)"
+        return 0
+    fi
+    local version
+    version=$(apt-cache policy prometheus 2>/dev/null | sed -n 's/^ *Candidate: //p')
+    if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+        $SUDO apt-get update -q
+        version=$(apt-cache policy prometheus | sed -n 's/^ *Candidate: //p')
+    fi
+    if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+        echo "install-deps: no prometheus package in the apt sources" >&2
+        return 1
+    fi
+    local tmp dest="$PROMETHEUS_CACHE/prometheus-$version"
+    tmp=$(mktemp -d)
+    # apt fetches as _apt when it can write there (no "unsandboxed" warning).
+    chmod 0755 "$tmp"
+    $SUDO chown _apt "$tmp" 2>/dev/null || true
+    (cd "$tmp" && $SUDO apt-get download -q "prometheus=$version")
+    $SUDO mkdir -p "$PROMETHEUS_CACHE"
+    $SUDO rm -rf "$dest.partial"
+    $SUDO dpkg -x "$tmp"/prometheus_*.deb "$dest.partial"
+    $SUDO rm -rf "$dest"
+    $SUDO mv "$dest.partial" "$dest"
+    $SUDO rm -rf "$tmp"
+    "$dest/usr/bin/promtool" --version
+}
+ensure_promtool
 
 missing=()
 if [ "$(qemu_major qemu-storage-daemon)" != "10" ]; then

@@ -8,6 +8,7 @@
 //! - [`daemon`]: runs the real `vhost-appliance` binary (or `qemu-storage-daemon`) on a
 //!   scratch directory and always stops it.
 //! - [`frontend`]: a raw vhost-user frontend that can send any descriptor chain.
+//! - [`prom`]: the daemon's metrics endpoint: scrapes, their samples, and promtool.
 //! - [`rng`]: a small seeded generator for reproducible randomized workloads.
 //! - [`scsi_frontend`]: SCSI commands over the raw frontend's virtio-scsi request queue.
 //! - [`vm`]: consumer VMs (stock QEMU, serial command channel, QMP hotplug).
@@ -16,6 +17,7 @@ pub mod blk_raw;
 pub mod blkio_frontend;
 pub mod daemon;
 pub mod frontend;
+pub mod prom;
 pub mod rng;
 pub mod scsi_frontend;
 pub mod vm;

@@ -38,7 +38,7 @@ use crate::device::{Completed, QueueHandler, VirtioDevice};
 use crate::disk::{DiskCompletion, DiskInfo, DiskOp, DiskQueue};
 use crate::inflight::InFlightTable;
 use crate::iobuf::AlignedBuf;
-use crate::stats::QueueStats;
+use crate::stats::{bump, Failure, LunStats, Op, QueueStats, TMF_FUNCTIONS};
 
 /// CDB bytes in a request (the config space's default `cdb_size`).
 pub const CDB_SIZE: usize = 32;
@@ -393,6 +393,16 @@ impl VirtioDevice for ScsiDevice {
     fn session_started(&self) {
         self.set_unit_attention(None, Sense::POWER_ON_RESET);
     }
+
+    fn lun_capacities(&self) -> Vec<(u16, u64)> {
+        self.luns()
+            .iter()
+            .map(|l| {
+                let block_size = u64::from(l.lun.emulation.settings().block_size);
+                (l.id(), l.lun.emulation.blocks() * block_size)
+            })
+            .collect()
+    }
 }
 
 /// The response to write into `virtio_scsi_cmd_resp`.
@@ -453,6 +463,58 @@ impl Response {
     }
 }
 
+impl Response {
+    /// Why the command failed, if it did (metric label `reason`).
+    fn failure(&self) -> Option<Failure> {
+        if self.response != response::OK {
+            // OVERRUN, BAD_TARGET, FAILURE: the request's framing or addressing.
+            return Some(Failure::Invalid);
+        }
+        if self.status == status::GOOD {
+            return None;
+        }
+        Some(match self.sense {
+            Some(s) if s == Sense::SPACE_ALLOCATION_FAILED => Failure::IoError,
+            Some(s)
+                if s == Sense::INVALID_OPCODE || s == Sense::SAVING_PARAMETERS_NOT_SUPPORTED =>
+            {
+                Failure::Unsupported
+            }
+            Some(Sense { key: 0x05, .. }) => Failure::Invalid,
+            Some(Sense { key: 0x06, .. }) => Failure::UnitAttention,
+            Some(Sense { key: 0x07, .. }) => Failure::ReadOnly,
+            Some(Sense { key: 0x0e, .. }) => Failure::Miscompare,
+            _ => Failure::IoError,
+        })
+    }
+}
+
+/// The metric op of a SCSI command, by operation code (see [`Op`]).
+fn cdb_op(opcode: u8) -> Op {
+    match opcode {
+        // READ(6/10/12/16), VERIFY(10/16)
+        0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0x8f => Op::Read,
+        // WRITE(6/10/12/16)
+        0x0a | 0x2a | 0xaa | 0x8a => Op::Write,
+        // SYNCHRONIZE CACHE(10/16)
+        0x35 | 0x91 => Op::Flush,
+        // UNMAP
+        0x42 => Op::Discard,
+        // WRITE SAME(10/16)
+        0x41 | 0x93 => Op::WriteZeroes,
+        _ => Op::Other,
+    }
+}
+
+/// How a request is counted: its LUN slot, op and when its chain was popped.
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    /// The LUN addressed, if the device has it.
+    lun: Option<u16>,
+    op: Op,
+    started: Instant,
+}
+
 /// Which disk operation a request runs, for completion handling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum IoKind {
@@ -462,6 +524,19 @@ enum IoKind {
     Flush,
     Unmap,
     Zero,
+}
+
+impl IoKind {
+    /// The metric op (as [`cdb_op`] gives for the command).
+    fn op(self) -> Op {
+        match self {
+            IoKind::Read | IoKind::Compare => Op::Read,
+            IoKind::Write => Op::Write,
+            IoKind::Flush => Op::Flush,
+            IoKind::Unmap => Op::Discard,
+            IoKind::Zero => Op::WriteZeroes,
+        }
+    }
 }
 
 /// A request with disk I/O in flight (one or more operations).
@@ -483,6 +558,10 @@ struct InFlight {
     buffer: Option<AlignedBuf>,
     /// What a compare must find.
     expected: Vec<u8>,
+    /// Bytes the request moves or covers (the metric).
+    counted_bytes: u64,
+    /// When the chain was popped (request latency).
+    started: Instant,
 }
 
 /// A request queue of a virtio-scsi device.
@@ -497,6 +576,9 @@ pub struct RequestQueue {
     /// Finished requests the transport has not published yet, by LUN.
     unpublished: Vec<Arc<LunSlot>>,
     stats: Arc<QueueStats>,
+    /// The LUN slots of `stats` (the last for requests addressed to no LUN), kept here so
+    /// requests take no lock; changed with the LUN table.
+    lun_stats: Vec<Arc<LunStats>>,
 }
 
 impl RequestQueue {
@@ -513,6 +595,10 @@ impl RequestQueue {
             .enumerate()
             .map(|(i, slot)| Ok((slot.id(), make_disk(i, &notifier)?)))
             .collect::<io::Result<Vec<_>>>()?;
+        // One counter slot per LUN, then one for requests addressed to no LUN.
+        let slots: Vec<Option<u16>> = table.iter().map(|l| Some(l.id())).chain([None]).collect();
+        let stats = Arc::new(QueueStats::new(&slots));
+        let lun_stats = stats.luns();
         Ok(RequestQueue {
             device,
             table,
@@ -520,7 +606,8 @@ impl RequestQueue {
             notifier,
             inflight: InFlightTable::new(),
             unpublished: Vec::new(),
-            stats: Arc::new(QueueStats::default()),
+            stats,
+            lun_stats,
         })
     }
 
@@ -555,12 +642,45 @@ impl RequestQueue {
         done.push(Completed { head, used_len });
     }
 
+    /// The counters of LUN `lun` on this queue (`None`: requests addressed to no LUN).
+    fn lun_stats(&self, lun: Option<u16>) -> Option<&Arc<LunStats>> {
+        self.lun_stats.iter().find(|s| s.lun == lun)
+    }
+
+    /// Counts a request to `lun` answered with `r`.
+    fn account(&self, lun: Option<u16>, op: Op, bytes: u64, started: Instant, r: &Response) {
+        let Some(lun) = self.lun_stats(lun) else {
+            return;
+        };
+        if let (status::CHECK_CONDITION, Some(sense)) = (r.status, r.sense) {
+            lun.check_condition(sense.key);
+        }
+        lun.record(op, bytes, started, r.failure());
+    }
+
+    /// Counts a request answered at once with `r` and writes the response.
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &self,
+        counted: Counted,
+        mem: &Memory,
+        head: u16,
+        resp: &[Segment],
+        r: &Response,
+        data_written: usize,
+        done: &mut Vec<Completed>,
+    ) {
+        self.account(counted.lun, counted.op, 0, counted.started, r);
+        Self::respond(mem, head, resp, r, data_written, done);
+    }
+
     fn handle(
         &mut self,
         chain: DescriptorChain<&Memory>,
         mem: &Arc<Memory>,
         done: &mut Vec<Completed>,
     ) {
+        let started = Instant::now();
         let Chain {
             head,
             readable,
@@ -572,9 +692,14 @@ impl RequestQueue {
         let mut req = [0u8; REQ_SIZE];
         if misordered || total(&resp) < RESP_SIZE || gather(mem, &req_segs, &mut req).is_none() {
             tracing::debug!(head, "malformed virtio-scsi request");
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            bump(&self.stats.malformed, 1);
             if total(&resp) >= RESP_SIZE {
-                Self::respond(
+                self.answer(
+                    Counted {
+                        lun: None,
+                        op: Op::Other,
+                        started,
+                    },
                     mem,
                     head,
                     &resp,
@@ -589,9 +714,20 @@ impl RequestQueue {
         }
         let data_out_len = total(&data_out);
         let data_in_len = total(&data_in);
+        let mut lun_field = [0u8; 8];
+        lun_field.copy_from_slice(&req[..8]);
+        let cdb = &req[19..19 + CDB_SIZE];
+        let lun_id = decode_lun(&lun_field);
+        let slot = lun_id.and_then(|id| self.table.find(id).cloned());
+        let counted = Counted {
+            lun: slot.as_ref().map(|s| s.id()),
+            op: cdb_op(cdb[0]),
+            started,
+        };
         if data_out_len > 0 && data_in_len > 0 {
             // Bidirectional commands need VIRTIO_SCSI_F_INOUT, which is not offered.
-            Self::respond(
+            self.answer(
+                counted,
                 mem,
                 head,
                 &resp,
@@ -601,11 +737,9 @@ impl RequestQueue {
             );
             return;
         }
-        let mut lun_field = [0u8; 8];
-        lun_field.copy_from_slice(&req[..8]);
-        let cdb = &req[19..19 + CDB_SIZE];
-        let Some(lun_id) = decode_lun(&lun_field) else {
-            Self::respond(
+        if lun_id.is_none() {
+            self.answer(
+                counted,
                 mem,
                 head,
                 &resp,
@@ -614,8 +748,8 @@ impl RequestQueue {
                 done,
             );
             return;
-        };
-        let outcome = match self.table.find(lun_id).cloned() {
+        }
+        let outcome = match slot {
             None => Self::absent_lun(cdb, &self.table.ids()),
             Some(slot) => {
                 let ua = if ignores_unit_attention(cdb) {
@@ -646,8 +780,9 @@ impl RequestQueue {
                                     resp.clone(),
                                     data,
                                     data_in_len,
+                                    started,
                                 ) {
-                                    Self::respond(mem, head, &resp, &r, 0, done);
+                                    self.answer(counted, mem, head, &resp, &r, 0, done);
                                 }
                                 return;
                             }
@@ -660,10 +795,7 @@ impl RequestQueue {
         };
         let (r, written) = match outcome {
             Outcome::Good => (Response::ok(data_in_len as u32), 0),
-            Outcome::Check(sense) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                (Response::check(sense, data_in_len as u32), 0)
-            }
+            Outcome::Check(sense) => (Response::check(sense, data_in_len as u32), 0),
             Outcome::Data(bytes) if bytes.len() > data_in_len => {
                 (Response::transport(response::OVERRUN), 0)
             }
@@ -674,7 +806,7 @@ impl RequestQueue {
             // Both were turned into something else above.
             Outcome::Io(_) | Outcome::ReportLuns => (Response::transport(response::FAILURE), 0),
         };
-        Self::respond(mem, head, &resp, &r, written, done);
+        self.answer(counted, mem, head, &resp, &r, written, done);
     }
 
     /// Commands to a LUN that does not exist (SPC-4 4.6.20).
@@ -707,6 +839,7 @@ impl RequestQueue {
         resp: Vec<Segment>,
         data: Vec<Segment>,
         data_in_len: usize,
+        started: Instant,
     ) -> Result<(), Response> {
         let settings = lun.lun.emulation.settings();
         let bs = u64::from(settings.block_size);
@@ -831,6 +964,17 @@ impl RequestQueue {
                 (IoKind::Zero, 0, ops)
             }
         };
+        let counted_bytes = match kind {
+            IoKind::Unmap | IoKind::Zero => ops
+                .iter()
+                .map(|op| match op {
+                    DiskOp::Discard { len, .. } | DiskOp::WriteZeroes { len, .. } => *len,
+                    DiskOp::Write { iovecs, .. } => iovecs.iter().map(|v| v.iov_len as u64).sum(),
+                    DiskOp::Read { .. } | DiskOp::Flush => 0,
+                })
+                .sum(),
+            _ => bytes,
+        };
         let slot = self.inflight.reserve();
         let count = ops.len();
         let token = slot as u64;
@@ -868,8 +1012,13 @@ impl RequestQueue {
                 // Operations that could not be queued count as failed.
                 failed: (pushed < count).then_some(-libc::EAGAIN),
                 buffer,
+                counted_bytes,
+                started,
             },
         );
+        if let Some(stats) = self.lun_stats(Some(lun.id())) {
+            stats.started_io();
+        }
         Ok(())
     }
 
@@ -902,31 +1051,9 @@ impl RequestQueue {
 
     fn finish(&mut self, request: InFlight, done: &mut Vec<Completed>) {
         self.unpublished.push(Arc::clone(&request.lun));
-        let stats = &self.stats;
         let mut written = 0;
         let r = match request.failed {
             None => {
-                match request.kind {
-                    IoKind::Read | IoKind::Compare => {
-                        stats.read_ops.fetch_add(1, Ordering::Relaxed);
-                        stats.read_bytes.fetch_add(request.bytes, Ordering::Relaxed);
-                    }
-                    IoKind::Write => {
-                        stats.write_ops.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .write_bytes
-                            .fetch_add(request.bytes, Ordering::Relaxed);
-                    }
-                    IoKind::Flush => {
-                        stats.flush_ops.fetch_add(1, Ordering::Relaxed);
-                    }
-                    IoKind::Unmap => {
-                        stats.discard_ops.fetch_add(1, Ordering::Relaxed);
-                    }
-                    IoKind::Zero => {
-                        stats.write_zeroes_ops.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
                 let bounced_ok = match (&request.buffer, request.kind, request.read_into.is_empty())
                 {
                     (Some(b), IoKind::Read, false) => {
@@ -960,7 +1087,6 @@ impl RequestQueue {
                 }
             }
             Some(err) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(kind = ?request.kind, result = err, "SCSI disk I/O failed");
                 let sense = match (err, request.kind) {
                     (e, _) if e == -libc::ENOSPC => Sense::SPACE_ALLOCATION_FAILED,
@@ -971,6 +1097,17 @@ impl RequestQueue {
                 Response::check(sense, request.data_in_len as u32)
             }
         };
+        let lun = Some(request.lun.id());
+        if let Some(stats) = self.lun_stats(lun) {
+            stats.finished_io();
+        }
+        self.account(
+            lun,
+            request.kind.op(),
+            request.counted_bytes,
+            request.started,
+            &r,
+        );
         Self::respond(&request.mem, request.head, &request.resp, &r, written, done);
     }
 }
@@ -1046,11 +1183,27 @@ impl QueueHandler for RequestQueue {
             self.complete_all(completions, done);
         }
         self.disks = kept;
+        // Counter slots follow the LUNs: a removed LUN's series go, an added one's start.
+        for slot in self.table.iter() {
+            if table.find(slot.id()).is_none() {
+                self.stats.remove_lun(slot.id());
+            }
+        }
+        for slot in table.iter() {
+            if self.table.find(slot.id()).is_none() {
+                self.stats.add_lun(slot.id());
+            }
+        }
+        self.lun_stats = self.stats.luns();
         self.table = table;
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.notifier.as_raw_fd())
+    }
+
+    fn stats(&self) -> Option<Arc<QueueStats>> {
+        Some(Arc::clone(&self.stats))
     }
 
     fn published(&mut self) {
@@ -1063,12 +1216,21 @@ impl QueueHandler for RequestQueue {
 /// The control queue: task management functions and asynchronous notification requests.
 pub struct ControlQueue {
     device: Arc<ScsiDevice>,
+    stats: Arc<QueueStats>,
 }
 
 impl ControlQueue {
     /// The control queue of `device`.
     pub fn new(device: Arc<ScsiDevice>) -> Self {
-        ControlQueue { device }
+        ControlQueue {
+            device,
+            stats: Arc::new(QueueStats::without_luns()),
+        }
+    }
+
+    /// Counters of this queue (task management functions by subtype).
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
     }
 
     /// Answers a TMF. In-flight commands cannot be taken back from the kernel: an abort or
@@ -1077,6 +1239,10 @@ impl ControlQueue {
     /// takes longer than the TMF timeout, it answers FAILURE and the initiator escalates.
     fn tmf(&self, req: &[u8]) -> u8 {
         let subtype = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
+        let function = (subtype as usize).min(TMF_FUNCTIONS.len() - 1);
+        if let Some(count) = self.stats.tmf.get(function) {
+            bump(count, 1);
+        }
         let mut lun = [0u8; 8];
         lun.copy_from_slice(&req[8..16]);
         let table = self.device.luns();
@@ -1167,6 +1333,10 @@ impl QueueHandler for ControlQueue {
         let used_len = scatter(mem, &writable, &reply).unwrap_or(0) as u32;
         done.push(Completed { head, used_len });
     }
+
+    fn stats(&self) -> Option<Arc<QueueStats>> {
+        Some(Arc::clone(&self.stats))
+    }
 }
 
 /// The event queue: the driver's buffers wait here until the device has an event.
@@ -1174,6 +1344,8 @@ pub struct EventQueue {
     device: Arc<ScsiDevice>,
     /// Buffers taken from the ring, waiting for events: head and writable bytes.
     buffers: std::collections::VecDeque<(u16, Vec<Segment>, Arc<Memory>)>,
+    /// Kicks and notifications only.
+    stats: Arc<QueueStats>,
 }
 
 impl EventQueue {
@@ -1182,6 +1354,7 @@ impl EventQueue {
         EventQueue {
             device,
             buffers: std::collections::VecDeque::new(),
+            stats: Arc::new(QueueStats::without_luns()),
         }
     }
 
@@ -1232,5 +1405,9 @@ impl QueueHandler for EventQueue {
 
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.device.event_notifier.as_raw_fd())
+    }
+
+    fn stats(&self) -> Option<Arc<QueueStats>> {
+        Some(Arc::clone(&self.stats))
     }
 }

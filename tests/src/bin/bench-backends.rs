@@ -4,6 +4,9 @@
 //!
 //!     cargo build --release --workspace --bins
 //!     cargo run --release -p appliance-tests --bin bench-backends [seconds per phase] [backend...]
+//!
+//! `BENCH_METRICS_LISTEN=HOST:PORT` puts the daemon's metrics endpoint there, to scrape it
+//! during the run (`appliance/grafana/capture.sh`).
 
 // A benchmark program: failures abort with their message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -93,10 +96,14 @@ fn main() {
     direct: false
     create: { size: 512M }
 ";
+    let config = match std::env::var("BENCH_METRICS_LISTEN") {
+        Ok(listen) => format!("metrics:\n  listen: {listen}\n{config}"),
+        Err(_) => config.to_string(),
+    };
     let backends = ["raw", "qcow2", "raw-buffered", "qcow2-buffered"];
     let sockets: Vec<String> = backends.iter().map(|b| format!("{b}.sock")).collect();
     let sockets: Vec<&str> = sockets.iter().map(String::as_str).collect();
-    let appliance = Appliance::start(config, &sockets);
+    let appliance = Appliance::start(&config, &sockets);
     let mut rows = Vec::new();
     println!(
         "{:<15} {:<22} {:>10} {:>10}",
