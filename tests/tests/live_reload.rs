@@ -14,6 +14,7 @@ use appliance_tests::blk_raw::{DATA, HEADER, STATUS};
 use appliance_tests::blkio_frontend::{Frontend, Verifier};
 use appliance_tests::daemon::{appliance_binary, scratch_dir, usage, Appliance};
 use appliance_tests::frontend::RawFrontend;
+use appliance_tests::prom;
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_OUT;
 use vvu_transport::split_ring::Buffer;
 
@@ -139,7 +140,10 @@ fn exports_are_added_and_removed_live_while_io_runs() {
 #[test]
 fn invalid_edits_change_nothing_and_the_next_valid_one_applies() {
     let a = blk("a", "16M");
+    // A metrics endpoint on a free port: the failures are counted there too.
+    let config = |exports: &[&str]| format!("metrics:\n  listen: 127.0.0.1:0\n{}", config(exports));
     let mut appliance = Appliance::start(&config(&[&a]), &["a.sock"]);
+    let metrics = prom::endpoint(&appliance);
     let mut fe = Frontend::connect(&appliance.path("a.sock"), 2);
     let file = appliance.path("exports.yaml").display().to_string();
     let b_missing = "  - name: b
@@ -157,26 +161,26 @@ fn invalid_edits_change_nothing_and_the_next_valid_one_applies() {
     let edits: [(String, Vec<String>); 4] = [
         (
             format!("{}  - name: [\n", config(&[&a])),
-            vec![format!("{file}:8:")],
+            vec![format!("{file}:10:")],
         ),
         (
             config(&[&a]).replace(
                 "    num_queues: 2\n",
                 "    num_queues: 2\n    colour: red\n",
             ),
-            vec![format!("{file}:8:"), "unknown field `colour`".into()],
+            vec![format!("{file}:10:"), "unknown field `colour`".into()],
         ),
         (
             config(&[&a, a_duplicate]),
             vec![
-                format!("{file}:10: export \"b\": field \"socket\""),
+                format!("{file}:12: export \"b\": field \"socket\""),
                 "duplicate socket".into(),
             ],
         ),
         (
             config(&[&a, b_missing]),
             vec![
-                format!("{file}:11: export \"b\": field \"path\""),
+                format!("{file}:13: export \"b\": field \"path\""),
                 "nowhere.raw does not exist".into(),
             ],
         ),
@@ -200,12 +204,47 @@ fn invalid_edits_change_nothing_and_the_next_valid_one_applies() {
         assert_eq!(fe.write(0, 0, 0, 4096), 0, "after edit {n}");
     }
     assert!(!appliance.path("b.sock").exists());
+    let scrape = prom::scrape(metrics);
+    let reloads = |s: &prom::Scrape, result: &str| {
+        s.value(
+            "vhost_appliance_config_reloads_total",
+            &[("result", result)],
+        )
+    };
+    assert_eq!(
+        (reloads(&scrape, "failure"), reloads(&scrape, "success")),
+        (4.0, 0.0)
+    );
+    assert_eq!(
+        scrape.value("vhost_appliance_config_last_reload_successful", &[]),
+        0.0
+    );
+    assert_eq!(
+        scrape.value("vhost_appliance_exports", &[("state", "serving")]),
+        1.0
+    );
     // The next valid edit applies.
     appliance.rewrite_config(&config(&[&a, &blk("b", "4M")]));
     appliance
         .process
         .wait_for_path(&appliance.path("b.sock"), TIMEOUT);
     assert_eq!(fe.read(1, 0, 0, 4096), 0);
+    appliance
+        .process
+        .wait_for_log("configuration reload succeeded", 1, TIMEOUT);
+    let scrape = prom::scrape(metrics);
+    assert_eq!(
+        (reloads(&scrape, "failure"), reloads(&scrape, "success")),
+        (4.0, 1.0)
+    );
+    assert_eq!(
+        scrape.value("vhost_appliance_config_last_reload_successful", &[]),
+        1.0
+    );
+    assert_eq!(
+        scrape.value("vhost_appliance_exports", &[("state", "serving")]),
+        2.0
+    );
 }
 
 #[test]
