@@ -29,6 +29,8 @@ const MINUTE: Duration = Duration::from_secs(60);
 const SCSI_UUID: &str = "0b7c3a52-91d4-4c1e-8f3a-5e2d7c9b1a60";
 
 const EXPORTS: &str = "\
+metrics:
+  listen: 0.0.0.0:9410
 exports:
   - name: vol0
     type: blk
@@ -59,12 +61,12 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-/// An HTTP GET of `/` on the host's 127.0.0.1:`port`; the response, or the error.
+/// An HTTP GET of `/metrics` on the host's 127.0.0.1:`port`; the response, or the error.
 fn http_get(port: u16) -> Result<String, std::io::Error> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     Ok(response)
@@ -203,16 +205,15 @@ fn consumers_are_served_from_inside_the_appliance_vm() {
     let metrics_port = free_port();
     let mut appliance = start_appliance(sockets.path(), metrics_port);
 
-    // The management network: a server on the VM's metrics port (busybox httpd standing in
-    // for the daemon's endpoint, which is not implemented yet) is reachable from the host.
-    appliance.run_ok(
-        "mkdir -p /tmp/www && echo appliance-port-forward-ok > /tmp/www/index.html && httpd -p 9410 -h /tmp/www",
-        MINUTE,
-    );
+    // The management network: the daemon's metrics endpoint inside the VM is reachable
+    // from the host through the forwarded port.
     let response = http_get(metrics_port).expect("metrics port forward");
-    assert!(response.contains("appliance-port-forward-ok"), "{response}");
+    assert!(
+        response.contains("vhost_appliance_exports{state=\"serving\"} 2"),
+        "{response}"
+    );
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        serve_consumers(&mut appliance, sockets.path())
+        serve_consumers(&mut appliance, sockets.path(), metrics_port)
     }));
     if let Err(panic) = result {
         // What the appliance VM saw, for the failure report.
@@ -222,7 +223,7 @@ fn consumers_are_served_from_inside_the_appliance_vm() {
     }
 }
 
-fn serve_consumers(appliance: &mut Vm, sockets: &Path) {
+fn serve_consumers(appliance: &mut Vm, sockets: &Path, metrics_port: u16) {
     // vhost-user-blk at boot: the whole guest-side check, then the bytes inside the
     // appliance VM.
     let mut first = consumer(sockets);
@@ -349,6 +350,16 @@ fn serve_consumers(appliance: &mut Vm, sockets: &Path) {
         Err(_) => panic!("50 sessions through the bridge did not finish within 5 minutes"),
     }
     let after = settled_usage(appliance, Some(before));
+    let metrics = http_get(metrics_port).expect("metrics port forward");
+    let connections: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vhost_appliance_export_connections_total{export=\"vol0\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no connection counter for vol0:\n{metrics}"));
+    assert!(
+        connections >= 50.0,
+        "vol0 counted {connections} connections"
+    );
     eprintln!("daemon in the appliance VM before 50 sessions: {before:?}, after: {after:?}");
     assert!(
         after.2 <= before.2 + 32 * 1024,
