@@ -17,7 +17,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use targets::blk::Memory;
@@ -99,6 +99,9 @@ pub struct VirtioBackend {
     workers: Vec<Mutex<Worker>>,
     memory: RwLock<GuestMemoryAtomic<Memory>>,
     event_idx: AtomicBool,
+    /// Bumped whenever the frontend's memory table changes, so a queue that took a
+    /// snapshot of it notices a newer one.
+    memory_generation: AtomicU64,
     /// The export is stopping: kicks no longer pop requests.
     quiesced: AtomicBool,
     /// Consumer ends of the exit events handed to vhost-user-backend for the current
@@ -137,6 +140,7 @@ impl VirtioBackend {
                 .collect(),
             memory: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
+            memory_generation: AtomicU64::new(0),
             quiesced: AtomicBool::new(false),
             exit_consumers: Mutex::new(Vec::new()),
             stats,
@@ -239,6 +243,15 @@ impl VirtioBackend {
         }
     }
 
+    /// The guest memory table now.
+    fn current_memory(&self) -> Arc<Memory> {
+        self.memory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .memory()
+            .into_inner()
+    }
+
     fn process_queue(&self, index: usize, vring: &Vring) -> io::Result<()> {
         let Some(mut worker) = self.worker(index) else {
             return Ok(());
@@ -252,12 +265,8 @@ impl VirtioBackend {
         if worker.vring.is_none() {
             worker.vring = Some(vring.clone());
         }
-        let mem = self
-            .memory
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .memory()
-            .into_inner();
+        let mut generation = self.memory_generation.load(Ordering::Acquire);
+        let mut mem = self.current_memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let worker = &mut *worker;
         loop {
@@ -267,7 +276,20 @@ impl VirtioBackend {
             loop {
                 let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
                 let Some(chain) = chain else { break };
-                worker.queue.handle_chain(chain, &mem, &mut worker.done);
+                // The frontend may have added memory (ADD_MEM_REG, SET_MEM_TABLE) after
+                // this loop took its snapshot and before it made this chain available: the
+                // chain's buffers are then only in the new table. Making the chain visible
+                // came after the table change (the handler bumps the generation before it
+                // acknowledges), so checking after the pop is enough.
+                let now = self.memory_generation.load(Ordering::Acquire);
+                if now == generation {
+                    worker.queue.handle_chain(chain, &mem, &mut worker.done);
+                } else {
+                    let fresh = self.current_memory();
+                    worker.queue.handle_chain(chain, &fresh, &mut worker.done);
+                    mem = fresh;
+                    generation = now;
+                }
             }
             if let Err(e) = worker.queue.submit() {
                 tracing::error!("submitting I/O failed: {e}");
@@ -361,6 +383,7 @@ impl VhostUserBackend for VirtioBackend {
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
         *self.memory.write().unwrap_or_else(|p| p.into_inner()) = mem;
+        self.memory_generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
