@@ -40,7 +40,13 @@ ensure_promtool() {
     # apt fetches as _apt when it can write there (no "unsandboxed" warning).
     chmod 0755 "$tmp"
     $SUDO chown _apt "$tmp" 2>/dev/null || true
-    (cd "$tmp" && $SUDO apt-get download -q "prometheus=$version")
+    if ! (cd "$tmp" && $SUDO apt-get download -q "prometheus=$version"); then
+        # Package lists older than the mirror: refresh them and ask again.
+        $SUDO apt-get update -q
+        version=$(apt-cache policy prometheus | sed -n 's/^ *Candidate: //p')
+        dest="$PROMETHEUS_CACHE/prometheus-$version"
+        (cd "$tmp" && $SUDO apt-get download -q "prometheus=$version")
+    fi
     $SUDO mkdir -p "$PROMETHEUS_CACHE"
     $SUDO rm -rf "$dest.partial"
     $SUDO dpkg -x "$tmp"/prometheus_*.deb "$dest.partial"
