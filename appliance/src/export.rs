@@ -236,6 +236,15 @@ impl RunningExport {
         Ok(())
     }
 
+    /// Applies changed `socket_permissions` to this export's socket (host mode; nothing to
+    /// do for an inherited fd or a VVU device). Connected frontends keep their connection.
+    pub fn apply_socket_permissions(&self, permissions: &SocketPermissions) -> anyhow::Result<()> {
+        match &self.socket_path {
+            Some(path) => apply_permissions(path, permissions),
+            None => Ok(()),
+        }
+    }
+
     /// The export's backend (for metrics registration).
     pub fn backend(&self) -> &VirtioBackend {
         &self.backend
@@ -807,6 +816,12 @@ fn bind_socket(path: &Path, permissions: &SocketPermissions) -> anyhow::Result<L
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("cannot bind socket {}", path.display()))?;
+    apply_permissions(path, permissions)?;
+    Ok(Listener::from(listener))
+}
+
+/// Gives socket `path` the mode and ownership of `permissions`.
+fn apply_permissions(path: &Path, permissions: &SocketPermissions) -> anyhow::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(permissions.mode))
         .with_context(|| format!("cannot set mode of {}", path.display()))?;
     let uid = permissions.owner.as_deref().map(resolve_user).transpose()?;
@@ -818,7 +833,7 @@ fn bind_socket(path: &Path, permissions: &SocketPermissions) -> anyhow::Result<L
     if uid.is_some() || gid.is_some() {
         chown(path, uid, gid).with_context(|| format!("cannot chown {}", path.display()))?;
     }
-    Ok(Listener::from(listener))
+    Ok(())
 }
 
 fn resolve_user(name: &str) -> anyhow::Result<Uid> {

@@ -6,11 +6,10 @@
 //! - any other path: 404; any other method: 405; a request that is not HTTP: 400; a
 //!   request head over [`MAX_REQUEST`] bytes: 431.
 //!
-//! One connection at a time, answered with `Connection: close`; the request body (there
-//! should be none) is never read. Prometheus scrapes every 15–60 s and a response takes
-//! milliseconds, so a single thread is plenty; reading a request may take [`IO_TIMEOUT`] in
-//! all and each write as long, so a client that stalls or trickles bytes holds the endpoint
-//! only that long.
+//! Each connection is answered on a thread of its own (at most [`MAX_CONNECTIONS`] at once)
+//! with `Connection: close`; the request body (there should be none) is never read. Reading
+//! a request may take [`IO_TIMEOUT`] in all and each write as long, so a client that stalls
+//! or trickles bytes holds only its own connection, never a scrape or a liveness probe.
 //!
 //! Why not a crate: the HTTP server crates that need no async runtime are `tiny_http`
 //! (no release since 2022, an acceptor plus a worker pool) and `astra` (hyper and mio under
@@ -20,6 +19,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::metrics::{Metrics, CONTENT_TYPE};
@@ -40,12 +41,42 @@ pub fn serve(addr: SocketAddr, metrics: Metrics) -> io::Result<SocketAddr> {
     Ok(bound)
 }
 
+/// Connections answered at once; more are closed unanswered. Each holds its thread for at
+/// most [`IO_TIMEOUT`] reading and as long per write, so idle or trickling clients cannot
+/// delay a scrape or a liveness probe unless they keep this many connections open.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Counts a connection being answered for as long as it lives.
+struct Active(Arc<AtomicUsize>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn accept_loop(listener: &TcpListener, metrics: &Metrics) {
+    let active = Arc::new(AtomicUsize::new(0));
     loop {
         match listener.accept() {
             Ok((stream, peer)) => {
-                if let Err(e) = handle(stream, metrics) {
-                    tracing::debug!(%peer, "metrics request failed: {e}");
+                if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                    tracing::debug!(%peer, "metrics endpoint busy: connection closed");
+                    continue;
+                }
+                let guard = Active(Arc::clone(&active));
+                let metrics = metrics.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("metrics-conn".into())
+                    .spawn(move || {
+                        let _guard = guard;
+                        if let Err(e) = handle(stream, &metrics) {
+                            tracing::debug!(%peer, "metrics request failed: {e}");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!("metrics endpoint: cannot start a connection thread: {e}");
                 }
             }
             Err(e) => {

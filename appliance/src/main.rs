@@ -206,7 +206,8 @@ fn check_config(file: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
         Ok(config) => {
-            let missing = config::missing_backing_files(&config, &text, file, |_, _| true);
+            let mut missing = config::missing_backing_files(&config, &text, file, |_, _| true);
+            missing.extend(config::aliased_paths(&config, &text, file));
             for e in &missing {
                 eprintln!("{e}");
             }

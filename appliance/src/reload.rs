@@ -35,6 +35,14 @@ pub struct Exports {
     /// start are absent, so the next reload tries them again.
     applied: Config,
     running: BTreeMap<String, RunningExport>,
+    /// The last valid file: what an edit adds is judged against it, so an export that
+    /// failed to start earlier does not block later edits.
+    last_valid: Config,
+    /// Whether the last reload succeeded; an unchanged file is skipped only after a
+    /// success, so restoring a file after a failure is applied (and counted).
+    last_ok: bool,
+    /// Exports of the file that could not start (reported as `failed`).
+    failed: std::collections::BTreeSet<String>,
     /// Exports by state, reload results.
     metrics: Metrics,
 }
@@ -46,6 +54,12 @@ impl Exports {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let config = parse(path, &text)?;
+        if let Some(e) = config::aliased_paths(&config, &text, path)
+            .into_iter()
+            .next()
+        {
+            return Err(e.into());
+        }
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
         let mut exports = Exports {
@@ -56,6 +70,9 @@ impl Exports {
                 ..config.clone()
             },
             running: BTreeMap::new(),
+            last_valid: config.clone(),
+            last_ok: true,
+            failed: Default::default(),
             metrics,
         };
         exports.metrics.serve(config.metrics_listen);
@@ -86,6 +103,9 @@ impl Exports {
     pub fn reload(&mut self, why: &str, forced: bool) -> Option<bool> {
         let result = self.reload_file(why, forced);
         self.follow_grown_stores(why);
+        if let Some(ok) = result {
+            self.last_ok = ok;
+        }
         result
     }
 
@@ -101,7 +121,7 @@ impl Exports {
                 return Some(false);
             }
         };
-        if text == self.text && !forced {
+        if text == self.text && !forced && self.last_ok {
             tracing::debug!("configuration reload ({why}): file unchanged");
             return None;
         }
@@ -116,9 +136,11 @@ impl Exports {
             }
         };
         let diff = config::diff(&self.applied, &new);
+        // What this edit adds, against the last valid file (not against what runs: an
+        // export that failed before is retried, not held against the edit).
         let added_lun = |name: &str, lun: Option<u16>| {
-            let running = self.applied.exports.iter().find(|e| e.name == name);
-            match (running, lun) {
+            let before = self.last_valid.exports.iter().find(|e| e.name == name);
+            match (before, lun) {
                 (None, _) => true,
                 (Some(export), Some(lun)) => match &export.device {
                     config::Device::Scsi(luns) => !luns.iter().any(|l| l.lun == lun),
@@ -127,7 +149,8 @@ impl Exports {
                 (Some(_), None) => false,
             }
         };
-        let missing = config::missing_backing_files(&new, &text, &self.path, added_lun);
+        let mut missing = config::missing_backing_files(&new, &text, &self.path, added_lun);
+        missing.extend(config::aliased_paths(&new, &text, &self.path));
         if !missing.is_empty() {
             for e in &missing {
                 tracing::error!(
@@ -136,6 +159,7 @@ impl Exports {
             }
             return Some(false);
         }
+        self.last_valid = new.clone();
         tracing::info!(
             "configuration reload ({why}): {} added, {} removed, {} changed",
             diff.added.len(),
@@ -152,6 +176,17 @@ impl Exports {
         }
         for export in &diff.added {
             complete &= self.start_export(export, &new);
+        }
+        // Exports that could not start and are no longer in the file are no longer failed.
+        let gone: Vec<String> = self
+            .failed
+            .iter()
+            .filter(|name| !new.exports.iter().any(|e| &e.name == *name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.failed.remove(&name);
+            self.metrics.remove_export(&name);
         }
         tracing::info!(
             complete,
@@ -184,13 +219,21 @@ impl Exports {
             }
         }
         if new.socket_permissions != self.applied.socket_permissions {
-            tracing::info!("socket_permissions changed: applied to sockets bound from now on");
+            for (name, export) in &self.running {
+                if let Err(e) = export.apply_socket_permissions(&new.socket_permissions) {
+                    tracing::error!(export = name, "socket_permissions not applied: {e:#}");
+                    complete = false;
+                }
+            }
+            tracing::info!("socket_permissions applied to the running exports' sockets");
             self.applied.socket_permissions = new.socket_permissions.clone();
         }
         if new.metrics_listen != self.applied.metrics_listen {
             tracing::error!(
-                "{}: field \"metrics.listen\": a new listen address takes effect at the next start; the endpoint stays where it is",
-                self.path.display()
+                "{}: field \"metrics.listen\": changed from {:?} to {:?}; the endpoint stays where it is until the next start",
+                self.path.display(),
+                self.applied.metrics_listen,
+                new.metrics_listen
             );
             complete = false;
         }
@@ -205,6 +248,7 @@ impl Exports {
         };
         match RunningExport::start(export, socket) {
             Ok(running) => {
+                self.failed.remove(&export.name);
                 self.metrics.add_export(export, running.backend());
                 self.running.insert(export.name.clone(), running);
                 self.applied.exports.push(export.clone());
@@ -212,6 +256,7 @@ impl Exports {
             }
             Err(e) => {
                 // One broken LUN must not take the others down.
+                self.failed.insert(export.name.clone());
                 self.metrics
                     .set_export_state(&export.name, ExportState::Failed);
                 tracing::error!(export = export.name, "export not started: {e:#}");
@@ -288,10 +333,17 @@ impl Exports {
         if refused {
             return false;
         }
-        // LUNs removed, then added, then sizes grown.
+        // LUNs removed, then added (a LUN number may move to another file), then sizes
+        // grown.
         let mut effective = old.clone();
         let mut complete = true;
-        for change in &changes {
+        let removals = changes
+            .iter()
+            .filter(|c| matches!(c, ExportChange::LunRemoved(_)));
+        let additions = changes
+            .iter()
+            .filter(|c| matches!(c, ExportChange::LunAdded(..)));
+        for change in removals.chain(additions) {
             let Device::Scsi(luns) = &mut effective.device else {
                 break;
             };
@@ -435,7 +487,7 @@ fn log_resize(export: &str, lun: Option<u16>, why: &str, resized: Option<&Resize
             r.new,
             r.notified
         ),
-        None => tracing::info!(export, lun, "{why}: the capacity is unchanged"),
+        None => tracing::debug!(export, lun, "{why}: the capacity is unchanged"),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Checks of a valid config against the machine, which validation proper does not do: a
-//! backing file that must exist (no `create:`) does. Used by `check-config` and, for the
+//! backing file that must exist (no `create:`) does, and two spellings of one file or
+//! socket are caught. Used by `check-config` and, for the
 //! exports and LUNs a reload adds, by live reload; errors name file, line, export and field.
 
 use std::path::Path;
@@ -58,6 +59,80 @@ pub fn missing_backing_files(
                     disk.path.display()
                 ),
             });
+        }
+    }
+    errors
+}
+
+/// Backing files and sockets that different spellings (a symlink, `..`, a relative path)
+/// make the same: two writable exports on one file, or two exports on one socket. Text
+/// comparison in validation cannot see these; the file system can, for what exists.
+pub fn aliased_paths(config: &Config, text: &str, file: &Path) -> Vec<ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut errors = Vec::new();
+    // (device, inode) of each existing backing file, with who uses it.
+    let mut seen: Vec<((u64, u64), String, bool)> = Vec::new();
+    let mut sockets: Vec<(std::path::PathBuf, String)> = Vec::new();
+    for (index, export) in config.exports.iter().enumerate() {
+        let disks: Vec<(Option<usize>, &crate::Disk)> = match &export.device {
+            Device::Blk(d) => vec![(None, d)],
+            Device::Scsi(luns) => luns
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (Some(i), &l.disk))
+                .collect(),
+        };
+        for (position, disk) in disks {
+            let Ok(meta) = std::fs::metadata(&disk.path) else {
+                continue;
+            };
+            let key = (meta.dev(), meta.ino());
+            let who = match position {
+                Some(i) => format!("export {:?} luns[{i}]", export.name),
+                None => format!("export {:?}", export.name),
+            };
+            if let Some((_, other, other_ro)) = seen.iter().find(|(k, ..)| *k == key) {
+                if !(disk.readonly && *other_ro) {
+                    let field = match position {
+                        Some(i) => format!("luns[{i}].path"),
+                        None => "path".to_string(),
+                    };
+                    errors.push(ConfigError {
+                        file: file.to_path_buf(),
+                        line: field_line(text, index, position, "path"),
+                        export: Some(export.name.clone()),
+                        field: Some(field),
+                        message: format!(
+                            "{} is the same file as the backing file of {other}; two exports may share a backing file only if both are read-only",
+                            disk.path.display()
+                        ),
+                    });
+                }
+                continue;
+            }
+            seen.push((key, who, disk.readonly));
+        }
+        if let crate::Transport::Socket(path) = &export.transport {
+            let real = match (path.parent(), path.file_name()) {
+                (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+                    .map(|d| d.join(name))
+                    .unwrap_or_else(|_| path.clone()),
+                _ => path.clone(),
+            };
+            if let Some((_, other)) = sockets.iter().find(|(p, _)| *p == real) {
+                errors.push(ConfigError {
+                    file: file.to_path_buf(),
+                    line: field_line(text, index, None, "socket"),
+                    export: Some(export.name.clone()),
+                    field: Some("socket".into()),
+                    message: format!(
+                        "{} is the same socket as export {other:?}'s",
+                        path.display()
+                    ),
+                });
+            } else {
+                sockets.push((real, export.name.clone()));
+            }
         }
     }
     errors

@@ -15,7 +15,7 @@ pub mod schema;
 mod size;
 mod validate;
 
-pub use check::{field_line, missing_backing_files};
+pub use check::{aliased_paths, field_line, missing_backing_files};
 pub use diff::{diff, export_changes, ConfigDiff, ExportChange};
 pub use size::parse_size;
 pub use validate::{

@@ -13,9 +13,9 @@ pub struct ConfigFile {
     pub metrics: Option<MetricsFile>,
     /// Mode and ownership applied to every export socket.
     pub socket_permissions: Option<SocketPermissionsFile>,
-    /// The exported LUNs.
-    #[serde(default)]
-    pub exports: Vec<ExportFile>,
+    /// The exported LUNs. Required, so that an empty or half-written file is an error
+    /// rather than a config without exports: `exports: []` says "none" explicitly.
+    pub exports: Option<Vec<ExportFile>>,
 }
 
 /// `metrics:` section.

@@ -406,8 +406,17 @@ impl Validator<'_> {
             })?),
         };
         let socket_permissions = self.socket_permissions(raw.socket_permissions)?;
-        let mut exports = Vec::with_capacity(raw.exports.len());
-        for (i, export) in raw.exports.into_iter().enumerate() {
+        let Some(raw_exports) = raw.exports else {
+            return Err(ConfigError {
+                file: self.file.to_path_buf(),
+                line: None,
+                export: None,
+                field: Some("exports".into()),
+                message: "is missing (an empty or partly written file?); write `exports: []` to serve no exports".into(),
+            });
+        };
+        let mut exports = Vec::with_capacity(raw_exports.len());
+        for (i, export) in raw_exports.into_iter().enumerate() {
             exports.push(self.export(i, export)?);
         }
         self.check_unique(&exports)?;

@@ -504,3 +504,20 @@ fn a_size_change_is_its_own_change() {
         ["luns[1].readonly", "luns[1].rotational", "luns[1].size"]
     );
 }
+
+#[test]
+fn a_file_without_an_exports_list_is_refused() {
+    for text in [
+        "",
+        "# nothing yet\n",
+        "---\n",
+        "exports:\n",
+        "state_dir: /tmp/x\n",
+    ] {
+        let e = config::parse_str(text, Path::new("exports.yaml"), Path::new("/")).expect_err(text);
+        assert_eq!(e.field.as_deref(), Some("exports"), "{text:?}: {e}");
+        assert!(e.to_string().contains("exports: []"), "{e}");
+    }
+    let c = config::parse_str("exports: []\n", Path::new("exports.yaml"), Path::new("/")).unwrap();
+    assert!(c.exports.is_empty());
+}

@@ -491,3 +491,84 @@ fn sighup_retries_an_export_that_failed_to_start() {
     let mut fe = Frontend::connect(&appliance.path("b.sock"), 1);
     assert_eq!(fe.read(0, 0, 0, 4096), 0);
 }
+
+#[test]
+fn an_empty_or_half_written_file_changes_nothing() {
+    let a = blk("a", "4M");
+    let mut appliance = Appliance::start(&config(&[&a]), &["a.sock"]);
+    let mut fe = Frontend::connect(&appliance.path("a.sock"), 2);
+    // Truncated in place, as a slow writer leaves it before its content lands.
+    std::fs::write(appliance.path("exports.yaml"), "").unwrap();
+    let log = appliance
+        .process
+        .wait_for_log("keeping the running configuration", 1, TIMEOUT);
+    assert!(log.contains("field \"exports\": is missing"), "{log}");
+    assert!(appliance.path("a.sock").exists());
+    assert_eq!(fe.write(0, 0, 0, 4096), 0);
+    // Deleted, then the same text restored: applied again (and counted), not skipped.
+    std::fs::remove_file(appliance.path("exports.yaml")).unwrap();
+    appliance.process.signal(libc::SIGHUP).unwrap();
+    appliance.process.wait_for_log("cannot read", 1, TIMEOUT);
+    appliance.rewrite_config(&config(&[&a]));
+    appliance
+        .process
+        .wait_for_log("configuration reload succeeded", 1, TIMEOUT);
+    assert_eq!(fe.read(1, 0, 0, 4096), 0);
+}
+
+#[test]
+fn an_export_that_failed_to_start_neither_blocks_edits_nor_stays_failed_once_removed() {
+    let gone =
+        "  - name: gone\n    type: blk\n    socket: @DIR@/gone.sock\n    path: @DIR@/gone.raw\n";
+    let a = blk("a", "4M");
+    let with_metrics =
+        |exports: &[&str]| format!("metrics:\n  listen: 127.0.0.1:0\n{}", config(exports));
+    let mut appliance = Appliance::start(&with_metrics(&[&a, gone]), &["a.sock"]);
+    let metrics = prom::endpoint(&appliance);
+    let failed = |addr| prom::scrape(addr).value("vhost_appliance_exports", &[("state", "failed")]);
+    assert_eq!(failed(metrics), 1.0);
+    // An unrelated addition applies although `gone` still cannot start.
+    appliance.rewrite_config(&with_metrics(&[&a, gone, &blk("b", "1M")]));
+    appliance
+        .process
+        .wait_for_path(&appliance.path("b.sock"), TIMEOUT);
+    // Removed from the file, it is no longer reported as failed.
+    appliance.rewrite_config(&with_metrics(&[&a, &blk("b", "1M")]));
+    appliance
+        .process
+        .wait_for_log("configuration reload succeeded", 1, TIMEOUT);
+    assert_eq!(
+        prom::scrape(metrics)
+            .get("vhost_appliance_exports", &[("state", "failed")])
+            .unwrap_or(0.0),
+        0.0
+    );
+}
+
+#[test]
+fn socket_permissions_apply_to_running_sockets_and_aliases_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = blk("a", "4M");
+    let mut appliance = Appliance::start(&config(&[&a]), &["a.sock"]);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&appliance.path("a.sock")), 0o660);
+    appliance.rewrite_config(&format!(
+        "socket_permissions:\n  mode: \"0600\"\n{}",
+        config(&[&a])
+    ));
+    appliance
+        .process
+        .wait_for_log("socket_permissions applied", 1, TIMEOUT);
+    assert_eq!(mode(&appliance.path("a.sock")), 0o600);
+    // The same backing file under another name, for a second writable export: refused.
+    std::os::unix::fs::symlink(appliance.path("a.raw"), appliance.path("alias.raw")).unwrap();
+    let alias = "  - name: b\n    type: blk\n    socket: @DIR@/b.sock\n    path: @DIR@/alias.raw\n";
+    appliance.rewrite_config(&config(&[&a, alias]));
+    let log = appliance.process.wait_for_log(
+        "is the same file as the backing file of export \"a\"",
+        1,
+        TIMEOUT,
+    );
+    assert!(log.contains("field \"path\""), "{log}");
+    assert!(!appliance.path("b.sock").exists());
+}
