@@ -2,7 +2,8 @@
 //!
 //! - [`sense`]: status codes and fixed-format sense data.
 //! - [`emulation`]: the SPC/SBC command set of one logical unit, producing data, sense, a
-//!   disk I/O request (no I/O happens here) or a REPORT LUNS for the target to answer.
+//!   disk I/O request (no I/O happens here) or a REPORT LUNS for the target to answer;
+//!   its submodule `emulation::commands` holds the command table and CDB usage maps.
 //! - [`luns`]: the LUN table, which changes while frontends use it (LUNs added and removed
 //!   live) without a lock on the request path.
 //! - [`virtio`]: virtio-scsi framing, LUN addressing, unit attentions, the request queue
