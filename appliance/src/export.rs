@@ -10,7 +10,9 @@
 //!
 //! Capacity: `size:` is applied when the export starts (the store grown to it, refused if
 //! the store is larger: shrinking is refused), and [`RunningExport::resize`] grows a running
-//! export, for a grown `size:` or a store grown underneath, and tells the frontend.
+//! export, for a grown `size:` or a store grown underneath, and tells the frontend. The
+//! resize pieces (capacity, store size, size checks, [`Resized`], the backing store's size
+//! helpers) live in the `resize` submodule, `export/resize.rs`.
 
 use std::fs;
 use std::io;
@@ -42,6 +44,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::backend::{completion_event, VirtioBackend};
 use crate::relay::{self, BackendChannel, PrivateListener};
 use crate::vvu::VvuBridge;
+
+pub use resize::Resized;
+
+mod resize;
 
 /// Where an export gets its frontend connections from.
 pub enum SocketSource<'a> {
@@ -330,122 +336,6 @@ impl RunningExport {
     }
 }
 
-/// What [`RunningExport::resize`] did to a device's capacity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resized {
-    /// Capacity before, in bytes.
-    pub old: u64,
-    /// Capacity now, in bytes.
-    pub new: u64,
-    /// How the frontend was told, as a phrase for the log.
-    pub notified: String,
-}
-
-impl RunningExport {
-    fn disk(&self, lun: Option<u16>) -> anyhow::Result<&ExportDisk> {
-        self.disks
-            .iter()
-            .find(|d| d.lun == lun)
-            .ok_or_else(|| anyhow!("export {} has no LUN {lun:?}", self.name))
-    }
-
-    /// The capacity the device presents for `lun` (`None` for a blk export), in bytes.
-    pub fn capacity(&self, lun: Option<u16>) -> anyhow::Result<u64> {
-        let disk = self.disk(lun)?;
-        match (&self.device, lun) {
-            (DeviceHandle::Blk(d), None) => Ok(d.capacity_bytes()),
-            (DeviceHandle::Scsi(d), Some(id)) => d
-                .luns()
-                .find(id)
-                .map(|l| l.lun.emulation.blocks() * disk.block_size)
-                .ok_or_else(|| anyhow!("export {} has no LUN {id}", self.name)),
-            _ => bail!("export {}: LUN {lun:?} is not one of its device", self.name),
-        }
-    }
-
-    /// The size of the backing store of `lun` now, in bytes (it may have grown underneath).
-    pub fn store_size(&self, lun: Option<u16>) -> anyhow::Result<u64> {
-        let disk = self.disk(lun)?;
-        disk.backing
-            .current_size()
-            .with_context(|| format!("cannot read the size of {}", disk.backing.path().display()))
-    }
-
-    /// Whether `size:` `bytes` can be applied to `lun` without shrinking it: refused when the
-    /// backing store is larger, or when it is a block device that would need to grow.
-    pub fn check_size(&self, lun: Option<u16>, bytes: u64) -> Result<(), String> {
-        let disk = self.disk(lun).map_err(|e| e.to_string())?;
-        let store = disk
-            .backing
-            .current_size()
-            .map_err(|e| format!("cannot read the size of the backing store: {e}"))?;
-        if bytes < store {
-            return Err(format!(
-                "{bytes} is smaller than the backing store ({store} bytes): shrinking is refused; the running size stays"
-            ));
-        }
-        if bytes > store && disk.backing.is_block_device() {
-            return Err(format!(
-                "{} is a block device of {store} bytes: it is grown by its owner (e.g. lvextend), then picked up at the next reload; the running size stays",
-                disk.backing.path().display()
-            ));
-        }
-        Ok(())
-    }
-
-    /// Online resize of `lun` (`None` for a blk export): with `size` (`size:` in bytes), the
-    /// backing store is grown to it first (a smaller size is refused: shrinking is); without,
-    /// the device follows the store, which may have grown underneath. The capacity becomes
-    /// the store's size rounded down to the logical block size, and the frontend is told:
-    /// virtio-blk by VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on its backend channel, SCSI by
-    /// CAPACITY DATA HAS CHANGED (and a parameter-change event). Returns what changed, or
-    /// `None` when the capacity already was that (a capacity never shrinks).
-    pub fn resize(&self, lun: Option<u16>, size: Option<u64>) -> anyhow::Result<Option<Resized>> {
-        let disk = self.disk(lun)?;
-        if let Some(bytes) = size {
-            disk.backing.apply_size(bytes)?;
-        }
-        let target = match size {
-            Some(bytes) => bytes,
-            None => self.store_size(lun)?,
-        } / disk.block_size
-            * disk.block_size;
-        let old = match (&self.device, lun) {
-            (DeviceHandle::Blk(d), None) => d.grow_capacity(target),
-            (DeviceHandle::Scsi(d), Some(id)) => {
-                let blocks = d
-                    .grow_lun(id, target / disk.block_size)
-                    .ok_or_else(|| anyhow!("export {} has no LUN {id}", self.name))?;
-                blocks * disk.block_size
-            }
-            _ => bail!("export {}: LUN {lun:?} is not one of its device", self.name),
-        };
-        if target <= old {
-            return Ok(None);
-        }
-        let notified = match &self.device {
-            DeviceHandle::Scsi(_) => {
-                "frontend told by the unit attention CAPACITY DATA HAS CHANGED (and a parameter-change event where the driver takes them)".to_string()
-            }
-            DeviceHandle::Blk(_) => match self.connection.channel.config_changed() {
-                Ok(true) => "frontend told by CONFIG_CHANGE_MSG on the backend channel".to_string(),
-                Ok(false) => {
-                    "no backend channel to tell a frontend: it sees the capacity when it reads the config space again".to_string()
-                }
-                Err(e) => {
-                    tracing::warn!(export = self.name, "telling the frontend of the new capacity failed: {e}");
-                    format!("telling the frontend failed: CONFIG_CHANGE_MSG: {e}")
-                }
-            },
-        };
-        Ok(Some(Resized {
-            old,
-            new: target,
-            notified,
-        }))
-    }
-}
-
 /// An open backing store: a raw file or block device, or a qcow2 image.
 enum Backing {
     Raw(RawDisk),
@@ -480,43 +370,6 @@ impl Backing {
             info.size = size;
         }
         info
-    }
-
-    /// Size in bytes now (a raw store may have grown underneath).
-    fn current_size(&self) -> io::Result<u64> {
-        match self {
-            Backing::Raw(d) => d.current_size(),
-            Backing::Qcow2(d) => Ok(d.current_size()),
-        }
-    }
-
-    fn is_block_device(&self) -> bool {
-        match self {
-            Backing::Raw(d) => d.info().is_block_device,
-            Backing::Qcow2(_) => false,
-        }
-    }
-
-    /// Makes the store hold `size` bytes (`size:`): grows a smaller one (a raw file by
-    /// `ftruncate`, a qcow2 image through imago), refuses a larger one (shrinking is refused)
-    /// and a block device that would have to grow (its owner grows it).
-    fn apply_size(&self, size: u64) -> anyhow::Result<()> {
-        let path = self.path().display();
-        let store = self
-            .current_size()
-            .with_context(|| format!("cannot read the size of {path}"))?;
-        if size < store {
-            bail!("size: {size} is smaller than the backing store {path} ({store} bytes): shrinking is refused");
-        }
-        if size > store {
-            match self {
-                Backing::Raw(d) => d.grow(size),
-                Backing::Qcow2(d) => d.grow(size),
-            }
-            .with_context(|| format!("cannot grow {path} from {store} to {size} bytes"))?;
-            tracing::info!(path = %path, old = store, new = size, "backing store grown to size:");
-        }
-        Ok(())
     }
 
     fn path(&self) -> &Path {

@@ -7,13 +7,14 @@
 //!   `--blk-file`, `--read-only`, `--print-capabilities`.
 //!
 //! Modules: [`backend`] (the `VhostUserBackend`), [`export`] (sockets, connection
-//! lifecycle, online resize), [`relay`] (each frontend's control messages to its daemon, and
-//! the backend channel kept for CONFIG_CHANGE_MSG), [`reload`] (live `exports.yaml`),
-//! [`watch`] (inotify and signals), [`vvu`] (appliance-VM mode: exports served through a
-//! virtio-vhost-user device), [`metrics`] and [`http`] (Prometheus `/metrics` and
-//! `/healthz` on `metrics.listen`), [`process`] (the daemon's own resource use). The process
-//! never daemonizes; it exits cleanly on SIGTERM/SIGINT after completing in-flight I/O, and
-//! tells systemd it is ready when `NOTIFY_SOCKET` is set.
+//! lifecycle; online resize in its `resize` submodule), [`relay`] (each frontend's control
+//! messages to its daemon, and the backend channel kept for CONFIG_CHANGE_MSG), [`reload`]
+//! (live `exports.yaml`), [`watch`] (inotify and signals), [`vvu`] (appliance-VM mode:
+//! exports served through a virtio-vhost-user device), [`metrics`] (its `collector`
+//! submodule encodes every family at scrape time) and [`http`] (Prometheus `/metrics` and
+//! `/healthz` on `metrics.listen`), [`process`] (the daemon's own resource use). The
+//! process never daemonizes; it exits cleanly on SIGTERM/SIGINT after completing in-flight
+//! I/O, and tells systemd it is ready when `NOTIFY_SOCKET` is set.
 
 mod backend;
 mod export;

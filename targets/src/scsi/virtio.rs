@@ -1,11 +1,15 @@
 //! virtio-scsi (virtio 1.x §5.6): one target with many LUNs.
 //!
-//! Queue 0 is the control queue ([`ControlQueue`]: task management and asynchronous
-//! notification requests), queue 1 the event queue ([`EventQueue`]), queues 2.. the request
-//! queues ([`RequestQueue`]). A request is the 51-byte `virtio_scsi_cmd_req` (with a 32-byte
-//! CDB) followed by data-out bytes, and the 108-byte `virtio_scsi_cmd_resp` (96-byte sense)
-//! followed by data-in bytes. Commands are emulated by [`Lun`]; disk I/O runs on one ring per
-//! LUN per queue, all signalling one completion eventfd.
+//! Here: the device ([`ScsiDevice`]: LUN table, config space, unit attentions), LUN
+//! addressing, the request framing and the request queues ([`RequestQueue`], queues 2..).
+//! Queue 0, the control queue ([`ControlQueue`]: task management and asynchronous
+//! notification requests), lives in `scsi/control.rs`; queue 1, the event queue
+//! ([`EventQueue`]) and its pending events, in `scsi/events.rs`; both are re-exported here.
+//!
+//! A request is the 51-byte `virtio_scsi_cmd_req` (with a 32-byte CDB) followed by data-out
+//! bytes, and the 108-byte `virtio_scsi_cmd_resp` (96-byte sense) followed by data-in bytes.
+//! Commands are emulated by [`Lun`]; disk I/O runs on one ring per LUN per queue, all
+//! signalling one completion eventfd.
 //!
 //! A LUN whose capacity grows ([`ScsiDevice::grow_lun`]) reports CAPACITY DATA HAS CHANGED
 //! as a unit attention, after any other pending one, and with VIRTIO_SCSI_F_CHANGE as a
@@ -25,9 +29,16 @@ use virtio_bindings::bindings::virtio_scsi::{VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F
 use virtio_queue::DescriptorChain;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub use super::control::ControlQueue;
+pub use super::events::{event_lun, EventQueue, EVENT_SIZE};
+
 use super::emulation::{
     data_out_to_gather, ignores_unit_attention, report_luns, IoRequest, Lun, Outcome,
     MAX_TRANSFER_BLOCKS,
+};
+use super::events::{
+    PendingEvents, VIRTIO_SCSI_EVT_RESET_REMOVED, VIRTIO_SCSI_EVT_RESET_RESCAN,
+    VIRTIO_SCSI_T_PARAM_CHANGE, VIRTIO_SCSI_T_TRANSPORT_RESET,
 };
 use super::luns::{LunSlot, LunTable, RingFactory};
 use super::sense::{status, Sense, FIXED_SENSE_LEN};
@@ -38,7 +49,7 @@ use crate::device::{Completed, QueueHandler, VirtioDevice};
 use crate::disk::{DiskCompletion, DiskInfo, DiskOp, DiskQueue};
 use crate::inflight::InFlightTable;
 use crate::iobuf::AlignedBuf;
-use crate::stats::{bump, Failure, LunStats, Op, QueueStats, TMF_FUNCTIONS};
+use crate::stats::{bump, Failure, LunStats, Op, QueueStats};
 
 /// CDB bytes in a request (the config space's default `cdb_size`).
 pub const CDB_SIZE: usize = 32;
@@ -104,40 +115,11 @@ pub struct ScsiDevice {
     queue_size: u16,
     acked_features: AtomicU64,
     /// Events waiting for an event-queue buffer.
-    events: Mutex<PendingEvents>,
+    pub(super) events: Mutex<PendingEvents>,
     /// Signalled when an event is queued; the event queue's worker waits on it.
-    event_notifier: EventFd,
+    pub(super) event_notifier: EventFd,
     /// How long a TMF waits for them, in milliseconds, before it answers FAILURE.
     tmf_timeout_ms: AtomicU64,
-}
-
-/// Size of `struct virtio_scsi_event`: event, lun[8], reason.
-pub const EVENT_SIZE: usize = 16;
-/// Events kept while the driver has no event buffer; beyond that they are dropped and the
-/// next one delivered carries VIRTIO_SCSI_T_EVENTS_MISSED.
-const MAX_PENDING_EVENTS: usize = 64;
-const VIRTIO_SCSI_T_TRANSPORT_RESET: u32 = 1;
-const VIRTIO_SCSI_T_PARAM_CHANGE: u32 = 3;
-const VIRTIO_SCSI_T_EVENTS_MISSED: u32 = 0x8000_0000;
-const VIRTIO_SCSI_EVT_RESET_RESCAN: u32 = 0;
-const VIRTIO_SCSI_EVT_RESET_REMOVED: u32 = 2;
-
-#[derive(Debug, Default)]
-struct PendingEvents {
-    queue: std::collections::VecDeque<[u8; EVENT_SIZE]>,
-    missed: bool,
-}
-
-/// The LUN field of an event (`virtio_scsi_event.lun`) for target 0, as QEMU writes it and
-/// REPORT LUNS gives LUNs: peripheral addressing below 256, flat (0x40) from 256. Linux
-/// looks the device up by bytes 2..3 as they are, so LUN 1 must not carry the flat-space
-/// bit that requests use.
-pub fn event_lun(lun: u16) -> [u8; 8] {
-    let mut field = [1, 0, 0, lun as u8, 0, 0, 0, 0];
-    if lun >= 256 {
-        field[2] = 0x40 | ((lun >> 8) as u8 & 0x3f);
-    }
-    field
 }
 
 /// The 8-byte virtio-scsi LUN field for target 0, `lun` (flat addressing, as Linux's
@@ -181,7 +163,7 @@ impl ScsiDevice {
     }
 
     /// Waits until no LUN in `luns` has requests outstanding; false on timeout.
-    fn wait_idle(&self, luns: &[Arc<LunSlot>]) -> bool {
+    pub(super) fn wait_idle(&self, luns: &[Arc<LunSlot>]) -> bool {
         let timeout = Duration::from_millis(self.tmf_timeout_ms.load(Ordering::Relaxed));
         let deadline = Instant::now() + timeout;
         loop {
@@ -232,37 +214,6 @@ impl ScsiDevice {
             self.push_event(event);
         }
         Some(before)
-    }
-
-    /// Queues an event for the event queue and wakes its worker.
-    fn push_event(&self, event: [u8; EVENT_SIZE]) {
-        {
-            let mut pending = self.events.lock().unwrap_or_else(|p| p.into_inner());
-            if pending.queue.len() < MAX_PENDING_EVENTS {
-                pending.queue.push_back(event);
-            } else {
-                pending.missed = true;
-            }
-        }
-        if let Err(e) = self.event_notifier.write(1) {
-            tracing::warn!("cannot wake the event queue: {e}");
-        }
-    }
-
-    /// The next event to deliver, flagged if events were dropped before it.
-    fn next_event(&self) -> Option<[u8; EVENT_SIZE]> {
-        let mut pending = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        let mut event = match pending.queue.pop_front() {
-            Some(e) => e,
-            // VIRTIO_SCSI_T_NO_EVENT, to carry the EVENTS_MISSED flag alone.
-            None if pending.missed => [0u8; EVENT_SIZE],
-            None => return None,
-        };
-        if std::mem::take(&mut pending.missed) {
-            let kind = u32::from_le_bytes([event[0], event[1], event[2], event[3]]);
-            event[0..4].copy_from_slice(&(kind | VIRTIO_SCSI_T_EVENTS_MISSED).to_le_bytes());
-        }
-        Some(event)
     }
 
     /// The LUNs now, by id.
@@ -1210,204 +1161,5 @@ impl QueueHandler for RequestQueue {
         for lun in self.unpublished.drain(..) {
             lun.published();
         }
-    }
-}
-
-/// The control queue: task management functions and asynchronous notification requests.
-pub struct ControlQueue {
-    device: Arc<ScsiDevice>,
-    stats: Arc<QueueStats>,
-}
-
-impl ControlQueue {
-    /// The control queue of `device`.
-    pub fn new(device: Arc<ScsiDevice>) -> Self {
-        ControlQueue {
-            device,
-            stats: Arc::new(QueueStats::without_luns()),
-        }
-    }
-
-    /// Counters of this queue (task management functions by subtype).
-    pub fn stats(&self) -> &Arc<QueueStats> {
-        &self.stats
-    }
-
-    /// Answers a TMF. In-flight commands cannot be taken back from the kernel: an abort or
-    /// reset waits until the commands it affects have completed (normally) and are on
-    /// their used rings, as virtio-scsi requires of a completed TMF, then answers. If that
-    /// takes longer than the TMF timeout, it answers FAILURE and the initiator escalates.
-    fn tmf(&self, req: &[u8]) -> u8 {
-        let subtype = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
-        let function = (subtype as usize).min(TMF_FUNCTIONS.len() - 1);
-        if let Some(count) = self.stats.tmf.get(function) {
-            bump(count, 1);
-        }
-        let mut lun = [0u8; 8];
-        lun.copy_from_slice(&req[8..16]);
-        let table = self.device.luns();
-        let index = decode_lun(&lun).and_then(|id| table.find(id).cloned());
-        let settle = |luns: &[Arc<LunSlot>], answer: u8| {
-            if self.device.wait_idle(luns) {
-                answer
-            } else {
-                tracing::warn!(
-                    subtype,
-                    "task management: in-flight I/O did not complete in time; answering FAILURE"
-                );
-                response::FAILURE
-            }
-        };
-        match subtype {
-            // ABORT TASK, ABORT TASK SET, CLEAR TASK SET
-            0 | 1 | 3 => match index {
-                Some(i) => settle(&[i], response::FUNCTION_COMPLETE),
-                None => response::INCORRECT_LUN,
-            },
-            // I_T NEXUS RESET
-            4 => {
-                let all: Vec<Arc<LunSlot>> = table.iter().cloned().collect();
-                let answer = settle(&all, response::FUNCTION_SUCCEEDED);
-                self.device.set_unit_attention(None, Sense::I_T_NEXUS_LOSS);
-                answer
-            }
-            // LOGICAL UNIT RESET
-            5 => match index {
-                Some(i) => {
-                    let answer = settle(std::slice::from_ref(&i), response::FUNCTION_SUCCEEDED);
-                    i.set_unit_attention(Sense::LUN_RESET_OCCURRED);
-                    answer
-                }
-                None => response::INCORRECT_LUN,
-            },
-            // QUERY TASK SET: whether the LUN has commands in flight. QUERY TASK would need
-            // the tag, which is not tracked: it reports none.
-            6 | 7 => match index {
-                Some(i) if subtype == 7 && i.busy() > 0 => response::FUNCTION_SUCCEEDED,
-                Some(_) => response::FUNCTION_COMPLETE,
-                None => response::INCORRECT_LUN,
-            },
-            // CLEAR ACA (no ACA support) and anything unknown.
-            _ => response::FUNCTION_REJECTED,
-        }
-    }
-}
-
-impl QueueHandler for ControlQueue {
-    fn handle_chain(
-        &mut self,
-        chain: DescriptorChain<&Memory>,
-        mem: &Arc<Memory>,
-        done: &mut Vec<Completed>,
-    ) {
-        let Chain {
-            head,
-            readable,
-            writable,
-            ..
-        } = Chain::collect(chain);
-        let mut req = [0u8; 24];
-        let req_len = total(&readable).min(req.len());
-        let req_ok = gather(mem, &readable, &mut req[..req_len]).is_some();
-        let kind = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
-        let reply: Vec<u8> = match kind {
-            // VIRTIO_SCSI_T_TMF
-            0 if req_ok && req_len >= 24 => vec![self.tmf(&req)],
-            // VIRTIO_SCSI_T_AN_QUERY / AN_SUBSCRIBE: no asynchronous events are supported.
-            1 | 2 if req_ok && req_len >= 16 => {
-                let mut r = 0u32.to_le_bytes().to_vec();
-                r.push(response::OK);
-                r
-            }
-            _ => {
-                tracing::debug!(kind, req_len, "malformed control request");
-                if total(&writable) >= 5 {
-                    let mut r = vec![0u8; 4];
-                    r.push(response::FAILURE);
-                    r
-                } else {
-                    vec![response::FAILURE]
-                }
-            }
-        };
-        let used_len = scatter(mem, &writable, &reply).unwrap_or(0) as u32;
-        done.push(Completed { head, used_len });
-    }
-
-    fn stats(&self) -> Option<Arc<QueueStats>> {
-        Some(Arc::clone(&self.stats))
-    }
-}
-
-/// The event queue: the driver's buffers wait here until the device has an event.
-pub struct EventQueue {
-    device: Arc<ScsiDevice>,
-    /// Buffers taken from the ring, waiting for events: head and writable bytes.
-    buffers: std::collections::VecDeque<(u16, Vec<Segment>, Arc<Memory>)>,
-    /// Kicks and notifications only.
-    stats: Arc<QueueStats>,
-}
-
-impl EventQueue {
-    /// The event queue of `device`.
-    pub fn new(device: Arc<ScsiDevice>) -> Self {
-        EventQueue {
-            device,
-            buffers: std::collections::VecDeque::new(),
-            stats: Arc::new(QueueStats::without_luns()),
-        }
-    }
-
-    /// Puts queued events into waiting buffers.
-    fn deliver(&mut self, done: &mut Vec<Completed>) {
-        while !self.buffers.is_empty() {
-            let Some(event) = self.device.next_event() else {
-                return;
-            };
-            if let Some((head, segs, mem)) = self.buffers.pop_front() {
-                let used_len = scatter(&mem, &segs, &event).unwrap_or(0) as u32;
-                done.push(Completed { head, used_len });
-            }
-        }
-    }
-}
-
-impl QueueHandler for EventQueue {
-    fn handle_chain(
-        &mut self,
-        chain: DescriptorChain<&Memory>,
-        mem: &Arc<Memory>,
-        done: &mut Vec<Completed>,
-    ) {
-        let Chain { head, writable, .. } = Chain::collect(chain);
-        if total(&writable) < EVENT_SIZE {
-            tracing::debug!(head, "event buffer too small");
-            done.push(Completed { head, used_len: 0 });
-            return;
-        }
-        self.buffers.push_back((head, writable, Arc::clone(mem)));
-        self.deliver(done);
-    }
-
-    fn reap(&mut self, done: &mut Vec<Completed>) {
-        let _ = self.device.event_notifier.read();
-        self.deliver(done);
-    }
-
-    /// The ring is stopping: held buffers go back holding VIRTIO_SCSI_T_NO_EVENT.
-    fn drain(&mut self, done: &mut Vec<Completed>) -> io::Result<()> {
-        for (head, segs, mem) in self.buffers.drain(..) {
-            let used_len = scatter(&mem, &segs, &[0u8; EVENT_SIZE]).unwrap_or(0) as u32;
-            done.push(Completed { head, used_len });
-        }
-        Ok(())
-    }
-
-    fn completion_fd(&self) -> Option<RawFd> {
-        Some(self.device.event_notifier.as_raw_fd())
-    }
-
-    fn stats(&self) -> Option<Arc<QueueStats>> {
-        Some(Arc::clone(&self.stats))
     }
 }
