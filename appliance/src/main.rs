@@ -77,7 +77,7 @@ struct Cli {
     print_capabilities: bool,
 
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
-    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
     log_level: String,
 }
 

@@ -51,7 +51,7 @@ impl Exports {
     /// Loads `path` and starts its exports. An invalid file is an error; an export that
     /// cannot start is logged and left out, the others run.
     pub fn start(path: &Path, metrics: Metrics) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
+        let text = read_config(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let config = parse(path, &text)?;
         if let Some(e) = config::aliased_paths(&config, &text, path)
@@ -111,7 +111,7 @@ impl Exports {
 
     /// The file part of [`Exports::reload`].
     fn reload_file(&mut self, why: &str, forced: bool) -> Option<bool> {
-        let text = match std::fs::read_to_string(&self.path) {
+        let text = match read_config(&self.path) {
             Ok(text) => text,
             Err(e) => {
                 tracing::error!(
@@ -259,7 +259,15 @@ impl Exports {
                 self.failed.insert(export.name.clone());
                 self.metrics
                     .set_export_state(&export.name, ExportState::Failed);
-                tracing::error!(export = export.name, "export not started: {e:#}");
+                // Where the export is in the file, so the operator finds it.
+                let at = config
+                    .exports
+                    .iter()
+                    .position(|x| x.name == export.name)
+                    .and_then(|i| config::field_line(&self.text, i, None, "name"))
+                    .map(|line| format!("{}:{line}: ", self.path.display()))
+                    .unwrap_or_default();
+                tracing::error!(export = export.name, "{at}export not started: {e:#}");
                 false
             }
         }
@@ -489,6 +497,16 @@ fn log_resize(export: &str, lun: Option<u16>, why: &str, resized: Option<&Resize
         ),
         None => tracing::debug!(export, lun, "{why}: the capacity is unchanged"),
     }
+}
+
+/// Reads the config file, refusing anything but a regular file (a FIFO would block the
+/// main loop on open).
+fn read_config(path: &Path) -> std::io::Result<String> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    std::fs::read_to_string(path)
 }
 
 fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {

@@ -261,12 +261,22 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and validates config text; `file` names it in errors, `base` resolves relative paths.
 pub fn parse_str(text: &str, file: &Path, base: &Path) -> Result<Config, ConfigError> {
-    let raw: ConfigFile = serde_yaml_ng::from_str(text).map_err(|e| ConfigError {
-        file: file.to_path_buf(),
-        line: e.location().map(|l| l.line()),
-        export: None,
-        field: None,
-        message: e.to_string(),
+    let raw: ConfigFile = serde_yaml_ng::from_str(text).map_err(|e| {
+        let line = e.location().map(|l| l.line());
+        let mut message = e.to_string();
+        // The line goes in front, as in every other error; serde repeats it at the end.
+        if let Some(at) = message.rfind(" at line ") {
+            if line.is_some() {
+                message.truncate(at);
+            }
+        }
+        ConfigError {
+            file: file.to_path_buf(),
+            line,
+            export: None,
+            field: None,
+            message,
+        }
     })?;
     Validator {
         file,

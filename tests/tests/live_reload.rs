@@ -200,6 +200,10 @@ fn invalid_edits_change_nothing_and_the_next_valid_one_applies() {
         for e in expected {
             assert!(line.contains(e.as_str()), "edit {n}: {e:?} not in {line:?}");
         }
+        assert!(
+            !line.contains(" at line "),
+            "the line is given once: {line:?}"
+        );
         // A still serves on its connection.
         assert_eq!(fe.write(0, 0, 0, 4096), 0, "after edit {n}");
     }
@@ -342,6 +346,7 @@ fn check_config_validates_offline() {
         let out = Command::new(appliance_binary())
             .arg("check-config")
             .arg(&path)
+            .args(["--log-level", "warn"])
             .output()
             .unwrap();
         (
@@ -514,6 +519,19 @@ fn an_empty_or_half_written_file_changes_nothing() {
         .process
         .wait_for_log("configuration reload succeeded", 1, TIMEOUT);
     assert_eq!(fe.read(1, 0, 0, 4096), 0);
+    // A FIFO in its place is refused, not opened (which would block the main loop).
+    let fifo = std::ffi::CString::new(appliance.path("fifo").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    std::fs::rename(appliance.path("fifo"), appliance.path("exports.yaml")).unwrap();
+    appliance.process.signal(libc::SIGHUP).unwrap();
+    appliance
+        .process
+        .wait_for_log("not a regular file", 1, TIMEOUT);
+    assert!(
+        appliance.process.terminate(TIMEOUT).success(),
+        "SIGTERM still stops it"
+    );
 }
 
 #[test]

@@ -343,6 +343,11 @@ fn shrinking_is_refused_with_file_line_and_field() {
     let log = appliance
         .process
         .wait_for_log("export not started", 1, TIMEOUT);
+    let file = appliance.path("exports.yaml").display().to_string();
+    assert!(
+        log.contains(&format!("{file}:2: export not started")),
+        "the refusal names the export's line: {log}"
+    );
     assert!(
         log.contains(&format!(
             "size: {} is smaller than the backing store {} ({} bytes): shrinking is refused",
