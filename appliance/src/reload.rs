@@ -408,7 +408,7 @@ impl Exports {
             let Some(running) = self.running.get(&export.name) else {
                 continue;
             };
-            for (id, disk) in disks_by_lun(export) {
+            for config::DiskSlot { lun: id, disk, .. } in export.disk_slots() {
                 let (store, capacity) = match (running.store_size(id), running.capacity(id)) {
                     (Ok(store), Ok(capacity)) => (store, capacity),
                     (Err(e), _) | (_, Err(e)) => {
@@ -457,14 +457,6 @@ fn lun_id(export: &Export, position: Option<usize>) -> Option<u16> {
     match (&export.device, position) {
         (config::Device::Scsi(luns), Some(i)) => luns.get(i).map(|l| l.lun),
         _ => None,
-    }
-}
-
-/// Every backing store of `export` with its LUN number (`None` for blk).
-fn disks_by_lun(export: &Export) -> Vec<(Option<u16>, &config::Disk)> {
-    match &export.device {
-        config::Device::Blk(disk) => vec![(None, disk)],
-        config::Device::Scsi(luns) => luns.iter().map(|l| (Some(l.lun), &l.disk)).collect(),
     }
 }
 

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::locate::LineIndex;
-use crate::validate::{Config, ConfigError, Device};
+use crate::validate::{Config, ConfigError};
 
 /// 1-based line of `field` of export `export_index` in `text` (of LUN position `lun` of it
 /// for LUN settings), falling back to the export's or LUN's own line.
@@ -33,27 +33,16 @@ pub fn missing_backing_files(
 ) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     for (index, export) in config.exports.iter().enumerate() {
-        let disks: Vec<(Option<usize>, Option<u16>, &crate::Disk)> = match &export.device {
-            Device::Blk(d) => vec![(None, None, d)],
-            Device::Scsi(luns) => luns
-                .iter()
-                .enumerate()
-                .map(|(i, l)| (Some(i), Some(l.lun), &l.disk))
-                .collect(),
-        };
-        for (position, lun, disk) in disks {
-            if disk.create.is_some() || !wanted(&export.name, lun) || disk.path.exists() {
+        for slot in export.disk_slots() {
+            let disk = slot.disk;
+            if disk.create.is_some() || !wanted(&export.name, slot.lun) || disk.path.exists() {
                 continue;
             }
-            let field = match position {
-                Some(i) => format!("luns[{i}].path"),
-                None => "path".to_string(),
-            };
             errors.push(ConfigError {
                 file: file.to_path_buf(),
-                line: field_line(text, index, position, "path"),
+                line: field_line(text, index, slot.position, "path"),
                 export: Some(export.name.clone()),
-                field: Some(field),
+                field: Some(slot.field("path")),
                 message: format!(
                     "{} does not exist (give create: {{ size: ... }} to create it)",
                     disk.path.display()
@@ -74,34 +63,23 @@ pub fn aliased_paths(config: &Config, text: &str, file: &Path) -> Vec<ConfigErro
     let mut seen: Vec<((u64, u64), String, bool)> = Vec::new();
     let mut sockets: Vec<(std::path::PathBuf, String)> = Vec::new();
     for (index, export) in config.exports.iter().enumerate() {
-        let disks: Vec<(Option<usize>, &crate::Disk)> = match &export.device {
-            Device::Blk(d) => vec![(None, d)],
-            Device::Scsi(luns) => luns
-                .iter()
-                .enumerate()
-                .map(|(i, l)| (Some(i), &l.disk))
-                .collect(),
-        };
-        for (position, disk) in disks {
+        for slot in export.disk_slots() {
+            let disk = slot.disk;
             let Ok(meta) = std::fs::metadata(&disk.path) else {
                 continue;
             };
             let key = (meta.dev(), meta.ino());
-            let who = match position {
+            let who = match slot.position {
                 Some(i) => format!("export {:?} luns[{i}]", export.name),
                 None => format!("export {:?}", export.name),
             };
             if let Some((_, other, other_ro)) = seen.iter().find(|(k, ..)| *k == key) {
                 if !(disk.readonly && *other_ro) {
-                    let field = match position {
-                        Some(i) => format!("luns[{i}].path"),
-                        None => "path".to_string(),
-                    };
                     errors.push(ConfigError {
                         file: file.to_path_buf(),
-                        line: field_line(text, index, position, "path"),
+                        line: field_line(text, index, slot.position, "path"),
                         export: Some(export.name.clone()),
-                        field: Some(field),
+                        field: Some(slot.field("path")),
                         message: format!(
                             "{} is the same file as the backing file of {other}; two exports may share a backing file only if both are read-only",
                             disk.path.display()

@@ -212,12 +212,51 @@ pub struct Export {
     pub device: Device,
 }
 
+/// One backing store of an export and where it sits: for a scsi LUN, its position in
+/// `luns:` (as error fields name it, `luns[i]`) and its LUN number; `None` for a blk export.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskSlot<'a> {
+    /// Position in `luns:`.
+    pub position: Option<usize>,
+    /// LUN number.
+    pub lun: Option<u16>,
+    /// The backing store.
+    pub disk: &'a Disk,
+}
+
+impl DiskSlot<'_> {
+    /// The field path of `field` of this disk: `path`, or `luns[2].path`.
+    pub fn field(&self, field: &str) -> String {
+        match self.position {
+            Some(i) => format!("luns[{i}].{field}"),
+            None => field.to_string(),
+        }
+    }
+}
+
 impl Export {
     /// Every backing store of the export.
     pub fn disks(&self) -> Vec<&Disk> {
+        self.disk_slots().into_iter().map(|s| s.disk).collect()
+    }
+
+    /// Every backing store with its position and LUN number.
+    pub fn disk_slots(&self) -> Vec<DiskSlot<'_>> {
         match &self.device {
-            Device::Blk(d) => vec![d],
-            Device::Scsi(luns) => luns.iter().map(|l| &l.disk).collect(),
+            Device::Blk(disk) => vec![DiskSlot {
+                position: None,
+                lun: None,
+                disk,
+            }],
+            Device::Scsi(luns) => luns
+                .iter()
+                .enumerate()
+                .map(|(i, l)| DiskSlot {
+                    position: Some(i),
+                    lun: Some(l.lun),
+                    disk: &l.disk,
+                })
+                .collect(),
         }
     }
 }
