@@ -429,6 +429,19 @@ mod tests {
     }
 
     /// A relay between a test frontend and a test daemon, on a thread.
+    /// Reads a backend request on the frontend's end of a channel and answers it with
+    /// REPLY and the u64 `value` (0: success); returns the request's header.
+    fn answer_request(stream: &UnixStream, value: u64) -> [u8; HEADER_SIZE] {
+        let mut header = [0u8; HEADER_SIZE];
+        (&*stream).read_exact(&mut header).unwrap();
+        let mut r = header.to_vec();
+        r[4..8].copy_from_slice(&(VERSION | REPLY).to_le_bytes());
+        r[8..12].copy_from_slice(&8u32.to_le_bytes());
+        r.extend_from_slice(&value.to_le_bytes());
+        (&*stream).write_all(&r).unwrap();
+        header
+    }
+
     fn relayed() -> (
         UnixStream,
         UnixStream,
@@ -472,16 +485,7 @@ mod tests {
         assert_eq!((back.bytes, back.fds.len()), (reply, 1));
 
         // CONFIG_CHANGE_MSG with NEED_REPLY reaches the frontend's end of the channel.
-        let answer = std::thread::spawn(move || {
-            let mut header = [0u8; HEADER_SIZE];
-            (&ours).read_exact(&mut header).unwrap();
-            let mut r = header.to_vec();
-            r[4..8].copy_from_slice(&(VERSION | REPLY).to_le_bytes());
-            r[8..12].copy_from_slice(&8u32.to_le_bytes());
-            r.extend_from_slice(&0u64.to_le_bytes());
-            (&ours).write_all(&r).unwrap();
-            (header, ours)
-        });
+        let answer = std::thread::spawn(move || (answer_request(&ours, 0), ours));
         assert!(channel.config_changed().unwrap());
         let (header, ours) = answer.join().unwrap();
         assert_eq!(le32(&header, 0), 2, "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG");
@@ -490,13 +494,7 @@ mod tests {
 
         // A failure answer drops the channel.
         let answer = std::thread::spawn(move || {
-            let mut header = [0u8; HEADER_SIZE];
-            (&ours).read_exact(&mut header).unwrap();
-            let mut r = header.to_vec();
-            r[4..8].copy_from_slice(&(VERSION | REPLY).to_le_bytes());
-            r[8..12].copy_from_slice(&8u32.to_le_bytes());
-            r.extend_from_slice(&1u64.to_le_bytes());
-            (&ours).write_all(&r).unwrap();
+            answer_request(&ours, 1);
         });
         assert!(channel.config_changed().is_err());
         answer.join().unwrap();

@@ -38,16 +38,17 @@ pub fn missing_backing_files(
             if disk.create.is_some() || !wanted(&export.name, slot.lun) || disk.path.exists() {
                 continue;
             }
-            errors.push(ConfigError {
-                file: file.to_path_buf(),
-                line: field_line(text, index, slot.position, "path"),
-                export: Some(export.name.clone()),
-                field: Some(slot.field("path")),
-                message: format!(
+            errors.push(path_error(
+                file,
+                text,
+                index,
+                export,
+                &slot,
+                format!(
                     "{} does not exist (give create: {{ size: ... }} to create it)",
                     disk.path.display()
                 ),
-            });
+            ));
         }
     }
     errors
@@ -75,16 +76,17 @@ pub fn aliased_paths(config: &Config, text: &str, file: &Path) -> Vec<ConfigErro
             };
             if let Some((_, other, other_ro)) = seen.iter().find(|(k, ..)| *k == key) {
                 if !(disk.readonly && *other_ro) {
-                    errors.push(ConfigError {
-                        file: file.to_path_buf(),
-                        line: field_line(text, index, slot.position, "path"),
-                        export: Some(export.name.clone()),
-                        field: Some(slot.field("path")),
-                        message: format!(
+                    errors.push(path_error(
+                        file,
+                        text,
+                        index,
+                        export,
+                        &slot,
+                        format!(
                             "{} is the same file as the backing file of {other}; two exports may share a backing file only if both are read-only",
                             disk.path.display()
                         ),
-                    });
+                    ));
                 }
                 continue;
             }
@@ -114,4 +116,22 @@ pub fn aliased_paths(config: &Config, text: &str, file: &Path) -> Vec<ConfigErro
         }
     }
     errors
+}
+
+/// An error about the `path` of disk `slot` of export `export` (number `index` in `text`).
+fn path_error(
+    file: &Path,
+    text: &str,
+    index: usize,
+    export: &crate::Export,
+    slot: &crate::DiskSlot<'_>,
+    message: String,
+) -> ConfigError {
+    ConfigError {
+        file: file.to_path_buf(),
+        line: field_line(text, index, slot.position, "path"),
+        export: Some(export.name.clone()),
+        field: Some(slot.field("path")),
+        message,
+    }
 }

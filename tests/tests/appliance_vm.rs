@@ -17,6 +17,7 @@ use std::time::Duration;
 use appliance_tests::blk_raw;
 use appliance_tests::daemon::{appliance_binary, scratch_dir};
 use appliance_tests::frontend::RawFrontend;
+use appliance_tests::prom;
 use appliance_tests::vm::{
     filesystem_and_fio_script, patched_qemu, preferred_accel, with_heap_checks, Accel, BlkAtBoot,
     ConsumerImage, Vm, VmOptions,
@@ -61,15 +62,9 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-/// An HTTP GET of `/metrics` on the host's 127.0.0.1:`port`; the response, or the error.
-fn http_get(port: u16) -> Result<String, std::io::Error> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response)
+/// The daemon's metrics, scraped from the host's 127.0.0.1:`port` (the forwarded port).
+fn scrape(port: u16) -> prom::Scrape {
+    prom::scrape(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 /// The appliance VM as a user starts it: a config drive made from a directory holding
@@ -207,10 +202,10 @@ fn consumers_are_served_from_inside_the_appliance_vm() {
 
     // The management network: the daemon's metrics endpoint inside the VM is reachable
     // from the host through the forwarded port.
-    let response = http_get(metrics_port).expect("metrics port forward");
-    assert!(
-        response.contains("vhost_appliance_exports{state=\"serving\"} 2"),
-        "{response}"
+    let metrics = scrape(metrics_port);
+    assert_eq!(
+        metrics.value("vhost_appliance_exports", &[("state", "serving")]),
+        2.0
     );
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         serve_consumers(&mut appliance, sockets.path(), metrics_port)
@@ -350,12 +345,10 @@ fn serve_consumers(appliance: &mut Vm, sockets: &Path, metrics_port: u16) {
         Err(_) => panic!("50 sessions through the bridge did not finish within 5 minutes"),
     }
     let after = settled_usage(appliance, Some(before));
-    let metrics = http_get(metrics_port).expect("metrics port forward");
-    let connections: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("vhost_appliance_export_connections_total{export=\"vol0\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no connection counter for vol0:\n{metrics}"));
+    let connections = scrape(metrics_port).value(
+        "vhost_appliance_export_connections_total",
+        &[("export", "vol0")],
+    );
     assert!(
         connections >= 50.0,
         "vol0 counted {connections} connections"
