@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use appliance_tests::daemon::{scratch_dir, Process};
 use appliance_tests::frontend::memfd;
 use appliance_tests::vm::{patched_qemu, ConsumerImage, Vm, VmOptions};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -189,6 +189,7 @@ fn appliance_vm(socket: &Path) -> Vm {
 }
 
 #[test]
+#[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn guest_sees_the_spec_identity_capabilities_and_config() {
     let dir = scratch_dir();
     let socket = dir.path().join("vvu.sock");
@@ -327,6 +328,7 @@ fn session_ended(vm: &mut Vm, status: u64) {
 }
 
 #[test]
+#[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn backend_up_gates_frontends_and_hostile_frontends_leave_the_vm_running() {
     let dir = scratch_dir();
     let socket = dir.path().join("vvu.sock");
@@ -434,15 +436,14 @@ fn backend_up_gates_frontends_and_hostile_frontends_leave_the_vm_running() {
     assert!(vm.is_running());
 }
 
-#[test]
-fn vfio_driver_brings_the_device_up_and_answers_a_stock_frontend() {
-    let dir = scratch_dir();
-    let socket = dir.path().join("vvu.sock");
+/// An appliance VM with the device bound to vfio-pci and vvu-probe driving it (for ten
+/// minutes), BACKEND_UP set.
+fn probe_vm(socket: &Path) -> Vm {
     let probe = appliance_tests::daemon::workspace_binary("vvu-probe");
     let image = ConsumerImage::appliance(&[&probe]);
     let mut vm = Vm::boot(&VmOptions {
         image: Some(image),
-        ..appliance_options(&socket)
+        ..appliance_options(socket)
     });
     vm.run_ok(
         r#"set -e
@@ -457,12 +458,21 @@ if [ -e $dev/driver ]; then echo $bdf > $dev/driver/unbind; fi
 echo $bdf > /sys/bus/pci/drivers_probe
 test "$(basename $(readlink $dev/driver))" = vfio-pci
 ls /dev/vfio/
-vvu-probe $dev 300 > /tmp/probe.log 2>&1 &
+vvu-probe $dev 600 > /tmp/probe.log 2>&1 &
 i=0; while ! grep -q BACKEND_UP /tmp/probe.log && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done
 cat /tmp/probe.log
 grep -q BACKEND_UP /tmp/probe.log"#,
         MINUTE,
     );
+    vm
+}
+
+#[test]
+#[ignore = "full tier (tests/run.sh): boots QEMU guests"]
+fn vfio_driver_brings_the_device_up_and_answers_a_stock_frontend() {
+    let dir = scratch_dir();
+    let socket = dir.path().join("vvu.sock");
+    let mut vm = probe_vm(&socket);
     let consumer = stock_consumer(&socket, dir.path());
     let log = probe_log_once(&mut vm, "replied to request=15");
     eprintln!("vvu-probe log:\n{log}");
@@ -641,6 +651,261 @@ grep -q BACKEND_UP /tmp/probe.log"#,
         .recv_timeout(2 * MINUTE)
         .expect("no frontend was answered after the device reset");
     assert_eq!(next.unwrap(), features);
+    assert!(vm.is_running());
+}
+
+/// A frontend region for the layout test: its description, the bytes the appliance must
+/// see, and the file that holds them (kept open while the region is in use).
+struct Layout {
+    what: &'static str,
+    info: VhostUserMemoryRegionInfo,
+    expected: Vec<u8>,
+    _file: std::fs::File,
+}
+
+fn region(what: &'static str, file: std::fs::File, gpa: u64, size: u64, offset: u64) -> Layout {
+    let mut expected = vec![0u8; size as usize];
+    // Past the end of the file the region reads as zeroes.
+    let len = file.metadata().unwrap().len();
+    let available = len.saturating_sub(offset).min(size) as usize;
+    read_region_bytes(&file, &mut expected[..available], offset);
+    Layout {
+        what,
+        info: VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: 0x7f00_0000_0000 + gpa,
+            mmap_offset: offset,
+            mmap_handle: file.as_raw_fd(),
+        },
+        expected,
+        _file: file,
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset` through a mapping (hugetlbfs files cannot be read).
+fn read_region_bytes(file: &std::fs::File, buf: &mut [u8], offset: u64) {
+    if buf.is_empty() {
+        return;
+    }
+    let page = 2u64 << 20;
+    let start = offset / page * page;
+    let len = (offset - start) as usize + buf.len();
+    // SAFETY: a fresh shared read-only mapping of the file, unmapped below; nothing else
+    // refers to it.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            start as libc::off_t,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED, "mmap of a region file");
+    // SAFETY: the mapping covers `len` bytes from `addr`.
+    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+    buf.copy_from_slice(&bytes[(offset - start) as usize..]);
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(addr, len) };
+}
+
+/// A 2 MiB memfd on hugetlbfs filled with a pattern, if the host can give one huge page
+/// (reserving one in `/proc/sys/vm/nr_hugepages` when none is free).
+fn hugetlb_memfd() -> Option<std::fs::File> {
+    const HUGE: usize = 2 << 20;
+    let free = std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("HugePages_Free:")
+                .map(|v| v.trim().parse::<u64>())
+        })?
+        .ok()?;
+    if free == 0 {
+        let total: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        std::fs::write("/proc/sys/vm/nr_hugepages", (total + 1).to_string()).ok()?;
+    }
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"frontend-hugetlb".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(HUGE as u64).ok()?;
+    // SAFETY: a fresh shared mapping of the whole file, unmapped below.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            HUGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return None;
+    }
+    // SAFETY: the mapping covers HUGE writable bytes from `addr`.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, HUGE) };
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = (i % 239) as u8;
+    }
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(addr, HUGE) };
+    Some(file)
+}
+
+/// The probe's line for a region at `gpa` (`region N gpa=...` or `added region N gpa=...`).
+fn probe_region_line(log: &str, gpa: u64) -> Option<&str> {
+    let needle = format!(" gpa={gpa:#x} ");
+    log.lines()
+        .rev()
+        .find(|l| l.contains("region") && l.contains(&needle))
+}
+
+#[test]
+#[ignore = "full tier (tests/run.sh): boots QEMU guests"]
+fn the_device_maps_every_region_layout_a_frontend_may_send() {
+    let dir = scratch_dir();
+    let socket = dir.path().join("vvu.sock");
+    let mut vm = probe_vm(&socket);
+    let mut frontend = Frontend::connect(&socket, 1).unwrap();
+    frontend.set_owner().unwrap();
+    let features = frontend.get_features().unwrap();
+    frontend.set_features(features).unwrap();
+    frontend
+        .set_protocol_features(
+            VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+        )
+        .unwrap();
+    // Every request asks for an acknowledgement: a refused one is an error reply.
+    frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let slots = frontend.get_max_mem_slots().unwrap();
+    assert_eq!(slots, 32, "the device caps memory slots at its own 32");
+
+    // SET_MEM_TABLE with one region of each kind.
+    let mut table = vec![
+        // libblkio's ring memfd: 0x3b10 bytes of file for a 0x4000-byte region.
+        region(
+            "memfd shorter than the region",
+            memfd_with(0x3b10, |i| (i % 253) as u8 | 1),
+            0x1000_0000,
+            0x4000,
+            0,
+        ),
+        region(
+            "memfd from 2 MiB in",
+            memfd_with(6 << 20, |i| ((i * 7 + i / 4096) % 251) as u8),
+            0x2000_0000,
+            4 << 20,
+            2 << 20,
+        ),
+    ];
+    let plain = dir.path().join("plain-file-memory");
+    std::fs::write(
+        &plain,
+        (0..(1usize << 20))
+            .map(|i| (i % 241) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let plain = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&plain)
+        .unwrap();
+    table.push(region("plain file", plain, 0x3000_0000, 1 << 20, 0));
+    match hugetlb_memfd() {
+        Some(file) => table.push(region("hugetlbfs", file, 0x4000_0000, 2 << 20, 0)),
+        None => eprintln!("vvu_device: no huge page on this host; hugetlbfs layout skipped"),
+    }
+    let infos: Vec<_> = table.iter().map(|r| r.info).collect();
+    frontend.set_mem_table(&infos).unwrap();
+    let log = probe_log_once(&mut vm, &format!("region {} gpa=", table.len() - 1));
+    for r in &table {
+        let line = probe_region_line(&log, r.info.guest_phys_addr)
+            .unwrap_or_else(|| panic!("{}: no region line in\n{log}", r.what));
+        let want = format!("size={} ", r.info.memory_size);
+        assert!(line.contains(&want), "{}: {line}", r.what);
+        let want = format!("fnv1a={:016x}", fnv1a(&r.expected));
+        assert!(line.contains(&want), "{}: wanted {want} in {line}", r.what);
+    }
+
+    // ADD_MEM_REG of small regions up to the slot limit, each seen by the appliance.
+    let mut added = Vec::new();
+    for i in table.len()..slots as usize {
+        let gpa = 0x1_0000_0000 + (i as u64) * 0x10_0000;
+        let r = region(
+            "small added region",
+            memfd_with(64 << 10, move |b| (b + i) as u8),
+            gpa,
+            64 << 10,
+            0,
+        );
+        frontend.add_mem_region(&r.info).unwrap();
+        added.push(r);
+    }
+    let last = added.last().unwrap().info.guest_phys_addr;
+    let log = probe_log_once(&mut vm, &format!("gpa={last:#x} "));
+    for r in &added {
+        let line = probe_region_line(&log, r.info.guest_phys_addr)
+            .unwrap_or_else(|| panic!("no line for {:#x}:\n{log}", r.info.guest_phys_addr));
+        assert!(line.contains("added region"), "{line}");
+        assert!(
+            line.contains(&format!("fnv1a={:016x}", fnv1a(&r.expected))),
+            "{line}"
+        );
+    }
+    // One more than the slots: an error reply to this frontend, which carries on.
+    let extra = region(
+        "one too many",
+        memfd_with(4096, |_| 1),
+        0x7000_0000,
+        4096,
+        0,
+    );
+    assert!(frontend.add_mem_region(&extra.info).is_err());
+    // A freed slot is reused.
+    let gone = added.pop().unwrap();
+    frontend.remove_mem_region(&gone.info).unwrap();
+    frontend.add_mem_region(&extra.info).unwrap();
+    let log = probe_log_once(&mut vm, "gpa=0x70000000 ");
+    let line = probe_region_line(&log, 0x7000_0000).unwrap();
+    assert!(
+        line.contains(&format!("fnv1a={:016x}", fnv1a(&extra.expected))),
+        "{line}"
+    );
+    // A region larger than the whole BAR: refused with a clear error, the frontend goes on.
+    frontend.remove_mem_region(&extra.info).unwrap();
+    let huge = memfd(SHM_SIZE as usize + (2 << 20));
+    let too_big = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0x8_0000_0000,
+        memory_size: SHM_SIZE + (2 << 20),
+        userspace_addr: 0x7f80_0000_0000,
+        mmap_offset: 0,
+        mmap_handle: huge.as_raw_fd(),
+    };
+    assert!(frontend.add_mem_region(&too_big).is_err());
+    assert_eq!(frontend.get_features().unwrap(), features);
+    let qemu = vm.qemu_log();
+    assert!(
+        qemu.contains("does not fit the"),
+        "no clear error for the oversized region in QEMU's log:\n{qemu}"
+    );
+    drop(frontend);
     assert!(vm.is_running());
 }
 

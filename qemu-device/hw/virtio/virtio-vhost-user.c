@@ -24,7 +24,9 @@
 #include "qemu/iov.h"
 #include "qemu/log.h"
 #include "qemu/main-loop.h"
+#include "qemu/mmap-alloc.h"
 #include "qemu/module.h"
+#include "qemu/rcu.h"
 #include "qemu/sockets.h"
 #include "qemu/units.h"
 #include "hw/qdev-properties.h"
@@ -122,7 +124,7 @@ static bool vvu_range_free(VirtIOVhostUser *s, uint64_t off, uint64_t size)
 {
     for (int i = 0; i < VIRTIO_VHOST_USER_MAX_REGIONS; i++) {
         VirtIOVhostUserRegion *r = &s->regions[i];
-        if (r->mr && off < r->bar_offset + r->memory_size &&
+        if (r->mr && off < r->bar_offset + r->map_len &&
             r->bar_offset < off + size) {
             return false;
         }
@@ -144,7 +146,7 @@ static bool vvu_find_bar_offset(VirtIOVhostUser *s, uint64_t size,
         if (!r->mr) {
             continue;
         }
-        cand = ROUND_UP(r->bar_offset + r->memory_size,
+        cand = ROUND_UP(r->bar_offset + r->map_len,
                         VIRTIO_VHOST_USER_REGION_ALIGN);
         if (vvu_range_free(s, cand, size)) {
             *out = cand;
@@ -152,6 +154,131 @@ static bool vvu_find_bar_offset(VirtIOVhostUser *s, uint64_t size,
         }
     }
     return false;
+}
+
+/*
+ * A frontend region's mapping in this process. The device maps the region
+ * itself instead of using memory_region_init_ram_from_fd(), which insists
+ * that the file covers the whole region: a vhost-user frontend may pass a
+ * file shorter than the region (libblkio's ring memfd is), and a backend
+ * maps it regardless. Whole pages of the file are shared; pages wholly past
+ * its end are private zero pages, so a guest store there is neither a SIGBUS
+ * nor visible to the frontend (which cannot have data there either).
+ */
+typedef struct VVUMapping {
+    struct rcu_head rcu;
+    void *addr;
+    size_t len;
+} VVUMapping;
+
+static void vvu_mapping_free(VVUMapping *m)
+{
+    munmap(m->addr, m->len);
+    g_free(m);
+}
+
+/* Property release of the region's owner: runs when the owner is finalized. */
+static void vvu_mapping_release(Object *obj, const char *name, void *opaque)
+{
+    VVUMapping *m = opaque;
+
+    /* A vCPU may still be inside an RCU read section that saw the region. */
+    call_rcu(m, vvu_mapping_free, rcu);
+}
+
+/*
+ * Bytes of fd from mmap_offset on, rounded up to the fd's page size and
+ * capped at len; len itself when the size of fd is not known (char devices).
+ */
+static uint64_t vvu_fd_backed_len(int fd, uint64_t mmap_offset, uint64_t len,
+                                  uint64_t page, Error **errp)
+{
+    struct stat st;
+    int64_t file_size;
+
+    if (fstat(fd, &st) < 0) {
+        error_setg_errno(errp, errno, "fstat of the region's file");
+        return 0;
+    }
+    if (S_ISREG(st.st_mode)) {
+        file_size = st.st_size;
+    } else if (S_ISBLK(st.st_mode)) {
+        file_size = lseek(fd, 0, SEEK_END);
+        if (file_size < 0) {
+            error_setg_errno(errp, errno, "size of the region's block device");
+            return 0;
+        }
+    } else {
+        return len;
+    }
+    if ((uint64_t)file_size <= mmap_offset) {
+        error_setg(errp, "region file of 0x%" PRIx64 " bytes ends at or "
+                   "before its mmap_offset 0x%" PRIx64,
+                   (uint64_t)file_size, mmap_offset);
+        return 0;
+    }
+    return MIN(ROUND_UP((uint64_t)file_size - mmap_offset, page), len);
+}
+
+/*
+ * Maps fd[mmap_offset, +len) at a page-aligned address: the part the file
+ * covers shared, the rest private and zero. Returns NULL with errp set.
+ */
+static VVUMapping *vvu_map_region(int fd, uint64_t mmap_offset, uint64_t size,
+                                  Error **errp)
+{
+    uint64_t page = qemu_fd_getpagesize(fd);
+    uint64_t len = ROUND_UP(size, page);
+    uint64_t backed;
+    uint8_t *reserved, *base;
+    VVUMapping *m;
+
+    if (mmap_offset & (page - 1)) {
+        error_setg(errp, "region mmap_offset 0x%" PRIx64 " is not aligned to "
+                   "its file's page size 0x%" PRIx64, mmap_offset, page);
+        return NULL;
+    }
+    if (len < size || mmap_offset + len < mmap_offset) {
+        error_setg(errp, "region of 0x%" PRIx64 " bytes at mmap_offset 0x%"
+                   PRIx64 " overflows", size, mmap_offset);
+        return NULL;
+    }
+    backed = vvu_fd_backed_len(fd, mmap_offset, len, page, errp);
+    if (!backed) {
+        return NULL;
+    }
+    /* Reserve len + page so base can be aligned to the fd's page size. */
+    reserved = mmap(NULL, len + page, PROT_NONE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (reserved == MAP_FAILED) {
+        error_setg_errno(errp, errno, "reserving 0x%" PRIx64 " bytes", len);
+        return NULL;
+    }
+    base = QEMU_ALIGN_PTR_UP(reserved, page);
+    if (base > reserved) {
+        munmap(reserved, base - reserved);
+    }
+    munmap(base + len, reserved + len + page - (base + len));
+    if (mmap(base, backed, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+             fd, mmap_offset) == MAP_FAILED) {
+        error_setg_errno(errp, errno, "mapping 0x%" PRIx64 " bytes of the "
+                         "region's file at offset 0x%" PRIx64,
+                         backed, mmap_offset);
+        munmap(base, len);
+        return NULL;
+    }
+    if (backed < len &&
+        mmap(base + backed, len - backed, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+             -1, 0) == MAP_FAILED) {
+        error_setg_errno(errp, errno, "mapping the region's tail");
+        munmap(base, len);
+        return NULL;
+    }
+    m = g_new0(VVUMapping, 1);
+    m->addr = base;
+    m->len = len;
+    return m;
 }
 
 /* Maps fd[mmap_offset, +size) into the BAR; takes ownership of fd. */
@@ -164,6 +291,7 @@ static bool vvu_region_add(VirtIOVhostUser *s, const uint8_t *desc, int fd,
     uint64_t mmap_offset = vvu_le64(desc + 24);
     VirtIOVhostUserRegion *slot = NULL;
     g_autofree char *name = NULL;
+    VVUMapping *map;
     MemoryRegion *mr;
     Object *owner;
 
@@ -180,28 +308,31 @@ static bool vvu_region_add(VirtIOVhostUser *s, const uint8_t *desc, int fd,
         close(fd);
         return false;
     }
-    if (size == 0 || (mmap_offset & (qemu_real_host_page_size() - 1))) {
-        error_setg(errp, "bad region: size 0x%" PRIx64 " mmap_offset 0x%"
-                   PRIx64, size, mmap_offset);
+    if (size == 0) {
+        error_setg(errp, "region of 0 bytes at guest_phys_addr 0x%" PRIx64,
+                   gpa);
         close(fd);
         return false;
     }
-    if (!vvu_find_bar_offset(s, size, bar_offset)) {
+    map = vvu_map_region(fd, mmap_offset, size, errp);
+    /* The mapping holds the file; the fd is not needed any more. */
+    close(fd);
+    if (!map) {
+        return false;
+    }
+    if (!vvu_find_bar_offset(s, map->len, bar_offset)) {
         error_setg(errp, "region of 0x%" PRIx64 " bytes does not fit the "
-                   "0x%" PRIx64 "-byte shared memory BAR (shm-size)",
-                   size, s->shm_size);
-        close(fd);
+                   "0x%" PRIx64 "-byte shared memory BAR (shm-size) next to "
+                   "the frontend's other regions", size, s->shm_size);
+        munmap(map->addr, map->len);
+        g_free(map);
         return false;
     }
     owner = object_new(TYPE_CONTAINER);
+    object_property_add(owner, "vvu-mapping", "VVUMapping", NULL, NULL,
+                        vvu_mapping_release, map);
     mr = g_new0(MemoryRegion, 1);
-    if (!memory_region_init_ram_from_fd(mr, owner, name, size, RAM_SHARED,
-                                        fd, mmap_offset, errp)) {
-        g_free(mr);
-        object_unref(owner);
-        close(fd);
-        return false;
-    }
+    memory_region_init_ram_ptr(mr, owner, name, map->len, map->addr);
     /* Freed with its owner, once the last reference (a flat view's) is gone. */
     OBJECT(mr)->free = g_free;
     memory_region_add_subregion(&s->shm, *bar_offset, mr);
@@ -209,6 +340,7 @@ static bool vvu_region_add(VirtIOVhostUser *s, const uint8_t *desc, int fd,
     slot->owner = owner;
     slot->guest_phys_addr = gpa;
     slot->memory_size = size;
+    slot->map_len = map->len;
     slot->userspace_addr = uaddr;
     slot->bar_offset = *bar_offset;
     return true;

@@ -69,7 +69,8 @@ typedef struct VirtIOVhostUserRegion {
      */
     Object *owner;
     uint64_t guest_phys_addr;
-    uint64_t memory_size;
+    uint64_t memory_size;       /* as the frontend gave it */
+    uint64_t map_len;           /* memory_size rounded up to the file's page */
     uint64_t userspace_addr;
     uint64_t bar_offset;
 } VirtIOVhostUserRegion;

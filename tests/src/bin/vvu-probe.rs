@@ -1,48 +1,60 @@
-//! `vvu-probe SYSFS_PATH [SECONDS]`: brings up a virtio-vhost-user device bound to vfio-pci,
-//! sets BACKEND_UP and answers a frontend's first requests (GET_FEATURES,
-//! GET_PROTOCOL_FEATURES, GET_QUEUE_NUM), printing every message it sees. For each
-//! SET_VRING_CALL it wires a fresh eventfd to that vring's call doorbell and signals it once,
-//! so the frontend's call eventfd fires with no user-space hop in the appliance VM, and it
-//! reports kicks arriving on the vhost queues' MSI-X vectors. For SET_MEM_TABLE it maps each
-//! frontend region out of the shared-memory BAR and prints its checksum and the copy
-//! bandwidth from the mapping. It acknowledges any other request that asks for a reply, and
-//! when a frontend hands over a backend channel (SET_BACKEND_REQ_FD) it sends a backend
-//! request on it (CONFIG_CHANGE_MSG, asking for a reply). SET_VRING_ENABLE makes it put a
-//! malformed message on txq: the device must enter DEVICE_NEEDS_RESET, and the probe then
-//! resets it and brings it up again, as the appliance's bridge does. It proves the
-//! device/driver path inside an appliance VM before the full bridge exists.
+//! `vvu-probe SYSFS_PATH [SECONDS]`: the test program of the virtio-vhost-user device,
+//! run inside an appliance VM by `tests/vvu_device.rs`. It brings up a device bound to
+//! vfio-pci, sets BACKEND_UP and answers a frontend's first requests (GET_FEATURES,
+//! GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS), printing every message it
+//! sees. For each SET_VRING_CALL it wires a fresh eventfd to that vring's call doorbell and
+//! signals it once, so the frontend's call eventfd fires with no user-space hop in the
+//! appliance VM, and it reports kicks arriving on the vhost queues' MSI-X vectors. For
+//! SET_MEM_TABLE and ADD_MEM_REG it maps each frontend region out of the shared-memory BAR
+//! and prints its checksum and the copy bandwidth from the mapping. It acknowledges any
+//! other request that asks for a reply, and when a frontend hands over a backend channel
+//! (SET_BACKEND_REQ_FD) it sends a backend request on it (CONFIG_CHANGE_MSG, asking for a
+//! reply). SET_VRING_ENABLE makes it put a malformed message on txq: the device must enter
+//! DEVICE_NEEDS_RESET, and the probe then resets it and brings it up again, as the
+//! appliance's bridge does.
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use vhost::vhost_user::message::{BackendReq, FrontendReq, VhostUserHeaderFlag};
+use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vvu_transport::driver::{VvuDriver, FRONTEND_UP, HEADER_SIZE};
 use vvu_transport::vfio::{VfioPci, DMA_IOVA};
 
-const GET_FEATURES: u32 = 1;
-const GET_PROTOCOL_FEATURES: u32 = 15;
-const GET_QUEUE_NUM: u32 = 17;
-const SET_VRING_CALL: u32 = 13;
-const SET_MEM_TABLE: u32 = 5;
-const SET_BACKEND_REQ_FD: u32 = 21;
-const SET_VRING_ENABLE: u32 = 18;
+const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
+const GET_PROTOCOL_FEATURES: u32 = FrontendReq::GET_PROTOCOL_FEATURES as u32;
+const GET_QUEUE_NUM: u32 = FrontendReq::GET_QUEUE_NUM as u32;
+const GET_MAX_MEM_SLOTS: u32 = FrontendReq::GET_MAX_MEM_SLOTS as u32;
+const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
+const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
+const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
+const SET_BACKEND_REQ_FD: u32 = FrontendReq::SET_BACKEND_REQ_FD as u32;
+const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
 /// The backend request the probe sends on a backend channel.
-const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+const BACKEND_CONFIG_CHANGE_MSG: u32 = BackendReq::CONFIG_CHANGE_MSG as u32;
 /// Header flags: protocol version 1, reply, reply wanted.
 const VERSION: u32 = 1;
-const REPLY: u32 = 1 << 2;
-const NEED_REPLY: u32 = 1 << 3;
+const REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
+const NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 /// Size of one `VhostUserMemoryRegion` in SET_MEM_TABLE (after its 8-byte count).
 const MEM_REGION_SIZE: usize = 32;
 /// Vring index bits of a SET_VRING_* u64 payload.
 const VRING_INDEX_MASK: u64 = 0xff;
 /// VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES.
 const FEATURES: u64 = (1 << 32) | (1 << 30);
-/// MQ | REPLY_ACK | BACKEND_REQ | CONFIG.
-const PROTOCOL_FEATURES: u64 = (1 << 0) | (1 << 3) | (1 << 5) | (1 << 9);
+/// What the probe speaks.
+const PROTOCOL_FEATURES: u64 = VhostUserProtocolFeatures::MQ
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::BACKEND_REQ)
+    .union(VhostUserProtocolFeatures::CONFIG)
+    .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    .bits();
+/// Memory slots the probe claims (the device caps the reply at its own limit).
+const MAX_MEM_SLOTS: u64 = 509;
 
 fn reply(request: u32, value: u64) -> Vec<u8> {
     let mut m = request.to_le_bytes().to_vec();
@@ -65,14 +77,24 @@ fn fnv1a(data: &[u8]) -> u64 {
     })
 }
 
-/// Maps each region of a SET_MEM_TABLE payload out of the shared-memory BAR (at the
-/// `mmap_offset` the device rewrote), copies it out, and prints its checksum and how fast
-/// the copy from the BAR mapping went.
-fn read_regions(driver: &VvuDriver<VfioPci>, payload: &[u8]) -> Result<(), String> {
-    let count = payload
-        .get(..4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .ok_or("SET_MEM_TABLE without a region count")?;
+/// Maps each region of a SET_MEM_TABLE payload (or the one region of an ADD_MEM_REG
+/// payload, which has the same layout with a count of 1) out of the shared-memory BAR (at
+/// the `mmap_offset` the device rewrote), copies it out, and prints its checksum and how
+/// fast the copy from the BAR mapping went.
+fn read_regions(driver: &VvuDriver<VfioPci>, request: u32, payload: &[u8]) -> Result<(), String> {
+    let count = if request == ADD_MEM_REG {
+        1
+    } else {
+        payload
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or("SET_MEM_TABLE without a region count")?
+    };
+    let what = if request == ADD_MEM_REG {
+        "added region"
+    } else {
+        "region"
+    };
     let shm = driver.shared_memory();
     for i in 0..count {
         let at = 8 + i * MEM_REGION_SIZE;
@@ -96,7 +118,7 @@ fn read_regions(driver: &VvuDriver<VfioPci>, payload: &[u8]) -> Result<(), Strin
         let elapsed = start.elapsed();
         let mib = size as f64 / f64::from(1u32 << 20);
         println!(
-            "vvu-probe: region {i} gpa={gpa:#x} size={size} bar_offset={offset:#x} fnv1a={:016x} copied {mib:.1} MiB from the BAR in {:.2} ms ({:.0} MiB/s)",
+            "vvu-probe: {what} {i} gpa={gpa:#x} size={size} bar_offset={offset:#x} fnv1a={:016x} copied {mib:.1} MiB from the BAR in {:.2} ms ({:.0} MiB/s)",
             fnv1a(&copy),
             elapsed.as_secs_f64() * 1e3,
             mib / elapsed.as_secs_f64().max(1e-9)
@@ -180,8 +202,8 @@ fn run() -> Result<(), String> {
                 "vvu-probe: message request={request} flags={flags:#x} size={}",
                 msg.len() - HEADER_SIZE
             );
-            if request == SET_MEM_TABLE {
-                if let Err(e) = read_regions(&driver, &msg[HEADER_SIZE..]) {
+            if request == SET_MEM_TABLE || request == ADD_MEM_REG {
+                if let Err(e) = read_regions(&driver, request, &msg[HEADER_SIZE..]) {
                     println!("vvu-probe: {e}");
                 }
             }
@@ -203,6 +225,7 @@ fn run() -> Result<(), String> {
                 GET_FEATURES => Some(reply(request, FEATURES)),
                 GET_PROTOCOL_FEATURES => Some(reply(request, PROTOCOL_FEATURES)),
                 GET_QUEUE_NUM => Some(reply(request, 1)),
+                GET_MAX_MEM_SLOTS => Some(reply(request, MAX_MEM_SLOTS)),
                 _ if flags & NEED_REPLY != 0 => Some(reply(request, 0)),
                 _ => None,
             };
