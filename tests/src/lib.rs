@@ -3,7 +3,9 @@
 
 //! Shared helpers for the end-to-end tests in `tests/tests/`.
 //!
+//! - [`appliance_vm`]: the appliance VM started as a user does (config drive, launcher).
 //! - [`blk_raw`]: virtio-blk requests over the raw frontend.
+//! - [`blk_suite`]: the libblkio suite for a blk export, wherever its backing file is.
 //! - [`blkio_frontend`]: libblkio as a frontend, and randomized workloads to replay.
 //! - [`daemon`]: runs the real `vhost-appliance` binary (or `qemu-storage-daemon`) on a
 //!   scratch directory and always stops it.
@@ -13,7 +15,9 @@
 //! - [`scsi_frontend`]: SCSI commands over the raw frontend's virtio-scsi request queue.
 //! - [`vm`]: consumer VMs (stock QEMU, serial command channel, QMP hotplug).
 
+pub mod appliance_vm;
 pub mod blk_raw;
+pub mod blk_suite;
 pub mod blkio_frontend;
 pub mod daemon;
 pub mod frontend;

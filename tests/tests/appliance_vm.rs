@@ -10,18 +10,16 @@
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use appliance_tests::appliance_vm::{self, free_port, md5_of, ApplianceVmOptions, VvuSocket};
 use appliance_tests::blk_raw;
-use appliance_tests::daemon::{appliance_binary, scratch_dir};
+use appliance_tests::daemon::scratch_dir;
 use appliance_tests::frontend::RawFrontend;
 use appliance_tests::prom;
-use appliance_tests::vm::{
-    filesystem_and_fio_script, patched_qemu, preferred_accel, with_heap_checks, Accel, BlkAtBoot,
-    ConsumerImage, Vm, VmOptions,
-};
+use appliance_tests::vm::{filesystem_and_fio_script, BlkAtBoot, Vm, VmOptions};
 use serde_json::json;
 use vhost::vhost_user::Frontend;
 use vhost::{VhostBackend, VringConfigData};
@@ -52,86 +50,30 @@ exports:
         create: { size: 32M }
 ";
 
-fn launcher() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-builder/launch-appliance.sh")
-}
-
-/// A TCP port on the host's loopback that nothing listens on.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 /// The daemon's metrics, scraped from the host's 127.0.0.1:`port` (the forwarded port).
 fn scrape(port: u16) -> prom::Scrape {
     prom::scrape(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
-/// The appliance VM as a user starts it: a config drive made from a directory holding
-/// exports.yaml, and the launcher with one `--vvu` per consumer socket and the metrics port
-/// forwarded to `metrics_port` on the host.
+/// The appliance VM as a user starts it, serving vol0.sock (0000:00:10.0) and scsi0.sock
+/// (by uuid), with the metrics port forwarded to `metrics_port` on the host.
 fn start_appliance(sockets: &Path, metrics_port: u16) -> Vm {
-    let config = sockets.join("config");
-    std::fs::create_dir_all(&config).unwrap();
-    std::fs::write(config.join("exports.yaml"), EXPORTS).unwrap();
-    let drive = sockets.join("config.img");
-    let out = Command::new("bash")
-        .arg(launcher())
-        .args(["make-config-drive"])
-        .arg(&config)
-        .arg(&drive)
-        .arg("256M")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "make-config-drive: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let mut options = ApplianceVmOptions::new(
+        EXPORTS,
+        vec![
+            VvuSocket {
+                socket: "vol0.sock".into(),
+                uuid: None,
+            },
+            VvuSocket {
+                socket: "scsi0.sock".into(),
+                uuid: Some(SCSI_UUID.into()),
+            },
+        ],
+        2,
     );
-    let image = ConsumerImage::appliance(&[&appliance_binary()]);
-    let accel = preferred_accel();
-    let vm_dir = scratch_dir();
-    let mut cmd = Command::new("bash");
-    with_heap_checks(&mut cmd);
-    cmd.arg(launcher())
-        .arg("--config-drive")
-        .arg(&drive)
-        .arg("--vvu")
-        .arg(sockets.join("vol0.sock"))
-        .arg("--vvu")
-        .arg(format!(
-            "{},uuid={SCSI_UUID}",
-            sockets.join("scsi0.sock").display()
-        ))
-        .args(["--shm-size", "1G", "--memory", "768"])
-        .arg("--log-level")
-        .arg(std::env::var("APPLIANCE_TEST_LOG").unwrap_or_else(|_| "info".into()))
-        .arg("--metrics-port")
-        .arg(metrics_port.to_string())
-        .arg("--serial")
-        .arg(format!(
-            "unix:{}",
-            vm_dir.path().join("serial.sock").display()
-        ))
-        .arg("--qmp")
-        .arg(vm_dir.path().join("qmp.sock"))
-        .arg("--image")
-        .arg(&image.dir)
-        .arg("--qemu")
-        .arg(patched_qemu())
-        .arg("--accel")
-        .arg(match accel {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        });
-    eprintln!("appliance: starting the appliance VM under {accel:?}");
-    let mut vm = Vm::boot_command(cmd, vm_dir, accel);
-    let log = vm.run_ok(
-        "ready() { n=$(grep -c 'export ready' /config/appliance.log 2>/dev/null); [ \"${n:-0}\" -ge 2 ]; }; i=0; while ! ready && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /config/appliance.log; ready",
-        2 * MINUTE,
-    );
-    eprintln!("appliance log at start:\n{log}");
-    vm
+    options.metrics_port = Some(metrics_port);
+    appliance_vm::start(sockets, &options)
 }
 
 /// An md5 of the first `mib` MiB of a guest block device, read past the page cache.
@@ -141,16 +83,6 @@ fn device_md5(vm: &mut Vm, dev: &str, mib: u32) -> String {
         MINUTE,
     );
     md5_of(&out)
-}
-
-fn md5_of(out: &str) -> String {
-    out.lines()
-        .rev()
-        .find_map(|l| {
-            let h = l.split_whitespace().next()?;
-            (h.len() == 32 && h.chars().all(|c| c.is_ascii_hexdigit())).then(|| h.to_string())
-        })
-        .unwrap_or_else(|| panic!("no md5 in {out}"))
 }
 
 /// The backing file inside the appliance VM holds what the consumer reads.
@@ -195,6 +127,7 @@ fn hotplug_scsi(vm: &mut Vm, sockets: &Path, id: &str) -> String {
 }
 
 #[test]
+#[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn consumers_are_served_from_inside_the_appliance_vm() {
     let sockets = scratch_dir();
     let metrics_port = free_port();

@@ -1,0 +1,164 @@
+//! The appliance VM as a user starts it, for tests: a config drive made from a directory
+//! holding `exports.yaml`, and `image-builder/launch-appliance.sh` with one `--vvu` per
+//! consumer socket. The daemon inside logs to `/config/appliance.log`; its pid is in
+//! `/run/appliance.pid`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::daemon::{appliance_binary, scratch_dir};
+use crate::vm::{patched_qemu, preferred_accel, with_heap_checks, Accel, ConsumerImage, Vm};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// One virtio-vhost-user device of the appliance VM: the host socket consumers connect
+/// to, and the uuid an export may name it by (else it is named by PCI address, the i-th
+/// device at `0000:00:1<i>.0`).
+#[derive(Debug, Clone)]
+pub struct VvuSocket {
+    /// Socket file name inside the sockets directory.
+    pub socket: String,
+    /// Device uuid, if the exports name the device by uuid.
+    pub uuid: Option<String>,
+}
+
+/// How to start the appliance VM.
+#[derive(Debug, Clone)]
+pub struct ApplianceVmOptions {
+    /// Contents of `exports.yaml` on the config drive.
+    pub exports: String,
+    /// The virtio-vhost-user devices, in PCI address order.
+    pub vvus: Vec<VvuSocket>,
+    /// Exports that must log `export ready` before [`start`] returns.
+    pub ready_exports: usize,
+    /// Host port forwarded to the daemon's metrics port 9410 inside the VM.
+    pub metrics_port: Option<u16>,
+    /// Shared-memory BAR per device (covers the consumers' RAM).
+    pub shm_size: String,
+    /// Appliance VM RAM in MiB.
+    pub memory_mib: u32,
+    /// The daemon's log level (default `$APPLIANCE_TEST_LOG`, else `info`).
+    pub log_level: Option<String>,
+}
+
+impl ApplianceVmOptions {
+    /// Options for `exports` served on `vvus`, with the defaults the tests use.
+    pub fn new(exports: &str, vvus: Vec<VvuSocket>, ready_exports: usize) -> Self {
+        ApplianceVmOptions {
+            exports: exports.to_string(),
+            vvus,
+            ready_exports,
+            metrics_port: None,
+            shm_size: "1G".into(),
+            memory_mib: 768,
+            log_level: None,
+        }
+    }
+}
+
+/// Path of the launcher script.
+pub fn launcher() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-builder/launch-appliance.sh")
+}
+
+/// A TCP port on the host's loopback that nothing listens on.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Starts the appliance VM with its sockets, config directory and config drive
+/// (`config.img`) in `sockets`, and waits until the daemon inside has logged
+/// `export ready` for `ready_exports` exports.
+pub fn start(sockets: &Path, options: &ApplianceVmOptions) -> Vm {
+    let config = sockets.join("config");
+    std::fs::create_dir_all(&config).expect("config dir");
+    std::fs::write(config.join("exports.yaml"), &options.exports).expect("exports.yaml");
+    let drive = sockets.join("config.img");
+    let out = Command::new("bash")
+        .arg(launcher())
+        .args(["make-config-drive"])
+        .arg(&config)
+        .arg(&drive)
+        .arg("256M")
+        .output()
+        .expect("run make-config-drive");
+    assert!(
+        out.status.success(),
+        "make-config-drive: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = ConsumerImage::appliance(&[&appliance_binary()]);
+    let accel = preferred_accel();
+    let vm_dir = scratch_dir();
+    let mut cmd = Command::new("bash");
+    with_heap_checks(&mut cmd);
+    cmd.arg(launcher()).arg("--config-drive").arg(&drive);
+    for vvu in &options.vvus {
+        let socket = sockets.join(&vvu.socket);
+        let arg = match &vvu.uuid {
+            Some(uuid) => format!("{},uuid={uuid}", socket.display()),
+            None => socket.display().to_string(),
+        };
+        cmd.arg("--vvu").arg(arg);
+    }
+    cmd.args(["--shm-size", &options.shm_size])
+        .args(["--memory", &options.memory_mib.to_string()])
+        .arg("--log-level")
+        .arg(options.log_level.clone().unwrap_or_else(|| {
+            std::env::var("APPLIANCE_TEST_LOG").unwrap_or_else(|_| "info".into())
+        }));
+    if let Some(port) = options.metrics_port {
+        cmd.arg("--metrics-port").arg(port.to_string());
+    }
+    cmd.arg("--serial")
+        .arg(format!(
+            "unix:{}",
+            vm_dir.path().join("serial.sock").display()
+        ))
+        .arg("--qmp")
+        .arg(vm_dir.path().join("qmp.sock"))
+        .arg("--image")
+        .arg(&image.dir)
+        .arg("--qemu")
+        .arg(patched_qemu())
+        .arg("--accel")
+        .arg(match accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        });
+    eprintln!("appliance: starting the appliance VM under {accel:?}");
+    let mut vm = Vm::boot_command(cmd, vm_dir, accel);
+    let log = vm.run_ok(
+        &format!(
+            "ready() {{ n=$(grep -c 'export ready' /config/appliance.log 2>/dev/null); [ \"${{n:-0}}\" -ge {} ]; }}; \
+             i=0; while ! ready && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /config/appliance.log; ready",
+            options.ready_exports
+        ),
+        2 * MINUTE,
+    );
+    eprintln!("appliance log at start:\n{log}");
+    vm
+}
+
+/// True while the daemon inside the appliance VM runs.
+pub fn daemon_alive(vm: &mut Vm) -> bool {
+    vm.run("kill -0 $(cat /run/appliance.pid)", MINUTE).status == 0
+}
+
+/// The daemon's log inside the appliance VM.
+pub fn daemon_log(vm: &mut Vm) -> String {
+    vm.run("cat /config/appliance.log", MINUTE).output
+}
+
+/// The md5 in the output of `md5sum` (the last line that starts with one).
+pub fn md5_of(out: &str) -> String {
+    out.lines()
+        .rev()
+        .find_map(|l| {
+            let h = l.split_whitespace().next()?;
+            (h.len() == 32 && h.chars().all(|c| c.is_ascii_hexdigit())).then(|| h.to_string())
+        })
+        .unwrap_or_else(|| panic!("no md5 in {out}"))
+}
