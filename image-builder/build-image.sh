@@ -51,7 +51,8 @@ key="$( {
     echo "$kernel_pkg $kernel_ver"
     dpkg-query -W "${tools[@]}"
     echo "$kind"
-    for p in "${extra_programs[@]}"; do sha256sum < "$p"; done
+    # Name and content: the image installs each program under its file name.
+    for p in "${extra_programs[@]}"; do basename "$p"; sha256sum < "$p"; done
 } | sha256sum | cut -c1-16)"
 out="$cache/$kind-$key"
 if [ -f "$out/initrd.img" ] && [ -f "$out/vmlinuz" ]; then

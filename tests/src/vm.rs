@@ -128,6 +128,8 @@ pub struct BlkAtBoot {
 pub struct VmOptions {
     /// Guest RAM in MiB.
     pub memory_mib: u32,
+    /// Room for memory hotplug: `-m` gets `slots=2,maxmem=` this many MiB.
+    pub max_memory_mib: Option<u32>,
     /// vCPUs.
     pub cpus: u32,
     /// vhost-user-blk devices present at boot.
@@ -146,12 +148,15 @@ pub struct VmOptions {
     pub image: Option<ConsumerImage>,
     /// Run QEMU with glibc's heap checks ([`with_heap_checks`]).
     pub heap_checks: bool,
+    /// A guest reboot restarts the guest in the same QEMU (default: QEMU exits).
+    pub allow_reboot: bool,
 }
 
 impl Default for VmOptions {
     fn default() -> Self {
         VmOptions {
             memory_mib: 512,
+            max_memory_mib: None,
             cpus: 2,
             blk: Vec::new(),
             hotplug_ports: 2,
@@ -161,6 +166,7 @@ impl Default for VmOptions {
             extra_args: Vec::new(),
             image: None,
             heap_checks: false,
+            allow_reboot: false,
         }
     }
 }
@@ -252,7 +258,10 @@ impl Vm {
         cmd.args(["-M", &machine, "-cpu", "max", "-smp"])
             .arg(options.cpus.to_string())
             .arg("-m")
-            .arg(format!("{mem}M"))
+            .arg(match options.max_memory_mib {
+                Some(max) => format!("{mem}M,slots=2,maxmem={max}M"),
+                None => format!("{mem}M"),
+            })
             .arg("-object")
             .arg(format!("memory-backend-memfd,id=mem,size={mem}M,share=on"))
             .args(["-numa", "node,memdev=mem"])
@@ -265,14 +274,7 @@ impl Vm {
                 "console=ttyS0 loglevel=4 panic=-1 {}",
                 options.kernel_args
             ))
-            .args([
-                "-display",
-                "none",
-                "-no-reboot",
-                "-nodefaults",
-                "-monitor",
-                "none",
-            ])
+            .args(["-display", "none", "-nodefaults", "-monitor", "none"])
             .arg("-chardev")
             .arg(format!(
                 "socket,id=serial0,path={},server=on,wait=off,logfile={}",
@@ -282,6 +284,9 @@ impl Vm {
             .args(["-serial", "chardev:serial0"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        if !options.allow_reboot {
+            cmd.arg("-no-reboot");
+        }
         for port in 0..options.hotplug_ports {
             cmd.arg("-device").arg(format!(
                 "pcie-root-port,id=hp{port},chassis={},slot={}",
@@ -475,6 +480,44 @@ impl Vm {
             "disk with serial {serial} did not go away:\n{}",
             out.output
         );
+    }
+
+    /// Reboots the guest in place (`reboot -f`: the devices are reset while their
+    /// backends stay connected) and waits for its command prompt again. Needs
+    /// [`VmOptions::allow_reboot`].
+    pub fn reboot(&mut self, timeout: Duration) {
+        self.write_line("reboot -f");
+        let started = Instant::now();
+        let ready = self.read_until(|line| line.contains(READY), timeout);
+        assert!(
+            ready.is_some(),
+            "the guest did not come back from a reboot within {timeout:?}:\n{}",
+            self.process.log()
+        );
+        eprintln!(
+            "vm: guest ready again {:.1}s after reboot",
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    /// Powers the guest off (`poweroff -f`: ACPI power-off, QEMU stops its vhost-user
+    /// devices and exits) and waits for QEMU to exit with status 0.
+    pub fn power_off(&mut self, timeout: Duration) {
+        self.write_line("sync; poweroff -f");
+        let status = self.process.wait_exit(timeout);
+        assert!(
+            status.success(),
+            "QEMU exited with {status} after power-off"
+        );
+    }
+
+    /// Kills QEMU with SIGKILL, as a crashing host process dies: no device is stopped and
+    /// the vhost-user sockets just close.
+    pub fn kill(&mut self) {
+        self.process
+            .signal(libc::SIGKILL)
+            .expect("SIGKILL the consumer's QEMU");
+        self.process.wait_exit(Duration::from_secs(30));
     }
 
     /// The QMP monitor.
