@@ -102,6 +102,8 @@ if [ "$accel" = kvm ]; then
     machine="$machine,kernel-irqchip=split"
     cpu=host
 fi
+# QEMU options are comma-separated lists: the commas are not array separators.
+# shellcheck disable=SC2054
 args=(-L /usr/share/seabios -L /usr/share/qemu
       -M "$machine" -cpu "$cpu" -smp "$cpus" -m "${memory}M"
       -device intel-iommu,intremap=on
@@ -118,6 +120,7 @@ esac
 [ -z "$qmp" ] || args+=(-qmp "unix:$qmp,server=on,wait=off")
 if [ -n "$metrics_port" ]; then
     # restrict=on: the VM reaches nothing; only the forward reaches the VM.
+    # shellcheck disable=SC2054
     args+=(-netdev "user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:$metrics_port-10.0.2.15:9410"
            -device virtio-net-pci,netdev=mgmt,romfile=)
     echo "launch-appliance: metrics at http://127.0.0.1:$metrics_port/ (port 9410 in the VM)" >&2

@@ -14,6 +14,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== shellcheck (warnings and errors)"
+shellcheck --severity=warning .ci/run tests/run.sh tests/scripts/*.sh qemu-device/build.sh image-builder/*.sh \
+    appliance/grafana/capture.sh
+shellcheck --severity=warning --shell=sh image-builder/appliance/init image-builder/consumer/init
 echo "== layering: targets must not depend on vhost"
 if cargo tree -p targets --edges normal --prefix none | grep -E '^vhost(-user-backend)? '; then
     echo "targets depends on vhost: the layering rule is broken" >&2
@@ -21,5 +25,5 @@ if cargo tree -p targets --edges normal --prefix none | grep -E '^vhost(-user-ba
 fi
 echo "== build (the end-to-end tests run the daemon binary)"
 cargo build --workspace --bins --locked
-echo "== tests"
-cargo test --workspace --locked
+echo "== tests (both tiers: \`cargo test\` alone runs only the fast one)"
+cargo test --workspace --locked -- --include-ignored

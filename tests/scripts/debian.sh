@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the project's set-up scripts (sourced, not run): installing Debian packages
 # and adding bookworm-backports, where QEMU 10.0 lives. Runs apt as root, or through sudo.
 

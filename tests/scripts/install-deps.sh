@@ -5,7 +5,8 @@
 #   - qemu-system-x86 10.0 (the consumer VMs of the guest tests),
 #   - promtool (bookworm's `prometheus` package, 2.42) for the metrics tests: the .deb is
 #     downloaded and unpacked into /var/cache/vhost-appliance/prometheus-VERSION, never
-#     installed (no service, no web UI assets in /usr).
+#     installed (no service, no web UI assets in /usr),
+#   - shellcheck, the lint gate for the project's shell scripts.
 # The consumer image's own packages are installed by image-builder/build-image.sh.
 # Runs as root, or through sudo when available. Does nothing when all is present.
 set -euo pipefail
@@ -56,6 +57,7 @@ ensure_promtool() {
     "$dest/usr/bin/promtool" --version
 }
 ensure_promtool
+ensure_debs shellcheck
 
 missing=()
 if [ "$(qemu_major qemu-storage-daemon)" != "10" ]; then

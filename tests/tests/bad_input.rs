@@ -475,6 +475,7 @@ fn backend_program_conventions() {
 /// Refused requests get the status qemu-storage-daemon gives them (QEMU's own tests hold
 /// vhost-user-blk backends to those): the same requests, over the same raw frontend, to both.
 #[test]
+#[ignore = "full tier (tests/run.sh): needs QEMU's tools from tests/scripts/install-deps.sh"]
 fn refused_requests_get_qemu_storage_daemons_statuses() {
     let dir = scratch_dir();
     let image = dir.path().join("qsd.raw");

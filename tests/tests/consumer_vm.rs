@@ -25,6 +25,7 @@ fn blk_config(exports: &[(&str, &str)]) -> String {
 }
 
 #[test]
+#[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn guest_filesystem_and_fio_on_a_blk_lun_at_boot() {
     let appliance = Appliance::start(&blk_config(&[("vol0", "128M")]), &["vol0.sock"]);
     let mut vm = Vm::boot(&VmOptions {
@@ -60,6 +61,7 @@ fn guest_filesystem_and_fio_on_a_blk_lun_at_boot() {
 }
 
 #[test]
+#[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn hotplug_and_unplug_a_blk_lun_while_another_keeps_serving() {
     let appliance = Appliance::start(
         &blk_config(&[("vol0", "64M"), ("vol1", "64M")]),
@@ -127,6 +129,7 @@ fn hotplug_and_unplug_a_blk_lun_while_another_keeps_serving() {
 }
 
 #[test]
+#[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn the_same_guest_script_passes_against_qemu_storage_daemon() {
     let dir = scratch_dir();
     let image = dir.path().join("qsd.raw");
@@ -218,6 +221,7 @@ const NOT_IMPLEMENTED_SUITES: &[&str] = &[
 ];
 
 #[test]
+#[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn guest_checks_a_three_lun_scsi_export() {
     let dir = scratch_dir();
     std::fs::write(dir.path().join("lun2.raw"), vec![0x2au8; 8 << 20]).unwrap();
@@ -300,6 +304,7 @@ echo SCSI-GUEST-CHECKS-PASSED
 }
 
 #[test]
+#[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn hotplug_and_unplug_a_scsi_export() {
     let dir = scratch_dir();
     std::fs::write(dir.path().join("lun2.raw"), vec![0x2au8; 8 << 20]).unwrap();

@@ -120,6 +120,7 @@ const GOOD: (u8, (u8, u8, u8)) = (0, (0, 0, 0));
 const CAPACITY_CHANGED: (u8, (u8, u8, u8)) = (2, (0x06, 0x2a, 0x09));
 
 #[test]
+#[ignore = "full tier (tests/run.sh): needs QEMU's tools from tests/scripts/install-deps.sh"]
 fn growing_size_reaches_blk_frontends_while_libblkio_io_runs() {
     // A: libblkio verifying; B: a raw frontend with a backend channel; C: qcow2. A's
     // size: is above create: at start, so the daemon grows the new file right away.

@@ -47,6 +47,7 @@ fn value(out: &str, key: &str) -> String {
 }
 
 #[test]
+#[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn a_guest_sees_its_blk_and_scsi_luns_grow() {
     let mut appliance = Appliance::start(&config("64M", "32M"), &["vol0.sock", "s0.sock"]);
     let mut vm = Vm::boot(&VmOptions {
