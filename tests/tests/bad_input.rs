@@ -17,6 +17,7 @@ use appliance_tests::daemon::{
     appliance_binary, qemu_storage_daemon, scratch_dir, Appliance, Process,
 };
 use appliance_tests::frontend::{RawFrontend, DATA_START};
+use vhost::vhost_user::message::FrontendReq;
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use vvu_transport::split_ring::Buffer;
@@ -303,7 +304,7 @@ fn garbage_on_the_socket_does_not_crash_the_daemon() {
     // A header claiming a huge payload.
     let mut s = UnixStream::connect(&socket).unwrap();
     let mut msg = Vec::new();
-    msg.extend_from_slice(&5u32.to_le_bytes()); // SET_MEM_TABLE
+    msg.extend_from_slice(&(FrontendReq::SET_MEM_TABLE as u32).to_le_bytes());
     msg.extend_from_slice(&1u32.to_le_bytes());
     msg.extend_from_slice(&u32::MAX.to_le_bytes());
     let _ = s.write_all(&msg);

@@ -17,12 +17,19 @@ use std::time::{Duration, Instant};
 use appliance_tests::daemon::{scratch_dir, Process};
 use appliance_tests::frontend::memfd;
 use appliance_tests::vm::{patched_qemu, ConsumerImage, Vm, VmOptions};
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    BackendReq, FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MINUTE: Duration = Duration::from_secs(60);
+const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
+const SET_VRING_KICK: u32 = FrontendReq::SET_VRING_KICK as u32;
+const CONFIG_CHANGE_MSG: u32 = BackendReq::CONFIG_CHANGE_MSG as u32;
+const REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
+const NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 const UUID: &str = "6c1e7d52-3b0a-4f4e-9d41-0123456789ab";
 const MAX_VHOST_QUEUES: u32 = 8;
 const SHM_SIZE: u64 = 1 << 30;
@@ -378,7 +385,7 @@ fn backend_up_gates_frontends_and_hostile_frontends_leave_the_vm_running() {
         .concat(),
         // SET_MEM_TABLE claiming one region but carrying no file descriptor.
         [
-            5u32.to_le_bytes(),
+            SET_MEM_TABLE.to_le_bytes(),
             1u32.to_le_bytes(),
             40u32.to_le_bytes(),
             1u32.to_le_bytes(),
@@ -408,8 +415,8 @@ fn backend_up_gates_frontends_and_hostile_frontends_leave_the_vm_running() {
     wait_status(&mut vm, status, 3, Duration::from_secs(10));
     let kick_beyond_max: u64 = 200 | (1 << 8); // vring 200, NOFD
     let msg = [
-        &12u32.to_le_bytes()[..],
-        &(1u32 | 1 << 3).to_le_bytes()[..],
+        &SET_VRING_KICK.to_le_bytes()[..],
+        &(1u32 | NEED_REPLY).to_le_bytes()[..],
         &8u32.to_le_bytes()[..],
         &kick_beyond_max.to_le_bytes()[..],
     ]
@@ -592,11 +599,15 @@ fn vfio_driver_brings_the_device_up_and_answers_a_stock_frontend() {
     channel
         .read_exact(&mut request)
         .expect("no backend request arrived on the backend channel");
-    assert_eq!(le32(&request, 0), 2, "CONFIG_CHANGE_MSG expected");
-    assert_eq!(le32(&request, 4), 1 | 1 << 3, "version 1, reply wanted");
+    assert_eq!(
+        le32(&request, 0),
+        CONFIG_CHANGE_MSG,
+        "CONFIG_CHANGE_MSG expected"
+    );
+    assert_eq!(le32(&request, 4), 1 | NEED_REPLY, "version 1, reply wanted");
     assert_eq!(le32(&request, 8), 0, "no payload");
-    let mut reply = 2u32.to_le_bytes().to_vec();
-    reply.extend_from_slice(&(1u32 | 1 << 2).to_le_bytes());
+    let mut reply = CONFIG_CHANGE_MSG.to_le_bytes().to_vec();
+    reply.extend_from_slice(&(1u32 | REPLY).to_le_bytes());
     reply.extend_from_slice(&8u32.to_le_bytes());
     reply.extend_from_slice(&0u64.to_le_bytes());
     channel.write_all(&reply).unwrap();
@@ -607,7 +618,7 @@ fn vfio_driver_brings_the_device_up_and_answers_a_stock_frontend() {
     );
     // Something that is not a reply on the channel makes the device close the channel; the
     // session and the appliance VM carry on.
-    let mut bogus = 2u32.to_le_bytes().to_vec();
+    let mut bogus = CONFIG_CHANGE_MSG.to_le_bytes().to_vec();
     bogus.extend_from_slice(&1u32.to_le_bytes());
     bogus.extend_from_slice(&0u32.to_le_bytes());
     channel.write_all(&bogus).unwrap();

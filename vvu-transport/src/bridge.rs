@@ -41,24 +41,26 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::driver::{DriverError, VvuDriver, BUFFER_SIZE, FRONTEND_UP, HEADER_SIZE};
 use crate::pci::PciTransport;
 
-/// vhost-user request codes the bridge acts on.
+/// vhost-user request codes the bridge acts on (the `vhost` crate's `FrontendReq`).
 mod request {
-    pub const SET_MEM_TABLE: u32 = 5;
-    pub const SET_LOG_BASE: u32 = 6;
-    pub const SET_LOG_FD: u32 = 7;
-    pub const SET_VRING_KICK: u32 = 12;
-    pub const SET_VRING_CALL: u32 = 13;
-    pub const SET_VRING_ERR: u32 = 14;
-    pub const SET_BACKEND_REQ_FD: u32 = 21;
-    pub const GET_INFLIGHT_FD: u32 = 31;
-    pub const SET_INFLIGHT_FD: u32 = 32;
-    pub const ADD_MEM_REG: u32 = 37;
-    pub const REM_MEM_REG: u32 = 38;
-    pub const SET_DEVICE_STATE_FD: u32 = 42;
+    use vhost::vhost_user::message::FrontendReq;
+
+    pub const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
+    pub const SET_LOG_BASE: u32 = FrontendReq::SET_LOG_BASE as u32;
+    pub const SET_LOG_FD: u32 = FrontendReq::SET_LOG_FD as u32;
+    pub const SET_VRING_KICK: u32 = FrontendReq::SET_VRING_KICK as u32;
+    pub const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
+    pub const SET_VRING_ERR: u32 = FrontendReq::SET_VRING_ERR as u32;
+    pub const SET_BACKEND_REQ_FD: u32 = FrontendReq::SET_BACKEND_REQ_FD as u32;
+    pub const GET_INFLIGHT_FD: u32 = FrontendReq::GET_INFLIGHT_FD as u32;
+    pub const SET_INFLIGHT_FD: u32 = FrontendReq::SET_INFLIGHT_FD as u32;
+    pub const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
+    pub const REM_MEM_REG: u32 = FrontendReq::REM_MEM_REG as u32;
+    pub const SET_DEVICE_STATE_FD: u32 = FrontendReq::SET_DEVICE_STATE_FD as u32;
 }
 
 /// The REPLY flag of a message header.
-const REPLY: u32 = 1 << 2;
+const REPLY: u32 = vhost::vhost_user::message::VhostUserHeaderFlag::REPLY.bits();
 /// Vring index bits of a SET_VRING_* payload.
 const VRING_INDEX_MASK: u64 = 0xff;
 /// "No file descriptor" flag of a SET_VRING_* payload.
@@ -79,12 +81,89 @@ pub enum BridgeError {
     /// The connection to the backend failed.
     #[error("backend connection: {0}")]
     Backend(#[from] io::Error),
-    /// The frontend (through the device) or the backend broke the protocol.
-    #[error("{0}")]
-    Protocol(String),
+    /// The frontend (through the device) or the backend broke the protocol: the session
+    /// ends, the device and the bridge carry on.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
     /// The device entered DEVICE_NEEDS_RESET: it must be reset and driven anew.
     #[error("the device needs a reset (it found an error in what the driver did)")]
     NeedsReset,
+}
+
+/// What ends a session: a message the bridge cannot carry, or a peer that let go.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The backend closed its end of the session's stream (or of the backend channel).
+    #[error("the backend closed its end")]
+    BackendClosed,
+    /// A backend message larger than a device buffer.
+    #[error("backend message of {size} bytes does not fit a {BUFFER_SIZE}-byte buffer")]
+    OversizedBackendMessage {
+        /// Payload bytes announced in its header.
+        size: usize,
+    },
+    /// The driver found a malformed message on rxq.
+    #[error("malformed message from the device: {0}")]
+    MalformedFromDevice(String),
+    /// SET_MEM_TABLE whose payload does not hold the regions it counts.
+    #[error("SET_MEM_TABLE of {payload_len} bytes does not hold {count} regions")]
+    MemTableSize {
+        /// Payload bytes.
+        payload_len: usize,
+        /// Regions it claims.
+        count: usize,
+    },
+    /// ADD_MEM_REG/REM_MEM_REG whose payload is not one region.
+    #[error("memory region message of {payload_len} bytes")]
+    RegionMessageSize {
+        /// Payload bytes.
+        payload_len: usize,
+    },
+    /// A region outside the shared-memory BAR.
+    #[error("memory region at {offset:#x} of {size:#x} bytes lies outside the {bar_len:#x}-byte shared-memory BAR")]
+    RegionOutsideBar {
+        /// Offset in the shared-memory area.
+        offset: u64,
+        /// Bytes.
+        size: u64,
+        /// Bytes of the shared-memory area.
+        bar_len: u64,
+    },
+    /// SET_VRING_KICK/CALL/ERR whose payload is not a u64.
+    #[error("vring message {request} of {payload_len} bytes")]
+    VringMessageSize {
+        /// Request code.
+        request: u32,
+        /// Payload bytes.
+        payload_len: usize,
+    },
+    /// A vring index the device has no queue for.
+    #[error("vring {vring} is beyond the device's {max} vhost queues")]
+    VringOutOfRange {
+        /// The vring index.
+        vring: u32,
+        /// The device's max_vhost_queues.
+        max: u32,
+    },
+    /// A vring whose kick has no MSI-X vector (the device has too few).
+    #[error("vring {vring} has no MSI-X vector for its kick")]
+    NoKickVector {
+        /// The vring index.
+        vring: u32,
+    },
+    /// A request whose file descriptor the device cannot carry (its protocol feature is
+    /// masked by the device, so a conforming frontend never sends it).
+    #[error("request {request} needs a file descriptor the device cannot carry")]
+    FdNotCarried {
+        /// Request code.
+        request: u32,
+    },
+    /// The backend sent a reply on its backend channel, which carries requests only.
+    #[error("the backend sent a reply on its backend channel")]
+    ReplyOnBackendChannel,
+    /// A message arrived while no session was open.
+    #[error("no session")]
+    NoSession,
 }
 
 /// One frontend connection.
@@ -128,16 +207,14 @@ fn read_message(stream: &mut UnixStream) -> Result<Vec<u8>, BridgeError> {
     let mut msg = vec![0u8; HEADER_SIZE];
     stream.read_exact(&mut msg).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
-            BridgeError::Protocol("the backend closed its end".into())
+            BridgeError::Protocol(ProtocolError::BackendClosed)
         } else {
             BridgeError::Backend(e)
         }
     })?;
     let size = le32(&msg, 8).unwrap_or(0) as usize;
     if HEADER_SIZE + size > BUFFER_SIZE {
-        return Err(BridgeError::Protocol(format!(
-            "backend message of {size} bytes does not fit a {BUFFER_SIZE}-byte buffer"
-        )));
+        return Err(ProtocolError::OversizedBackendMessage { size }.into());
     }
     msg.resize(HEADER_SIZE + size, 0);
     stream.read_exact(&mut msg[HEADER_SIZE..])?;
@@ -287,7 +364,7 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
                 Ok(Some(msg)) => msg,
                 Ok(None) => return Ok(()),
                 Err(DriverError::Malformed(m)) => {
-                    self.fail_session(&BridgeError::Protocol(m))?;
+                    self.fail_session(&ProtocolError::MalformedFromDevice(m).into())?;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -326,9 +403,7 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
             request::SET_MEM_TABLE => {
                 let count = le32(&msg, HEADER_SIZE).unwrap_or(0) as usize;
                 if payload_len != 8 + count * REGION_SIZE {
-                    return Err(BridgeError::Protocol(format!(
-                        "SET_MEM_TABLE of {payload_len} bytes does not hold {count} regions"
-                    )));
+                    return Err(ProtocolError::MemTableSize { payload_len, count }.into());
                 }
                 for i in 0..count {
                     self.relocate_region(&mut msg, HEADER_SIZE + 8 + i * REGION_SIZE)?;
@@ -337,9 +412,7 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
             }
             request::ADD_MEM_REG | request::REM_MEM_REG => {
                 if payload_len != 8 + REGION_SIZE {
-                    return Err(BridgeError::Protocol(format!(
-                        "memory region message of {payload_len} bytes"
-                    )));
+                    return Err(ProtocolError::RegionMessageSize { payload_len }.into());
                 }
                 self.relocate_region(&mut msg, HEADER_SIZE + 8)?;
                 if request == request::ADD_MEM_REG {
@@ -347,19 +420,19 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
                 }
             }
             request::SET_VRING_KICK | request::SET_VRING_CALL | request::SET_VRING_ERR => {
-                let value = le64(&msg, HEADER_SIZE)
-                    .filter(|_| payload_len == 8)
-                    .ok_or_else(|| {
-                        BridgeError::Protocol(format!(
-                            "vring message {request} of {payload_len} bytes"
-                        ))
-                    })?;
+                let value = le64(&msg, HEADER_SIZE).filter(|_| payload_len == 8).ok_or(
+                    ProtocolError::VringMessageSize {
+                        request,
+                        payload_len,
+                    },
+                )?;
                 let vring = (value & VRING_INDEX_MASK) as u32;
                 if vring >= self.driver.max_vhost_queues() {
-                    return Err(BridgeError::Protocol(format!(
-                        "vring {vring} is beyond the device's {} vhost queues",
-                        self.driver.max_vhost_queues()
-                    )));
+                    return Err(ProtocolError::VringOutOfRange {
+                        vring,
+                        max: self.driver.max_vhost_queues(),
+                    }
+                    .into());
                 }
                 if value & VRING_NOFD == 0 {
                     fds.push(self.stand_in_fd(request, vring)?);
@@ -380,9 +453,7 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
             | request::GET_INFLIGHT_FD
             | request::SET_INFLIGHT_FD
             | request::SET_DEVICE_STATE_FD => {
-                return Err(BridgeError::Protocol(format!(
-                    "request {request} needs a file descriptor the device cannot carry"
-                )));
+                return Err(ProtocolError::FdNotCarried { request }.into());
             }
             _ => {}
         }
@@ -392,10 +463,7 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
             fds = fds.len(),
             "vvu: to the backend"
         );
-        let session = self
-            .session
-            .as_mut()
-            .ok_or_else(|| BridgeError::Protocol("no session".into()))?;
+        let session = self.session.as_mut().ok_or(ProtocolError::NoSession)?;
         let sent = session
             .stream
             .send_with_fds(&[&msg[..]], &fds)
@@ -439,7 +507,7 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
         };
         let msg = match read_message(channel) {
             Ok(msg) => msg,
-            Err(BridgeError::Protocol(_)) => {
+            Err(BridgeError::Protocol(ProtocolError::BackendClosed)) => {
                 // The backend let go of the channel: it sends no more requests.
                 if let Some(session) = self.session.as_mut() {
                     session.backend_channel = None;
@@ -449,9 +517,7 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
             Err(e) => return Err(e),
         };
         if le32(&msg, 4).is_some_and(|flags| flags & REPLY != 0) {
-            return Err(BridgeError::Protocol(
-                "the backend sent a reply on its backend channel".into(),
-            ));
+            return Err(ProtocolError::ReplyOnBackendChannel.into());
         }
         tracing::debug!(
             request = le32(&msg, 0),
@@ -469,10 +535,12 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
             .checked_add(size)
             .is_none_or(|end| end > self.memory_len)
         {
-            return Err(BridgeError::Protocol(format!(
-                "memory region at {offset:#x} of {size:#x} bytes lies outside the {:#x}-byte shared-memory BAR",
-                self.memory_len
-            )));
+            return Err(ProtocolError::RegionOutsideBar {
+                offset,
+                size,
+                bar_len: self.memory_len,
+            }
+            .into());
         }
         let file_offset = self.memory_base + offset;
         msg[at + REGION_MMAP_OFFSET..at + REGION_MMAP_OFFSET + 8]
@@ -494,15 +562,10 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
                 .driver
                 .kick_event(vring as usize)
                 .map(AsRawFd::as_raw_fd)
-                .ok_or_else(|| {
-                    BridgeError::Protocol(format!("vring {vring} has no MSI-X vector for its kick"))
-                });
+                .ok_or_else(|| ProtocolError::NoKickVector { vring }.into());
         }
         let index = self.doorbell_index(request, vring);
-        let session = self
-            .session
-            .as_mut()
-            .ok_or_else(|| BridgeError::Protocol("no session".into()))?;
+        let session = self.session.as_mut().ok_or(ProtocolError::NoSession)?;
         // One eventfd per doorbell for the whole session. A frontend switches its call fd
         // (masked and unmasked notifiers) while the backend may still signal the previous
         // one; the device follows the frontend's switch, and the backend's old and new fd
