@@ -424,7 +424,7 @@ impl VhostUserBackend for VirtioBackend {
         tracing::trace!(device_event, thread_id, "event");
         // Events and `vrings` are local to this thread: with one queue per thread
         // (`queues_per_thread`), local vring 0 is queue `thread_id`.
-        match usize::from(device_event) {
+        let result = match usize::from(device_event) {
             0 => match vrings.first() {
                 Some(vring) => self.process_queue(thread_id, vring),
                 None => Ok(()),
@@ -434,6 +434,12 @@ impl VhostUserBackend for VirtioBackend {
                 Ok(())
             }
             other => Err(io::Error::other(format!("unknown event {other}"))),
+        };
+        if let Err(e) = &result {
+            // vhost-user-backend ends this queue's worker thread on an error, silently
+            // until the connection ends: say so now, or a stuck queue has no trace.
+            tracing::error!(queue = thread_id, "virtqueue worker stops: {e}");
         }
+        result
     }
 }

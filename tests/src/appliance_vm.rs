@@ -152,6 +152,20 @@ pub fn daemon_log(vm: &mut Vm) -> String {
     vm.run("cat /config/appliance.log", MINUTE).output
 }
 
+/// What the appliance VM shows of a stuck session, for a failure report: the daemon's
+/// log, its threads and where they wait, the MSI-X interrupt counts of the devices (kicks
+/// arrive there), and the daemon's per-queue metrics.
+pub fn diagnostics(vm: &mut Vm) -> String {
+    vm.run(
+        "p=$(cat /run/appliance.pid); cat /config/appliance.log; echo '--- threads'; \
+         for t in /proc/$p/task/*; do echo \"$(basename $t) $(cat $t/comm) $(cat $t/wchan)\"; done; \
+         echo '--- interrupts'; grep -iE 'vfio|CPU' /proc/interrupts; \
+         echo '--- metrics'; wget -qO- http://127.0.0.1:9410/metrics 2>&1 | grep -E '^vhost_appliance_(queue_kicks|requests_total|export_connections)' ",
+        MINUTE,
+    )
+    .output
+}
+
 /// The md5 in the output of `md5sum` (the last line that starts with one).
 pub fn md5_of(out: &str) -> String {
     out.lines()

@@ -124,7 +124,7 @@ impl Server {
     fn log(&mut self) -> String {
         match self {
             Server::Host(a) => a.process.log(),
-            Server::ApplianceVm { vm, .. } => appliance_vm::daemon_log(vm),
+            Server::ApplianceVm { vm, .. } => appliance_vm::diagnostics(vm),
         }
     }
 }
