@@ -1,16 +1,8 @@
-//! Disk backends behind one asynchronous queue interface.
+//! The raw engine: a file or block device, one io_uring per queue ([`RawQueue`]).
 //!
-//! A disk ([`RawDisk`], or a [`crate::qcow2::Qcow2Disk`]) is an opened backing store shared
-//! by all queues of an export; each virtqueue worker gets its own [`DiskQueue`] (for raw
-//! files: its own io_uring). Requests are submitted with a caller-chosen token and complete
-//! through [`DiskQueue::reap`]; the queue signals completions on an eventfd so the worker's
-//! epoll loop wakes up.
-//!
-//! Durability: an operation marked `durable` (writethrough, FUA) is durable when it
-//! completes. On a raw file or block device a write carries `RWF_DSYNC`, and a discard or
-//! zeroing (a fallocate) has an fdatasync linked after it (`IOSQE_IO_LINK`: it runs only
-//! once the fallocate succeeded) and completes with that sync. Each queue counts its syncs
-//! in [`DiskStats`], before the operation they belong to completes.
+//! Discard punches a hole; write-zeroes zeroes the range in place, or punches a hole when
+//! it may unmap (or where ZERO_RANGE is missing); a discard the file system cannot do is a
+//! successful no-op. Durable discards and zeroings link an fdatasync after the fallocate.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -20,124 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{squeue, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::{
+    DirectAlignment, Disk, DiskCompletion, DiskInfo, DiskOp, DiskQueue, Durability, OpenError,
+};
+use crate::slab::Slab;
 use crate::stats::DiskStats;
-
-/// One I/O operation on a disk. Offsets and lengths are in bytes.
-#[derive(Debug)]
-pub enum DiskOp {
-    /// Read into the buffers, which stay valid until the operation completes.
-    Read {
-        /// Byte offset.
-        offset: u64,
-        /// Destination buffers.
-        iovecs: Vec<libc::iovec>,
-    },
-    /// Write from the buffers, which stay valid until the operation completes.
-    Write {
-        /// Byte offset.
-        offset: u64,
-        /// Source buffers.
-        iovecs: Vec<libc::iovec>,
-        /// Make this write durable before completing (writethrough or FUA).
-        durable: bool,
-    },
-    /// Make completed writes durable.
-    Flush,
-    /// Deallocate a range. Later reads return zeroes where [`DiskInfo::discard_zeroes`]
-    /// says so; elsewhere a discard may leave the data as it was.
-    Discard {
-        /// Byte offset.
-        offset: u64,
-        /// Byte length.
-        len: u64,
-        /// Make the result durable before completing (writethrough): a raw file's
-        /// fallocate is followed by a linked fdatasync, a qcow2 image flushes its metadata
-        /// and syncs.
-        durable: bool,
-    },
-    /// Make a range read as zeroes, deallocating it when `unmap` is allowed.
-    WriteZeroes {
-        /// Byte offset.
-        offset: u64,
-        /// Byte length.
-        len: u64,
-        /// The range may be deallocated.
-        unmap: bool,
-        /// Make the result durable before completing, as for [`DiskOp::Discard`].
-        durable: bool,
-    },
-}
-
-/// Result of a completed operation: bytes transferred, or a negative errno.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DiskCompletion {
-    /// The token given at submission.
-    pub token: u64,
-    /// Bytes transferred (reads/writes) or 0, or `-errno`.
-    pub result: i32,
-}
-
-/// Per-queue asynchronous access to a disk.
-pub trait DiskQueue: Send {
-    /// Queues an operation; it is handed to the kernel by the next [`DiskQueue::submit`].
-    fn push(&mut self, op: DiskOp, token: u64) -> io::Result<()>;
-    /// Hands all queued operations to the kernel without waiting.
-    fn submit(&mut self) -> io::Result<()>;
-    /// Collects finished operations into `out`.
-    fn reap(&mut self, out: &mut Vec<DiskCompletion>);
-    /// Waits until every submitted operation has finished, collecting them into `out`.
-    fn drain(&mut self, out: &mut Vec<DiskCompletion>) -> io::Result<()>;
-    /// Operations submitted and not yet reaped.
-    fn in_flight(&self) -> usize;
-    /// Readable when completions are ready (reset by [`DiskQueue::reap`]).
-    fn completion_fd(&self) -> RawFd;
-    /// This queue's sync counters, shared: a caller may keep them after handing the queue
-    /// to a request handler.
-    fn stats(&self) -> Arc<DiskStats>;
-}
-
-/// How the backing file was opened, as it matters to request handling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DiskInfo {
-    /// Size in bytes when opened (a store may grow since: [`RawDisk::current_size`]).
-    pub size: u64,
-    /// Opened read-only.
-    pub readonly: bool,
-    /// With O_DIRECT: the alignments the kernel needs. `None` when buffered.
-    pub direct: Option<DirectAlignment>,
-    /// Block device rather than regular file.
-    pub is_block_device: bool,
-    /// A [`DiskOp::WriteZeroes`] works, whether or not it may unmap: the range reads back
-    /// as zeroes and the request layer need not write zero data itself (virtio-blk offers
-    /// WRITE_ZEROES). Raw files and block devices deallocate the range (or zero it in
-    /// place); false on file systems without `FALLOC_FL_PUNCH_HOLE` and on block devices
-    /// without write-zeroes support. Always true for qcow2 images: v3 images mark zero
-    /// clusters, v2 images (no zero flag) deallocate where no backing file can show
-    /// through and write zero data elsewhere, as QEMU does.
-    pub deallocate_zeroes: bool,
-    /// A [`DiskOp::Discard`] leaves the range reading as zeroes (SCSI LBPRZ, and what
-    /// the README promises of discarded ranges). False where a discard is a no-op:
-    /// backing stores that cannot deallocate, and qcow2 v2 images with a backing file,
-    /// where deallocating would expose the backing file's data and the format has no zero
-    /// flag (a discard would have to allocate the range to hide it).
-    pub discard_zeroes: bool,
-}
-
-/// O_DIRECT alignment requirements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DirectAlignment {
-    /// Buffer addresses and lengths.
-    pub memory: usize,
-    /// File offsets and lengths.
-    pub offset: usize,
-    /// Guest memory cannot be a direct-I/O target at all, whatever its alignment: in
-    /// appliance-VM mode it is a PFN-mapped PCI BAR, which the kernel cannot pin. Every
-    /// request then goes through a bounce buffer.
-    pub bounce_always: bool,
-}
+use crate::uring::{Syscall, PUNCH_HOLE, ZERO_RANGE};
 
 /// Options for [`RawDisk::open`].
 #[derive(Debug, Clone)]
@@ -150,35 +33,6 @@ pub struct RawDiskOptions {
     pub direct: bool,
     /// Create a sparse file of this size when `path` does not exist.
     pub create_size: Option<u64>,
-}
-
-/// Errors opening a backing file; each names the path.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    /// The backing file does not exist and nothing asked to create it.
-    #[error("backing file {0} does not exist (add `create: {{size: ...}}` to create it)")]
-    Missing(PathBuf),
-    /// Creating the backing file failed.
-    #[error("cannot create backing file {path}")]
-    Create {
-        /// File.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// Opening failed (permissions, O_DIRECT unsupported, ...).
-    #[error("cannot open backing file {path}")]
-    Open {
-        /// File.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// The path is neither a regular file nor a block device.
-    #[error("backing file {0} is neither a regular file nor a block device")]
-    NotAFileOrDevice(PathBuf),
 }
 
 /// A raw backing file or block device.
@@ -229,11 +83,7 @@ impl RawDisk {
             })?;
         let direct = options.direct.then(|| {
             let (memory, offset) = direct_alignment(&file);
-            DirectAlignment {
-                memory,
-                offset,
-                bounce_always: false,
-            }
+            DirectAlignment { memory, offset }
         });
         let deallocate_zeroes = !options.readonly && deallocate_zeroes(&file, size, &meta);
         if !options.readonly && !deallocate_zeroes {
@@ -252,6 +102,11 @@ impl RawDisk {
                 deallocate_zeroes,
                 // Punched holes and device write-zeroes read back as zeroes.
                 discard_zeroes: deallocate_zeroes,
+                durability: if options.readonly {
+                    Durability::ReadOnly
+                } else {
+                    Durability::DataSync
+                },
             },
             path,
         })
@@ -412,10 +267,45 @@ pub(crate) fn direct_alignment(file: &File) -> (usize, usize) {
     }
 }
 
-/// An operation owned by the ring until it completes (its iovec array must stay put).
+impl Disk for RawDisk {
+    fn engine(&self) -> &'static str {
+        "raw"
+    }
+
+    fn info(&self) -> DiskInfo {
+        self.info
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn current_size(&self) -> io::Result<u64> {
+        RawDisk::current_size(self)
+    }
+
+    fn grow(&self, size: u64) -> io::Result<u64> {
+        RawDisk::grow(self, size)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        RawDisk::sync(self)
+    }
+
+    fn open_queue(&self, depth: u32, notifier: Option<&EventFd>) -> io::Result<Box<dyn DiskQueue>> {
+        Ok(Box::new(RawQueue::new(
+            self.file.try_clone()?,
+            depth,
+            notifier,
+        )?))
+    }
+}
+
+/// An operation owned by the ring until it completes: its buffer (and the iovec array the
+/// kernel reads) stays here until the completion is reaped.
 struct Slot {
     token: u64,
-    _iovecs: Vec<libc::iovec>,
+    op: DiskOp,
     /// What to do if the file system does not support the operation.
     unsupported: Unsupported,
     /// Which counter a success bumps.
@@ -450,13 +340,44 @@ enum Unsupported {
 }
 
 /// The bit of a completion's user data that marks the linked fdatasync; the other bits
-/// are the slot index.
+/// are the slot key.
 const SYNC_PART: u64 = 1;
 
-// SAFETY: the iovecs point into guest memory or bounce buffers owned by the caller, who keeps
-// them alive until completion; the raw pointers are only handed to the kernel, never
-// dereferenced here, so moving a `Slot` between threads is sound.
-unsafe impl Send for Slot {}
+/// The system call of `op` on `fd`, reading or writing the operation's buffer.
+fn syscall(fd: RawFd, op: &DiskOp) -> Syscall<'_> {
+    match op {
+        DiskOp::Read { offset, buf } => Syscall::Readv {
+            fd,
+            offset: *offset,
+            iovecs: buf.iovecs(),
+        },
+        DiskOp::Write {
+            offset,
+            buf,
+            durable,
+        } => Syscall::Writev {
+            fd,
+            offset: *offset,
+            iovecs: buf.iovecs(),
+            dsync: *durable,
+        },
+        DiskOp::Flush => Syscall::Fdatasync { fd },
+        DiskOp::Discard { offset, len, .. } => Syscall::Fallocate {
+            fd,
+            offset: *offset,
+            len: *len,
+            mode: PUNCH_HOLE,
+        },
+        DiskOp::WriteZeroes {
+            offset, len, unmap, ..
+        } => Syscall::Fallocate {
+            fd,
+            offset: *offset,
+            len: *len,
+            mode: if *unmap { PUNCH_HOLE } else { ZERO_RANGE },
+        },
+    }
+}
 
 /// A raw file's per-queue io_uring.
 pub struct RawQueue {
@@ -464,8 +385,7 @@ pub struct RawQueue {
     file: File,
     eventfd: EventFd,
     owns_eventfd: bool,
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
+    slots: Slab<Slot>,
     /// Submission entries pushed, not yet handed to the kernel.
     queued: usize,
     /// Submission entries handed to the kernel whose completion has not been reaped.
@@ -487,64 +407,21 @@ impl RawQueue {
             file,
             eventfd,
             owns_eventfd,
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: Slab::default(),
             queued: 0,
             in_flight: 0,
             stats: Arc::new(DiskStats::default()),
         })
     }
 
-    fn entry(&self, op: &DiskOp) -> squeue::Entry {
-        let fd = types::Fd(self.file.as_raw_fd());
-        match op {
-            DiskOp::Read { offset, iovecs } => {
-                opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
-                    .offset(*offset)
-                    .build()
-            }
-            DiskOp::Write {
-                offset,
-                iovecs,
-                durable,
-            } => opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
-                .offset(*offset)
-                .rw_flags(if *durable { libc::RWF_DSYNC } else { 0 })
-                .build(),
-            DiskOp::Flush => self.fdatasync(),
-            DiskOp::Discard { offset, len, .. } => opcode::Fallocate::new(fd, *len)
-                .offset(*offset)
-                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
-            DiskOp::WriteZeroes {
-                offset, len, unmap, ..
-            } => {
-                let mode = if *unmap {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                } else {
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                };
-                opcode::Fallocate::new(fd, *len)
-                    .offset(*offset)
-                    .mode(mode)
-                    .build()
-            }
-        }
-    }
-
-    fn fdatasync(&self) -> squeue::Entry {
-        opcode::Fsync::new(types::Fd(self.file.as_raw_fd()))
-            .flags(types::FsyncFlags::DATASYNC)
-            .build()
-    }
-
     /// Puts `entries` (one operation, or one linked to its fdatasync) on the submission
     /// queue, making room by submitting what is queued; never splits a linked pair.
-    fn push_entries(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+    ///
+    /// # Safety
+    /// The buffers the entries point to stay valid until their completions are reaped.
+    unsafe fn push_entries(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
         loop {
-            // SAFETY: the entries' buffers (the iovec array in the slot, and the memory it
-            // points to, kept alive by the caller) stay valid until the completions are
-            // reaped.
+            // SAFETY: the caller's contract.
             let pushed = unsafe { self.ring.submission().push_multiple(entries) };
             if pushed.is_ok() {
                 self.queued += entries.len();
@@ -563,19 +440,62 @@ impl RawQueue {
             }
         }
     }
+
+    /// The result of a finished slot, after its `EOPNOTSUPP` handling and sync counting;
+    /// `None` when it was resubmitted (a zeroing retried as a hole punch).
+    fn settle(&mut self, slot: Slot) -> Option<DiskCompletion> {
+        let op_result = slot.result.unwrap_or(-libc::EIO);
+        let result = match (op_result, slot.unsupported) {
+            // Nothing changed, so there is nothing to make durable either.
+            (r, Unsupported::Succeed) if r == -libc::EOPNOTSUPP => 0,
+            (r, Unsupported::PunchHole { offset, len }) if r == -libc::EOPNOTSUPP => {
+                let retry = DiskOp::WriteZeroes {
+                    offset,
+                    len,
+                    unmap: true,
+                    durable: slot.linked_sync,
+                };
+                match self.push(retry, slot.token) {
+                    Ok(()) => return None,
+                    Err(_) => r,
+                }
+            }
+            (r, _) if r < 0 => r,
+            (r, _) => match slot.sync_result {
+                Some(sync) if slot.linked_sync && sync < 0 => sync,
+                _ => {
+                    if slot.linked_sync {
+                        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    match slot.counts_as {
+                        Counts::Sync => {
+                            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Counts::DsyncWrite => {
+                            self.stats.dsync_writes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Counts::Nothing => {}
+                    }
+                    r
+                }
+            },
+        };
+        Some(DiskCompletion {
+            token: slot.token,
+            result,
+            buf: slot.op.into_buf(),
+        })
+    }
 }
 
 impl DiskQueue for RawQueue {
     fn push(&mut self, op: DiskOp, token: u64) -> io::Result<()> {
-        let index = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
-        };
-        let user_data = (index as u64) << 1;
-        let entry = self.entry(&op).user_data(user_data);
+        if matches!(&op, DiskOp::Read { buf, .. } if !buf.is_writable()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a read into a read-only buffer",
+            ));
+        }
         let linked_sync = matches!(
             op,
             DiskOp::Discard { durable: true, .. } | DiskOp::WriteZeroes { durable: true, .. }
@@ -595,13 +515,9 @@ impl DiskQueue for RawQueue {
             DiskOp::Write { durable: true, .. } => Counts::DsyncWrite,
             _ => Counts::Nothing,
         };
-        let iovecs = match op {
-            DiskOp::Read { iovecs, .. } | DiskOp::Write { iovecs, .. } => iovecs,
-            _ => Vec::new(),
-        };
-        self.slots[index] = Some(Slot {
+        let key = self.slots.insert(Slot {
             token,
-            _iovecs: iovecs,
+            op,
             unsupported,
             counts_as,
             linked_sync,
@@ -609,18 +525,30 @@ impl DiskQueue for RawQueue {
             result: None,
             sync_result: None,
         });
+        let user_data = (key as u64) << 1;
+        let fd = self.file.as_raw_fd();
+        // The entry points at the buffer (and iovec array) of the operation its slot now
+        // owns; neither moves while the slot holds it.
+        let entry = match self.slots.get_mut(key) {
+            Some(slot) => syscall(fd, &slot.op).entry().user_data(user_data),
+            None => return Err(io::Error::other("in-flight slot vanished")),
+        };
         let pushed = if linked_sync {
             // The fdatasync starts only once the fallocate succeeded (a failed one cancels
             // it), and the request completes only once both have: a writethrough discard
             // or zeroing is durable when the guest hears of it.
-            let sync = self.fdatasync().user_data(user_data | SYNC_PART);
-            self.push_entries(&[entry.flags(squeue::Flags::IO_LINK), sync])
+            let sync = Syscall::Fdatasync { fd }
+                .entry()
+                .user_data(user_data | SYNC_PART);
+            // SAFETY: the entry's buffers belong to the slot, which is removed only when
+            // its completions have been reaped (`reap`), or after `drain` on drop.
+            unsafe { self.push_entries(&[entry.flags(squeue::Flags::IO_LINK), sync]) }
         } else {
-            self.push_entries(&[entry])
+            // SAFETY: as above.
+            unsafe { self.push_entries(&[entry]) }
         };
         if let Err(e) = pushed {
-            self.slots[index] = None;
-            self.free.push(index);
+            self.slots.remove(key);
             return Err(e);
         }
         Ok(())
@@ -662,8 +590,8 @@ impl DiskQueue for RawQueue {
             .collect();
         for (user_data, result) in completed {
             self.in_flight = self.in_flight.saturating_sub(1);
-            let index = (user_data >> 1) as usize;
-            let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
+            let key = (user_data >> 1) as usize;
+            let Some(slot) = self.slots.get_mut(key) else {
                 continue;
             };
             if user_data & SYNC_PART != 0 {
@@ -675,50 +603,12 @@ impl DiskQueue for RawQueue {
             if slot.pending > 0 {
                 continue;
             }
-            let Some(slot) = self.slots.get_mut(index).and_then(Option::take) else {
+            let Some(slot) = self.slots.remove(key) else {
                 continue;
             };
-            self.free.push(index);
-            let op_result = slot.result.unwrap_or(-libc::EIO);
-            let result = match (op_result, slot.unsupported) {
-                // Nothing changed, so there is nothing to make durable either.
-                (r, Unsupported::Succeed) if r == -libc::EOPNOTSUPP => 0,
-                (r, Unsupported::PunchHole { offset, len }) if r == -libc::EOPNOTSUPP => {
-                    let retry = DiskOp::WriteZeroes {
-                        offset,
-                        len,
-                        unmap: true,
-                        durable: slot.linked_sync,
-                    };
-                    match self.push(retry, slot.token) {
-                        Ok(()) => continue,
-                        Err(_) => r,
-                    }
-                }
-                (r, _) if r < 0 => r,
-                (r, _) => match slot.sync_result {
-                    Some(sync) if slot.linked_sync && sync < 0 => sync,
-                    _ => {
-                        if slot.linked_sync {
-                            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-                        }
-                        match slot.counts_as {
-                            Counts::Sync => {
-                                self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Counts::DsyncWrite => {
-                                self.stats.dsync_writes.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Counts::Nothing => {}
-                        }
-                        r
-                    }
-                },
-            };
-            out.push(DiskCompletion {
-                token: slot.token,
-                result,
-            });
+            if let Some(completion) = self.settle(slot) {
+                out.push(completion);
+            }
         }
     }
 
@@ -738,7 +628,7 @@ impl DiskQueue for RawQueue {
 
     fn in_flight(&self) -> usize {
         // Operations, not submission entries: a linked fdatasync is part of its operation.
-        self.slots.len() - self.free.len()
+        self.slots.len()
     }
 
     fn completion_fd(&self) -> RawFd {
@@ -756,6 +646,11 @@ impl Drop for RawQueue {
         let mut sink = Vec::new();
         if let Err(e) = self.drain(&mut sink) {
             tracing::error!("draining io_uring before drop failed: {e}");
+            // Without the completions the buffers must stay alive: leak them rather than
+            // let the kernel write to freed memory.
+            for slot in self.slots.drain() {
+                std::mem::forget(slot.op);
+            }
         }
     }
 }
@@ -763,7 +658,19 @@ impl Drop for RawQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iobuf::AlignedBuf;
+    use crate::iobuf::{AlignedBuf, IoBuf};
+
+    /// Tokens and results, without the buffers.
+    fn results(done: &[DiskCompletion]) -> Vec<(u64, i32)> {
+        done.iter().map(|c| (c.token, c.result)).collect()
+    }
+
+    /// An owned buffer of `len` bytes filled with `byte`.
+    fn filled(len: usize, align: usize, byte: u8) -> IoBuf {
+        let mut buf = AlignedBuf::new(len, align).unwrap();
+        buf.as_mut_slice().fill(byte);
+        IoBuf::owned(buf)
+    }
 
     fn disk_with(size: u64, direct: bool) -> (tempfile::TempDir, RawDisk) {
         // Under the target directory (ext4 here), not /tmp, so O_DIRECT is meaningful.
@@ -778,13 +685,6 @@ mod tests {
         })
         .unwrap();
         (dir, disk)
-    }
-
-    fn iov(buf: &mut [u8]) -> Vec<libc::iovec> {
-        vec![libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }]
     }
 
     #[test]
@@ -869,13 +769,10 @@ mod tests {
         let (_dir, disk) = disk_with(1 << 20, true);
         assert!(disk.info().direct.is_some());
         let mut q = disk.new_queue(8).unwrap();
-        let mut wbuf = AlignedBuf::new(8192, 4096).unwrap();
-        wbuf.as_mut_slice().fill(0xab);
-        let wiov = iov(wbuf.as_mut_slice());
         q.push(
             DiskOp::Write {
                 offset: 4096,
-                iovecs: wiov,
+                buf: filled(8192, 4096, 0xab),
                 durable: false,
             },
             1,
@@ -885,19 +782,7 @@ mod tests {
         let mut done = Vec::new();
         q.drain(&mut done).unwrap();
         done.sort_by_key(|c| c.token);
-        assert_eq!(
-            done,
-            [
-                DiskCompletion {
-                    token: 1,
-                    result: 8192
-                },
-                DiskCompletion {
-                    token: 2,
-                    result: 0
-                }
-            ]
-        );
+        assert_eq!(results(&done), [(1, 8192), (2, 0)]);
 
         q.push(
             DiskOp::WriteZeroes {
@@ -922,13 +807,10 @@ mod tests {
         q.drain(&mut done).unwrap();
         assert!(done.iter().all(|c| c.result == 0), "{done:?}");
 
-        let mut rbuf = AlignedBuf::new(12288, 4096).unwrap();
-        rbuf.as_mut_slice().fill(0x55);
-        let riov = iov(rbuf.as_mut_slice());
         q.push(
             DiskOp::Read {
                 offset: 0,
-                iovecs: riov,
+                buf: filled(12288, 4096, 0x55),
             },
             5,
         )
@@ -936,14 +818,8 @@ mod tests {
         q.submit().unwrap();
         done.clear();
         q.drain(&mut done).unwrap();
-        assert_eq!(
-            done,
-            [DiskCompletion {
-                token: 5,
-                result: 12288
-            }]
-        );
-        let data = rbuf.as_mut_slice();
+        assert_eq!(results(&done), [(5, 12288)]);
+        let data = done[0].buf.as_ref().and_then(IoBuf::as_slice).unwrap();
         assert!(data[..4096].iter().all(|&b| b == 0), "never written");
         assert!(data[4096..8192].iter().all(|&b| b == 0), "zeroed");
         assert!(data[8192..].iter().all(|&b| b == 0), "discarded");
@@ -1039,12 +915,11 @@ mod tests {
         assert_eq!(syncs, 0, "the linked fdatasync never ran");
         // The ring is fine afterwards: flushes and durable writes are counted.
         assert_eq!(complete_one(&mut q, DiskOp::Flush), (0, 1));
-        let mut buf = vec![1u8; 4096];
         let (result, _) = complete_one(
             &mut q,
             DiskOp::Write {
                 offset: 0,
-                iovecs: iov(&mut buf),
+                buf: filled(4096, 1, 1),
                 durable: true,
             },
         );
@@ -1079,12 +954,11 @@ mod tests {
         let (_dir, disk) = disk_with(1 << 16, true);
         let align = disk.info().direct.unwrap().offset;
         let mut q = disk.new_queue(4).unwrap();
-        let mut buf = AlignedBuf::new(align, 4096).unwrap();
         // Holes skip the alignment check: write real data first.
         q.push(
             DiskOp::Write {
                 offset: 0,
-                iovecs: iov(buf.as_mut_slice()),
+                buf: filled(align, 4096, 0),
                 durable: true,
             },
             0,
@@ -1097,7 +971,7 @@ mod tests {
         q.push(
             DiskOp::Read {
                 offset: 1,
-                iovecs: iov(buf.as_mut_slice()),
+                buf: filled(align, 4096, 0),
             },
             1,
         )

@@ -29,7 +29,7 @@ mod tests;
 mod uring_file;
 
 use std::future::Future;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -49,8 +49,11 @@ use imago::{Storage, StorageCreateOptions, StorageOpenOptions};
 use tokio::sync::RwLock;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::disk::{DirectAlignment, DiskCompletion, DiskInfo, DiskOp, DiskQueue, OpenError};
-use crate::iobuf::AlignedBuf;
+use crate::disk::{
+    DirectAlignment, Disk, DiskCompletion, DiskInfo, DiskOp, DiskQueue, Durability, OpenError,
+};
+use crate::iobuf::{AlignedBuf, IoBuf};
+use crate::slab::Slab;
 use crate::stats::DiskStats;
 use lock::lock_image;
 use uring_file::{without_ring, Ring, UringFile};
@@ -152,12 +155,16 @@ impl Qcow2Disk {
             direct: options.direct.then(|| DirectAlignment {
                 memory: image.mem_align(),
                 offset: 1,
-                bounce_always: false,
             }),
             is_block_device: false,
             // Zero clusters, deallocation or zero data: write-zeroes works on every image.
             deallocate_zeroes: true,
             discard_zeroes: zeroing.zero_clusters || !zeroing.backing,
+            durability: if options.readonly {
+                Durability::ReadOnly
+            } else {
+                Durability::FormatFlushThenDataSync
+            },
         };
         let zero_align = image.mem_align().max(1);
         Ok(Qcow2Disk {
@@ -238,6 +245,45 @@ impl Qcow2Disk {
     }
 }
 
+impl Disk for Qcow2Disk {
+    fn engine(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn info(&self) -> DiskInfo {
+        self.info
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn current_size(&self) -> io::Result<u64> {
+        Ok(Qcow2Disk::current_size(self))
+    }
+
+    fn grow(&self, size: u64) -> io::Result<u64> {
+        Qcow2Disk::grow(self, size)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        Qcow2Disk::sync(self)
+    }
+
+    fn open_queue(&self, depth: u32, notifier: Option<&EventFd>) -> io::Result<Box<dyn DiskQueue>> {
+        Ok(Box::new(self.new_queue(depth, notifier)?))
+    }
+}
+
+impl std::fmt::Debug for Qcow2Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Disk")
+            .field("path", &self.path)
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
 fn create_image(path: &Path, size: u64, backing: Option<&Path>) -> io::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
@@ -305,121 +351,74 @@ fn block_on<F: Future>(future: F) -> F::Output {
     })
 }
 
-/// A guest request as its task sees it: the buffers as slices.
-enum Request {
-    Read {
-        offset: u64,
-        bufs: Vec<IoSliceMut<'static>>,
-    },
-    Write {
-        offset: u64,
-        bufs: Vec<IoSlice<'static>>,
-        durable: bool,
-    },
-    Flush,
-    Discard {
-        offset: u64,
-        len: u64,
-        durable: bool,
-    },
-    WriteZeroes {
-        offset: u64,
-        len: u64,
-        unmap: bool,
-        durable: bool,
-    },
-}
+/// A guest request as its task sees it: the operation, which owns its buffers for as long
+/// as the task runs.
+struct Request(DiskOp);
 
 impl Request {
-    /// # Safety
-    /// The iovecs of `op` must stay valid (and, for reads, unaliased) until the request's
-    /// task completes: the submitter's in-flight table owns that memory.
-    unsafe fn new(op: DiskOp) -> Self {
-        fn parts(iovecs: &[libc::iovec]) -> impl Iterator<Item = (*mut u8, usize)> + '_ {
-            iovecs
-                .iter()
-                .filter(|v| v.iov_len > 0)
-                .map(|v| (v.iov_base.cast::<u8>(), v.iov_len))
-        }
+    /// Runs the request against the image: bytes transferred, or `-errno`; and the
+    /// operation's buffer, handed back.
+    async fn execute(self, shared: Arc<Shared>) -> (i32, Option<IoBuf>) {
+        let Request(op) = self;
         match op {
-            DiskOp::Read { offset, iovecs } => Request::Read {
-                offset,
-                bufs: parts(&iovecs)
-                    // SAFETY: see the function's contract.
-                    .map(|(p, n)| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) }))
-                    .collect(),
-            },
+            DiskOp::Read { offset, mut buf } => {
+                let result = Self::read(&shared, offset, &mut buf).await;
+                (errno_result(result), Some(buf))
+            }
             DiskOp::Write {
                 offset,
-                iovecs,
+                buf,
                 durable,
-            } => Request::Write {
-                offset,
-                bufs: parts(&iovecs)
-                    // SAFETY: see the function's contract.
-                    .map(|(p, n)| IoSlice::new(unsafe { std::slice::from_raw_parts(p, n) }))
-                    .collect(),
-                durable,
-            },
-            DiskOp::Flush => Request::Flush,
-            DiskOp::Discard {
-                offset,
-                len,
-                durable,
-            } => Request::Discard {
-                offset,
-                len,
-                durable,
-            },
-            DiskOp::WriteZeroes {
-                offset,
-                len,
-                unmap,
-                durable,
-            } => Request::WriteZeroes {
-                offset,
-                len,
-                unmap,
-                durable,
-            },
+            } => {
+                let result = Self::write(&shared, offset, &buf, durable).await;
+                (errno_result(result), Some(buf))
+            }
+            op => (errno_result(Self::other(&shared, op).await), None),
         }
     }
 
-    /// Runs the request against the image: bytes transferred, or `-errno`.
-    async fn execute(self, shared: Arc<Shared>) -> i32 {
+    /// Reads into `buf`, borrowed for the read (the task owns it).
+    async fn read(shared: &Shared, offset: u64, buf: &mut IoBuf) -> io::Result<usize> {
+        let len = buf.len();
+        let bufs = buf.io_slices_mut().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a read into a read-only or self-overlapping buffer",
+            )
+        })?;
+        let img = shared.image.read().await;
+        img.readv(IoVectorMut::from(bufs), offset)
+            .await
+            .map(|()| len)
+    }
+
+    /// Writes `buf`, borrowed for the write (the task owns it).
+    async fn write(shared: &Shared, offset: u64, buf: &IoBuf, durable: bool) -> io::Result<usize> {
+        let len = buf.len();
+        let img = shared.image.read().await;
+        let mut result = img.writev(IoVector::from(buf.io_slices()), offset).await;
+        if durable && result.is_ok() {
+            result = img.flush().await;
+            if result.is_ok() {
+                result = img.sync().await;
+            }
+        }
+        result.map(|()| len)
+    }
+
+    /// Flush, discard and write-zeroes: no data buffers.
+    async fn other(shared: &Shared, op: DiskOp) -> io::Result<usize> {
         let image = &shared.image;
-        let result = match self {
-            Request::Read { offset, bufs } => {
-                let len: usize = bufs.iter().map(|b| b.len()).sum();
-                let img = image.read().await;
-                img.readv(IoVectorMut::from(bufs), offset)
-                    .await
-                    .map(|()| len)
-            }
-            Request::Write {
-                offset,
-                bufs,
-                durable,
-            } => {
-                let len: usize = bufs.iter().map(|b| b.len()).sum();
-                let img = image.read().await;
-                let mut result = img.writev(IoVector::from(bufs), offset).await;
-                if durable && result.is_ok() {
-                    result = img.flush().await;
-                    if result.is_ok() {
-                        result = img.sync().await;
-                    }
-                }
-                result.map(|()| len)
-            }
-            Request::Flush => {
+        match op {
+            DiskOp::Read { .. } | DiskOp::Write { .. } => Err(io::ErrorKind::InvalidInput.into()),
+            DiskOp::Flush => {
                 let img = image.read().await;
                 match img.flush().await {
                     Ok(()) => img.sync().await.map(|()| 0),
                     Err(e) => Err(e),
                 }
             }
-            Request::Discard {
+            DiskOp::Discard {
                 offset,
                 len,
                 durable,
@@ -434,7 +433,7 @@ impl Request {
                     Ok(0)
                 }
             }
-            Request::WriteZeroes {
+            DiskOp::WriteZeroes {
                 offset,
                 len,
                 unmap,
@@ -455,11 +454,15 @@ impl Request {
                 };
                 result.map(|()| 0)
             }
-        };
-        match result {
-            Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
-            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
         }
+    }
+}
+
+/// A request's result as a completion carries it: bytes, or `-errno`.
+fn errno_result(result: io::Result<usize>) -> i32 {
+    match result {
+        Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
+        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
     }
 }
 
@@ -479,7 +482,7 @@ async fn durable_after(
 }
 
 /// A request's future. imago declares its boxed futures without `Send` (`?Send`).
-struct RequestFuture(Pin<Box<dyn Future<Output = i32>>>);
+struct RequestFuture(Pin<Box<dyn Future<Output = (i32, Option<IoBuf>)>>>);
 
 // SAFETY: a queue's tasks are polled by one thread at a time (the queue's owner: its worker,
 // or the control path draining it under the worker's mutex). Nothing thread-bound is held
@@ -684,10 +687,7 @@ impl Shared {
 struct Executor {
     ring: Arc<Ring>,
     ready: Arc<ReadyTasks>,
-    tasks: Vec<Option<Task>>,
-    free_ids: Vec<usize>,
-    /// Started, not yet finished.
-    running: usize,
+    tasks: Slab<Task>,
     /// Finished, not yet reaped.
     finished: Vec<DiskCompletion>,
 }
@@ -695,23 +695,17 @@ struct Executor {
 impl Executor {
     /// Makes `request` a task, due to be polled.
     fn start(&mut self, shared: &Arc<Shared>, request: Request, token: u64) {
-        let id = match self.free_ids.pop() {
-            Some(id) => id,
-            None => {
-                self.tasks.push(None);
-                self.tasks.len() - 1
-            }
-        };
-        let waker = Waker::from(Arc::new(TaskWaker {
-            id,
-            ready: Arc::clone(&self.ready),
-        }));
-        self.tasks[id] = Some(Task {
+        let id = self.tasks.insert(Task {
             future: RequestFuture(Box::pin(request.execute(Arc::clone(shared)))),
-            waker,
+            waker: Waker::noop().clone(),
             token,
         });
-        self.running += 1;
+        if let Some(task) = self.tasks.get_mut(id) {
+            task.waker = Waker::from(Arc::new(TaskWaker {
+                id,
+                ready: Arc::clone(&self.ready),
+            }));
+        }
         self.ready
             .ids
             .lock()
@@ -745,7 +739,7 @@ impl Executor {
 
     fn poll_task(&mut self, id: usize) {
         // A stale wake-up for a finished task.
-        let Some(mut task) = self.tasks.get_mut(id).and_then(Option::take) else {
+        let Some(task) = self.tasks.get_mut(id) else {
             return;
         };
         let mut cx = Context::from_waker(&task.waker);
@@ -755,18 +749,16 @@ impl Executor {
             std::panic::catch_unwind(AssertUnwindSafe(|| task.future.0.as_mut().poll(&mut cx)))
                 .unwrap_or_else(|_| {
                     tracing::error!("the qcow2 driver panicked on a request; failing it with EIO");
-                    Poll::Ready(-libc::EIO)
+                    Poll::Ready((-libc::EIO, None))
                 });
-        match polled {
-            Poll::Ready(result) => {
+        if let Poll::Ready((result, buf)) = polled {
+            if let Some(task) = self.tasks.remove(id) {
                 self.finished.push(DiskCompletion {
                     token: task.token,
                     result,
+                    buf,
                 });
-                self.running -= 1;
-                self.free_ids.push(id);
             }
-            Poll::Pending => self.tasks[id] = Some(task),
         }
     }
 }
@@ -797,9 +789,7 @@ impl Qcow2Queue {
                 polling: AtomicBool::new(false),
                 eventfd: eventfd.try_clone()?,
             }),
-            tasks: Vec::new(),
-            free_ids: Vec::new(),
-            running: 0,
+            tasks: Slab::default(),
             finished: Vec::new(),
         }));
         let mut executors = shared.executors.lock().unwrap_or_else(|p| p.into_inner());
@@ -838,10 +828,9 @@ impl Qcow2Queue {
 
 impl DiskQueue for Qcow2Queue {
     fn push(&mut self, op: DiskOp, token: u64) -> io::Result<()> {
-        // SAFETY: the submitter keeps the buffers valid until it reaps the completion
-        // (`DiskQueue` contract), which comes after the task finished.
-        let request = unsafe { Request::new(op) };
-        self.queued.push((request, token));
+        // The task owns the operation and its buffers until it finished; the queue's drop
+        // drains every task first.
+        self.queued.push((Request(op), token));
         Ok(())
     }
 
@@ -868,7 +857,7 @@ impl DiskQueue for Qcow2Queue {
             let (ring, ready) = {
                 let mut exec = self.start_queued_and_run();
                 out.append(&mut exec.finished);
-                if exec.running == 0 {
+                if exec.tasks.is_empty() {
                     return Ok(());
                 }
                 (Arc::clone(&exec.ring), Arc::clone(&exec.ready))
@@ -885,7 +874,7 @@ impl DiskQueue for Qcow2Queue {
 
     fn in_flight(&self) -> usize {
         let exec = self.exec();
-        self.queued.len() + exec.running + exec.finished.len()
+        self.queued.len() + exec.tasks.len() + exec.finished.len()
     }
 
     fn completion_fd(&self) -> RawFd {

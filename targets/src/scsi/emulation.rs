@@ -19,6 +19,11 @@
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use super::opcode::{
+    INQUIRY, MODE_SELECT_10, MODE_SELECT_6, MODE_SENSE_10, READ_10, READ_12, REPORT_LUNS,
+    REQUEST_SENSE, SYNCHRONIZE_CACHE_10, UNMAP, VERIFY_10, VERIFY_16, WRITE_10, WRITE_12, WRITE_16,
+    WRITE_6, WRITE_SAME_10, WRITE_SAME_16,
+};
 use super::sense::Sense;
 use commands::{Command, COMMANDS};
 
@@ -142,15 +147,19 @@ pub const MAX_VERIFY_BYTES: usize = MAX_TRANSFER_BLOCKS as usize * 4096;
 /// and the data VERIFY compares. Bulk WRITE data is not gathered (it goes straight to disk).
 pub fn data_out_to_gather(cdb: &[u8]) -> usize {
     match cdb.first() {
-        Some(0x15 | 0x55 | 0x42 | 0x41 | 0x93) => MAX_PARAMETER_LIST,
-        Some(0x2f | 0x8f) if cdb.get(1).is_some_and(|b| b & 0x06 != 0) => MAX_VERIFY_BYTES,
+        Some(&(MODE_SELECT_6 | MODE_SELECT_10 | UNMAP | WRITE_SAME_10 | WRITE_SAME_16)) => {
+            MAX_PARAMETER_LIST
+        }
+        Some(&(VERIFY_10 | VERIFY_16)) if cdb.get(1).is_some_and(|b| b & 0x06 != 0) => {
+            MAX_VERIFY_BYTES
+        }
         _ => 0,
     }
 }
 
 /// True for commands that do not report (or clear) a pending unit attention (SPC-4 5.14).
 pub fn ignores_unit_attention(cdb: &[u8]) -> bool {
-    matches!(cdb.first(), Some(0x12 | 0xa0 | 0x03))
+    matches!(cdb.first(), Some(&(INQUIRY | REPORT_LUNS | REQUEST_SENSE)))
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -434,20 +443,20 @@ impl Lun {
     fn rw6(&self, cdb: &[u8]) -> Outcome {
         let lba = u64::from(u32::from_be_bytes([0, cdb[1] & 0x1f, cdb[2], cdb[3]]));
         let blocks = if cdb[4] == 0 { 256 } else { u32::from(cdb[4]) };
-        self.rw_request(cdb[0] == 0x0a, lba, blocks, false)
+        self.rw_request(cdb[0] == WRITE_6, lba, blocks, false)
     }
 
     fn rw(&self, cdb: &[u8]) -> Outcome {
         let (lba, blocks) = match cdb[0] {
-            0x28 | 0x2a => (u64::from(be32(cdb, 2)), u32::from(be16(cdb, 7))),
-            0xa8 | 0xaa => (u64::from(be32(cdb, 2)), be32(cdb, 6)),
+            READ_10 | WRITE_10 => (u64::from(be32(cdb, 2)), u32::from(be16(cdb, 7))),
+            READ_12 | WRITE_12 => (u64::from(be32(cdb, 2)), be32(cdb, 6)),
             _ => (be64(cdb, 2), be32(cdb, 10)),
         };
         // RDPROTECT/WRPROTECT (protection information) is not supported.
         if cdb[1] & 0xe0 != 0 {
             return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
         }
-        let is_write = matches!(cdb[0], 0x2a | 0xaa | 0x8a);
+        let is_write = matches!(cdb[0], WRITE_10 | WRITE_12 | WRITE_16);
         let fua = cdb[1] & 0x08 != 0;
         self.rw_request(is_write, lba, blocks, fua)
     }
@@ -473,7 +482,7 @@ impl Lun {
     }
 
     fn verify(&self, cdb: &[u8], data_out: &[u8]) -> Outcome {
-        let (lba, blocks) = if cdb[0] == 0x2f {
+        let (lba, blocks) = if cdb[0] == VERIFY_10 {
             (u64::from(be32(cdb, 2)), u32::from(be16(cdb, 7)))
         } else {
             (be64(cdb, 2), be32(cdb, 10))
@@ -510,7 +519,7 @@ impl Lun {
     }
 
     fn synchronize_cache(&self, cdb: &[u8]) -> Outcome {
-        let (lba, blocks) = if cdb[0] == 0x35 {
+        let (lba, blocks) = if cdb[0] == SYNCHRONIZE_CACHE_10 {
             (u64::from(be32(cdb, 2)), u64::from(be16(cdb, 7)))
         } else {
             (be64(cdb, 2), u64::from(be32(cdb, 10)))
@@ -584,16 +593,16 @@ impl Lun {
     }
 
     fn write_same(&self, cdb: &[u8], params: &[u8]) -> Outcome {
-        let (lba, blocks) = if cdb[0] == 0x41 {
+        let (lba, blocks) = if cdb[0] == WRITE_SAME_10 {
             (u64::from(be32(cdb, 2)), u32::from(be16(cdb, 7)))
         } else {
             (be64(cdb, 2), be32(cdb, 10))
         };
         let unmap = cdb[1] & 0x08 != 0;
         let anchor = cdb[1] & 0x10 != 0;
-        let ndob = cdb[0] == 0x93 && cdb[1] & 0x01 != 0;
+        let ndob = cdb[0] == WRITE_SAME_16 && cdb[1] & 0x01 != 0;
         // WRPROTECT, ANCHOR and (for WRITE SAME(10)) the obsolete PBDATA/LBDATA bits.
-        if cdb[1] & 0xe0 != 0 || anchor || (cdb[0] == 0x41 && cdb[1] & 0x06 != 0) {
+        if cdb[1] & 0xe0 != 0 || anchor || (cdb[0] == WRITE_SAME_10 && cdb[1] & 0x06 != 0) {
             return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
         }
         if self.settings.readonly {
@@ -655,7 +664,7 @@ impl Lun {
     }
 
     fn mode_sense(&self, cdb: &[u8]) -> Outcome {
-        let ten = cdb[0] == 0x5a;
+        let ten = cdb[0] == MODE_SENSE_10;
         let dbd = cdb[1] & 0x08 != 0;
         let pc = cdb[2] >> 6;
         let page = cdb[2] & 0x3f;
@@ -714,7 +723,7 @@ impl Lun {
 
     /// MODE SELECT: accepted only when it sets the current values.
     fn mode_select(&self, cdb: &[u8], params: &[u8]) -> Outcome {
-        let ten = cdb[0] == 0x55;
+        let ten = cdb[0] == MODE_SELECT_10;
         let list_len = if ten {
             usize::from(be16(cdb, 7))
         } else {
