@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use super::*;
+use crate::disk::DiskCompletion;
 
 const BLOCK: usize = 4096;
 
