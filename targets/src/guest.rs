@@ -1,6 +1,6 @@
 //! Guest memory as a transport hands it in ([`GuestRam`]), and the one decision of whether
 //! a request's data goes to the disk straight from guest memory or through a bounce buffer
-//! ([`data_buffer`]).
+//! (`data_buffer`).
 //!
 //! Whether the kernel can do direct I/O on guest memory is a property of that memory, set
 //! by the transport that maps it: a vhost-user frontend's shared memory can be pinned; the

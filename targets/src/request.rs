@@ -18,12 +18,16 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
+use virtio_queue::DescriptorChain;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::Completed;
+use crate::chain::Memory;
+use crate::device::{Completed, QueueHandler};
 use crate::disk::{DiskCompletion, DiskOp, DiskQueue};
+use crate::guest::GuestRam;
 use crate::iobuf::IoBuf;
 use crate::slab::Slab;
+use crate::stats::QueueStats;
 use crate::stats::{Failure, LunStats, Op};
 
 /// How one request counts: its LUN's counters (if the device has the LUN), its op, the
@@ -52,7 +56,7 @@ impl Accounting {
 
 /// A request's answer, as the transport and the counters see it.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Answer {
+pub struct Answer {
     /// What goes on the used ring.
     pub(crate) completed: Completed,
     /// Why it failed, if it did (metric label `reason`).
@@ -63,7 +67,7 @@ pub(crate) struct Answer {
 
 /// How a request's disk operations ended.
 #[derive(Debug)]
-pub(crate) struct IoOutcome {
+pub struct IoOutcome {
     /// The first failure, as `-errno`: a failed operation, one that moved fewer bytes than
     /// asked (`-EIO`), or one that could not be queued (`-EAGAIN`). `None` if every
     /// operation succeeded in full.
@@ -73,13 +77,78 @@ pub(crate) struct IoOutcome {
 }
 
 /// What a device remembers of a request whose disk I/O runs.
-pub(crate) trait Pending: Send {
+pub trait Pending: Send {
     /// Kept after the answer until the transport published it (SCSI: the LUN, whose
     /// in-flight count a TMF waits on).
     type Receipt: Send;
 
     /// Writes the answer of the request whose operations ended with `outcome`.
     fn finish(self, outcome: IoOutcome) -> (Answer, Self::Receipt);
+}
+
+/// A virtqueue whose requests run on an [`IoQueue`]: what the device adds to it. Every one
+/// is a [`QueueHandler`] through the implementation below, so submitting, reaping,
+/// draining and publishing are written once for both devices.
+pub trait IoDevice: Send {
+    /// What the device remembers of a request in flight.
+    type Request: Pending;
+    /// The queue's request layer.
+    fn io(&mut self) -> &mut IoQueue<Self::Request>;
+    /// The queue's request layer, shared.
+    fn io_ref(&self) -> &IoQueue<Self::Request>;
+    /// Handles one chain: starts its disk I/O on [`IoDevice::io`], or answers it into
+    /// `done`.
+    fn handle(
+        &mut self,
+        chain: DescriptorChain<&Memory>,
+        mem: &GuestRam,
+        done: &mut Vec<Completed>,
+    );
+    /// The queue's counters.
+    fn counters(&self) -> Arc<QueueStats>;
+    /// An answer was published on the used ring.
+    fn published(_receipt: <Self::Request as Pending>::Receipt) {}
+    /// See [`QueueHandler::refresh`].
+    fn refresh(&mut self, _done: &mut Vec<Completed>) {}
+}
+
+impl<D: IoDevice> QueueHandler for D {
+    fn handle_chain(
+        &mut self,
+        chain: DescriptorChain<&Memory>,
+        mem: &GuestRam,
+        done: &mut Vec<Completed>,
+    ) {
+        self.handle(chain, mem, done);
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        self.io().submit()
+    }
+
+    fn reap(&mut self, done: &mut Vec<Completed>) {
+        self.io().reap(done);
+    }
+
+    fn drain(&mut self, done: &mut Vec<Completed>) -> io::Result<()> {
+        self.io().drain(done)
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        self.io_ref().completion_fd()
+    }
+
+    fn published(&mut self) {
+        self.io().published().for_each(D::published);
+    }
+
+    fn refresh(&mut self, done: &mut Vec<Completed>) {
+        IoDevice::refresh(self, done);
+    }
+
+    fn stats(&self) -> Option<Arc<QueueStats>> {
+        Some(self.counters())
+    }
 }
 
 /// A request in the in-flight table.
@@ -99,7 +168,7 @@ struct Entry<P> {
 const KEY_BITS: u32 = 32;
 
 /// One virtqueue's requests in flight and the disk rings they run on.
-pub(crate) struct IoQueue<P: Pending> {
+pub struct IoQueue<P: Pending> {
     requests: Slab<Entry<P>>,
     /// The rings, by LUN (virtio-blk: one, LUN 0).
     rings: Vec<(u16, Box<dyn DiskQueue>)>,

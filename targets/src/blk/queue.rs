@@ -3,7 +3,6 @@
 //! gives, or run on the shared request layer ([`IoQueue`]) and answered when the disk
 //! completes them.
 
-use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,10 +20,10 @@ use super::{
     SECTOR_SIZE,
 };
 use crate::chain::{gather, scatter, split_segments, total, Chain, Memory, Segment};
-use crate::device::{Completed, QueueHandler};
+use crate::device::Completed;
 use crate::disk::{DiskOp, DiskQueue};
 use crate::guest::{data_buffer, GuestRam};
-use crate::request::{Accounting, Answer, IoOutcome, IoQueue, Pending};
+use crate::request::{Accounting, Answer, IoDevice, IoOutcome, IoQueue, Pending};
 use crate::stats::{bump, LunStats, Op, QueueStats};
 
 /// What a request turned into.
@@ -80,7 +79,7 @@ struct PendingIo {
 }
 
 /// A request with disk I/O in flight: where its answer goes.
-struct InFlight {
+pub struct InFlight {
     head: u16,
     status: GuestAddress,
     ram: GuestRam,
@@ -473,37 +472,27 @@ impl BlkQueue {
     }
 }
 
-impl QueueHandler for BlkQueue {
-    fn handle_chain(
+impl IoDevice for BlkQueue {
+    type Request = InFlight;
+
+    fn io(&mut self) -> &mut IoQueue<InFlight> {
+        &mut self.io
+    }
+
+    fn io_ref(&self) -> &IoQueue<InFlight> {
+        &self.io
+    }
+
+    fn handle(
         &mut self,
         chain: DescriptorChain<&Memory>,
         mem: &GuestRam,
         done: &mut Vec<Completed>,
     ) {
-        self.handle(chain, mem, done);
+        BlkQueue::handle(self, chain, mem, done);
     }
 
-    fn submit(&mut self) -> io::Result<()> {
-        self.io.submit()
-    }
-
-    fn reap(&mut self, done: &mut Vec<Completed>) {
-        self.io.reap(done);
-    }
-
-    fn drain(&mut self, done: &mut Vec<Completed>) -> io::Result<()> {
-        self.io.drain(done)
-    }
-
-    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.io.completion_fd()
-    }
-
-    fn published(&mut self) {
-        self.io.published().for_each(drop);
-    }
-
-    fn stats(&self) -> Option<Arc<QueueStats>> {
-        Some(Arc::clone(&self.stats))
+    fn counters(&self) -> Arc<QueueStats> {
+        Arc::clone(&self.stats)
     }
 }

@@ -13,14 +13,14 @@
 //!
 //! imago's qcow2 driver is async and runs on no runtime: each virtqueue gets a
 //! [`Qcow2Queue`], a small executor that turns every request into a task and polls it on the
-//! queue's own thread. The storage underneath ([`UringFile`]) submits the data and metadata
+//! queue's own thread. The storage underneath (`UringFile`) submits the data and metadata
 //! accesses of those tasks to the queue's io_uring, so a queue keeps many image requests in
 //! flight without helper threads; completions and wake-ups from other queues (imago's
 //! metadata locks are shared) arrive on the queue's eventfd. One [`FormatAccess`] is shared
 //! by all queues; discards need exclusive access and take the write side of an async lock
 //! that reads and writes share.
 //!
-//! Images are locked the way QEMU locks them ([`lock`]), so this daemon and a QEMU or
+//! Images are locked the way QEMU locks them (`lock`), so this daemon and a QEMU or
 //! qemu-img cannot both open an image for writing.
 
 mod lock;

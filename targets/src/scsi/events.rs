@@ -13,7 +13,7 @@ use crate::device::{Completed, QueueHandler};
 use crate::guest::GuestRam;
 use crate::stats::QueueStats;
 
-/// Size of `struct virtio_scsi_event`: event, lun[8], reason.
+/// Size of `struct virtio_scsi_event`: event, `lun[8]`, reason.
 pub const EVENT_SIZE: usize = 16;
 /// Events kept while the driver has no event buffer; beyond that they are dropped and the
 /// next one delivered carries VIRTIO_SCSI_T_EVENTS_MISSED.

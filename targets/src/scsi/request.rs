@@ -4,7 +4,6 @@
 //! signalling one completion eventfd.
 
 use std::io;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,11 +20,11 @@ use super::opcode;
 use super::sense::{status, Sense};
 use super::wire::{decode_lun, response, CmdReq, Response, REQ_SIZE, RESP_SIZE};
 use crate::chain::{gather, scatter, split_segments, total, Chain, Memory, Segment};
-use crate::device::{Completed, QueueHandler};
+use crate::device::Completed;
 use crate::disk::{DiskOp, DiskQueue};
 use crate::guest::{data_buffer, GuestRam};
 use crate::iobuf::{AlignedBuf, IoBuf};
-use crate::request::{Accounting, Answer, IoOutcome, IoQueue, Pending};
+use crate::request::{Accounting, Answer, IoDevice, IoOutcome, IoQueue, Pending};
 use crate::stats::{bump, LunStats, Op, QueueStats};
 
 /// Bytes of the write-same pattern buffer (the pattern repeated).
@@ -101,7 +100,7 @@ impl Planned {
 }
 
 /// A command with disk I/O in flight (one or more operations).
-struct InFlight {
+pub struct InFlight {
     /// Its LUN.
     lun: Arc<LunSlot>,
     head: u16,
@@ -603,26 +602,34 @@ fn write_same(offset: u64, len: u64, pattern: &[u8], durable: bool) -> Result<Pl
     })
 }
 
-impl QueueHandler for RequestQueue {
-    fn handle_chain(
+impl IoDevice for RequestQueue {
+    type Request = InFlight;
+
+    fn io(&mut self) -> &mut IoQueue<InFlight> {
+        &mut self.io
+    }
+
+    fn io_ref(&self) -> &IoQueue<InFlight> {
+        &self.io
+    }
+
+    fn handle(
         &mut self,
         chain: DescriptorChain<&Memory>,
         mem: &GuestRam,
         done: &mut Vec<Completed>,
     ) {
-        self.handle(chain, mem, done);
+        RequestQueue::handle(self, chain, mem, done);
     }
 
-    fn submit(&mut self) -> io::Result<()> {
-        self.io.submit()
+    fn counters(&self) -> Arc<QueueStats> {
+        Arc::clone(&self.stats)
     }
 
-    fn reap(&mut self, done: &mut Vec<Completed>) {
-        self.io.reap(done);
-    }
-
-    fn drain(&mut self, done: &mut Vec<Completed>) -> io::Result<()> {
-        self.io.drain(done)
+    /// Its LUN's in-flight count, which a TMF waits on, drops once the answer is on the
+    /// used ring.
+    fn published(lun: Arc<LunSlot>) {
+        lun.published();
     }
 
     /// Takes the device's LUN table over: opens rings on added LUNs, completes what is in
@@ -660,19 +667,5 @@ impl QueueHandler for RequestQueue {
         }
         self.lun_stats = self.stats.luns();
         self.table = table;
-    }
-
-    fn completion_fd(&self) -> Option<RawFd> {
-        self.io.completion_fd()
-    }
-
-    fn stats(&self) -> Option<Arc<QueueStats>> {
-        Some(Arc::clone(&self.stats))
-    }
-
-    fn published(&mut self) {
-        for lun in self.io.published() {
-            lun.published();
-        }
     }
 }

@@ -9,7 +9,7 @@ use crate::stats::Failure;
 pub const CDB_SIZE: usize = 32;
 /// Sense bytes in a response (the config space's default `sense_size`).
 pub const SENSE_SIZE: usize = 96;
-/// `virtio_scsi_cmd_req`: lun[8], tag, task_attr, prio, crn, cdb.
+/// `virtio_scsi_cmd_req`: `lun[8]`, tag, task_attr, prio, crn, cdb.
 pub const REQ_SIZE: usize = 8 + 8 + 3 + CDB_SIZE;
 /// `virtio_scsi_cmd_resp`: sense_len, resid, status_qualifier, status, response, sense.
 pub const RESP_SIZE: usize = 4 + 4 + 2 + 1 + 1 + SENSE_SIZE;
