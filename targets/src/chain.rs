@@ -16,7 +16,7 @@ pub type Memory = GuestMemoryMmap<()>;
 
 /// A descriptor chain split into its device-readable and device-writable bytes.
 #[derive(Debug)]
-pub(crate) struct Chain {
+pub struct Chain {
     /// Head descriptor index, for the used ring.
     pub(crate) head: u16,
     /// Device-readable buffers, in order.

@@ -21,7 +21,7 @@ use std::time::Instant;
 use virtio_queue::DescriptorChain;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::chain::Memory;
+use crate::chain::{Chain, Memory};
 use crate::device::{Completed, QueueHandler};
 use crate::disk::{DiskCompletion, DiskOp, DiskQueue};
 use crate::guest::GuestRam;
@@ -86,68 +86,90 @@ pub trait Pending: Send {
     fn finish(self, outcome: IoOutcome) -> (Answer, Self::Receipt);
 }
 
-/// A virtqueue whose requests run on an [`IoQueue`]: what the device adds to it. Every one
-/// is a [`QueueHandler`] through the implementation below, so submitting, reaping,
-/// draining and publishing are written once for both devices.
+/// A device's request handling on one virtqueue whose requests run on an [`IoQueue`]
+/// ([`DeviceQueue`] puts the two together).
 pub trait IoDevice: Send {
     /// What the device remembers of a request in flight.
     type Request: Pending;
-    /// The queue's request layer.
-    fn io(&mut self) -> &mut IoQueue<Self::Request>;
-    /// The queue's request layer, shared.
-    fn io_ref(&self) -> &IoQueue<Self::Request>;
-    /// Handles one chain: starts its disk I/O on [`IoDevice::io`], or answers it into
-    /// `done`.
+    /// Handles one chain, popped at `started`: starts its disk I/O on `io`, or answers it
+    /// into `done`.
     fn handle(
         &mut self,
-        chain: DescriptorChain<&Memory>,
+        io: &mut IoQueue<Self::Request>,
+        chain: Chain,
+        started: Instant,
         mem: &GuestRam,
         done: &mut Vec<Completed>,
     );
-    /// The queue's counters.
-    fn counters(&self) -> Arc<QueueStats>;
     /// An answer was published on the used ring.
     fn published(_receipt: <Self::Request as Pending>::Receipt) {}
     /// See [`QueueHandler::refresh`].
-    fn refresh(&mut self, _done: &mut Vec<Completed>) {}
+    fn refresh(&mut self, _io: &mut IoQueue<Self::Request>, _done: &mut Vec<Completed>) {}
 }
 
-impl<D: IoDevice> QueueHandler for D {
+/// One virtqueue of a device built on the request layer: the device's request handling,
+/// the queue's requests in flight and its counters. Submitting, reaping, draining and
+/// publishing are written here once, for both devices.
+pub struct DeviceQueue<D: IoDevice> {
+    pub(crate) device: D,
+    pub(crate) io: IoQueue<D::Request>,
+    stats: Arc<QueueStats>,
+}
+
+impl<D: IoDevice> DeviceQueue<D> {
+    pub(crate) fn from_parts(device: D, io: IoQueue<D::Request>, stats: Arc<QueueStats>) -> Self {
+        DeviceQueue { device, io, stats }
+    }
+
+    /// Counters of this queue (shared with the metrics endpoint).
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
+    }
+
+    /// Requests submitted to the disk and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.io.in_flight()
+    }
+}
+
+impl<D: IoDevice> QueueHandler for DeviceQueue<D> {
     fn handle_chain(
         &mut self,
         chain: DescriptorChain<&Memory>,
         mem: &GuestRam,
         done: &mut Vec<Completed>,
     ) {
-        self.handle(chain, mem, done);
+        let started = Instant::now();
+        let chain = Chain::collect(chain);
+        self.device.handle(&mut self.io, chain, started, mem, done);
     }
 
     fn submit(&mut self) -> io::Result<()> {
-        self.io().submit()
+        self.io.submit()
     }
 
     fn reap(&mut self, done: &mut Vec<Completed>) {
-        self.io().reap(done);
+        self.io.reap(done);
     }
 
     fn drain(&mut self, done: &mut Vec<Completed>) -> io::Result<()> {
-        self.io().drain(done)
+        self.io.drain(done)
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
-        self.io_ref().completion_fd()
+        self.io.completion_fd()
     }
 
     fn published(&mut self) {
-        self.io().published().for_each(D::published);
+        self.io.published().for_each(D::published);
     }
 
     fn refresh(&mut self, done: &mut Vec<Completed>) {
-        IoDevice::refresh(self, done);
+        self.device.refresh(&mut self.io, done);
     }
 
     fn stats(&self) -> Option<Arc<QueueStats>> {
-        Some(self.counters())
+        Some(Arc::clone(&self.stats))
     }
 }
 

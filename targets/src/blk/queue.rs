@@ -11,7 +11,6 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::statuses::{status, BlkError, Refusal};
@@ -23,7 +22,7 @@ use crate::chain::{gather, scatter, split_segments, total, Chain, Memory, Segmen
 use crate::device::Completed;
 use crate::disk::{DiskOp, DiskQueue};
 use crate::guest::{data_buffer, GuestRam};
-use crate::request::{Accounting, Answer, IoDevice, IoOutcome, IoQueue, Pending};
+use crate::request::{Accounting, Answer, DeviceQueue, IoDevice, IoOutcome, IoQueue, Pending};
 use crate::stats::{bump, LunStats, Op, QueueStats};
 
 /// What a request turned into.
@@ -136,9 +135,11 @@ fn write_status(
 }
 
 /// One virtqueue's request handler, owned by that queue's worker thread.
-pub struct BlkQueue {
+pub type BlkQueue = DeviceQueue<BlkRequests>;
+
+/// virtio-blk's part of a [`BlkQueue`]: parsing and answering requests.
+pub struct BlkRequests {
     device: Arc<BlkDevice>,
-    io: IoQueue<InFlight>,
     stats: Arc<QueueStats>,
     /// The queue's one LUN slot of `stats`, kept here so requests take no lock.
     lun_stats: Arc<LunStats>,
@@ -149,24 +150,16 @@ impl BlkQueue {
     pub fn new(device: Arc<BlkDevice>, disk: Box<dyn DiskQueue>) -> Self {
         let stats = Arc::new(QueueStats::default());
         let lun_stats = stats.lun(0).unwrap_or_else(|| stats.add_lun(0));
-        BlkQueue {
+        let requests = BlkRequests {
             device,
-            io: IoQueue::single(disk),
+            stats: Arc::clone(&stats),
             lun_stats,
-            stats,
-        }
+        };
+        DeviceQueue::from_parts(requests, IoQueue::single(disk), stats)
     }
+}
 
-    /// Counters of this queue (shared with the metrics endpoint).
-    pub fn stats(&self) -> &Arc<QueueStats> {
-        &self.stats
-    }
-
-    /// Requests submitted to the disk and not yet completed.
-    pub fn in_flight(&self) -> usize {
-        self.io.in_flight()
-    }
-
+impl BlkRequests {
     /// How a request counts on this queue.
     fn accounting(&self, op: Op, bytes: u64, started: Instant) -> Accounting {
         Accounting {
@@ -175,56 +168,6 @@ impl BlkQueue {
             bytes,
             started,
         }
-    }
-
-    /// Handles one descriptor chain: queues its disk I/O, or completes it at once into `done`.
-    fn handle(
-        &mut self,
-        chain: DescriptorChain<&Memory>,
-        mem: &GuestRam,
-        done: &mut Vec<Completed>,
-    ) {
-        let started = Instant::now();
-        let Chain {
-            head,
-            readable,
-            writable,
-            misordered,
-        } = Chain::collect(chain);
-        let max_descriptors = self.device.seg_max() as usize + 2;
-        let too_long = readable.len() + writable.len() > max_descriptors;
-        // The status byte is the last writable byte; without one nothing can be reported.
-        let writable_len = total(&writable);
-        let status_at = writable_len.checked_sub(1).and_then(|last| {
-            let (_, tail) = split_segments(&writable, last);
-            tail.first().map(|s| s.addr)
-        });
-        let Some(status) = status_at.filter(|a| mem.check_range(*a, 1)) else {
-            tracing::debug!(head, "request without a writable status byte dropped");
-            bump(&self.stats.malformed, 1);
-            done.push(Completed { head, used_len: 0 });
-            return;
-        };
-        let (writable_data, _) = split_segments(&writable, writable_len - 1);
-
-        let (op, action) = if misordered || too_long {
-            tracing::debug!(head, misordered, too_long, "malformed descriptor chain");
-            (Op::Other, Action::Refuse(Refusal::MalformedChain))
-        } else {
-            self.parse(mem, &readable, writable_data)
-        };
-        let refusal = match action {
-            Action::Done(data_written) => {
-                return self.finish_now(mem, head, status, Ok(data_written), op, started, done)
-            }
-            Action::Refuse(refusal) => refusal,
-            Action::Io(io) => match self.submit_io(mem, head, status, io, started) {
-                Ok(()) => return,
-                Err(refusal) => refusal,
-            },
-        };
-        tracing::debug!(head, ?refusal, "request refused");
-        self.finish_now(mem, head, status, Err(refusal), op, started, done);
     }
 
     /// Answers a request without disk I/O: done (`Ok(bytes written to its data buffers)`)
@@ -415,6 +358,7 @@ impl BlkQueue {
     /// through a bounce buffer ([`data_buffer`]), in the write cache mode now.
     fn submit_io(
         &mut self,
+        queue: &mut IoQueue<InFlight>,
         mem: &GuestRam,
         head: u16,
         status: GuestAddress,
@@ -466,33 +410,62 @@ impl BlkQueue {
             copy_back,
         };
         let accounting = self.accounting(io.kind.op(), io.len, started);
-        self.io
+        queue
             .start(0, request, vec![op], accounting)
             .map_err(|_| Refusal::DiskQueue)
     }
 }
 
-impl IoDevice for BlkQueue {
+impl IoDevice for BlkRequests {
     type Request = InFlight;
-
-    fn io(&mut self) -> &mut IoQueue<InFlight> {
-        &mut self.io
-    }
-
-    fn io_ref(&self) -> &IoQueue<InFlight> {
-        &self.io
-    }
 
     fn handle(
         &mut self,
-        chain: DescriptorChain<&Memory>,
+        io: &mut IoQueue<InFlight>,
+        chain: Chain,
+        started: Instant,
         mem: &GuestRam,
         done: &mut Vec<Completed>,
     ) {
-        BlkQueue::handle(self, chain, mem, done);
-    }
+        let head = chain.head;
+        let max_descriptors = self.device.seg_max() as usize + 2;
+        let too_long = chain.readable.len() + chain.writable.len() > max_descriptors;
+        // The status byte is the last writable byte; without one nothing can be reported.
+        let writable_len = total(&chain.writable);
+        let status_at = writable_len.checked_sub(1).and_then(|last| {
+            let (_, tail) = split_segments(&chain.writable, last);
+            tail.first().map(|s| s.addr)
+        });
+        let Some(status) = status_at.filter(|a| mem.check_range(*a, 1)) else {
+            tracing::debug!(head, "request without a writable status byte dropped");
+            bump(&self.stats.malformed, 1);
+            done.push(Completed { head, used_len: 0 });
+            return;
+        };
+        let (writable_data, _) = split_segments(&chain.writable, writable_len - 1);
 
-    fn counters(&self) -> Arc<QueueStats> {
-        Arc::clone(&self.stats)
+        let (op, action) = if chain.misordered || too_long {
+            tracing::debug!(
+                head,
+                misordered = chain.misordered,
+                too_long,
+                "malformed descriptor chain"
+            );
+            (Op::Other, Action::Refuse(Refusal::MalformedChain))
+        } else {
+            self.parse(mem, &chain.readable, writable_data)
+        };
+        let refusal = match action {
+            Action::Done(data_written) => {
+                return self.finish_now(mem, head, status, Ok(data_written), op, started, done)
+            }
+            Action::Refuse(refusal) => refusal,
+            Action::Io(pending) => match self.submit_io(io, mem, head, status, pending, started) {
+                Ok(()) => return,
+                Err(refusal) => refusal,
+            },
+        };
+        tracing::debug!(head, ?refusal, "request refused");
+        self.finish_now(mem, head, status, Err(refusal), op, started, done);
     }
 }

@@ -9,8 +9,6 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use virtio_queue::DescriptorChain;
-
 use super::device::ScsiDevice;
 use super::emulation::{
     data_out_to_gather, ignores_unit_attention, report_luns, IoRequest, Lun, Outcome,
@@ -24,7 +22,7 @@ use crate::device::Completed;
 use crate::disk::{DiskOp, DiskQueue};
 use crate::guest::{data_buffer, GuestRam};
 use crate::iobuf::{AlignedBuf, IoBuf};
-use crate::request::{Accounting, Answer, IoDevice, IoOutcome, IoQueue, Pending};
+use crate::request::{Accounting, Answer, DeviceQueue, IoDevice, IoOutcome, IoQueue, Pending};
 use crate::stats::{bump, LunStats, Op, QueueStats};
 
 /// Bytes of the write-same pattern buffer (the pattern repeated).
@@ -198,12 +196,13 @@ fn respond(mem: &Memory, head: u16, resp: &[Segment], r: &Response, data_written
 }
 
 /// A request queue of a virtio-scsi device.
-pub struct RequestQueue {
+pub type RequestQueue = DeviceQueue<ScsiRequests>;
+
+/// virtio-scsi's part of a [`RequestQueue`]: commands to the LUNs.
+pub struct ScsiRequests {
     device: Arc<ScsiDevice>,
     /// The LUN table this queue serves (the device's, as of the last refresh).
     table: Arc<LunTable>,
-    /// Requests in flight and the LUNs' rings.
-    io: IoQueue<InFlight>,
     stats: Arc<QueueStats>,
     /// The LUN slots of `stats` (the last for requests addressed to no LUN), kept here so
     /// requests take no lock; changed with the LUN table.
@@ -228,20 +227,21 @@ impl RequestQueue {
         let slots: Vec<Option<u16>> = table.iter().map(|l| Some(l.id())).chain([None]).collect();
         let stats = Arc::new(QueueStats::new(&slots));
         let lun_stats = stats.luns();
-        Ok(RequestQueue {
+        let requests = ScsiRequests {
             device,
             table,
-            io: IoQueue::shared(notifier, disks),
-            stats,
+            stats: Arc::clone(&stats),
             lun_stats,
-        })
+        };
+        Ok(DeviceQueue::from_parts(
+            requests,
+            IoQueue::shared(notifier, disks),
+            stats,
+        ))
     }
+}
 
-    /// Counters of this queue.
-    pub fn stats(&self) -> &Arc<QueueStats> {
-        &self.stats
-    }
-
+impl ScsiRequests {
     /// How a request to `lun` counts (`None`: addressed to no LUN).
     fn accounting(&self, lun: Option<u16>, op: Op, bytes: u64, started: Instant) -> Accounting {
         Accounting {
@@ -270,139 +270,6 @@ impl RequestQueue {
         done.push(answer.completed);
     }
 
-    fn handle(
-        &mut self,
-        chain: DescriptorChain<&Memory>,
-        mem: &GuestRam,
-        done: &mut Vec<Completed>,
-    ) {
-        let started = Instant::now();
-        let Chain {
-            head,
-            readable,
-            writable,
-            misordered,
-        } = Chain::collect(chain);
-        let (req_segs, data_out) = split_segments(&readable, REQ_SIZE);
-        let (resp, data_in) = split_segments(&writable, RESP_SIZE);
-        let mut req = [0u8; REQ_SIZE];
-        if misordered || total(&resp) < RESP_SIZE || gather(mem, &req_segs, &mut req).is_none() {
-            tracing::debug!(head, "malformed virtio-scsi request");
-            bump(&self.stats.malformed, 1);
-            if total(&resp) >= RESP_SIZE {
-                self.answer(
-                    Counted {
-                        lun: None,
-                        op: Op::Other,
-                        started,
-                    },
-                    mem,
-                    head,
-                    &resp,
-                    &Response::transport(response::FAILURE),
-                    0,
-                    done,
-                );
-            } else {
-                done.push(Completed { head, used_len: 0 });
-            }
-            return;
-        }
-        let data_out_len = total(&data_out);
-        let data_in_len = total(&data_in);
-        let req = CmdReq::parse(&req);
-        let cdb = &req.cdb[..];
-        let lun_id = decode_lun(&req.lun);
-        let slot = lun_id.and_then(|id| self.table.find(id).cloned());
-        let counted = Counted {
-            lun: slot.as_ref().map(|s| s.id()),
-            op: opcode::metric_op(cdb[0]),
-            started,
-        };
-        if data_out_len > 0 && data_in_len > 0 {
-            // Bidirectional commands need VIRTIO_SCSI_F_INOUT, which is not offered.
-            self.answer(
-                counted,
-                mem,
-                head,
-                &resp,
-                &Response::transport(response::FAILURE),
-                0,
-                done,
-            );
-            return;
-        }
-        if lun_id.is_none() {
-            self.answer(
-                counted,
-                mem,
-                head,
-                &resp,
-                &Response::transport(response::BAD_TARGET),
-                0,
-                done,
-            );
-            return;
-        }
-        let outcome = match slot {
-            None => Self::absent_lun(cdb, &self.table.ids()),
-            Some(slot) => {
-                let ua = if ignores_unit_attention(cdb) {
-                    None
-                } else {
-                    slot.take_unit_attention()
-                        .or_else(|| slot.lun.emulation.take_capacity_changed())
-                };
-                match ua {
-                    Some(sense) => Outcome::Check(sense),
-                    None => {
-                        let mut params = vec![0u8; data_out_len.min(data_out_to_gather(cdb))];
-                        if gather(mem, &data_out, &mut params).is_none() {
-                            params.clear();
-                        }
-                        match slot.lun.emulation.execute(cdb, &params) {
-                            Outcome::Io(io) => {
-                                let data = if matches!(io, IoRequest::Read { .. }) {
-                                    data_in
-                                } else {
-                                    data_out
-                                };
-                                let target = Target {
-                                    head,
-                                    ram: mem,
-                                    resp: resp.clone(),
-                                    data,
-                                    data_in_len,
-                                    started,
-                                };
-                                if let Err(r) = self.submit_io(&slot, io, target) {
-                                    self.answer(counted, mem, head, &resp, &r, 0, done);
-                                }
-                                return;
-                            }
-                            Outcome::ReportLuns => report_luns(cdb, &self.table.ids()),
-                            other => other,
-                        }
-                    }
-                }
-            }
-        };
-        let (r, written) = match outcome {
-            Outcome::Good => (Response::ok(data_in_len as u32), 0),
-            Outcome::Check(sense) => (Response::check(sense, data_in_len as u32), 0),
-            Outcome::Data(bytes) if bytes.len() > data_in_len => {
-                (Response::transport(response::OVERRUN), 0)
-            }
-            Outcome::Data(bytes) => match scatter(mem, &data_in, &bytes) {
-                Some(n) => (Response::ok((data_in_len - n) as u32), n),
-                None => (Response::transport(response::FAILURE), 0),
-            },
-            // Both were turned into something else above.
-            Outcome::Io(_) | Outcome::ReportLuns => (Response::transport(response::FAILURE), 0),
-        };
-        self.answer(counted, mem, head, &resp, &r, written, done);
-    }
-
     /// Commands to a LUN that does not exist (SPC-4 4.6.20).
     fn absent_lun(cdb: &[u8], luns: &[u16]) -> Outcome {
         match cdb[0] {
@@ -426,6 +293,7 @@ impl RequestQueue {
     /// to give at once.
     fn submit_io(
         &mut self,
+        queue: &mut IoQueue<InFlight>,
         lun: &Arc<LunSlot>,
         io: IoRequest,
         t: Target<'_>,
@@ -449,8 +317,7 @@ impl RequestQueue {
         };
         let accounting =
             self.accounting(Some(lun.id()), planned.kind.op(), counted_bytes, t.started);
-        if self
-            .io
+        if queue
             .start(lun.id(), request, planned.ops, accounting)
             .is_err()
         {
@@ -602,28 +469,139 @@ fn write_same(offset: u64, len: u64, pattern: &[u8], durable: bool) -> Result<Pl
     })
 }
 
-impl IoDevice for RequestQueue {
+impl IoDevice for ScsiRequests {
     type Request = InFlight;
-
-    fn io(&mut self) -> &mut IoQueue<InFlight> {
-        &mut self.io
-    }
-
-    fn io_ref(&self) -> &IoQueue<InFlight> {
-        &self.io
-    }
 
     fn handle(
         &mut self,
-        chain: DescriptorChain<&Memory>,
+        queue: &mut IoQueue<InFlight>,
+        chain: Chain,
+        started: Instant,
         mem: &GuestRam,
         done: &mut Vec<Completed>,
     ) {
-        RequestQueue::handle(self, chain, mem, done);
-    }
-
-    fn counters(&self) -> Arc<QueueStats> {
-        Arc::clone(&self.stats)
+        let head = chain.head;
+        let (req_segs, data_out) = split_segments(&chain.readable, REQ_SIZE);
+        let (resp, data_in) = split_segments(&chain.writable, RESP_SIZE);
+        let mut req = [0u8; REQ_SIZE];
+        if chain.misordered
+            || total(&resp) < RESP_SIZE
+            || gather(mem, &req_segs, &mut req).is_none()
+        {
+            tracing::debug!(head, "malformed virtio-scsi request");
+            bump(&self.stats.malformed, 1);
+            if total(&resp) >= RESP_SIZE {
+                self.answer(
+                    Counted {
+                        lun: None,
+                        op: Op::Other,
+                        started,
+                    },
+                    mem,
+                    head,
+                    &resp,
+                    &Response::transport(response::FAILURE),
+                    0,
+                    done,
+                );
+            } else {
+                done.push(Completed { head, used_len: 0 });
+            }
+            return;
+        }
+        let data_out_len = total(&data_out);
+        let data_in_len = total(&data_in);
+        let req = CmdReq::parse(&req);
+        let cdb = &req.cdb[..];
+        let lun_id = decode_lun(&req.lun);
+        let slot = lun_id.and_then(|id| self.table.find(id).cloned());
+        let counted = Counted {
+            lun: slot.as_ref().map(|s| s.id()),
+            op: opcode::metric_op(cdb[0]),
+            started,
+        };
+        if data_out_len > 0 && data_in_len > 0 {
+            // Bidirectional commands need VIRTIO_SCSI_F_INOUT, which is not offered.
+            self.answer(
+                counted,
+                mem,
+                head,
+                &resp,
+                &Response::transport(response::FAILURE),
+                0,
+                done,
+            );
+            return;
+        }
+        if lun_id.is_none() {
+            self.answer(
+                counted,
+                mem,
+                head,
+                &resp,
+                &Response::transport(response::BAD_TARGET),
+                0,
+                done,
+            );
+            return;
+        }
+        let outcome = match slot {
+            None => Self::absent_lun(cdb, &self.table.ids()),
+            Some(slot) => {
+                let ua = if ignores_unit_attention(cdb) {
+                    None
+                } else {
+                    slot.take_unit_attention()
+                        .or_else(|| slot.lun.emulation.take_capacity_changed())
+                };
+                match ua {
+                    Some(sense) => Outcome::Check(sense),
+                    None => {
+                        let mut params = vec![0u8; data_out_len.min(data_out_to_gather(cdb))];
+                        if gather(mem, &data_out, &mut params).is_none() {
+                            params.clear();
+                        }
+                        match slot.lun.emulation.execute(cdb, &params) {
+                            Outcome::Io(io) => {
+                                let data = if matches!(io, IoRequest::Read { .. }) {
+                                    data_in
+                                } else {
+                                    data_out
+                                };
+                                let target = Target {
+                                    head,
+                                    ram: mem,
+                                    resp: resp.clone(),
+                                    data,
+                                    data_in_len,
+                                    started,
+                                };
+                                if let Err(r) = self.submit_io(queue, &slot, io, target) {
+                                    self.answer(counted, mem, head, &resp, &r, 0, done);
+                                }
+                                return;
+                            }
+                            Outcome::ReportLuns => report_luns(cdb, &self.table.ids()),
+                            other => other,
+                        }
+                    }
+                }
+            }
+        };
+        let (r, written) = match outcome {
+            Outcome::Good => (Response::ok(data_in_len as u32), 0),
+            Outcome::Check(sense) => (Response::check(sense, data_in_len as u32), 0),
+            Outcome::Data(bytes) if bytes.len() > data_in_len => {
+                (Response::transport(response::OVERRUN), 0)
+            }
+            Outcome::Data(bytes) => match scatter(mem, &data_in, &bytes) {
+                Some(n) => (Response::ok((data_in_len - n) as u32), n),
+                None => (Response::transport(response::FAILURE), 0),
+            },
+            // Both were turned into something else above.
+            Outcome::Io(_) | Outcome::ReportLuns => (Response::transport(response::FAILURE), 0),
+        };
+        self.answer(counted, mem, head, &resp, &r, written, done);
     }
 
     /// Its LUN's in-flight count, which a TMF waits on, drops once the answer is on the
@@ -634,26 +612,26 @@ impl IoDevice for RequestQueue {
 
     /// Takes the device's LUN table over: opens rings on added LUNs, completes what is in
     /// flight on removed ones and closes their rings.
-    fn refresh(&mut self, done: &mut Vec<Completed>) {
+    fn refresh(&mut self, io: &mut IoQueue<InFlight>, done: &mut Vec<Completed>) {
         let table = self.device.luns();
         if Arc::ptr_eq(&table, &self.table) {
             return;
         }
         for slot in table.iter() {
-            if self.io.has_ring(slot.id()) {
+            if io.has_ring(slot.id()) {
                 continue;
             }
-            let Some(notifier) = self.io.notifier() else {
+            let Some(notifier) = io.notifier() else {
                 continue;
             };
             match slot.open_ring(notifier) {
-                Ok(ring) => self.io.add_ring(slot.id(), ring),
+                Ok(ring) => io.add_ring(slot.id(), ring),
                 Err(e) => {
                     tracing::error!(lun = slot.id(), "cannot open a ring on the new LUN: {e}")
                 }
             }
         }
-        self.io.retain_rings(|id| table.find(id).is_some(), done);
+        io.retain_rings(|id| table.find(id).is_some(), done);
         // Counter slots follow the LUNs: a removed LUN's series go, an added one's start.
         for slot in self.table.iter() {
             if table.find(slot.id()).is_none() {
