@@ -79,7 +79,8 @@ pub(crate) fn data_buffer(
     let Some(direct) = direct else {
         return Some((guest, false));
     };
-    if ram.pinnable() && guest.aligned_to(direct.memory) {
+    // Nothing to transfer: nothing to bounce either (an allocation is never empty).
+    if guest.is_empty() || (ram.pinnable() && guest.aligned_to(direct.memory)) {
         return Some((guest, false));
     }
     let mut bounce = AlignedBuf::new(guest.len(), direct.memory)?;

@@ -10,6 +10,11 @@
 //! ([`crate::iobuf::IoBuf`]); when the last operation completes, [`Pending::finish`] gets
 //! the outcome and the buffers back and writes the answer.
 //!
+//! [`DeviceQueue`] puts a device's request handling ([`IoDevice`]: virtio-blk's
+//! `BlkRequests`, virtio-scsi's `ScsiRequests`) together with its `IoQueue` and is the
+//! queue's one `QueueHandler` implementation: submitting, reaping, draining and publishing
+//! are written once.
+//!
 //! Counting happens in one place, [`Accounting`]: requests answered at once and requests
 //! finished after I/O both end in [`Accounting::record`].
 

@@ -83,6 +83,7 @@ pub struct InFlight {
     status: GuestAddress,
     ram: GuestRam,
     kind: Kind,
+    offset: u64,
     len: u64,
     /// A bounced read's guest buffers, to copy the data into.
     copy_back: Option<Vec<Segment>>,
@@ -92,6 +93,15 @@ impl Pending for InFlight {
     type Receipt = ();
 
     fn finish(self, outcome: IoOutcome) -> (Answer, ()) {
+        if let Some(result) = outcome.error {
+            tracing::warn!(
+                kind = ?self.kind,
+                offset = self.offset,
+                len = self.len,
+                result,
+                "disk I/O failed"
+            );
+        }
         let mut error = outcome.error.map(BlkError::Io);
         if error.is_none() {
             if let Some(segs) = &self.copy_back {
@@ -406,6 +416,7 @@ impl BlkRequests {
             status,
             ram: mem.clone(),
             kind: io.kind,
+            offset: io.offset,
             len: io.len,
             copy_back,
         };
