@@ -91,21 +91,23 @@ pub trait Pending: Send {
     fn finish(self, outcome: IoOutcome) -> (Answer, Self::Receipt);
 }
 
+/// A request as the transport popped it.
+pub struct Popped<'a> {
+    /// Its descriptor chain, split into readable and writable bytes.
+    pub(crate) chain: Chain,
+    /// When it was popped (request latency).
+    pub(crate) started: Instant,
+    /// The guest memory it is in.
+    pub(crate) mem: &'a GuestRam,
+}
+
 /// A device's request handling on one virtqueue whose requests run on an [`IoQueue`]
 /// ([`DeviceQueue`] puts the two together).
 pub trait IoDevice: Send {
     /// What the device remembers of a request in flight.
     type Request: Pending;
-    /// Handles one chain, popped at `started`: starts its disk I/O on `io`, or answers it
-    /// into `done`.
-    fn handle(
-        &mut self,
-        io: &mut IoQueue<Self::Request>,
-        chain: Chain,
-        started: Instant,
-        mem: &GuestRam,
-        done: &mut Vec<Completed>,
-    );
+    /// Handles one request: starts its disk I/O on `io`, or answers it into `done`.
+    fn handle(&mut self, io: &mut IoQueue<Self::Request>, req: Popped, done: &mut Vec<Completed>);
     /// An answer was published on the used ring.
     fn published(_receipt: <Self::Request as Pending>::Receipt) {}
     /// See [`QueueHandler::refresh`].
@@ -144,9 +146,12 @@ impl<D: IoDevice> QueueHandler for DeviceQueue<D> {
         mem: &GuestRam,
         done: &mut Vec<Completed>,
     ) {
-        let started = Instant::now();
-        let chain = Chain::collect(chain);
-        self.device.handle(&mut self.io, chain, started, mem, done);
+        let req = Popped {
+            started: Instant::now(),
+            chain: Chain::collect(chain),
+            mem,
+        };
+        self.device.handle(&mut self.io, req, done);
     }
 
     fn submit(&mut self) -> io::Result<()> {

@@ -18,11 +18,13 @@ use super::{
     BlkDevice, DISCARD_SEGMENT_SIZE, HEADER_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
     SECTOR_SIZE,
 };
-use crate::chain::{gather, scatter, split_segments, total, Chain, Memory, Segment};
+use crate::chain::{gather, scatter, split_segments, total, Memory, Segment};
 use crate::device::Completed;
 use crate::disk::{DiskOp, DiskQueue};
 use crate::guest::{data_buffer, GuestRam};
-use crate::request::{Accounting, Answer, DeviceQueue, IoDevice, IoOutcome, IoQueue, Pending};
+use crate::request::{
+    Accounting, Answer, DeviceQueue, IoDevice, IoOutcome, IoQueue, Pending, Popped,
+};
 use crate::stats::{bump, LunStats, Op, QueueStats};
 
 /// What a request turned into.
@@ -430,53 +432,56 @@ impl BlkRequests {
 impl IoDevice for BlkRequests {
     type Request = InFlight;
 
-    fn handle(
-        &mut self,
-        io: &mut IoQueue<InFlight>,
-        chain: Chain,
-        started: Instant,
-        mem: &GuestRam,
-        done: &mut Vec<Completed>,
-    ) {
-        let head = chain.head;
+    fn handle(&mut self, io: &mut IoQueue<InFlight>, req: Popped, done: &mut Vec<Completed>) {
+        let head = req.chain.head;
         let max_descriptors = self.device.seg_max() as usize + 2;
-        let too_long = chain.readable.len() + chain.writable.len() > max_descriptors;
+        let too_long = req.chain.readable.len() + req.chain.writable.len() > max_descriptors;
         // The status byte is the last writable byte; without one nothing can be reported.
-        let writable_len = total(&chain.writable);
+        let writable_len = total(&req.chain.writable);
         let status_at = writable_len.checked_sub(1).and_then(|last| {
-            let (_, tail) = split_segments(&chain.writable, last);
+            let (_, tail) = split_segments(&req.chain.writable, last);
             tail.first().map(|s| s.addr)
         });
-        let Some(status) = status_at.filter(|a| mem.check_range(*a, 1)) else {
+        let Some(status) = status_at.filter(|a| req.mem.check_range(*a, 1)) else {
             tracing::debug!(head, "request without a writable status byte dropped");
             bump(&self.stats.malformed, 1);
             done.push(Completed { head, used_len: 0 });
             return;
         };
-        let (writable_data, _) = split_segments(&chain.writable, writable_len - 1);
+        let (writable_data, _) = split_segments(&req.chain.writable, writable_len - 1);
 
-        let (op, action) = if chain.misordered || too_long {
+        let (op, action) = if req.chain.misordered || too_long {
             tracing::debug!(
                 head,
-                misordered = chain.misordered,
+                misordered = req.chain.misordered,
                 too_long,
                 "malformed descriptor chain"
             );
             (Op::Other, Action::Refuse(Refusal::MalformedChain))
         } else {
-            self.parse(mem, &chain.readable, writable_data)
+            self.parse(req.mem, &req.chain.readable, writable_data)
         };
         let refusal = match action {
             Action::Done(data_written) => {
-                return self.finish_now(mem, head, status, Ok(data_written), op, started, done)
+                return self.finish_now(
+                    req.mem,
+                    head,
+                    status,
+                    Ok(data_written),
+                    op,
+                    req.started,
+                    done,
+                )
             }
             Action::Refuse(refusal) => refusal,
-            Action::Io(pending) => match self.submit_io(io, mem, head, status, pending, started) {
-                Ok(()) => return,
-                Err(refusal) => refusal,
-            },
+            Action::Io(pending) => {
+                match self.submit_io(io, req.mem, head, status, pending, req.started) {
+                    Ok(()) => return,
+                    Err(refusal) => refusal,
+                }
+            }
         };
         tracing::debug!(head, ?refusal, "request refused");
-        self.finish_now(mem, head, status, Err(refusal), op, started, done);
+        self.finish_now(req.mem, head, status, Err(refusal), op, req.started, done);
     }
 }

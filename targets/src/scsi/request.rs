@@ -17,12 +17,14 @@ use super::luns::{LunSlot, LunTable};
 use super::opcode;
 use super::sense::{status, Sense};
 use super::wire::{decode_lun, response, CmdReq, Response, REQ_SIZE, RESP_SIZE};
-use crate::chain::{gather, scatter, split_segments, total, Chain, Memory, Segment};
+use crate::chain::{gather, scatter, split_segments, total, Memory, Segment};
 use crate::device::Completed;
 use crate::disk::{DiskOp, DiskQueue};
 use crate::guest::{data_buffer, GuestRam};
 use crate::iobuf::{AlignedBuf, IoBuf};
-use crate::request::{Accounting, Answer, DeviceQueue, IoDevice, IoOutcome, IoQueue, Pending};
+use crate::request::{
+    Accounting, Answer, DeviceQueue, IoDevice, IoOutcome, IoQueue, Pending, Popped,
+};
 use crate::stats::{bump, LunStats, Op, QueueStats};
 
 /// Bytes of the write-same pattern buffer (the pattern repeated).
@@ -472,21 +474,14 @@ fn write_same(offset: u64, len: u64, pattern: &[u8], durable: bool) -> Result<Pl
 impl IoDevice for ScsiRequests {
     type Request = InFlight;
 
-    fn handle(
-        &mut self,
-        queue: &mut IoQueue<InFlight>,
-        chain: Chain,
-        started: Instant,
-        mem: &GuestRam,
-        done: &mut Vec<Completed>,
-    ) {
-        let head = chain.head;
-        let (req_segs, data_out) = split_segments(&chain.readable, REQ_SIZE);
-        let (resp, data_in) = split_segments(&chain.writable, RESP_SIZE);
+    fn handle(&mut self, queue: &mut IoQueue<InFlight>, popped: Popped, done: &mut Vec<Completed>) {
+        let head = popped.chain.head;
+        let (req_segs, data_out) = split_segments(&popped.chain.readable, REQ_SIZE);
+        let (resp, data_in) = split_segments(&popped.chain.writable, RESP_SIZE);
         let mut req = [0u8; REQ_SIZE];
-        if chain.misordered
+        if popped.chain.misordered
             || total(&resp) < RESP_SIZE
-            || gather(mem, &req_segs, &mut req).is_none()
+            || gather(popped.mem, &req_segs, &mut req).is_none()
         {
             tracing::debug!(head, "malformed virtio-scsi request");
             bump(&self.stats.malformed, 1);
@@ -495,9 +490,9 @@ impl IoDevice for ScsiRequests {
                     Counted {
                         lun: None,
                         op: Op::Other,
-                        started,
+                        started: popped.started,
                     },
-                    mem,
+                    popped.mem,
                     head,
                     &resp,
                     &Response::transport(response::FAILURE),
@@ -518,13 +513,13 @@ impl IoDevice for ScsiRequests {
         let counted = Counted {
             lun: slot.as_ref().map(|s| s.id()),
             op: opcode::metric_op(cdb[0]),
-            started,
+            started: popped.started,
         };
         if data_out_len > 0 && data_in_len > 0 {
             // Bidirectional commands need VIRTIO_SCSI_F_INOUT, which is not offered.
             self.answer(
                 counted,
-                mem,
+                popped.mem,
                 head,
                 &resp,
                 &Response::transport(response::FAILURE),
@@ -536,7 +531,7 @@ impl IoDevice for ScsiRequests {
         if lun_id.is_none() {
             self.answer(
                 counted,
-                mem,
+                popped.mem,
                 head,
                 &resp,
                 &Response::transport(response::BAD_TARGET),
@@ -558,7 +553,7 @@ impl IoDevice for ScsiRequests {
                     Some(sense) => Outcome::Check(sense),
                     None => {
                         let mut params = vec![0u8; data_out_len.min(data_out_to_gather(cdb))];
-                        if gather(mem, &data_out, &mut params).is_none() {
+                        if gather(popped.mem, &data_out, &mut params).is_none() {
                             params.clear();
                         }
                         match slot.lun.emulation.execute(cdb, &params) {
@@ -570,14 +565,14 @@ impl IoDevice for ScsiRequests {
                                 };
                                 let target = Target {
                                     head,
-                                    ram: mem,
+                                    ram: popped.mem,
                                     resp: resp.clone(),
                                     data,
                                     data_in_len,
-                                    started,
+                                    started: popped.started,
                                 };
                                 if let Err(r) = self.submit_io(queue, &slot, io, target) {
-                                    self.answer(counted, mem, head, &resp, &r, 0, done);
+                                    self.answer(counted, popped.mem, head, &resp, &r, 0, done);
                                 }
                                 return;
                             }
@@ -594,14 +589,14 @@ impl IoDevice for ScsiRequests {
             Outcome::Data(bytes) if bytes.len() > data_in_len => {
                 (Response::transport(response::OVERRUN), 0)
             }
-            Outcome::Data(bytes) => match scatter(mem, &data_in, &bytes) {
+            Outcome::Data(bytes) => match scatter(popped.mem, &data_in, &bytes) {
                 Some(n) => (Response::ok((data_in_len - n) as u32), n),
                 None => (Response::transport(response::FAILURE), 0),
             },
             // Both were turned into something else above.
             Outcome::Io(_) | Outcome::ReportLuns => (Response::transport(response::FAILURE), 0),
         };
-        self.answer(counted, mem, head, &resp, &r, written, done);
+        self.answer(counted, popped.mem, head, &resp, &r, written, done);
     }
 
     /// Its LUN's in-flight count, which a TMF waits on, drops once the answer is on the
