@@ -77,8 +77,9 @@ pub struct IoOutcome {
     /// asked (`-EIO`), or one that could not be queued (`-EAGAIN`). `None` if every
     /// operation succeeded in full.
     pub(crate) error: Option<i32>,
-    /// The operations' buffers handed back, in the order the operations were given.
-    pub(crate) bufs: Vec<Option<IoBuf>>,
+    /// The buffer of the first operation, handed back (a bounced read's data, a
+    /// compare's).
+    pub(crate) buf: Option<IoBuf>,
 }
 
 /// What a device remembers of a request whose disk I/O runs.
@@ -189,10 +190,9 @@ struct Entry<P> {
     accounting: Accounting,
     /// Operations not yet completed.
     remaining: usize,
-    /// Bytes each operation must move to succeed (0: any non-negative result).
-    expected: Vec<u64>,
     error: Option<i32>,
-    bufs: Vec<Option<IoBuf>>,
+    /// The first operation's buffer, once it completed.
+    first_buf: Option<IoBuf>,
 }
 
 /// The bits of a token that hold the request's key; the bits above hold the operation's
@@ -292,7 +292,7 @@ impl<P: Pending> IoQueue<P> {
         &mut self,
         lun: u16,
         request: P,
-        ops: Vec<DiskOp>,
+        ops: impl IntoIterator<Item = DiskOp>,
         accounting: Accounting,
     ) -> Result<(), P> {
         let Some(ring) = self
@@ -304,21 +304,20 @@ impl<P: Pending> IoQueue<P> {
             tracing::error!(lun, "no ring for the LUN on this queue");
             return Err(request);
         };
-        let count = ops.len();
-        let expected = ops.iter().map(DiskOp::transfer_len).collect();
         let key = self.requests.insert(Entry {
             request,
             accounting,
             remaining: 0,
-            expected,
             error: None,
-            bufs: (0..count).map(|_| None).collect(),
+            first_buf: None,
         });
         let mut pushed = 0;
+        let mut refused = false;
         for (index, op) in ops.into_iter().enumerate() {
             let token = key as u64 | (index as u64) << KEY_BITS;
             if let Err(e) = ring.push(op, token) {
                 tracing::warn!("cannot queue disk I/O: {e}");
+                refused = true;
                 break;
             }
             pushed += 1;
@@ -333,7 +332,7 @@ impl<P: Pending> IoQueue<P> {
             };
         }
         entry.remaining = pushed;
-        if pushed < count {
+        if refused {
             entry.error = Some(-libc::EAGAIN);
         }
         if let Some(stats) = &entry.accounting.stats {
@@ -393,13 +392,14 @@ impl<P: Pending> IoQueue<P> {
                 tracing::error!(token = c.token, "completion for an unknown request");
                 continue;
             };
-            let expected = entry.expected.get(index).copied().unwrap_or(0);
-            let ok = c.result >= 0 && (expected == 0 || c.result as u64 == expected);
-            if !ok && entry.error.is_none() {
+            // A read or write succeeds only in full: its buffer comes back with it, and
+            // its length is what the operation had to move.
+            let full = c.buf.as_ref().is_none_or(|b| c.result as usize == b.len());
+            if (c.result < 0 || !full) && entry.error.is_none() {
                 entry.error = Some(if c.result < 0 { c.result } else { -libc::EIO });
             }
-            if let Some(slot) = entry.bufs.get_mut(index) {
-                *slot = c.buf;
+            if index == 0 {
+                entry.first_buf = c.buf;
             }
             entry.remaining = entry.remaining.saturating_sub(1);
             if entry.remaining > 0 {
@@ -413,7 +413,7 @@ impl<P: Pending> IoQueue<P> {
             }
             let (answer, receipt) = entry.request.finish(IoOutcome {
                 error: entry.error,
-                bufs: entry.bufs,
+                buf: entry.first_buf,
             });
             entry.accounting.record(answer.failure, answer.sense_key);
             self.receipts.push(receipt);

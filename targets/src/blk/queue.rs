@@ -107,7 +107,7 @@ impl Pending for InFlight {
         let mut error = outcome.error.map(BlkError::Io);
         if error.is_none() {
             if let Some(segs) = &self.copy_back {
-                let data = outcome.bufs.first().and_then(Option::as_ref);
+                let data = outcome.buf.as_ref();
                 let copied = data
                     .and_then(|buf| buf.as_slice())
                     .and_then(|bytes| scatter(&self.ram, segs, bytes).map(|n| n == bytes.len()));
@@ -424,7 +424,7 @@ impl BlkRequests {
         };
         let accounting = self.accounting(io.kind.op(), io.len, started);
         queue
-            .start(0, request, vec![op], accounting)
+            .start(0, request, [op], accounting)
             .map_err(|_| Refusal::DiskQueue)
     }
 }

@@ -120,7 +120,8 @@ pub struct DiskCompletion {
     pub token: u64,
     /// Bytes transferred (reads/writes) or 0, or `-errno`.
     pub result: i32,
-    /// The operation's buffer (a bounce buffer holds the data read).
+    /// The operation's buffer, handed back by every engine for every read and write (a
+    /// bounce buffer holds the data read); its length is what the operation had to move.
     pub buf: Option<IoBuf>,
 }
 

@@ -119,7 +119,7 @@ impl Pending for InFlight {
 
     fn finish(self, outcome: IoOutcome) -> (Answer, Arc<LunSlot>) {
         let data_in_len = self.data_in_len as u32;
-        let data = outcome.bufs.first().and_then(Option::as_ref);
+        let data = outcome.buf.as_ref();
         let mut written = 0;
         let r = match outcome.error {
             None => match self.kind {
