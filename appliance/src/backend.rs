@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use targets::blk::Memory;
 use targets::device::{Completed, QueueHandler, VirtioDevice};
+use targets::guest::GuestRam;
 use targets::stats::{bump, QueueStats};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -104,6 +105,9 @@ pub struct VirtioBackend {
     memory_generation: AtomicU64,
     /// The export is stopping: kicks no longer pop requests.
     quiesced: AtomicBool,
+    /// The kernel can pin the frontend's memory for direct I/O (false through a
+    /// virtio-vhost-user device, where it is a PCI BAR mapping).
+    pinnable: AtomicBool,
     /// Consumer ends of the exit events handed to vhost-user-backend for the current
     /// connection. vhost-user-backend 0.24 registers each in its epoll with `into_raw_fd`
     /// and never closes it (one eventfd per worker thread per connection), so
@@ -142,6 +146,7 @@ impl VirtioBackend {
             event_idx: AtomicBool::new(false),
             memory_generation: AtomicU64::new(0),
             quiesced: AtomicBool::new(false),
+            pinnable: AtomicBool::new(true),
             exit_consumers: Mutex::new(Vec::new()),
             stats,
             connections: Arc::new(ConnectionStats::default()),
@@ -243,13 +248,25 @@ impl VirtioBackend {
         }
     }
 
-    /// The guest memory table now.
-    fn current_memory(&self) -> Arc<Memory> {
-        self.memory
+    /// Whether the kernel can pin the memory the transport maps for direct I/O (set once,
+    /// before the first connection, by the transport that serves the export).
+    pub fn set_guest_memory_pinnable(&self, pinnable: bool) {
+        self.pinnable.store(pinnable, Ordering::Relaxed);
+    }
+
+    /// The guest memory table now, as the transport maps it.
+    fn current_memory(&self) -> GuestRam {
+        let map = self
+            .memory
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .memory()
-            .into_inner()
+            .into_inner();
+        if self.pinnable.load(Ordering::Relaxed) {
+            GuestRam::new(map)
+        } else {
+            GuestRam::unpinnable(map)
+        }
     }
 
     fn process_queue(&self, index: usize, vring: &Vring) -> io::Result<()> {

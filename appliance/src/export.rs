@@ -31,15 +31,13 @@ use config::{
 use nix::unistd::{chown, Gid, Group, Uid, User};
 use targets::blk::{BlkDevice, BlkQueue, BlkSettings};
 use targets::device::{QueueHandler, VirtioDevice};
-use targets::disk::{DiskInfo, DiskQueue, RawDisk, RawDiskOptions};
-use targets::qcow2::{Qcow2Disk, Qcow2Options};
+use targets::disk::{DiskInfo, DiskSpec, Format};
 use targets::scsi::emulation::{Lun, LunSettings};
 use targets::scsi::virtio::{ControlQueue, EventQueue, RequestQueue, ScsiDevice};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{completion_event, VirtioBackend};
 use crate::relay::{self, BackendChannel, PrivateListener};
@@ -66,8 +64,6 @@ pub struct RunningExport {
     /// The device, to grow its capacity and change its LUNs.
     device: DeviceHandle,
     disks: Vec<ExportDisk>,
-    /// Guest memory is a PCI BAR (appliance-VM mode).
-    bar_memory: bool,
     /// The export's largest ring.
     queue_size: u16,
     connection: Arc<Connection>,
@@ -127,18 +123,20 @@ struct ExportDisk {
     /// Logical block size in bytes.
     block_size: u64,
     /// Shared with the rings of LUNs added to a live export.
-    backing: Arc<Backing>,
+    backing: Arc<dyn targets::disk::Disk>,
 }
 
 impl RunningExport {
     /// Opens the backing stores, binds the socket and starts accepting frontends.
     pub fn start(export: &Export, socket: SocketSource<'_>) -> anyhow::Result<Self> {
-        // Through a virtio-vhost-user device, guest memory is a PCI BAR mapping.
-        let bar_memory = matches!(socket, SocketSource::Vvu(_));
         let (backend, device, disks) = match &export.device {
-            Device::Blk(disk) => build_blk(export, disk, bar_memory)?,
-            Device::Scsi(luns) => build_scsi(export, luns, bar_memory)?,
+            Device::Blk(disk) => build_blk(export, disk)?,
+            Device::Scsi(luns) => build_scsi(export, luns)?,
         };
+        // Through a virtio-vhost-user device, guest memory is a PCI BAR mapping, which the
+        // kernel cannot pin for direct I/O: a property of the memory this transport hands
+        // the queues.
+        backend.set_guest_memory_pinnable(!matches!(socket, SocketSource::Vvu(_)));
         let private = PrivateListener::new().context("cannot create the relay socket")?;
         let mut vvu = None;
         let mut socket_path = None;
@@ -172,27 +170,6 @@ impl RunningExport {
                     serve_connections(&name, &backend, listener, &private, &connection)
                 })?
         };
-        for (disk, spec) in disks.iter().zip(export.disks()) {
-            let info = device_view(&disk.backing, bar_memory);
-            let io = match info.direct {
-                None => "buffered".to_string(),
-                Some(d) if d.bounce_always => {
-                    format!("O_DIRECT via bounce buffers (align {})", d.memory)
-                }
-                Some(d) => format!(
-                    "O_DIRECT (memory align {}, offset align {})",
-                    d.memory, d.offset
-                ),
-            };
-            tracing::info!(
-                export = export.name,
-                path = %spec.path.display(),
-                size = info.size,
-                readonly = spec.readonly,
-                io,
-                "backing store open"
-            );
-        }
         tracing::info!(
             export = export.name,
             transport = %export.transport,
@@ -205,7 +182,6 @@ impl RunningExport {
             backend,
             device,
             disks,
-            bar_memory,
             queue_size: export.queue_size,
             connection,
             vvu,
@@ -222,16 +198,13 @@ impl RunningExport {
         let DeviceHandle::Scsi(device) = &self.device else {
             bail!("not a scsi export");
         };
-        let (lun, disk) = open_lun(spec, self.bar_memory)?;
-        let disk = Arc::new(disk);
+        let (lun, disk) = open_lun(spec)?;
         let rings = Arc::clone(&disk);
         let depth = u32::from(self.queue_size);
-        device
-            .add_lun(
-                lun,
-                Box::new(move |notifier| rings.new_queue(depth, Some(notifier))),
-            )
-            .map_err(anyhow::Error::msg)?;
+        device.add_lun(
+            lun,
+            Box::new(move |notifier| rings.open_queue(depth, Some(notifier))),
+        )?;
         self.backend.refresh_queues();
         device.report_lun_change(spec.lun, true);
         self.disks.push(ExportDisk {
@@ -336,88 +309,37 @@ impl RunningExport {
     }
 }
 
-/// An open backing store: a raw file or block device, or a qcow2 image.
-enum Backing {
-    Raw(RawDisk),
-    Qcow2(Qcow2Disk),
-}
-
-impl Backing {
-    fn open(disk: &Disk) -> anyhow::Result<Self> {
-        Ok(match disk.format {
-            BackingFormat::Raw => Backing::Raw(RawDisk::open(&RawDiskOptions {
-                path: disk.path.clone(),
-                readonly: disk.readonly,
-                direct: disk.direct,
-                create_size: disk.create.as_ref().map(|c| c.size),
-            })?),
-            BackingFormat::Qcow2 => Backing::Qcow2(Qcow2Disk::open(&Qcow2Options {
-                path: disk.path.clone(),
-                readonly: disk.readonly,
-                direct: disk.direct,
-                create: disk.create.as_ref().map(|c| (c.size, c.backing.clone())),
-            })?),
-        })
-    }
-
-    /// How it was opened, with its size now.
-    fn info(&self) -> DiskInfo {
-        let mut info = match self {
-            Backing::Raw(d) => d.info(),
-            Backing::Qcow2(d) => d.info(),
-        };
-        if let Ok(size) = self.current_size() {
-            info.size = size;
-        }
-        info
-    }
-
-    fn path(&self) -> &Path {
-        match self {
-            Backing::Raw(d) => d.path(),
-            Backing::Qcow2(d) => d.path(),
-        }
-    }
-
-    fn sync(&self) -> io::Result<()> {
-        match self {
-            Backing::Raw(d) => d.sync(),
-            Backing::Qcow2(d) => d.sync(),
-        }
-    }
-
-    /// A per-queue I/O context, signalling `notifier` if given.
-    fn new_queue(&self, depth: u32, notifier: Option<&EventFd>) -> io::Result<Box<dyn DiskQueue>> {
-        Ok(match (self, notifier) {
-            (Backing::Raw(d), None) => Box::new(d.new_queue(depth)?),
-            (Backing::Raw(d), Some(n)) => Box::new(d.new_queue_with_notifier(depth, n)?),
-            (Backing::Qcow2(d), n) => Box::new(d.new_queue(depth, n)?),
-        })
-    }
-}
-
-/// How request handling sees a disk. Guest memory mapped from a PCI BAR cannot be an
-/// O_DIRECT target (the kernel cannot pin PFN-mapped pages), so direct I/O always bounces.
-fn device_view(disk: &Backing, bar_memory: bool) -> DiskInfo {
-    let mut info = disk.info();
-    if let Some(direct) = info.direct.as_mut() {
-        direct.bounce_always = bar_memory;
-    }
-    info
-}
-
-/// Opens a backing store and applies `size:` to it.
-fn open_sized(spec: &Disk) -> anyhow::Result<Backing> {
-    let disk = Backing::open(spec)?;
+/// Opens a backing store (the engine its format needs: `targets::disk::open`) and applies
+/// `size:` to it.
+fn open_sized(spec: &Disk) -> anyhow::Result<Arc<dyn targets::disk::Disk>> {
+    let disk = targets::disk::open(&DiskSpec {
+        path: spec.path.clone(),
+        format: match spec.format {
+            BackingFormat::Raw => Format::Raw,
+            BackingFormat::Qcow2 => Format::Qcow2,
+        },
+        readonly: spec.readonly,
+        direct: spec.direct,
+        create: spec.create.as_ref().map(|c| (c.size, c.backing.clone())),
+    })?;
     if let Some(size) = spec.size {
-        disk.apply_size(size)?;
+        resize::apply_size(&*disk, size)?;
     }
     Ok(disk)
 }
 
+/// How request handling sees a disk: as opened, with its size now.
+fn current_info(disk: &dyn targets::disk::Disk) -> DiskInfo {
+    let mut info = disk.info();
+    if let Ok(size) = disk.current_size() {
+        info.size = size;
+    }
+    info
+}
+
 type Built = (Arc<VirtioBackend>, DeviceHandle, Vec<ExportDisk>);
 
-fn build_blk(export: &Export, spec: &Disk, bar_memory: bool) -> anyhow::Result<Built> {
+fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<Built> {
     let disk = open_sized(spec)?;
     let settings = BlkSettings {
         logical_block_size: spec.logical_block_size,
@@ -427,11 +349,11 @@ fn build_blk(export: &Export, spec: &Disk, bar_memory: bool) -> anyhow::Result<B
         queue_size: export.queue_size,
         writeback: spec.write_cache == WriteCache::Writeback,
     };
-    let device = Arc::new(BlkDevice::new(settings, device_view(&disk, bar_memory))?);
+    let device = Arc::new(BlkDevice::new(settings, current_info(&*disk))?);
     let mut queues: Vec<Box<dyn QueueHandler>> = Vec::new();
     for _ in 0..export.num_queues {
         let ring = disk
-            .new_queue(u32::from(export.queue_size), None)
+            .open_queue(u32::from(export.queue_size), None)
             .context("cannot create the I/O context of a queue")?;
         queues.push(Box::new(BlkQueue::new(Arc::clone(&device), ring)));
     }
@@ -440,7 +362,7 @@ fn build_blk(export: &Export, spec: &Disk, bar_memory: bool) -> anyhow::Result<B
     let disk = ExportDisk {
         lun: None,
         block_size: u64::from(spec.logical_block_size),
-        backing: Arc::new(disk),
+        backing: disk,
     };
     Ok((
         Arc::new(VirtioBackend::new(device, queues)),
@@ -452,25 +374,12 @@ fn build_blk(export: &Export, spec: &Disk, bar_memory: bool) -> anyhow::Result<B
 /// Opens one LUN's backing store (applying its `size:`) and builds its emulation.
 fn open_lun(
     spec: &ScsiLun,
-    bar_memory: bool,
-) -> anyhow::Result<(targets::scsi::virtio::ScsiLun, Backing)> {
+) -> anyhow::Result<(targets::scsi::virtio::ScsiLun, Arc<dyn targets::disk::Disk>)> {
     let disk = open_sized(&spec.disk).with_context(|| format!("LUN {}", spec.lun))?;
-    let info = device_view(&disk, bar_memory);
+    let info = current_info(&*disk);
     let bs = u64::from(spec.disk.logical_block_size);
-    if let Some(direct) = info.direct {
-        if direct.offset as u64 > bs {
-            anyhow::bail!(
-                "LUN {}: the backing file needs {}-byte aligned direct I/O but logical_block_size is {bs}; set logical_block_size: {} or direct: false",
-                spec.lun, direct.offset, direct.offset
-            );
-        }
-    }
-    if info.size < bs {
-        anyhow::bail!(
-            "LUN {}: the backing file is smaller than one logical block",
-            spec.lun
-        );
-    }
+    info.check_block_size(spec.disk.logical_block_size)
+        .with_context(|| format!("LUN {}", spec.lun))?;
     let lun = targets::scsi::virtio::ScsiLun {
         id: spec.lun,
         emulation: Lun::new(LunSettings {
@@ -489,13 +398,13 @@ fn open_lun(
     Ok((lun, disk))
 }
 
-fn build_scsi(export: &Export, specs: &[ScsiLun], bar_memory: bool) -> anyhow::Result<Built> {
+fn build_scsi(export: &Export, specs: &[ScsiLun]) -> anyhow::Result<Built> {
     let mut disks = Vec::with_capacity(specs.len());
     let mut luns = Vec::with_capacity(specs.len());
     for spec in specs {
-        let (lun, disk) = open_lun(spec, bar_memory)?;
+        let (lun, disk) = open_lun(spec)?;
         luns.push(lun);
-        disks.push(Arc::new(disk));
+        disks.push(disk);
     }
     let device = Arc::new(ScsiDevice::new(luns, export.num_queues, export.queue_size)?);
     // The device sorted its LUNs by id; open each queue's rings in that order.
@@ -510,7 +419,7 @@ fn build_scsi(export: &Export, specs: &[ScsiLun], bar_memory: bool) -> anyhow::R
     ];
     for _ in 0..export.num_queues {
         let queue = RequestQueue::new(Arc::clone(&device), |i, notifier| {
-            disks[order[i]].new_queue(u32::from(export.queue_size), Some(notifier))
+            disks[order[i]].open_queue(u32::from(export.queue_size), Some(notifier))
         })
         .context("cannot create the io_urings of a queue")?;
         queues.push(Box::new(queue));

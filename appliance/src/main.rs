@@ -1,5 +1,5 @@
-//! `vhost-appliance`: serves vhost-user-blk and vhost-user-scsi exports from raw files and
-//! block devices.
+//! `vhost-appliance`: serves vhost-user-blk and vhost-user-scsi exports from raw files,
+//! block devices and qcow2 images, on the host or inside an appliance VM.
 //!
 //! Two ways to run it:
 //! - `--config exports.yaml`: every export in the file, one unix socket each.
@@ -37,7 +37,11 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::export::{RunningExport, SocketSource};
 
-/// Serve vhost-user-blk LUNs backed by raw files or block devices over io_uring.
+/// Serve vhost-user-blk and vhost-user-scsi exports (raw files, block devices or qcow2
+/// images, over io_uring) on unix sockets or through a virtio-vhost-user device.
+///
+/// With --config, every export of an exports.yaml, applying its edits live; otherwise one
+/// virtio-blk export given by --socket-path or --fd and --blk-file.
 #[derive(Debug, Parser)]
 #[command(name = "vhost-appliance", version)]
 struct Cli {

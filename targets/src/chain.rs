@@ -3,22 +3,20 @@
 //! virtio lets a driver frame a request over descriptors any way it likes (virtio 1.x
 //! 2.7.4: devices must not assume a particular layout), so requests are handled as a
 //! device-readable byte stream followed by a device-writable one. [`Chain`] collects a
-//! chain into those two segment lists; the helpers copy bytes out of and into them and
-//! turn them into host iovecs for zero-copy I/O.
+//! chain into those two segment lists; the helpers copy bytes out of and into them
+//! (`IoBuf::guest` turns them into host iovecs for zero-copy I/O).
 
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-
-use crate::disk::DirectAlignment;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Guest memory as the transports map it.
 pub type Memory = GuestMemoryMmap<()>;
 
 /// A descriptor chain split into its device-readable and device-writable bytes.
 #[derive(Debug)]
-pub(crate) struct Chain {
+pub struct Chain {
     /// Head descriptor index, for the used ring.
     pub(crate) head: u16,
     /// Device-readable buffers, in order.
@@ -122,66 +120,4 @@ pub(crate) fn scatter(mem: &Memory, segs: &[Segment], data: &[u8]) -> Option<usi
         pos += n;
     }
     Some(pos)
-}
-
-/// Host iovecs for guest segments (a segment may span memory regions).
-pub(crate) fn host_iovecs(mem: &Memory, segs: &[Segment]) -> Option<Vec<libc::iovec>> {
-    let mut iovecs = Vec::with_capacity(segs.len());
-    for s in segs {
-        for slice in mem.get_slices(s.addr, s.len) {
-            let slice = slice.ok()?;
-            iovecs.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
-    }
-    Some(iovecs)
-}
-
-/// With O_DIRECT, the alignment to bounce through when a buffer does not meet the
-/// kernel's memory alignment (or guest memory can never be used, see
-/// [`DirectAlignment::bounce_always`]); `None` when the iovecs can be used as they are.
-pub(crate) fn bounce_alignment(
-    direct: Option<DirectAlignment>,
-    iovecs: &[libc::iovec],
-) -> Option<usize> {
-    let direct = direct?;
-    let align = direct.memory;
-    (direct.bounce_always
-        || iovecs.iter().any(|v| {
-            !(v.iov_base as usize).is_multiple_of(align) || !v.iov_len.is_multiple_of(align)
-        }))
-    .then_some(align)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn iovec(base: usize, len: usize) -> libc::iovec {
-        libc::iovec {
-            iov_base: base as *mut libc::c_void,
-            iov_len: len,
-        }
-    }
-
-    #[test]
-    fn bounce_only_misaligned_buffers_unless_guest_memory_cannot_be_pinned() {
-        let direct = DirectAlignment {
-            memory: 512,
-            offset: 512,
-            bounce_always: false,
-        };
-        let aligned = [iovec(0x1000, 4096)];
-        let misaligned = [iovec(0x1001, 4096)];
-        assert_eq!(bounce_alignment(None, &misaligned), None, "buffered I/O");
-        assert_eq!(bounce_alignment(Some(direct), &aligned), None);
-        assert_eq!(bounce_alignment(Some(direct), &misaligned), Some(512));
-        let bar = DirectAlignment {
-            bounce_always: true,
-            ..direct
-        };
-        assert_eq!(bounce_alignment(Some(bar), &aligned), Some(512));
-    }
 }

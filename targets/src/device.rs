@@ -9,6 +9,7 @@ use std::sync::Arc;
 use virtio_queue::DescriptorChain;
 
 use crate::chain::Memory;
+use crate::guest::GuestRam;
 use crate::stats::QueueStats;
 
 /// A request the transport must put on the used ring.
@@ -18,6 +19,36 @@ pub struct Completed {
     pub head: u16,
     /// Bytes written into the chain's writable buffers.
     pub used_len: u32,
+}
+
+/// A driver write to the configuration space that the device refuses.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigWriteError {
+    /// The write touches a field the driver may not change (virtio-blk: everything but
+    /// `writeback`, offset 32, 1 byte).
+    #[error("config write of {len} bytes at offset {offset} touches a read-only field")]
+    ReadOnlyField {
+        /// Offset written, in bytes.
+        offset: u32,
+        /// Bytes written.
+        len: usize,
+    },
+    /// virtio-blk `writeback` takes 0 (writethrough) or 1 (writeback).
+    #[error("writeback value {0} is not 0 or 1")]
+    BadValue(u8),
+    /// virtio-scsi: `sense_size` and `cdb_size` are writable, but only their defaults are
+    /// supported.
+    #[error("config write of {len} bytes at offset {offset}: only the default sense_size {sense_size} and cdb_size {cdb_size} are supported")]
+    UnsupportedSize {
+        /// Offset written, in bytes.
+        offset: u32,
+        /// Bytes written.
+        len: usize,
+        /// The supported `sense_size`, in bytes.
+        sense_size: usize,
+        /// The supported `cdb_size`, in bytes.
+        cdb_size: usize,
+    },
 }
 
 /// A virtio device as a whole: shared by all of its queues.
@@ -33,7 +64,7 @@ pub trait VirtioDevice: Send + Sync {
     /// The device-specific configuration space.
     fn config_space(&self) -> Vec<u8>;
     /// Applies a driver write to the configuration space.
-    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), String>;
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), ConfigWriteError>;
     /// A new driver session starts (a frontend connected, or the device was reset).
     fn session_started(&self) {}
     /// Whether frontends should read the config space from the backend (vhost-user
@@ -50,11 +81,12 @@ pub trait VirtioDevice: Send + Sync {
 
 /// The request handler of one virtqueue, owned by that queue's worker thread.
 pub trait QueueHandler: Send {
-    /// Handles one chain: queues disk I/O, or completes it at once into `done`.
+    /// Handles one chain over guest memory `mem` (which says whether the kernel can do
+    /// direct I/O on it): queues disk I/O, or completes it at once into `done`.
     fn handle_chain(
         &mut self,
         chain: DescriptorChain<&Memory>,
-        mem: &Arc<Memory>,
+        mem: &GuestRam,
         done: &mut Vec<Completed>,
     );
     /// Hands queued disk I/O to the kernel.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use targets::blk::{BlkDevice, BlkQueue, BlkSettings, Completed, Memory};
 use targets::device::QueueHandler;
 use targets::disk::{DiskInfo, RawDisk, RawDiskOptions};
+use targets::guest::GuestRam;
 use targets::stats::Op;
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_queue::desc::RawDescriptor;
@@ -100,7 +101,8 @@ impl Fixture {
         let vq = MockSplitQueue::new(&*self.mem, 16);
         let chain = vq.build_desc_chain(descs).unwrap();
         let mut done = Vec::new();
-        self.queue.handle_chain(chain, &self.mem, &mut done);
+        self.queue
+            .handle_chain(chain, &GuestRam::new(Arc::clone(&self.mem)), &mut done);
         self.queue.submit().unwrap();
         self.queue.drain(&mut done).unwrap();
         assert_eq!(done.len(), 1, "{done:?}");

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use targets::blk::{BlkDevice, BlkQueue, BlkSettings, Memory, Refusal};
 use targets::device::{QueueHandler, VirtioDevice};
 use targets::disk::{RawDisk, RawDiskOptions};
+use targets::guest::GuestRam;
 use targets::scsi::virtio::{encode_lun, ControlQueue, REQ_SIZE, RESP_SIZE};
 use targets::stats::{Failure, LunStats, Op, QueueStats, LATENCY_SLOTS};
 use virtio_bindings::bindings::virtio_blk::*;
@@ -33,7 +34,7 @@ fn run(queue: &mut dyn QueueHandler, mem: &Arc<Memory>, descs: &[RawDescriptor])
     let vq = MockSplitQueue::new(&**mem, 16);
     let chain = vq.build_desc_chain(descs).unwrap();
     let mut done = Vec::new();
-    queue.handle_chain(chain, mem, &mut done);
+    queue.handle_chain(chain, &GuestRam::new(Arc::clone(mem)), &mut done);
     queue.submit().unwrap();
     queue.drain(&mut done).unwrap();
     queue.published();

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use targets::blk::Memory;
 use targets::device::{QueueHandler, VirtioDevice};
+use targets::guest::GuestRam;
 use targets::scsi::virtio::{encode_lun, EventQueue, EVENT_SIZE, REQ_SIZE, RESP_SIZE};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
@@ -34,7 +35,7 @@ fn post_event_buffer(
         .build_desc_chain(&[writable(EVENT_BUF + slot * 0x100, EVENT_SIZE as u32)])
         .unwrap();
     let mut done = Vec::new();
-    eq.handle_chain(chain, mem, &mut done);
+    eq.handle_chain(chain, &GuestRam::new(Arc::clone(mem)), &mut done);
     done
 }
 
@@ -151,7 +152,7 @@ fn lun_changes_raise_reported_luns_data_changed() {
             ])
             .unwrap();
         let mut done = Vec::new();
-        rq.handle_chain(chain, &f.mem, &mut done);
+        rq.handle_chain(chain, &GuestRam::new(Arc::clone(&f.mem)), &mut done);
         assert_eq!(done.len(), 1);
         let mut resp = [0u8; RESP_SIZE];
         f.mem.read_slice(&mut resp, GuestAddress(RESP)).unwrap();
@@ -195,7 +196,7 @@ fn report_luns_lists_every_lun_from_any_lun() {
             ])
             .unwrap();
         let mut done = Vec::new();
-        rq.handle_chain(chain, &f.mem, &mut done);
+        rq.handle_chain(chain, &GuestRam::new(Arc::clone(&f.mem)), &mut done);
         assert_eq!(done.len(), 1, "LUN {lun}: answered at once");
         let mut resp = [0u8; RESP_SIZE];
         f.mem.read_slice(&mut resp, GuestAddress(RESP)).unwrap();

@@ -11,6 +11,7 @@ mod common;
 use std::sync::Arc;
 
 use targets::device::{QueueHandler, VirtioDevice};
+use targets::guest::GuestRam;
 use targets::scsi::virtio::{
     encode_lun, EventQueue, RequestQueue, EVENT_SIZE, REQ_SIZE, RESP_SIZE,
 };
@@ -49,7 +50,7 @@ fn command(
     }
     let chain = vq.build_desc_chain(&descs).unwrap();
     let mut done = Vec::new();
-    rq.handle_chain(chain, &f.mem, &mut done);
+    rq.handle_chain(chain, &GuestRam::new(Arc::clone(&f.mem)), &mut done);
     rq.submit().unwrap();
     rq.drain(&mut done).unwrap();
     assert_eq!(done.len(), 1);
@@ -147,7 +148,7 @@ fn a_driver_with_virtio_scsi_f_change_gets_a_parameter_change_event() {
             .build_desc_chain(&[writable(EVENT_BUF + slot * 0x100, EVENT_SIZE as u32)])
             .unwrap();
         let mut done = Vec::new();
-        eq.handle_chain(chain, &f.mem, &mut done);
+        eq.handle_chain(chain, &GuestRam::new(Arc::clone(&f.mem)), &mut done);
         done
     };
     let event = |slot: u64| {

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use targets::blk::Memory;
 use targets::device::QueueHandler;
+use targets::guest::GuestRam;
 use targets::scsi::virtio::{
     encode_lun, response, ControlQueue, RequestQueue, ScsiDevice, REQ_SIZE, RESP_SIZE,
 };
@@ -66,7 +67,8 @@ impl Fixture {
             ])
             .unwrap();
         let mut done = Vec::new();
-        self.requests.handle_chain(chain, &self.mem, &mut done);
+        self.requests
+            .handle_chain(chain, &GuestRam::new(Arc::clone(&self.mem)), &mut done);
         assert!(done.is_empty(), "the read waits for its disk I/O");
         self.requests.submit().unwrap();
     }
@@ -99,7 +101,7 @@ impl Fixture {
                 .build_desc_chain(&[readable(TMF_REQ, 24), writable(TMF_RESP, 1)])
                 .unwrap();
             let mut done = Vec::new();
-            control.handle_chain(chain, &mem, &mut done);
+            control.handle_chain(chain, &GuestRam::new(Arc::clone(&mem)), &mut done);
             assert_eq!(done.len(), 1);
             let mut answer = [0u8; 1];
             mem.read_slice(&mut answer, GuestAddress(TMF_RESP)).unwrap();

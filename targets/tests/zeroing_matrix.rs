@@ -34,6 +34,7 @@ use std::sync::Arc;
 use targets::blk::{BlkDevice, BlkQueue, BlkSettings, Memory};
 use targets::device::{Completed, QueueHandler};
 use targets::disk::{DiskInfo, DiskOp, DiskQueue, RawDisk, RawDiskOptions};
+use targets::guest::GuestRam;
 use targets::qcow2::{Qcow2Disk, Qcow2Options};
 use targets::scsi::emulation::{Lun, LunSettings};
 use targets::scsi::virtio::{encode_lun, RequestQueue, ScsiDevice, ScsiLun, REQ_SIZE, RESP_SIZE};
@@ -528,10 +529,7 @@ impl Disk {
         buf.as_mut_slice().fill(0x55);
         let op = DiskOp::Read {
             offset: 0,
-            iovecs: vec![libc::iovec {
-                iov_base: buf.as_mut_slice().as_mut_ptr().cast(),
-                iov_len: SIZE as usize,
-            }],
+            buf: targets::iobuf::IoBuf::owned(buf),
         };
         q.push(op, 0).unwrap();
         let mut done = Vec::new();
@@ -539,7 +537,8 @@ impl Disk {
         if done.len() != 1 || done[0].result != SIZE as i32 {
             return Err(format!("reading the disk back failed: {done:?}"));
         }
-        Ok(buf.as_slice().to_vec())
+        let data = done.pop().and_then(|c| c.buf);
+        Ok(data.as_ref().and_then(|b| b.as_slice()).unwrap().to_vec())
     }
 
     /// Closes the disk; a qcow2 image must then check clean and read, through QEMU, as the
@@ -859,7 +858,8 @@ impl Device {
         let vq = MockSplitQueue::new(&*self.mem, 16);
         let chain = vq.build_desc_chain(descs).unwrap();
         let mut done = Vec::new();
-        self.queue.handle_chain(chain, &self.mem, &mut done);
+        self.queue
+            .handle_chain(chain, &GuestRam::new(Arc::clone(&self.mem)), &mut done);
         self.queue.submit().unwrap();
         while done.is_empty() {
             let mut pfd = libc::pollfd {

@@ -1,13 +1,12 @@
 //! Online resize of a running export: the capacity its device presents, the size of its
 //! backing stores, checking a `size:` before a reload applies it, and growing the device
-//! ([`RunningExport::resize`]) and telling the frontend. Also the size helpers of
-//! [`Backing`]: its size now, and growing it to `size:` (shrinking is always refused).
-
-use std::io;
+//! ([`RunningExport::resize`]) and telling the frontend. Also growing a backing store to
+//! `size:` ([`apply_size`]; shrinking is always refused).
 
 use anyhow::{anyhow, bail, Context};
 
-use super::{Backing, DeviceHandle, ExportDisk, RunningExport};
+use super::{DeviceHandle, ExportDisk, RunningExport};
+use targets::disk::Disk;
 
 /// What [`RunningExport::resize`] did to a device's capacity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +62,7 @@ impl RunningExport {
                 "{bytes} is smaller than the backing store ({store} bytes): shrinking is refused; the running size stays"
             ));
         }
-        if bytes > store && disk.backing.is_block_device() {
+        if bytes > store && disk.backing.info().is_block_device {
             return Err(format!(
                 "{} is a block device of {store} bytes: it is grown by its owner (e.g. lvextend), then picked up at the next reload; the running size stays",
                 disk.backing.path().display()
@@ -82,7 +81,7 @@ impl RunningExport {
     pub fn resize(&self, lun: Option<u16>, size: Option<u64>) -> anyhow::Result<Option<Resized>> {
         let disk = self.disk(lun)?;
         if let Some(bytes) = size {
-            disk.backing.apply_size(bytes)?;
+            apply_size(&*disk.backing, bytes)?;
         }
         let target = match size {
             Some(bytes) => bytes,
@@ -125,41 +124,21 @@ impl RunningExport {
     }
 }
 
-impl Backing {
-    /// Size in bytes now (a raw store may have grown underneath).
-    pub(super) fn current_size(&self) -> io::Result<u64> {
-        match self {
-            Backing::Raw(d) => d.current_size(),
-            Backing::Qcow2(d) => Ok(d.current_size()),
-        }
+/// Makes the store hold `size` bytes (`size:`): grows a smaller one (a raw file by
+/// `ftruncate`, a qcow2 image through imago), refuses a larger one (shrinking is refused)
+/// and a block device that would have to grow (its owner grows it).
+pub(super) fn apply_size(disk: &dyn Disk, size: u64) -> anyhow::Result<()> {
+    let path = disk.path().display();
+    let store = disk
+        .current_size()
+        .with_context(|| format!("cannot read the size of {path}"))?;
+    if size < store {
+        bail!("size: {size} is smaller than the backing store {path} ({store} bytes): shrinking is refused");
     }
-
-    fn is_block_device(&self) -> bool {
-        match self {
-            Backing::Raw(d) => d.info().is_block_device,
-            Backing::Qcow2(_) => false,
-        }
-    }
-
-    /// Makes the store hold `size` bytes (`size:`): grows a smaller one (a raw file by
-    /// `ftruncate`, a qcow2 image through imago), refuses a larger one (shrinking is refused)
-    /// and a block device that would have to grow (its owner grows it).
-    pub(super) fn apply_size(&self, size: u64) -> anyhow::Result<()> {
-        let path = self.path().display();
-        let store = self
-            .current_size()
-            .with_context(|| format!("cannot read the size of {path}"))?;
-        if size < store {
-            bail!("size: {size} is smaller than the backing store {path} ({store} bytes): shrinking is refused");
-        }
-        if size > store {
-            match self {
-                Backing::Raw(d) => d.grow(size),
-                Backing::Qcow2(d) => d.grow(size),
-            }
+    if size > store {
+        disk.grow(size)
             .with_context(|| format!("cannot grow {path} from {store} to {size} bytes"))?;
-            tracing::info!(path = %path, old = store, new = size, "backing store grown to size:");
-        }
-        Ok(())
+        tracing::info!(path = %path, old = store, new = size, "backing store grown to size:");
     }
+    Ok(())
 }

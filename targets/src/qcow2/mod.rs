@@ -13,31 +13,27 @@
 //!
 //! imago's qcow2 driver is async and runs on no runtime: each virtqueue gets a
 //! [`Qcow2Queue`], a small executor that turns every request into a task and polls it on the
-//! queue's own thread. The storage underneath ([`UringFile`]) submits the data and metadata
+//! queue's own thread. The storage underneath (`UringFile`) submits the data and metadata
 //! accesses of those tasks to the queue's io_uring, so a queue keeps many image requests in
 //! flight without helper threads; completions and wake-ups from other queues (imago's
 //! metadata locks are shared) arrive on the queue's eventfd. One [`FormatAccess`] is shared
 //! by all queues; discards need exclusive access and take the write side of an async lock
 //! that reads and writes share.
 //!
-//! Images are locked the way QEMU locks them ([`lock`]), so this daemon and a QEMU or
+//! Images are locked the way QEMU locks them (`lock`), so this daemon and a QEMU or
 //! qemu-img cannot both open an image for writing.
 
 mod lock;
+mod queue;
 #[cfg(test)]
 mod tests;
 mod uring_file;
 
 use std::future::Future;
-use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, RawFd};
-use std::panic::AssertUnwindSafe;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Duration;
 
 use imago::file::File as ImagoFile;
 use imago::format::PreallocateMode;
@@ -47,13 +43,14 @@ use imago::ShallowMapping;
 use imago::{FormatAccess, FormatCreateBuilder, FormatDriverBuilder, PermissiveImplicitOpenGate};
 use imago::{Storage, StorageCreateOptions, StorageOpenOptions};
 use tokio::sync::RwLock;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::disk::{DirectAlignment, DiskCompletion, DiskInfo, DiskOp, DiskQueue, OpenError};
-use crate::iobuf::AlignedBuf;
-use crate::stats::DiskStats;
+use crate::disk::{DirectAlignment, Disk, DiskInfo, DiskOp, DiskQueue, Durability, OpenError};
+use crate::iobuf::{AlignedBuf, IoBuf};
 use lock::lock_image;
-use uring_file::{without_ring, Ring, UringFile};
+use queue::Executor;
+pub use queue::Qcow2Queue;
+use uring_file::{without_ring, UringFile};
 
 type Image = RwLock<FormatAccess<UringFile>>;
 
@@ -152,12 +149,16 @@ impl Qcow2Disk {
             direct: options.direct.then(|| DirectAlignment {
                 memory: image.mem_align(),
                 offset: 1,
-                bounce_always: false,
             }),
             is_block_device: false,
             // Zero clusters, deallocation or zero data: write-zeroes works on every image.
             deallocate_zeroes: true,
             discard_zeroes: zeroing.zero_clusters || !zeroing.backing,
+            durability: if options.readonly {
+                Durability::ReadOnly
+            } else {
+                Durability::FormatFlushThenDataSync
+            },
         };
         let zero_align = image.mem_align().max(1);
         Ok(Qcow2Disk {
@@ -238,6 +239,45 @@ impl Qcow2Disk {
     }
 }
 
+impl Disk for Qcow2Disk {
+    fn engine(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn info(&self) -> DiskInfo {
+        self.info
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn current_size(&self) -> io::Result<u64> {
+        Ok(Qcow2Disk::current_size(self))
+    }
+
+    fn grow(&self, size: u64) -> io::Result<u64> {
+        Qcow2Disk::grow(self, size)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        Qcow2Disk::sync(self)
+    }
+
+    fn open_queue(&self, depth: u32, notifier: Option<&EventFd>) -> io::Result<Box<dyn DiskQueue>> {
+        Ok(Box::new(self.new_queue(depth, notifier)?))
+    }
+}
+
+impl std::fmt::Debug for Qcow2Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Disk")
+            .field("path", &self.path)
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
 fn create_image(path: &Path, size: u64, backing: Option<&Path>) -> io::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
@@ -305,121 +345,74 @@ fn block_on<F: Future>(future: F) -> F::Output {
     })
 }
 
-/// A guest request as its task sees it: the buffers as slices.
-enum Request {
-    Read {
-        offset: u64,
-        bufs: Vec<IoSliceMut<'static>>,
-    },
-    Write {
-        offset: u64,
-        bufs: Vec<IoSlice<'static>>,
-        durable: bool,
-    },
-    Flush,
-    Discard {
-        offset: u64,
-        len: u64,
-        durable: bool,
-    },
-    WriteZeroes {
-        offset: u64,
-        len: u64,
-        unmap: bool,
-        durable: bool,
-    },
-}
+/// A guest request as its task sees it: the operation, which owns its buffers for as long
+/// as the task runs.
+struct Request(DiskOp);
 
 impl Request {
-    /// # Safety
-    /// The iovecs of `op` must stay valid (and, for reads, unaliased) until the request's
-    /// task completes: the submitter's in-flight table owns that memory.
-    unsafe fn new(op: DiskOp) -> Self {
-        fn parts(iovecs: &[libc::iovec]) -> impl Iterator<Item = (*mut u8, usize)> + '_ {
-            iovecs
-                .iter()
-                .filter(|v| v.iov_len > 0)
-                .map(|v| (v.iov_base.cast::<u8>(), v.iov_len))
-        }
+    /// Runs the request against the image: bytes transferred, or `-errno`; and the
+    /// operation's buffer, handed back.
+    async fn execute(self, shared: Arc<Shared>) -> (i32, Option<IoBuf>) {
+        let Request(op) = self;
         match op {
-            DiskOp::Read { offset, iovecs } => Request::Read {
-                offset,
-                bufs: parts(&iovecs)
-                    // SAFETY: see the function's contract.
-                    .map(|(p, n)| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) }))
-                    .collect(),
-            },
+            DiskOp::Read { offset, mut buf } => {
+                let result = Self::read(&shared, offset, &mut buf).await;
+                (errno_result(result), Some(buf))
+            }
             DiskOp::Write {
                 offset,
-                iovecs,
+                buf,
                 durable,
-            } => Request::Write {
-                offset,
-                bufs: parts(&iovecs)
-                    // SAFETY: see the function's contract.
-                    .map(|(p, n)| IoSlice::new(unsafe { std::slice::from_raw_parts(p, n) }))
-                    .collect(),
-                durable,
-            },
-            DiskOp::Flush => Request::Flush,
-            DiskOp::Discard {
-                offset,
-                len,
-                durable,
-            } => Request::Discard {
-                offset,
-                len,
-                durable,
-            },
-            DiskOp::WriteZeroes {
-                offset,
-                len,
-                unmap,
-                durable,
-            } => Request::WriteZeroes {
-                offset,
-                len,
-                unmap,
-                durable,
-            },
+            } => {
+                let result = Self::write(&shared, offset, &buf, durable).await;
+                (errno_result(result), Some(buf))
+            }
+            op => (errno_result(Self::other(&shared, op).await), None),
         }
     }
 
-    /// Runs the request against the image: bytes transferred, or `-errno`.
-    async fn execute(self, shared: Arc<Shared>) -> i32 {
+    /// Reads into `buf`, borrowed for the read (the task owns it).
+    async fn read(shared: &Shared, offset: u64, buf: &mut IoBuf) -> io::Result<usize> {
+        let len = buf.len();
+        let bufs = buf.io_slices_mut().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a read into a read-only or self-overlapping buffer",
+            )
+        })?;
+        let img = shared.image.read().await;
+        img.readv(IoVectorMut::from(bufs), offset)
+            .await
+            .map(|()| len)
+    }
+
+    /// Writes `buf`, borrowed for the write (the task owns it).
+    async fn write(shared: &Shared, offset: u64, buf: &IoBuf, durable: bool) -> io::Result<usize> {
+        let len = buf.len();
+        let img = shared.image.read().await;
+        let mut result = img.writev(IoVector::from(buf.io_slices()), offset).await;
+        if durable && result.is_ok() {
+            result = img.flush().await;
+            if result.is_ok() {
+                result = img.sync().await;
+            }
+        }
+        result.map(|()| len)
+    }
+
+    /// Flush, discard and write-zeroes: no data buffers.
+    async fn other(shared: &Shared, op: DiskOp) -> io::Result<usize> {
         let image = &shared.image;
-        let result = match self {
-            Request::Read { offset, bufs } => {
-                let len: usize = bufs.iter().map(|b| b.len()).sum();
-                let img = image.read().await;
-                img.readv(IoVectorMut::from(bufs), offset)
-                    .await
-                    .map(|()| len)
-            }
-            Request::Write {
-                offset,
-                bufs,
-                durable,
-            } => {
-                let len: usize = bufs.iter().map(|b| b.len()).sum();
-                let img = image.read().await;
-                let mut result = img.writev(IoVector::from(bufs), offset).await;
-                if durable && result.is_ok() {
-                    result = img.flush().await;
-                    if result.is_ok() {
-                        result = img.sync().await;
-                    }
-                }
-                result.map(|()| len)
-            }
-            Request::Flush => {
+        match op {
+            DiskOp::Read { .. } | DiskOp::Write { .. } => Err(io::ErrorKind::InvalidInput.into()),
+            DiskOp::Flush => {
                 let img = image.read().await;
                 match img.flush().await {
                     Ok(()) => img.sync().await.map(|()| 0),
                     Err(e) => Err(e),
                 }
             }
-            Request::Discard {
+            DiskOp::Discard {
                 offset,
                 len,
                 durable,
@@ -434,7 +427,7 @@ impl Request {
                     Ok(0)
                 }
             }
-            Request::WriteZeroes {
+            DiskOp::WriteZeroes {
                 offset,
                 len,
                 unmap,
@@ -455,11 +448,15 @@ impl Request {
                 };
                 result.map(|()| 0)
             }
-        };
-        match result {
-            Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
-            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
         }
+    }
+}
+
+/// A request's result as a completion carries it: bytes, or `-errno`.
+fn errno_result(result: io::Result<usize>) -> i32 {
+    match result {
+        Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
+        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
     }
 }
 
@@ -476,77 +473,6 @@ async fn durable_after(
         img.sync().await?;
     }
     Ok(())
-}
-
-/// A request's future. imago declares its boxed futures without `Send` (`?Send`).
-struct RequestFuture(Pin<Box<dyn Future<Output = i32>>>);
-
-// SAFETY: a queue's tasks are polled by one thread at a time (the queue's owner: its worker,
-// or the control path draining it under the worker's mutex). Nothing thread-bound is held
-// across a suspension point: imago's async mode keeps only tokio::sync guards (which are
-// `Send`) across awaits and documents its parking_lot locks as never held across one; our
-// own operations (`UringOp`) are `Send`. The missing bound is a declaration, not a property.
-unsafe impl Send for RequestFuture {}
-
-/// A request being executed.
-struct Task {
-    future: RequestFuture,
-    waker: Waker,
-    token: u64,
-}
-
-/// Tasks woken and due to be polled, shared with their wakers (which other queues' threads
-/// may call when they release a lock a task waits for).
-struct ReadyTasks {
-    ids: Mutex<Vec<usize>>,
-    changed: Condvar,
-    /// The owning queue is polling: it will see a pushed id without being signalled.
-    polling: AtomicBool,
-    eventfd: EventFd,
-}
-
-impl ReadyTasks {
-    fn push(&self, id: usize) {
-        self.ids.lock().unwrap_or_else(|p| p.into_inner()).push(id);
-        self.changed.notify_one();
-        if !self.polling.load(Ordering::SeqCst) {
-            let _ = self.eventfd.write(1);
-        }
-    }
-
-    fn take(&self) -> Vec<usize> {
-        std::mem::take(&mut *self.ids.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    fn is_empty(&self) -> bool {
-        self.ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-    }
-
-    /// Waits (bounded) for a task to be woken.
-    fn wait(&self) {
-        let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        if ids.is_empty() {
-            let _ = self.changed.wait_timeout(ids, Duration::from_millis(10));
-        }
-    }
-}
-
-struct TaskWaker {
-    id: usize,
-    ready: Arc<ReadyTasks>,
-}
-
-impl Wake for TaskWaker {
-    fn wake(self: Arc<Self>) {
-        self.ready.push(self.id);
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.ready.push(self.id);
-    }
 }
 
 /// The image, and every queue's executor: a queue waiting for a lock can drive the queue
@@ -670,239 +596,8 @@ impl Shared {
             .collect();
         for other in others {
             if let Ok(mut exec) = other.try_lock() {
-                exec.run();
-                if !exec.finished.is_empty() {
-                    // Its owner reaps them.
-                    let _ = exec.ready.eventfd.write(1);
-                }
+                exec.run_for_owner();
             }
-        }
-    }
-}
-
-/// One queue's tasks over its own io_uring.
-struct Executor {
-    ring: Arc<Ring>,
-    ready: Arc<ReadyTasks>,
-    tasks: Vec<Option<Task>>,
-    free_ids: Vec<usize>,
-    /// Started, not yet finished.
-    running: usize,
-    /// Finished, not yet reaped.
-    finished: Vec<DiskCompletion>,
-}
-
-impl Executor {
-    /// Makes `request` a task, due to be polled.
-    fn start(&mut self, shared: &Arc<Shared>, request: Request, token: u64) {
-        let id = match self.free_ids.pop() {
-            Some(id) => id,
-            None => {
-                self.tasks.push(None);
-                self.tasks.len() - 1
-            }
-        };
-        let waker = Waker::from(Arc::new(TaskWaker {
-            id,
-            ready: Arc::clone(&self.ready),
-        }));
-        self.tasks[id] = Some(Task {
-            future: RequestFuture(Box::pin(request.execute(Arc::clone(shared)))),
-            waker,
-            token,
-        });
-        self.running += 1;
-        self.ready
-            .ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(id);
-    }
-
-    /// Polls woken tasks until none is left, collecting finished ones into `self.finished`.
-    fn run(&mut self) {
-        let ring = Arc::clone(&self.ring);
-        ring.enter(|| loop {
-            self.ring.complete();
-            self.ready.polling.store(true, Ordering::SeqCst);
-            let ids = self.ready.take();
-            if ids.is_empty() {
-                self.ready.polling.store(false, Ordering::SeqCst);
-                // A wake between `take` and clearing `polling` did not signal the eventfd.
-                if self.ready.is_empty() {
-                    break;
-                }
-                continue;
-            }
-            for id in ids {
-                self.poll_task(id);
-            }
-            if let Err(e) = self.ring.submit() {
-                tracing::error!("qcow2 io_uring submit failed: {e}");
-            }
-        });
-    }
-
-    fn poll_task(&mut self, id: usize) {
-        // A stale wake-up for a finished task.
-        let Some(mut task) = self.tasks.get_mut(id).and_then(Option::take) else {
-            return;
-        };
-        let mut cx = Context::from_waker(&task.waker);
-        // A bug in the image driver (a corrupt image it did not expect) fails the request,
-        // not the queue's thread.
-        let polled =
-            std::panic::catch_unwind(AssertUnwindSafe(|| task.future.0.as_mut().poll(&mut cx)))
-                .unwrap_or_else(|_| {
-                    tracing::error!("the qcow2 driver panicked on a request; failing it with EIO");
-                    Poll::Ready(-libc::EIO)
-                });
-        match polled {
-            Poll::Ready(result) => {
-                self.finished.push(DiskCompletion {
-                    token: task.token,
-                    result,
-                });
-                self.running -= 1;
-                self.free_ids.push(id);
-            }
-            Poll::Pending => self.tasks[id] = Some(task),
-        }
-    }
-}
-
-/// One queue's qcow2 I/O: an executor for its requests over its own io_uring.
-pub struct Qcow2Queue {
-    shared: Arc<Shared>,
-    exec: Arc<Mutex<Executor>>,
-    /// Pushed, not yet started.
-    queued: Vec<(Request, u64)>,
-    eventfd: EventFd,
-    owns_eventfd: bool,
-}
-
-impl Qcow2Queue {
-    fn new(shared: Arc<Shared>, depth: u32, notifier: Option<&EventFd>) -> io::Result<Self> {
-        let (eventfd, owns_eventfd) = match notifier {
-            Some(e) => (e.try_clone()?, false),
-            None => (EventFd::new(EFD_NONBLOCK)?, true),
-        };
-        // A guest request can become several image accesses (one per cluster run).
-        let ring = Ring::new(depth.clamp(16, 1024) * 2, eventfd.as_raw_fd())?;
-        let exec = Arc::new(Mutex::new(Executor {
-            ring,
-            ready: Arc::new(ReadyTasks {
-                ids: Mutex::new(Vec::new()),
-                changed: Condvar::new(),
-                polling: AtomicBool::new(false),
-                eventfd: eventfd.try_clone()?,
-            }),
-            tasks: Vec::new(),
-            free_ids: Vec::new(),
-            running: 0,
-            finished: Vec::new(),
-        }));
-        let mut executors = shared.executors.lock().unwrap_or_else(|p| p.into_inner());
-        executors.retain(|e| e.strong_count() > 0);
-        executors.push(Arc::downgrade(&exec));
-        drop(executors);
-        Ok(Qcow2Queue {
-            shared,
-            exec,
-            queued: Vec::new(),
-            eventfd,
-            owns_eventfd,
-        })
-    }
-
-    fn exec(&self) -> std::sync::MutexGuard<'_, Executor> {
-        self.exec.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Starts the queued requests and polls them as far as they go.
-    fn start_queued_and_run(&mut self) -> std::sync::MutexGuard<'_, Executor> {
-        let queued = std::mem::take(&mut self.queued);
-        let mut exec = self.exec.lock().unwrap_or_else(|p| p.into_inner());
-        for (request, token) in queued {
-            exec.start(&self.shared, request, token);
-        }
-        exec.run();
-        exec
-    }
-
-    #[cfg(test)]
-    fn ring(&self) -> Arc<Ring> {
-        Arc::clone(&self.exec().ring)
-    }
-}
-
-impl DiskQueue for Qcow2Queue {
-    fn push(&mut self, op: DiskOp, token: u64) -> io::Result<()> {
-        // SAFETY: the submitter keeps the buffers valid until it reaps the completion
-        // (`DiskQueue` contract), which comes after the task finished.
-        let request = unsafe { Request::new(op) };
-        self.queued.push((request, token));
-        Ok(())
-    }
-
-    fn submit(&mut self) -> io::Result<()> {
-        let finished = !self.start_queued_and_run().finished.is_empty();
-        // Requests that finished without waiting (cached metadata, unallocated reads):
-        // make sure the worker comes to reap them.
-        if finished {
-            self.eventfd.write(1)?;
-        }
-        Ok(())
-    }
-
-    fn reap(&mut self, out: &mut Vec<DiskCompletion>) {
-        // A shared notifier is reset by its owner, once, before it reaps every queue.
-        if self.owns_eventfd {
-            let _ = self.eventfd.read();
-        }
-        out.append(&mut self.start_queued_and_run().finished);
-    }
-
-    fn drain(&mut self, out: &mut Vec<DiskCompletion>) -> io::Result<()> {
-        loop {
-            let (ring, ready) = {
-                let mut exec = self.start_queued_and_run();
-                out.append(&mut exec.finished);
-                if exec.running == 0 {
-                    return Ok(());
-                }
-                (Arc::clone(&exec.ring), Arc::clone(&exec.ready))
-            };
-            if ring.pending() > 0 {
-                ring.wait()?;
-            } else {
-                // Waiting for a lock another queue's task holds.
-                self.shared.drive_others(&self.exec);
-                ready.wait();
-            }
-        }
-    }
-
-    fn in_flight(&self) -> usize {
-        let exec = self.exec();
-        self.queued.len() + exec.running + exec.finished.len()
-    }
-
-    fn completion_fd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
-    }
-
-    fn stats(&self) -> Arc<DiskStats> {
-        self.exec().ring.stats()
-    }
-}
-
-impl Drop for Qcow2Queue {
-    fn drop(&mut self) {
-        // Finish every request before the guest memory it points to goes.
-        let mut sink = Vec::new();
-        if let Err(e) = self.drain(&mut sink) {
-            tracing::error!("draining qcow2 I/O before drop failed: {e}");
         }
     }
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use super::*;
+use crate::disk::DiskCompletion;
 
 const BLOCK: usize = 4096;
 
@@ -29,11 +30,11 @@ fn create_with(path: &Path, size: u64, direct: bool) -> Qcow2Disk {
     .unwrap()
 }
 
-fn iov(buf: &mut [u8]) -> Vec<libc::iovec> {
-    vec![libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    }]
+/// An owned buffer holding `bytes`, for an operation to own.
+fn owned(bytes: &[u8]) -> IoBuf {
+    let mut buf = AlignedBuf::new(bytes.len(), 1).unwrap();
+    buf.as_mut_slice().copy_from_slice(bytes);
+    IoBuf::owned(buf)
 }
 
 /// The bytes block `block` holds after writer `writer` wrote it.
@@ -64,17 +65,17 @@ fn reap_all(q: &mut Qcow2Queue, n: usize) -> Vec<DiskCompletion> {
 /// Reads `len` bytes from offset 0 through `q` into a buffer filled with `fill` first, and
 /// checks the whole read completed.
 fn read_back(q: &mut Qcow2Queue, len: usize, fill: u8) -> Vec<u8> {
-    let mut back = vec![fill; len];
     let op = DiskOp::Read {
         offset: 0,
-        iovecs: iov(&mut back),
+        buf: owned(&vec![fill; len]),
     };
     q.push(op, 0).unwrap();
     let mut done = Vec::new();
     q.drain(&mut done).unwrap();
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].result, len as i32, "short or failed read");
-    back
+    let back = done.pop().and_then(|c| c.buf).and_then(IoBuf::into_owned);
+    back.unwrap().as_slice().to_vec()
 }
 
 fn qemu_img_check(path: &Path) {
@@ -118,12 +119,10 @@ fn queues_allocating_the_same_clusters(direct: bool) {
                 // different queues, so cluster allocation races between threads.
                 let blocks: Vec<usize> = (writer..BLOCKS).step_by(WRITERS).collect();
                 for batch in blocks.chunks(BATCH) {
-                    let mut bufs: Vec<Vec<u8>> =
-                        batch.iter().map(|&b| pattern(writer, b)).collect();
-                    for (buf, &b) in bufs.iter_mut().zip(batch) {
+                    for &b in batch {
                         let op = DiskOp::Write {
                             offset: (b * BLOCK) as u64,
-                            iovecs: iov(buf),
+                            buf: owned(&pattern(writer, b)),
                             durable: false,
                         };
                         q.push(op, b as u64).unwrap();
@@ -164,19 +163,18 @@ fn dropping_a_queue_finishes_what_it_started() {
     let dir = scratch_dir();
     let path = dir.path().join("drop.qcow2");
     let disk = create(&path, 1 << 20);
-    let mut bufs: Vec<Vec<u8>> = (0..16).map(|b| pattern(0, b)).collect();
     let mut q = disk.new_queue(16, None).unwrap();
-    for (b, buf) in bufs.iter_mut().enumerate() {
+    for b in 0..16 {
         let op = DiskOp::Write {
             offset: (b * BLOCK) as u64,
-            iovecs: iov(buf),
+            buf: owned(&pattern(0, b)),
             durable: false,
         };
         q.push(op, b as u64).unwrap();
     }
     q.submit().unwrap();
+    // The queue owns the buffers: dropping it finishes the writes before they go.
     drop(q);
-    drop(bufs);
 
     let mut q = disk.new_queue(4, None).unwrap();
     let back = read_back(&mut q, 16 * BLOCK, 0);
@@ -196,7 +194,7 @@ fn discard_and_write_zeroes_from_two_queues_read_back_as_zeroes() {
     q0.push(
         DiskOp::Write {
             offset: 0,
-            iovecs: iov(&mut data),
+            buf: owned(&data),
             durable: true,
         },
         0,
@@ -267,11 +265,11 @@ fn a_grown_image_reads_zeroes_past_the_old_end_even_over_a_longer_backing_file()
     assert_eq!(disk.grow(2 << 20).unwrap(), 4 << 20, "never shrinks");
     assert_eq!(disk.current_size(), 4 << 20);
 
-    let mut block = pattern(1, 768);
+    let block = pattern(1, 768);
     q.push(
         DiskOp::Write {
             offset: 3 << 20,
-            iovecs: iov(&mut block),
+            buf: owned(&block),
             durable: false,
         },
         0,

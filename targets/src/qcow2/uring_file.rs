@@ -27,10 +27,12 @@ use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::storage::drivers::CommonStorageHelper;
 use imago::storage::PreallocateMode;
 use imago::{Storage, StorageOpenOptions};
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{squeue, IoUring};
 
 use crate::disk::direct_alignment;
+use crate::slab::Slab;
 use crate::stats::DiskStats;
+use crate::uring::{Syscall, PUNCH_HOLE};
 
 thread_local! {
     /// The ring of the queue whose requests this thread is polling, if any.
@@ -69,8 +71,7 @@ pub(crate) struct Ring {
 
 struct RingInner {
     uring: IoUring,
-    slots: Vec<Slot>,
-    free: Vec<usize>,
+    slots: Slab<Slot>,
     /// Operations handed to the ring whose completion has not been collected.
     pending: usize,
     /// Operations handed to the ring since it was made (tests check the ring is used).
@@ -79,7 +80,6 @@ struct RingInner {
 }
 
 enum Slot {
-    Free,
     Waiting(Waker),
     Done(i32),
 }
@@ -92,8 +92,7 @@ impl Ring {
         Ok(Arc::new(Ring {
             inner: Mutex::new(RingInner {
                 uring,
-                slots: Vec::new(),
-                free: Vec::new(),
+                slots: Slab::default(),
                 pending: 0,
                 #[cfg(test)]
                 started: 0,
@@ -119,13 +118,7 @@ impl Ring {
     /// Queues `entry`; `waker` is woken when it completes. Returns its slot.
     fn start(&self, entry: squeue::Entry, waker: Waker) -> io::Result<usize> {
         let mut inner = self.lock();
-        let slot = match inner.free.pop() {
-            Some(s) => s,
-            None => {
-                inner.slots.push(Slot::Free);
-                inner.slots.len() - 1
-            }
-        };
+        let slot = inner.slots.insert(Slot::Waiting(waker));
         let entry = entry.user_data(slot as u64);
         // SAFETY: the buffers and iovec array `entry` points to belong to the `UringOp` that
         // built it, which does not release them before the completion for this slot arrives
@@ -137,10 +130,9 @@ impl Ring {
             pushed = unsafe { inner.uring.submission().push(&entry).is_ok() };
         }
         if !pushed {
-            inner.free.push(slot);
+            inner.slots.remove(slot);
             return Err(io::Error::other("io_uring submission queue stays full"));
         }
-        inner.slots[slot] = Slot::Waiting(waker);
         inner.pending += 1;
         #[cfg(test)]
         {
@@ -153,20 +145,19 @@ impl Ring {
     /// `waker` replaces the one to wake.
     fn poll_slot(&self, slot: usize, waker: &Waker) -> Poll<i32> {
         let mut inner = self.lock();
-        match &mut inner.slots[slot] {
-            Slot::Done(result) => {
+        match inner.slots.get_mut(slot) {
+            Some(Slot::Done(result)) => {
                 let result = *result;
-                inner.slots[slot] = Slot::Free;
-                inner.free.push(slot);
+                inner.slots.remove(slot);
                 Poll::Ready(result)
             }
-            Slot::Waiting(w) => {
+            Some(Slot::Waiting(w)) => {
                 if !w.will_wake(waker) {
                     *w = waker.clone();
                 }
                 Poll::Pending
             }
-            Slot::Free => Poll::Ready(-libc::EINVAL),
+            None => Poll::Ready(-libc::EINVAL),
         }
     }
 
@@ -253,7 +244,8 @@ impl Ring {
 // one polling its queue) through the mutex.
 unsafe impl Send for RingInner {}
 
-/// One system call, submitted to the current ring or run blocking.
+/// One system call, submitted to the current ring or run blocking; it owns the iovec array
+/// the kernel reads (the buffers belong to the future that awaits it).
 enum Request {
     Readv {
         fd: RawFd,
@@ -277,68 +269,35 @@ enum Request {
 }
 
 impl Request {
-    fn entry(&self) -> squeue::Entry {
-        match self {
-            Request::Readv { fd, offset, iovecs } => {
-                opcode::Readv::new(types::Fd(*fd), iovecs.as_ptr(), iovecs.len() as u32)
-                    .offset(*offset)
-                    .build()
-            }
-            Request::Writev { fd, offset, iovecs } => {
-                opcode::Writev::new(types::Fd(*fd), iovecs.as_ptr(), iovecs.len() as u32)
-                    .offset(*offset)
-                    .build()
-            }
+    fn syscall(&self) -> Syscall<'_> {
+        match *self {
+            Request::Readv {
+                fd,
+                offset,
+                ref iovecs,
+            } => Syscall::Readv { fd, offset, iovecs },
+            Request::Writev {
+                fd,
+                offset,
+                ref iovecs,
+            } => Syscall::Writev {
+                fd,
+                offset,
+                iovecs,
+                dsync: false,
+            },
             Request::Fallocate {
                 fd,
                 offset,
                 len,
                 mode,
-            } => opcode::Fallocate::new(types::Fd(*fd), *len)
-                .offset(*offset)
-                .mode(*mode)
-                .build(),
-            Request::Fdatasync { fd } => opcode::Fsync::new(types::Fd(*fd))
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-        }
-    }
-
-    /// The system call itself; the result as a completion would carry it.
-    fn run_blocking(&self) -> i32 {
-        // SAFETY: (all arms) the fd is open for the lifetime of the `UringFile`, and the
-        // iovecs describe buffers the caller keeps valid for the call.
-        let rc: i64 = unsafe {
-            match self {
-                Request::Readv { fd, offset, iovecs } => libc::preadv(
-                    *fd,
-                    iovecs.as_ptr(),
-                    iovecs.len() as libc::c_int,
-                    *offset as libc::off_t,
-                ) as i64,
-                Request::Writev { fd, offset, iovecs } => libc::pwritev(
-                    *fd,
-                    iovecs.as_ptr(),
-                    iovecs.len() as libc::c_int,
-                    *offset as libc::off_t,
-                ) as i64,
-                Request::Fallocate {
-                    fd,
-                    offset,
-                    len,
-                    mode,
-                } => {
-                    libc::fallocate(*fd, *mode, *offset as libc::off_t, *len as libc::off_t) as i64
-                }
-                Request::Fdatasync { fd } => libc::fdatasync(*fd) as i64,
-            }
-        };
-        if rc < 0 {
-            -io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO)
-        } else {
-            rc.min(i32::MAX as i64) as i32
+            } => Syscall::Fallocate {
+                fd,
+                offset,
+                len,
+                mode,
+            },
+            Request::Fdatasync { fd } => Syscall::Fdatasync { fd },
         }
     }
 }
@@ -382,14 +341,18 @@ impl Future for UringOp {
         loop {
             let result = match &this.state {
                 OpState::New => match current_ring() {
-                    None => this.request.run_blocking(),
-                    Some(ring) => match ring.start(this.request.entry(), cx.waker().clone()) {
-                        Ok(slot) => {
-                            this.state = OpState::InFlight { ring, slot };
-                            return Poll::Pending;
+                    // SAFETY: the iovecs describe buffers of the future awaiting this
+                    // operation, valid while it is polled.
+                    None => unsafe { this.request.syscall().run_blocking() },
+                    Some(ring) => {
+                        match ring.start(this.request.syscall().entry(), cx.waker().clone()) {
+                            Ok(slot) => {
+                                this.state = OpState::InFlight { ring, slot };
+                                return Poll::Pending;
+                            }
+                            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
                         }
-                        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
-                    },
+                    }
                 },
                 OpState::InFlight { ring, slot } => match ring.poll_slot(*slot, cx.waker()) {
                     Poll::Ready(result) => {
@@ -479,7 +442,7 @@ impl UringFile {
             fd: self.fd(),
             offset,
             len: length.min(size - offset),
-            mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            mode: PUNCH_HOLE,
         };
         run(request).await.map(|_| ())
     }

@@ -3,14 +3,63 @@
 
 use std::sync::Arc;
 
+use virtio_bindings::bindings::virtio_scsi::{
+    VIRTIO_SCSI_T_AN_QUERY, VIRTIO_SCSI_T_AN_SUBSCRIBE, VIRTIO_SCSI_T_TMF,
+    VIRTIO_SCSI_T_TMF_ABORT_TASK, VIRTIO_SCSI_T_TMF_ABORT_TASK_SET,
+    VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET, VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET,
+    VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET, VIRTIO_SCSI_T_TMF_QUERY_TASK,
+    VIRTIO_SCSI_T_TMF_QUERY_TASK_SET,
+};
 use virtio_queue::DescriptorChain;
 
+use super::device::ScsiDevice;
 use super::luns::LunSlot;
 use super::sense::Sense;
-use super::virtio::{decode_lun, response, ScsiDevice};
+use super::wire::{decode_lun, response};
 use crate::chain::{gather, scatter, total, Chain, Memory};
 use crate::device::{Completed, QueueHandler};
+use crate::guest::GuestRam;
 use crate::stats::{bump, QueueStats, TMF_FUNCTIONS};
+
+/// Size of `struct virtio_scsi_ctrl_tmf_req`: type, subtype, lun[8], tag.
+const TMF_REQ_SIZE: usize = 24;
+/// Size of `struct virtio_scsi_ctrl_an_req`: type, lun[8], event_requested.
+const AN_REQ_SIZE: usize = 16;
+/// Size of `struct virtio_scsi_ctrl_an_resp`: event_actual, response.
+const AN_RESP_SIZE: usize = 5;
+
+/// `virtio_scsi_ctrl_tmf_req` (virtio 1.2 §5.6.6.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TmfReq {
+    /// `subtype`: which task management function (`VIRTIO_SCSI_T_TMF_*`).
+    subtype: u32,
+    /// `lun`: the 8-byte LUN field.
+    lun: [u8; 8],
+    /// `tag`: the command an ABORT TASK or QUERY TASK names.
+    tag: u64,
+}
+
+impl TmfReq {
+    fn parse(req: &[u8; TMF_REQ_SIZE]) -> Self {
+        let mut lun = [0u8; 8];
+        lun.copy_from_slice(&req[8..16]);
+        let mut tag = [0u8; 8];
+        tag.copy_from_slice(&req[16..24]);
+        TmfReq {
+            subtype: u32::from_le_bytes([req[4], req[5], req[6], req[7]]),
+            lun,
+            tag: u64::from_le_bytes(tag),
+        }
+    }
+}
+
+/// `virtio_scsi_ctrl_an_resp`: no asynchronous event is supported, so `event_actual` is
+/// always 0.
+fn an_resp(response: u8) -> Vec<u8> {
+    let mut r = 0u32.to_le_bytes().to_vec();
+    r.push(response);
+    r
+}
 
 /// The control queue: task management functions and asynchronous notification requests.
 pub struct ControlQueue {
@@ -36,16 +85,14 @@ impl ControlQueue {
     /// reset waits until the commands it affects have completed (normally) and are on
     /// their used rings, as virtio-scsi requires of a completed TMF, then answers. If that
     /// takes longer than the TMF timeout, it answers FAILURE and the initiator escalates.
-    fn tmf(&self, req: &[u8]) -> u8 {
-        let subtype = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
+    fn tmf(&self, req: TmfReq) -> u8 {
+        let subtype = req.subtype;
         let function = (subtype as usize).min(TMF_FUNCTIONS.len() - 1);
         if let Some(count) = self.stats.tmf.get(function) {
             bump(count, 1);
         }
-        let mut lun = [0u8; 8];
-        lun.copy_from_slice(&req[8..16]);
         let table = self.device.luns();
-        let index = decode_lun(&lun).and_then(|id| table.find(id).cloned());
+        let index = decode_lun(&req.lun).and_then(|id| table.find(id).cloned());
         let settle = |luns: &[Arc<LunSlot>], answer: u8| {
             if self.device.wait_idle(luns) {
                 answer
@@ -58,20 +105,19 @@ impl ControlQueue {
             }
         };
         match subtype {
-            // ABORT TASK, ABORT TASK SET, CLEAR TASK SET
-            0 | 1 | 3 => match index {
+            VIRTIO_SCSI_T_TMF_ABORT_TASK
+            | VIRTIO_SCSI_T_TMF_ABORT_TASK_SET
+            | VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET => match index {
                 Some(i) => settle(&[i], response::FUNCTION_COMPLETE),
                 None => response::INCORRECT_LUN,
             },
-            // I_T NEXUS RESET
-            4 => {
+            VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET => {
                 let all: Vec<Arc<LunSlot>> = table.iter().cloned().collect();
                 let answer = settle(&all, response::FUNCTION_SUCCEEDED);
                 self.device.set_unit_attention(None, Sense::I_T_NEXUS_LOSS);
                 answer
             }
-            // LOGICAL UNIT RESET
-            5 => match index {
+            VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET => match index {
                 Some(i) => {
                     let answer = settle(std::slice::from_ref(&i), response::FUNCTION_SUCCEEDED);
                     i.set_unit_attention(Sense::LUN_RESET_OCCURRED);
@@ -81,8 +127,11 @@ impl ControlQueue {
             },
             // QUERY TASK SET: whether the LUN has commands in flight. QUERY TASK would need
             // the tag, which is not tracked: it reports none.
-            6 | 7 => match index {
-                Some(i) if subtype == 7 && i.busy() > 0 => response::FUNCTION_SUCCEEDED,
+            VIRTIO_SCSI_T_TMF_QUERY_TASK | VIRTIO_SCSI_T_TMF_QUERY_TASK_SET => match index {
+                Some(i) if subtype == VIRTIO_SCSI_T_TMF_QUERY_TASK_SET && i.busy() > 0 => {
+                    tracing::trace!(tag = req.tag, "QUERY TASK SET: commands in flight");
+                    response::FUNCTION_SUCCEEDED
+                }
                 Some(_) => response::FUNCTION_COMPLETE,
                 None => response::INCORRECT_LUN,
             },
@@ -96,7 +145,7 @@ impl QueueHandler for ControlQueue {
     fn handle_chain(
         &mut self,
         chain: DescriptorChain<&Memory>,
-        mem: &Arc<Memory>,
+        mem: &GuestRam,
         done: &mut Vec<Completed>,
     ) {
         let Chain {
@@ -105,25 +154,24 @@ impl QueueHandler for ControlQueue {
             writable,
             ..
         } = Chain::collect(chain);
-        let mut req = [0u8; 24];
+        let mut req = [0u8; TMF_REQ_SIZE];
         let req_len = total(&readable).min(req.len());
         let req_ok = gather(mem, &readable, &mut req[..req_len]).is_some();
         let kind = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
         let reply: Vec<u8> = match kind {
-            // VIRTIO_SCSI_T_TMF
-            0 if req_ok && req_len >= 24 => vec![self.tmf(&req)],
-            // VIRTIO_SCSI_T_AN_QUERY / AN_SUBSCRIBE: no asynchronous events are supported.
-            1 | 2 if req_ok && req_len >= 16 => {
-                let mut r = 0u32.to_le_bytes().to_vec();
-                r.push(response::OK);
-                r
+            VIRTIO_SCSI_T_TMF if req_ok && req_len >= TMF_REQ_SIZE => {
+                vec![self.tmf(TmfReq::parse(&req))]
+            }
+            // No asynchronous events are supported.
+            VIRTIO_SCSI_T_AN_QUERY | VIRTIO_SCSI_T_AN_SUBSCRIBE
+                if req_ok && req_len >= AN_REQ_SIZE =>
+            {
+                an_resp(response::OK)
             }
             _ => {
                 tracing::debug!(kind, req_len, "malformed control request");
-                if total(&writable) >= 5 {
-                    let mut r = vec![0u8; 4];
-                    r.push(response::FAILURE);
-                    r
+                if total(&writable) >= AN_RESP_SIZE {
+                    an_resp(response::FAILURE)
                 } else {
                     vec![response::FAILURE]
                 }

@@ -19,10 +19,16 @@
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use super::opcode::{
+    INQUIRY, MODE_SELECT_10, MODE_SELECT_6, MODE_SENSE_10, READ_10, READ_12, REPORT_LUNS,
+    REQUEST_SENSE, SYNCHRONIZE_CACHE_10, UNMAP, VERIFY_10, VERIFY_16, WRITE_10, WRITE_12, WRITE_16,
+    WRITE_6, WRITE_SAME_10, WRITE_SAME_16,
+};
 use super::sense::Sense;
 use commands::{Command, COMMANDS};
 
 mod commands;
+mod mode;
 
 /// Largest transfer per READ/WRITE, in blocks (VPD B0 MAXIMUM TRANSFER LENGTH).
 pub const MAX_TRANSFER_BLOCKS: u32 = 8192;
@@ -142,15 +148,19 @@ pub const MAX_VERIFY_BYTES: usize = MAX_TRANSFER_BLOCKS as usize * 4096;
 /// and the data VERIFY compares. Bulk WRITE data is not gathered (it goes straight to disk).
 pub fn data_out_to_gather(cdb: &[u8]) -> usize {
     match cdb.first() {
-        Some(0x15 | 0x55 | 0x42 | 0x41 | 0x93) => MAX_PARAMETER_LIST,
-        Some(0x2f | 0x8f) if cdb.get(1).is_some_and(|b| b & 0x06 != 0) => MAX_VERIFY_BYTES,
+        Some(&(MODE_SELECT_6 | MODE_SELECT_10 | UNMAP | WRITE_SAME_10 | WRITE_SAME_16)) => {
+            MAX_PARAMETER_LIST
+        }
+        Some(&(VERIFY_10 | VERIFY_16)) if cdb.get(1).is_some_and(|b| b & 0x06 != 0) => {
+            MAX_VERIFY_BYTES
+        }
         _ => 0,
     }
 }
 
 /// True for commands that do not report (or clear) a pending unit attention (SPC-4 5.14).
 pub fn ignores_unit_attention(cdb: &[u8]) -> bool {
-    matches!(cdb.first(), Some(0x12 | 0xa0 | 0x03))
+    matches!(cdb.first(), Some(&(INQUIRY | REPORT_LUNS | REQUEST_SENSE)))
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -434,20 +444,20 @@ impl Lun {
     fn rw6(&self, cdb: &[u8]) -> Outcome {
         let lba = u64::from(u32::from_be_bytes([0, cdb[1] & 0x1f, cdb[2], cdb[3]]));
         let blocks = if cdb[4] == 0 { 256 } else { u32::from(cdb[4]) };
-        self.rw_request(cdb[0] == 0x0a, lba, blocks, false)
+        self.rw_request(cdb[0] == WRITE_6, lba, blocks, false)
     }
 
     fn rw(&self, cdb: &[u8]) -> Outcome {
         let (lba, blocks) = match cdb[0] {
-            0x28 | 0x2a => (u64::from(be32(cdb, 2)), u32::from(be16(cdb, 7))),
-            0xa8 | 0xaa => (u64::from(be32(cdb, 2)), be32(cdb, 6)),
+            READ_10 | WRITE_10 => (u64::from(be32(cdb, 2)), u32::from(be16(cdb, 7))),
+            READ_12 | WRITE_12 => (u64::from(be32(cdb, 2)), be32(cdb, 6)),
             _ => (be64(cdb, 2), be32(cdb, 10)),
         };
         // RDPROTECT/WRPROTECT (protection information) is not supported.
         if cdb[1] & 0xe0 != 0 {
             return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
         }
-        let is_write = matches!(cdb[0], 0x2a | 0xaa | 0x8a);
+        let is_write = matches!(cdb[0], WRITE_10 | WRITE_12 | WRITE_16);
         let fua = cdb[1] & 0x08 != 0;
         self.rw_request(is_write, lba, blocks, fua)
     }
@@ -473,7 +483,7 @@ impl Lun {
     }
 
     fn verify(&self, cdb: &[u8], data_out: &[u8]) -> Outcome {
-        let (lba, blocks) = if cdb[0] == 0x2f {
+        let (lba, blocks) = if cdb[0] == VERIFY_10 {
             (u64::from(be32(cdb, 2)), u32::from(be16(cdb, 7)))
         } else {
             (be64(cdb, 2), be32(cdb, 10))
@@ -510,7 +520,7 @@ impl Lun {
     }
 
     fn synchronize_cache(&self, cdb: &[u8]) -> Outcome {
-        let (lba, blocks) = if cdb[0] == 0x35 {
+        let (lba, blocks) = if cdb[0] == SYNCHRONIZE_CACHE_10 {
             (u64::from(be32(cdb, 2)), u64::from(be16(cdb, 7)))
         } else {
             (be64(cdb, 2), u64::from(be32(cdb, 10)))
@@ -584,16 +594,16 @@ impl Lun {
     }
 
     fn write_same(&self, cdb: &[u8], params: &[u8]) -> Outcome {
-        let (lba, blocks) = if cdb[0] == 0x41 {
+        let (lba, blocks) = if cdb[0] == WRITE_SAME_10 {
             (u64::from(be32(cdb, 2)), u32::from(be16(cdb, 7)))
         } else {
             (be64(cdb, 2), be32(cdb, 10))
         };
         let unmap = cdb[1] & 0x08 != 0;
         let anchor = cdb[1] & 0x10 != 0;
-        let ndob = cdb[0] == 0x93 && cdb[1] & 0x01 != 0;
+        let ndob = cdb[0] == WRITE_SAME_16 && cdb[1] & 0x01 != 0;
         // WRPROTECT, ANCHOR and (for WRITE SAME(10)) the obsolete PBDATA/LBDATA bits.
-        if cdb[1] & 0xe0 != 0 || anchor || (cdb[0] == 0x41 && cdb[1] & 0x06 != 0) {
+        if cdb[1] & 0xe0 != 0 || anchor || (cdb[0] == WRITE_SAME_10 && cdb[1] & 0x06 != 0) {
             return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
         }
         if self.settings.readonly {
@@ -627,150 +637,6 @@ impl Lun {
             blocks,
             pattern: pattern.into_owned(),
         })
-    }
-
-    /// Mode page `code` as currently set (or its changeable mask: nothing is changeable).
-    fn mode_page(&self, code: u8, changeable: bool) -> Option<Vec<u8>> {
-        match code {
-            0x08 => {
-                let mut p = vec![0u8; 20];
-                p[0] = 0x08;
-                p[1] = 0x12;
-                if !changeable && self.settings.write_cache {
-                    p[2] = 0x04; // WCE
-                }
-                Some(p)
-            }
-            0x0a => {
-                let mut p = vec![0u8; 12];
-                p[0] = 0x0a;
-                p[1] = 0x0a;
-                if !changeable {
-                    p[3] = 0x10; // QUEUE ALGORITHM MODIFIER = unrestricted reordering
-                }
-                Some(p)
-            }
-            _ => None,
-        }
-    }
-
-    fn mode_sense(&self, cdb: &[u8]) -> Outcome {
-        let ten = cdb[0] == 0x5a;
-        let dbd = cdb[1] & 0x08 != 0;
-        let pc = cdb[2] >> 6;
-        let page = cdb[2] & 0x3f;
-        let subpage = cdb[3];
-        let alloc = if ten {
-            usize::from(be16(cdb, 7))
-        } else {
-            usize::from(cdb[4])
-        };
-        if pc == 3 {
-            return Outcome::Check(Sense::SAVING_PARAMETERS_NOT_SUPPORTED);
-        }
-        if subpage != 0 && subpage != 0xff {
-            return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
-        }
-        let changeable = pc == 1;
-        let pages: Vec<u8> = match page {
-            0x3f => [0x08u8, 0x0a]
-                .iter()
-                .filter_map(|&c| self.mode_page(c, changeable))
-                .flatten()
-                .collect(),
-            code => match self.mode_page(code, changeable) {
-                Some(p) => p,
-                None => return Outcome::Check(Sense::INVALID_FIELD_IN_CDB),
-            },
-        };
-        let mut block_descriptor = Vec::new();
-        if !dbd {
-            let blocks = u32::try_from(self.blocks()).unwrap_or(u32::MAX);
-            block_descriptor.extend_from_slice(&blocks.to_be_bytes());
-            block_descriptor.push(0);
-            block_descriptor.extend_from_slice(&self.settings.block_size.to_be_bytes()[1..]);
-        }
-        // WP for read-only, DPOFUA: FUA is honoured.
-        let device_specific = if self.settings.readonly { 0x80 } else { 0 } | 0x10;
-        let mut d = Vec::new();
-        if ten {
-            let len = 6 + block_descriptor.len() + pages.len();
-            d.extend_from_slice(&(len as u16).to_be_bytes());
-            d.extend_from_slice(&[0, device_specific, 0, 0]);
-            d.extend_from_slice(&(block_descriptor.len() as u16).to_be_bytes());
-        } else {
-            let len = 3 + block_descriptor.len() + pages.len();
-            d.extend_from_slice(&[
-                u8::try_from(len).unwrap_or(u8::MAX),
-                0,
-                device_specific,
-                block_descriptor.len() as u8,
-            ]);
-        }
-        d.extend_from_slice(&block_descriptor);
-        d.extend_from_slice(&pages);
-        truncated(d, alloc)
-    }
-
-    /// MODE SELECT: accepted only when it sets the current values.
-    fn mode_select(&self, cdb: &[u8], params: &[u8]) -> Outcome {
-        let ten = cdb[0] == 0x55;
-        let list_len = if ten {
-            usize::from(be16(cdb, 7))
-        } else {
-            usize::from(cdb[4])
-        };
-        // PF must be set; SP (save pages) is not supported.
-        if cdb[1] & 0x10 == 0 && list_len > 0 {
-            return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
-        }
-        if cdb[1] & 0x01 != 0 {
-            return Outcome::Check(Sense::SAVING_PARAMETERS_NOT_SUPPORTED);
-        }
-        if list_len == 0 {
-            return Outcome::Good;
-        }
-        if params.len() < list_len {
-            return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
-        }
-        let params = &params[..list_len];
-        let header = if ten { 8 } else { 4 };
-        if params.len() < header {
-            return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
-        }
-        let bd_len = if ten {
-            usize::from(be16(params, 6))
-        } else {
-            usize::from(params[3])
-        };
-        let mut at = header + bd_len;
-        if at > params.len() || (bd_len != 0 && bd_len != 8) {
-            return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
-        }
-        if bd_len == 8 {
-            let bd = &params[header..header + 8];
-            let block_len = u32::from_be_bytes([0, bd[5], bd[6], bd[7]]);
-            if block_len != self.settings.block_size {
-                return Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
-            }
-        }
-        while at < params.len() {
-            if at + 2 > params.len() {
-                return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
-            }
-            let code = params[at] & 0x3f;
-            let len = usize::from(params[at + 1]) + 2;
-            if params[at] & 0x40 != 0 || at + len > params.len() {
-                return Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
-            }
-            match self.mode_page(code, false) {
-                Some(current)
-                    if current.len() == len && current[1..] == params[at + 1..at + len] => {}
-                _ => return Outcome::Check(Sense::INVALID_FIELD_IN_PARAMETER_LIST),
-            }
-            at += len;
-        }
-        Outcome::Good
     }
 
     /// REPORT SUPPORTED OPERATION CODES (SPC-4 6.35) from [`COMMANDS`]: REPORTING OPTIONS

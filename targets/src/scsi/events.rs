@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use virtio_queue::DescriptorChain;
 
-use super::virtio::ScsiDevice;
+use super::device::ScsiDevice;
 use crate::chain::{scatter, total, Chain, Memory, Segment};
 use crate::device::{Completed, QueueHandler};
+use crate::guest::GuestRam;
 use crate::stats::QueueStats;
 
-/// Size of `struct virtio_scsi_event`: event, lun[8], reason.
+/// Size of `struct virtio_scsi_event`: event, `lun[8]`, reason.
 pub const EVENT_SIZE: usize = 16;
 /// Events kept while the driver has no event buffer; beyond that they are dropped and the
 /// next one delivered carries VIRTIO_SCSI_T_EVENTS_MISSED.
@@ -112,7 +113,7 @@ impl QueueHandler for EventQueue {
     fn handle_chain(
         &mut self,
         chain: DescriptorChain<&Memory>,
-        mem: &Arc<Memory>,
+        mem: &GuestRam,
         done: &mut Vec<Completed>,
     ) {
         let Chain { head, writable, .. } = Chain::collect(chain);
@@ -121,7 +122,8 @@ impl QueueHandler for EventQueue {
             done.push(Completed { head, used_len: 0 });
             return;
         }
-        self.buffers.push_back((head, writable, Arc::clone(mem)));
+        self.buffers
+            .push_back((head, writable, Arc::clone(mem.map())));
         self.deliver(done);
     }
 

@@ -8,17 +8,54 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::device::ScsiLun;
 use super::sense::Sense;
-use super::virtio::ScsiLun;
 use crate::disk::DiskQueue;
 
 /// Opens one request queue's ring on a LUN's backing store, signalling the given eventfd
 /// on completions.
 pub type RingFactory = Box<dyn Fn(&EventFd) -> io::Result<Box<dyn DiskQueue>> + Send + Sync>;
+
+/// Wakes a task management function waiting for LUNs to become idle (no request in flight):
+/// signalled by the queue that publishes a LUN's last one.
+#[derive(Debug, Default)]
+pub(crate) struct Idle {
+    lock: Mutex<()>,
+    changed: Condvar,
+}
+
+impl Idle {
+    /// Waits until `idle()` holds, re-checked on every signal; false if it still does not
+    /// at `deadline`.
+    pub(crate) fn wait(&self, deadline: Instant, idle: impl Fn() -> bool) -> bool {
+        let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if idle() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            // Checked and waited on under the lock that `signal` takes: no signal is lost.
+            guard = self
+                .changed
+                .wait_timeout(guard, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn signal(&self) {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.changed.notify_all();
+    }
+}
 
 /// One LUN and the state all queues share for it.
 pub struct LunSlot {
@@ -32,6 +69,8 @@ pub struct LunSlot {
     /// Opens a ring for a queue that did not exist when the LUN was added (LUNs added to a
     /// live device); `None` for LUNs whose rings the queues opened at creation.
     open_ring: Option<RingFactory>,
+    /// The device's idle signal, raised when `busy` drops to 0.
+    idle: Arc<Idle>,
 }
 
 impl std::fmt::Debug for LunSlot {
@@ -44,13 +83,15 @@ impl std::fmt::Debug for LunSlot {
 }
 
 impl LunSlot {
-    /// A slot for `lun`; `open_ring` opens its rings for queues created before it.
-    pub fn new(lun: ScsiLun, open_ring: Option<RingFactory>) -> Self {
+    /// A slot for `lun`; `open_ring` opens its rings for queues created before it; `idle`
+    /// is signalled when its last request in flight is published.
+    pub(crate) fn new(lun: ScsiLun, open_ring: Option<RingFactory>, idle: Arc<Idle>) -> Self {
         LunSlot {
             lun,
             busy: AtomicU32::new(0),
             unit_attention: Mutex::new(None),
             open_ring,
+            idle,
         }
     }
 
@@ -69,7 +110,9 @@ impl LunSlot {
     }
 
     pub(crate) fn published(&self) {
-        self.busy.fetch_sub(1, Ordering::AcqRel);
+        if self.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.signal();
+        }
     }
 
     /// Raises `sense` as this LUN's unit attention (replacing a pending one).

@@ -5,6 +5,7 @@
 //! CODES reports from it; the handlers themselves live in the parent module.
 
 use super::{report_luns_select, Lun, LunSettings, Outcome};
+use crate::scsi::opcode;
 
 /// CONTROL byte usage (SAM-5, CONTROL byte): NACA is evaluated (a CDB with NACA set is
 /// refused, see [`Lun::execute`]); the vendor-specific bits and the obsolete FLAG and LINK bits
@@ -41,7 +42,7 @@ fn always(_: &LunSettings) -> bool {
 pub(super) const COMMANDS: &[Command] = &[
     // TEST UNIT READY (SPC-4): nothing to evaluate.
     Command {
-        opcode: 0x00,
+        opcode: opcode::TEST_UNIT_READY,
         service_action: None,
         usage: &[0x00, 0x00, 0x00, 0x00, 0x00, CONTROL],
         run: |_, _, _| Outcome::Good,
@@ -49,7 +50,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // REQUEST SENSE (SPC-4): DESC (refused), ALLOCATION LENGTH.
     Command {
-        opcode: 0x03,
+        opcode: opcode::REQUEST_SENSE,
         service_action: None,
         usage: &[0x03, 0x01, 0x00, 0x00, 0xff, CONTROL],
         run: |l, cdb, _| l.request_sense(cdb),
@@ -57,7 +58,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // READ(6) (SBC-3): LBA, TRANSFER LENGTH.
     Command {
-        opcode: 0x08,
+        opcode: opcode::READ_6,
         service_action: None,
         usage: &[0x08, 0x1f, 0xff, 0xff, 0xff, CONTROL],
         run: |l, cdb, _| l.rw6(cdb),
@@ -65,7 +66,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // WRITE(6) (SBC-3): LBA, TRANSFER LENGTH.
     Command {
-        opcode: 0x0a,
+        opcode: opcode::WRITE_6,
         service_action: None,
         usage: &[0x0a, 0x1f, 0xff, 0xff, 0xff, CONTROL],
         run: |l, cdb, _| l.rw6(cdb),
@@ -73,7 +74,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // INQUIRY (SPC-4): CMDDT (obsolete, refused), EVPD, PAGE CODE, ALLOCATION LENGTH.
     Command {
-        opcode: 0x12,
+        opcode: opcode::INQUIRY,
         service_action: None,
         usage: &[0x12, 0x03, 0xff, 0xff, 0xff, CONTROL],
         run: |l, cdb, _| l.inquiry(cdb),
@@ -81,7 +82,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // MODE SELECT(6) (SPC-4): PF, SP (refused), PARAMETER LIST LENGTH.
     Command {
-        opcode: 0x15,
+        opcode: opcode::MODE_SELECT_6,
         service_action: None,
         usage: &[0x15, 0x11, 0x00, 0x00, 0xff, CONTROL],
         run: |l, cdb, params| l.mode_select(cdb, params),
@@ -89,7 +90,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // MODE SENSE(6) (SPC-4): DBD, PC, PAGE CODE, SUBPAGE CODE, ALLOCATION LENGTH.
     Command {
-        opcode: 0x1a,
+        opcode: opcode::MODE_SENSE_6,
         service_action: None,
         usage: &[0x1a, 0x08, 0xff, 0xff, 0xff, CONTROL],
         run: |l, cdb, _| l.mode_sense(cdb),
@@ -97,7 +98,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // START STOP UNIT (SBC-3): accepted, nothing evaluated (there is no medium to move).
     Command {
-        opcode: 0x1b,
+        opcode: opcode::START_STOP_UNIT,
         service_action: None,
         usage: &[0x1b, 0x00, 0x00, 0x00, 0x00, CONTROL],
         run: |_, _, _| Outcome::Good,
@@ -105,7 +106,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // READ CAPACITY(10) (SBC-3): the obsolete LBA and PMI are ignored.
     Command {
-        opcode: 0x25,
+        opcode: opcode::READ_CAPACITY_10,
         service_action: None,
         usage: &[
             0x25, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, CONTROL,
@@ -119,7 +120,7 @@ pub(super) const COMMANDS: &[Command] = &[
     // cache-retention hint with nothing to retain. libiscsi's DpoFua tests hold the usage
     // map to DPOFUA.
     Command {
-        opcode: 0x28,
+        opcode: opcode::READ_10,
         service_action: None,
         usage: &[
             0x28, 0xf8, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
@@ -129,7 +130,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // WRITE(10) (SBC-3): WRPROTECT (refused), DPO (a supported hint), FUA, LBA, TRANSFER LENGTH.
     Command {
-        opcode: 0x2a,
+        opcode: opcode::WRITE_10,
         service_action: None,
         usage: &[
             0x2a, 0xf8, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
@@ -140,7 +141,7 @@ pub(super) const COMMANDS: &[Command] = &[
     // VERIFY(10) (SBC-3): VRPROTECT (refused), DPO (a supported hint), BYTCHK, LBA,
     // VERIFICATION LENGTH.
     Command {
-        opcode: 0x2f,
+        opcode: opcode::VERIFY_10,
         service_action: None,
         usage: &[
             0x2f, 0xf6, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
@@ -151,7 +152,7 @@ pub(super) const COMMANDS: &[Command] = &[
     // SYNCHRONIZE CACHE(10) (SBC-3): LBA and NUMBER OF LOGICAL BLOCKS (range-checked; the
     // whole cache is flushed). IMMED is ignored: status comes once the data is durable.
     Command {
-        opcode: 0x35,
+        opcode: opcode::SYNCHRONIZE_CACHE_10,
         service_action: None,
         usage: &[
             0x35, 0x00, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
@@ -162,7 +163,7 @@ pub(super) const COMMANDS: &[Command] = &[
     // WRITE SAME(10) (SBC-3): WRPROTECT, ANCHOR, PBDATA, LBDATA (refused), UNMAP, LBA,
     // NUMBER OF LOGICAL BLOCKS.
     Command {
-        opcode: 0x41,
+        opcode: opcode::WRITE_SAME_10,
         service_action: None,
         usage: &[
             0x41, 0xfe, 0xff, 0xff, 0xff, 0xff, 0x00, 0xff, 0xff, CONTROL,
@@ -173,7 +174,7 @@ pub(super) const COMMANDS: &[Command] = &[
     // UNMAP (SBC-3), where the backing store deallocates: ANCHOR (refused), PARAMETER LIST
     // LENGTH.
     Command {
-        opcode: 0x42,
+        opcode: opcode::UNMAP,
         service_action: None,
         usage: &[
             0x42, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, CONTROL,
@@ -183,7 +184,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // MODE SELECT(10) (SPC-4): PF, SP (refused), PARAMETER LIST LENGTH.
     Command {
-        opcode: 0x55,
+        opcode: opcode::MODE_SELECT_10,
         service_action: None,
         usage: &[
             0x55, 0x11, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, CONTROL,
@@ -194,7 +195,7 @@ pub(super) const COMMANDS: &[Command] = &[
     // MODE SENSE(10) (SPC-4): DBD, PC, PAGE CODE, SUBPAGE CODE, ALLOCATION LENGTH. LLBAA is
     // ignored: block descriptors are always short.
     Command {
-        opcode: 0x5a,
+        opcode: opcode::MODE_SENSE_10,
         service_action: None,
         usage: &[
             0x5a, 0x08, 0xff, 0xff, 0x00, 0x00, 0x00, 0xff, 0xff, CONTROL,
@@ -204,7 +205,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // READ(16) (SBC-3): RDPROTECT (refused), DPO, FUA (as READ(10)), LBA, TRANSFER LENGTH.
     Command {
-        opcode: 0x88,
+        opcode: opcode::READ_16,
         service_action: None,
         usage: &[
             0x88, 0xf8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
@@ -215,7 +216,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // WRITE(16) (SBC-3): WRPROTECT (refused), DPO (a supported hint), FUA, LBA, TRANSFER LENGTH.
     Command {
-        opcode: 0x8a,
+        opcode: opcode::WRITE_16,
         service_action: None,
         usage: &[
             0x8a, 0xf8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
@@ -227,7 +228,7 @@ pub(super) const COMMANDS: &[Command] = &[
     // VERIFY(16) (SBC-3): VRPROTECT (refused), DPO (a supported hint), BYTCHK, LBA,
     // VERIFICATION LENGTH.
     Command {
-        opcode: 0x8f,
+        opcode: opcode::VERIFY_16,
         service_action: None,
         usage: &[
             0x8f, 0xf6, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
@@ -238,7 +239,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // SYNCHRONIZE CACHE(16) (SBC-3): LBA, NUMBER OF LOGICAL BLOCKS; IMMED ignored.
     Command {
-        opcode: 0x91,
+        opcode: opcode::SYNCHRONIZE_CACHE_16,
         service_action: None,
         usage: &[
             0x91, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
@@ -250,7 +251,7 @@ pub(super) const COMMANDS: &[Command] = &[
     // WRITE SAME(16) (SBC-3): WRPROTECT, ANCHOR (refused), UNMAP, NDOB, LBA, NUMBER OF
     // LOGICAL BLOCKS; the obsolete bits 2..1 are ignored.
     Command {
-        opcode: 0x93,
+        opcode: opcode::WRITE_SAME_16,
         service_action: None,
         usage: &[
             0x93, 0xf9, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
@@ -262,7 +263,7 @@ pub(super) const COMMANDS: &[Command] = &[
     // READ CAPACITY(16) (SBC-3; SERVICE ACTION IN(16)): ALLOCATION LENGTH; the obsolete LBA
     // and PMI are ignored.
     Command {
-        opcode: 0x9e,
+        opcode: opcode::SERVICE_ACTION_IN_16,
         service_action: Some(0x10),
         usage: &[
             0x9e, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff,
@@ -274,7 +275,7 @@ pub(super) const COMMANDS: &[Command] = &[
     // REPORT LUNS (SPC-4): SELECT REPORT, ALLOCATION LENGTH. The data lists the whole
     // target, which the transport fills in (see [`report_luns`]).
     Command {
-        opcode: 0xa0,
+        opcode: opcode::REPORT_LUNS,
         service_action: None,
         usage: &[
             0xa0, 0x00, 0xff, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0x00, CONTROL,
@@ -288,7 +289,7 @@ pub(super) const COMMANDS: &[Command] = &[
     // REPORT SUPPORTED OPERATION CODES (SPC-4 6.35; MAINTENANCE IN): RCTD, REPORTING
     // OPTIONS, REQUESTED OPERATION CODE, REQUESTED SERVICE ACTION, ALLOCATION LENGTH.
     Command {
-        opcode: 0xa3,
+        opcode: opcode::MAINTENANCE_IN,
         service_action: Some(0x0c),
         usage: &[
             0xa3, 0x0c, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, CONTROL,
@@ -298,7 +299,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // READ(12) (SBC-3): RDPROTECT (refused), DPO, FUA (as READ(10)), LBA, TRANSFER LENGTH.
     Command {
-        opcode: 0xa8,
+        opcode: opcode::READ_12,
         service_action: None,
         usage: &[
             0xa8, 0xf8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, CONTROL,
@@ -308,7 +309,7 @@ pub(super) const COMMANDS: &[Command] = &[
     },
     // WRITE(12) (SBC-3): WRPROTECT (refused), FUA, LBA, TRANSFER LENGTH.
     Command {
-        opcode: 0xaa,
+        opcode: opcode::WRITE_12,
         service_action: None,
         usage: &[
             0xaa, 0xf8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, CONTROL,
