@@ -93,11 +93,13 @@ fn qemu_img_check(path: &Path) {
 }
 
 #[test]
+#[ignore = "full tier (tests/run.sh): needs qemu-img from tests/scripts/install-deps.sh"]
 fn queues_on_threads_allocating_the_same_clusters_keep_every_write() {
     queues_allocating_the_same_clusters(false);
 }
 
 #[test]
+#[ignore = "full tier (tests/run.sh): needs qemu-img from tests/scripts/install-deps.sh"]
 fn queues_allocating_the_same_clusters_with_o_direct_keep_every_write() {
     queues_allocating_the_same_clusters(true);
 }
@@ -184,6 +186,7 @@ fn dropping_a_queue_finishes_what_it_started() {
 }
 
 #[test]
+#[ignore = "full tier (tests/run.sh): needs qemu-img from tests/scripts/install-deps.sh"]
 fn discard_and_write_zeroes_from_two_queues_read_back_as_zeroes() {
     let dir = scratch_dir();
     let path = dir.path().join("zero.qcow2");
@@ -246,6 +249,7 @@ fn discard_and_write_zeroes_from_two_queues_read_back_as_zeroes() {
 }
 
 #[test]
+#[ignore = "full tier (tests/run.sh): needs qemu-img from tests/scripts/install-deps.sh"]
 fn a_grown_image_reads_zeroes_past_the_old_end_even_over_a_longer_backing_file() {
     let dir = scratch_dir();
     let base = dir.path().join("base.raw");
