@@ -58,9 +58,22 @@ pub enum RelayError {
     /// A socket failed.
     #[error("{0}")]
     Io(#[from] io::Error),
-    /// A side sent something that is not a vhost-user message.
-    #[error("{0}")]
-    Protocol(String),
+    /// A message carried more file descriptors than a vhost-user message may.
+    #[error("more than {MAX_FDS} file descriptors in a message")]
+    TooManyFds,
+    /// The peer closed inside a message (header or payload).
+    #[error("the connection closed inside a message")]
+    Truncated,
+    /// A header announcing a payload beyond the protocol's limit.
+    #[error(
+        "a message of {size} bytes (request {request}) is beyond the protocol's {MAX_PAYLOAD}"
+    )]
+    Oversized {
+        /// Payload bytes announced.
+        size: usize,
+        /// Its request code.
+        request: u32,
+    },
 }
 
 impl From<Errno> for RelayError {
@@ -116,9 +129,7 @@ fn recv_exact(
         };
         let received = msg.bytes;
         // Errs when descriptors were cut off (MSG_CTRUNC): more than a message may carry.
-        let cmsgs = msg.cmsgs().map_err(|_| {
-            RelayError::Protocol(format!("more than {MAX_FDS} file descriptors in a message"))
-        })?;
+        let cmsgs = msg.cmsgs().map_err(|_| RelayError::TooManyFds)?;
         for cmsg in cmsgs {
             if let ControlMessageOwned::ScmRights(raw) = cmsg {
                 for fd in raw {
@@ -129,9 +140,7 @@ fn recv_exact(
             }
         }
         if fds.len() > MAX_FDS {
-            return Err(RelayError::Protocol(format!(
-                "more than {MAX_FDS} file descriptors in a message"
-            )));
+            return Err(RelayError::TooManyFds);
         }
         if received == 0 {
             break;
@@ -148,24 +157,18 @@ fn read_message(stream: &UnixStream) -> Result<Option<Message>, RelayError> {
     match recv_exact(stream, &mut bytes, &mut fds)? {
         0 => return Ok(None),
         HEADER_SIZE => {}
-        _ => {
-            return Err(RelayError::Protocol(
-                "the connection closed inside a message header".into(),
-            ))
-        }
+        _ => return Err(RelayError::Truncated),
     }
     let size = le32(&bytes, 8) as usize;
     if size > MAX_PAYLOAD {
-        return Err(RelayError::Protocol(format!(
-            "a message of {size} bytes (request {}) is beyond the protocol's {MAX_PAYLOAD}",
-            le32(&bytes, 0)
-        )));
+        return Err(RelayError::Oversized {
+            size,
+            request: le32(&bytes, 0),
+        });
     }
     bytes.resize(HEADER_SIZE + size, 0);
     if recv_exact(stream, &mut bytes[HEADER_SIZE..], &mut fds)? != size {
-        return Err(RelayError::Protocol(
-            "the connection closed inside a message".into(),
-        ));
+        return Err(RelayError::Truncated);
     }
     Ok(Some(Message { bytes, fds }))
 }
@@ -545,7 +548,10 @@ mod tests {
             (&frontend).write_all(&bad).unwrap();
             drop(frontend);
             assert!(
-                matches!(thread.join().unwrap(), Err(RelayError::Protocol(_))),
+                matches!(
+                    thread.join().unwrap(),
+                    Err(RelayError::Oversized { .. } | RelayError::Truncated)
+                ),
                 "{bad:?}"
             );
         }

@@ -329,7 +329,10 @@ impl Exports {
                     lun,
                     new: Some(bytes),
                     ..
-                } => running.check_size(lun_id(new, *lun), *bytes).err(),
+                } => running
+                    .check_size(lun_id(new, *lun), *bytes)
+                    .err()
+                    .map(|e| e.to_string()),
                 ExportChange::Size { new: None, .. } => None,
                 ExportChange::LunAdded(..) | ExportChange::LunRemoved(_) => None,
             };

@@ -338,8 +338,9 @@ fn lifecycle(server: &mut Server, kind: Kind, round: u32) {
     server.assert_serving("the last consumer");
 }
 
-fn scsi_rounds() -> u32 {
-    std::env::var("SESSION_MATRIX_SCSI_ROUNDS")
+/// `$name` as a count, 1 when unset.
+fn rounds(name: &str) -> u32 {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
@@ -348,7 +349,11 @@ fn scsi_rounds() -> u32 {
 fn run_matrix(server: &mut Server, kinds: &[Kind]) {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for &kind in kinds {
-            let rounds = if kind == Kind::Scsi { scsi_rounds() } else { 1 };
+            let rounds = if kind == Kind::Scsi {
+                rounds("SESSION_MATRIX_SCSI_ROUNDS")
+            } else {
+                1
+            };
             for round in 1..=rounds {
                 lifecycle(server, kind, round);
             }
@@ -376,4 +381,26 @@ fn host_mode_sessions_scsi() {
 #[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn appliance_vm_sessions_blk_and_scsi() {
     run_matrix(&mut Server::appliance_vm(), &[Kind::Scsi, Kind::Blk]);
+}
+
+/// The first consumer of a freshly started appliance VM (where one of the first-scan hangs
+/// of issue #18 was seen): a scsi consumer at boot passes the guest checks and powers off.
+/// `SESSION_MATRIX_FRESH_ROUNDS=N` starts N appliance VMs in turn.
+#[test]
+#[ignore = "full tier (tests/run.sh): boots QEMU guests"]
+fn first_scsi_consumer_of_a_fresh_appliance_vm() {
+    for round in 1..=rounds("SESSION_MATRIX_FRESH_ROUNDS") {
+        eprintln!("session matrix: fresh appliance VM {round}");
+        let mut server = Server::appliance_vm();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut consumer = Consumer::boot(&server, Kind::Scsi, 1, false, false);
+            consumer.check(&mut Vec::new(), "first consumer of the appliance VM");
+            consumer.vm.power_off(2 * MINUTE);
+        }));
+        if let Err(panic) = result {
+            eprintln!("appliance VM after the failure:\n{}", server.log());
+            std::panic::resume_unwind(panic);
+        }
+        server.assert_serving("the first consumer");
+    }
 }

@@ -51,22 +51,20 @@ impl RunningExport {
 
     /// Whether `size:` `bytes` can be applied to `lun` without shrinking it: refused when the
     /// backing store is larger, or when it is a block device that would need to grow.
-    pub fn check_size(&self, lun: Option<u16>, bytes: u64) -> Result<(), String> {
-        let disk = self.disk(lun).map_err(|e| e.to_string())?;
+    pub fn check_size(&self, lun: Option<u16>, bytes: u64) -> Result<(), SizeRefusal> {
+        let disk = self.disk(lun).map_err(SizeRefusal::NoSuchDisk)?;
         let store = disk
             .backing
             .current_size()
-            .map_err(|e| format!("cannot read the size of the backing store: {e}"))?;
+            .map_err(SizeRefusal::StoreSize)?;
         if bytes < store {
-            return Err(format!(
-                "{bytes} is smaller than the backing store ({store} bytes): shrinking is refused; the running size stays"
-            ));
+            return Err(SizeRefusal::Shrink { bytes, store });
         }
         if bytes > store && disk.backing.info().is_block_device {
-            return Err(format!(
-                "{} is a block device of {store} bytes: it is grown by its owner (e.g. lvextend), then picked up at the next reload; the running size stays",
-                disk.backing.path().display()
-            ));
+            return Err(SizeRefusal::BlockDevice {
+                path: disk.backing.path().to_path_buf(),
+                store,
+            });
         }
         Ok(())
     }
@@ -141,4 +139,31 @@ pub(super) fn apply_size(disk: &dyn Disk, size: u64) -> anyhow::Result<()> {
         tracing::info!(path = %path, old = store, new = size, "backing store grown to size:");
     }
     Ok(())
+}
+
+/// Why a `size:` cannot be applied to a running export or LUN (the running size stays).
+#[derive(Debug, thiserror::Error)]
+pub enum SizeRefusal {
+    /// The export has no such disk.
+    #[error("{0}")]
+    NoSuchDisk(anyhow::Error),
+    /// The backing store's size cannot be read.
+    #[error("cannot read the size of the backing store: {0}")]
+    StoreSize(std::io::Error),
+    /// `size:` is below the backing store: shrinking is refused.
+    #[error("{bytes} is smaller than the backing store ({store} bytes): shrinking is refused; the running size stays")]
+    Shrink {
+        /// `size:` in bytes.
+        bytes: u64,
+        /// The store's size in bytes.
+        store: u64,
+    },
+    /// The store is a block device, which its owner grows (the daemon does not).
+    #[error("{} is a block device of {store} bytes: it is grown by its owner (e.g. lvextend), then picked up at the next reload; the running size stays", path.display())]
+    BlockDevice {
+        /// The device node.
+        path: std::path::PathBuf,
+        /// Its size in bytes.
+        store: u64,
+    },
 }
