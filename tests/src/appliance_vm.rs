@@ -147,9 +147,15 @@ pub fn daemon_alive(vm: &mut Vm) -> bool {
     vm.run("kill -0 $(cat /run/appliance.pid)", MINUTE).status == 0
 }
 
-/// The daemon's log inside the appliance VM.
+/// The last 400 lines of the daemon's log inside the appliance VM, and whether the whole
+/// log mentions a panic (a debug log of a long run is too long for the serial console).
 pub fn daemon_log(vm: &mut Vm) -> String {
-    vm.run("cat /config/appliance.log", MINUTE).output
+    vm.run(
+        "grep -q panicked /config/appliance.log && echo 'DAEMON-PANICKED (grep panicked /config/appliance.log)'; \
+         tail -n 400 /config/appliance.log",
+        MINUTE,
+    )
+    .output
 }
 
 /// What the appliance VM shows of a stuck session, for a failure report: the daemon's
@@ -157,7 +163,7 @@ pub fn daemon_log(vm: &mut Vm) -> String {
 /// arrive there), and the daemon's per-queue metrics.
 pub fn diagnostics(vm: &mut Vm) -> String {
     vm.run(
-        "p=$(cat /run/appliance.pid); cat /config/appliance.log; echo '--- threads'; \
+        "p=$(cat /run/appliance.pid); tail -n 400 /config/appliance.log; echo '--- threads'; \
          for t in /proc/$p/task/*; do echo \"$(basename $t) $(cat $t/comm) $(cat $t/wchan)\"; done; \
          echo '--- interrupts'; grep -iE 'vfio|CPU' /proc/interrupts; \
          echo '--- metrics'; wget -qO- http://127.0.0.1:9410/metrics 2>&1 | grep -E '^vhost_appliance_(queue_kicks|requests_total|export_connections)' ",
