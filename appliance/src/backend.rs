@@ -434,14 +434,14 @@ impl VhostUserBackend for VirtioBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
-        }
         let num_queues = self.workers.len();
         tracing::trace!(device_event, thread_id, "event");
         // Events and `vrings` are local to this thread: with one queue per thread
         // (`queues_per_thread`), local vring 0 is queue `thread_id`.
         let result = match usize::from(device_event) {
+            _ if evset != EventSet::IN => {
+                Err(io::Error::other(format!("unexpected event set {evset:?}")))
+            }
             0 => match vrings.first() {
                 Some(vring) => self.process_queue(thread_id, vring),
                 None => Ok(()),

@@ -209,9 +209,12 @@ impl IoBuf {
             .filter(|v| v.iov_len > 0)
             .map(|v| {
                 // SAFETY: each iovec points to `iov_len` bytes that `self.owner` keeps
-                // alive for the borrow of `self`. Guest memory may change under the slice
-                // (the driver owns it): the same holds for every device reading a driver's
-                // buffer, and only the kernel or the image driver's copy reads it.
+                // mapped for the borrow of `self`. Guest memory is shared with the driver,
+                // which may change it (or hand the same page to another request) while the
+                // slice lives: strictly, Rust's aliasing rules do not hold for such memory.
+                // The slices go only to the image engine, which copies them or hands them
+                // to the kernel; a racing driver changes the data moved, as on any device.
+                // Volatile access for this path is left to the hostile-input work.
                 let bytes = unsafe { std::slice::from_raw_parts(v.iov_base.cast(), v.iov_len) };
                 IoSlice::new(bytes)
             })

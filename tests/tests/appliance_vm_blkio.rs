@@ -96,9 +96,10 @@ fn the_blkio_suite_passes_against_exports_in_the_appliance_vm() {
         let _ = done.send(());
         (result, alive, log)
     });
-    if finished.recv_timeout(30 * MINUTE).is_err() {
+    if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(30 * MINUTE) {
         panic!("the libblkio suite through the appliance VM did not finish within 30 minutes");
     }
+    // Done, or the thread panicked outside the suite (reading the VM's state): join says.
     let (result, alive, log) = suite.join().unwrap();
     if let Err(panic) = result {
         eprintln!("appliance log:\n{log}");

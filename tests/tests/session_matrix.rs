@@ -231,7 +231,7 @@ fio --name=s --filename=/dev/{fio_dev} --ioengine=io_uring --iodepth=16 --direct
     --rw=randwrite --bs=4k --size=4M --offset=32M --verify=crc32c --verify_fatal=1 \
     --do_verify=1 --randrepeat=0 --minimal >/dev/null
 # No I/O error, and no command the SCSI midlayer had to time out and abort.
-if dmesg | grep -iE 'I/O error|timing out command|abort|offlined'; then exit 1; fi
+if dmesg | grep -iE 'I/O error|timing out command|aborting command|abort.*tag|offlined'; then exit 1; fi
 echo SESSION-CHECKS-PASSED
 "
         ));

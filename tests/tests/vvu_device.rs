@@ -722,9 +722,23 @@ fn read_region_bytes(file: &std::fs::File, buf: &mut [u8], offset: u64) {
     unsafe { libc::munmap(addr, len) };
 }
 
+/// Puts `/proc/sys/vm/nr_hugepages` back to what it was when dropped.
+struct HugePagePool {
+    previous: Option<u64>,
+}
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        if let Some(n) = self.previous {
+            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", n.to_string());
+        }
+    }
+}
+
 /// A 2 MiB memfd on hugetlbfs filled with a pattern, if the host can give one huge page
-/// (reserving one in `/proc/sys/vm/nr_hugepages` when none is free).
-fn hugetlb_memfd() -> Option<std::fs::File> {
+/// (reserving one in `/proc/sys/vm/nr_hugepages` when none is free; `pool` puts the
+/// reservation back when the test ends).
+fn hugetlb_memfd(pool: &mut HugePagePool) -> Option<std::fs::File> {
     const HUGE: usize = 2 << 20;
     let free = std::fs::read_to_string("/proc/meminfo")
         .ok()?
@@ -741,6 +755,7 @@ fn hugetlb_memfd() -> Option<std::fs::File> {
             .parse()
             .ok()?;
         std::fs::write("/proc/sys/vm/nr_hugepages", (total + 1).to_string()).ok()?;
+        pool.previous = Some(total);
     }
     // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
     let fd = unsafe {
@@ -817,6 +832,14 @@ fn the_device_maps_every_region_layout_a_frontend_may_send() {
             0x4000,
             0,
         ),
+        // A file of one page for a region of four: three pages past its end.
+        region(
+            "memfd ending pages before the region",
+            memfd_with(0x1000, |i| (i % 249) as u8 | 2),
+            0x1800_0000,
+            0x4000,
+            0,
+        ),
         region(
             "memfd from 2 MiB in",
             memfd_with(6 << 20, |i| ((i * 7 + i / 4096) % 251) as u8),
@@ -839,9 +862,14 @@ fn the_device_maps_every_region_layout_a_frontend_may_send() {
         .open(&plain)
         .unwrap();
     table.push(region("plain file", plain, 0x3000_0000, 1 << 20, 0));
-    match hugetlb_memfd() {
+    let mut pool = HugePagePool { previous: None };
+    let hugetlb = hugetlb_memfd(&mut pool);
+    let hugetlb_fd = hugetlb.as_ref().map(|f| f.as_raw_fd());
+    match hugetlb {
         Some(file) => table.push(region("hugetlbfs", file, 0x4000_0000, 2 << 20, 0)),
-        None => eprintln!("vvu_device: no huge page on this host; hugetlbfs layout skipped"),
+        None => eprintln!(
+            "vvu_device: SKIPPED LAYOUT: no huge page on this host, hugetlbfs not covered"
+        ),
     }
     let infos: Vec<_> = table.iter().map(|r| r.info).collect();
     frontend.set_mem_table(&infos).unwrap();
@@ -899,6 +927,25 @@ fn the_device_maps_every_region_layout_a_frontend_may_send() {
         line.contains(&format!("fnv1a={:016x}", fnv1a(&extra.expected))),
         "{line}"
     );
+    // On hugetlbfs, an mmap_offset that is not a multiple of the huge page is refused.
+    if let Some(fd) = hugetlb_fd {
+        let misaligned = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0x7800_0000,
+            memory_size: 4096,
+            userspace_addr: 0x7f70_0000_0000,
+            mmap_offset: 4096,
+            mmap_handle: fd,
+        };
+        frontend.remove_mem_region(&extra.info).unwrap();
+        assert!(frontend.add_mem_region(&misaligned).is_err());
+        frontend.add_mem_region(&extra.info).unwrap();
+        assert!(
+            vm.qemu_log()
+                .contains("is not aligned to its file's page size"),
+            "no clear error for a misaligned hugetlbfs region:\n{}",
+            vm.qemu_log()
+        );
+    }
     // A region larger than the whole BAR: refused with a clear error, the frontend goes on.
     frontend.remove_mem_region(&extra.info).unwrap();
     let huge = memfd(SHM_SIZE as usize + (2 << 20));

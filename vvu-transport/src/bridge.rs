@@ -206,7 +206,11 @@ fn le64(b: &[u8], at: usize) -> Option<u64> {
 fn read_message(stream: &mut UnixStream) -> Result<Vec<u8>, BridgeError> {
     let mut msg = vec![0u8; HEADER_SIZE];
     stream.read_exact(&mut msg).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
+        // A peer that closes with our last message unread resets the connection instead.
+        if matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+        ) {
             BridgeError::Protocol(ProtocolError::BackendClosed)
         } else {
             BridgeError::Backend(e)

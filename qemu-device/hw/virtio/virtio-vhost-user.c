@@ -19,6 +19,8 @@
  */
 
 #include "qemu/osdep.h"
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include "qapi/error.h"
 #include "qemu/error-report.h"
 #include "qemu/iov.h"
@@ -203,11 +205,14 @@ static uint64_t vvu_fd_backed_len(int fd, uint64_t mmap_offset, uint64_t len,
     if (S_ISREG(st.st_mode)) {
         file_size = st.st_size;
     } else if (S_ISBLK(st.st_mode)) {
-        file_size = lseek(fd, 0, SEEK_END);
-        if (file_size < 0) {
+        uint64_t bytes;
+
+        /* Not lseek(): the file offset is shared with the front-end. */
+        if (ioctl(fd, BLKGETSIZE64, &bytes) < 0) {
             error_setg_errno(errp, errno, "size of the region's block device");
             return 0;
         }
+        file_size = bytes;
     } else {
         return len;
     }
@@ -311,6 +316,14 @@ static bool vvu_region_add(VirtIOVhostUser *s, const uint8_t *desc, int fd,
     if (size == 0) {
         error_setg(errp, "region of 0 bytes at guest_phys_addr 0x%" PRIx64,
                    gpa);
+        close(fd);
+        return false;
+    }
+    /* Refused before anything is mapped for it. */
+    if (size > s->shm_size) {
+        error_setg(errp, "region of 0x%" PRIx64 " bytes does not fit the "
+                   "0x%" PRIx64 "-byte shared memory BAR (shm-size)",
+                   size, s->shm_size);
         close(fd);
         return false;
     }

@@ -125,7 +125,10 @@ impl Ring {
         // (its `Drop` waits for it).
         let mut pushed = unsafe { inner.uring.submission().push(&entry).is_ok() };
         if !pushed {
-            inner.uring.submit()?;
+            if let Err(e) = inner.uring.submit() {
+                inner.slots.remove(slot);
+                return Err(e);
+            }
             // SAFETY: as above.
             pushed = unsafe { inner.uring.submission().push(&entry).is_ok() };
         }
