@@ -23,6 +23,24 @@ pub struct VvuSocket {
     pub uuid: Option<String>,
 }
 
+impl VvuSocket {
+    /// A device the exports name by PCI address.
+    pub fn at(socket: &str) -> Self {
+        VvuSocket {
+            socket: socket.into(),
+            uuid: None,
+        }
+    }
+
+    /// A device the exports name by `uuid`.
+    pub fn with_uuid(socket: &str, uuid: &str) -> Self {
+        VvuSocket {
+            socket: socket.into(),
+            uuid: Some(uuid.into()),
+        }
+    }
+}
+
 /// How to start the appliance VM.
 #[derive(Debug, Clone)]
 pub struct ApplianceVmOptions {

@@ -61,14 +61,8 @@ fn start_appliance(sockets: &Path, metrics_port: u16) -> Vm {
     let mut options = ApplianceVmOptions::new(
         EXPORTS,
         vec![
-            VvuSocket {
-                socket: "vol0.sock".into(),
-                uuid: None,
-            },
-            VvuSocket {
-                socket: "scsi0.sock".into(),
-                uuid: Some(SCSI_UUID.into()),
-            },
+            VvuSocket::at("vol0.sock"),
+            VvuSocket::with_uuid("scsi0.sock", SCSI_UUID),
         ],
         2,
     );

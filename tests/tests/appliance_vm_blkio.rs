@@ -60,11 +60,11 @@ fn the_blkio_suite_passes_against_exports_in_the_appliance_vm() {
     let config = sockets.path().join("config");
     std::fs::create_dir_all(&config).unwrap();
     std::fs::write(config.join("diff.raw"), blk_suite::differential_image()).unwrap();
-    let vvu = |name: &str| VvuSocket {
-        socket: name.into(),
-        uuid: None,
-    };
-    let options = ApplianceVmOptions::new(EXPORTS, vec![vvu("vol0.sock"), vvu("diff.sock")], 2);
+    let options = ApplianceVmOptions::new(
+        EXPORTS,
+        vec![VvuSocket::at("vol0.sock"), VvuSocket::at("diff.sock")],
+        2,
+    );
     let mut vm = appliance_vm::start(sockets.path(), &options);
     let vol0 = sockets.path().join("vol0.sock");
     let diff = sockets.path().join("diff.sock");

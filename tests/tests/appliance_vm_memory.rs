@@ -55,14 +55,7 @@ fn add_mem_regs(appliance: &mut Vm) -> u64 {
 #[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn consumer_memory_hotplug_keeps_verified_io_going_through_the_appliance_vm() {
     let sockets = scratch_dir();
-    let mut options = ApplianceVmOptions::new(
-        EXPORTS,
-        vec![VvuSocket {
-            socket: "vol0.sock".into(),
-            uuid: None,
-        }],
-        1,
-    );
+    let mut options = ApplianceVmOptions::new(EXPORTS, vec![VvuSocket::at("vol0.sock")], 1);
     // The BAR covers the consumer's 1 GiB, the 1 GiB added and the 2 MiB alignment gaps.
     options.shm_size = "4G".into();
     options.log_level = Some("debug".into());

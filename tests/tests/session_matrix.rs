@@ -86,12 +86,11 @@ impl Server {
 
     fn appliance_vm() -> Server {
         let sockets = scratch_dir();
-        let vvu = |name: &str| VvuSocket {
-            socket: name.into(),
-            uuid: None,
-        };
-        let mut options =
-            ApplianceVmOptions::new(VM_EXPORTS, vec![vvu("vol0.sock"), vvu("scsi0.sock")], 2);
+        let mut options = ApplianceVmOptions::new(
+            VM_EXPORTS,
+            vec![VvuSocket::at("vol0.sock"), VvuSocket::at("scsi0.sock")],
+            2,
+        );
         // The launcher's default, as a user starts it.
         options.shm_size = "4G".into();
         let vm = appliance_vm::start(sockets.path(), &options);
