@@ -317,10 +317,21 @@ fn open_sized(spec: &Disk) -> anyhow::Result<Arc<dyn targets::disk::Disk>> {
         format: match spec.format {
             BackingFormat::Raw => Format::Raw,
             BackingFormat::Qcow2 => Format::Qcow2,
+            BackingFormat::Rbd => Format::Rbd,
         },
         readonly: spec.readonly,
         direct: spec.direct,
         create: spec.create.as_ref().map(|c| (c.size, c.backing.clone())),
+        rbd: spec.rbd.as_ref().map(|r| targets::disk::rbd::RbdOptions {
+            pool: r.pool.clone(),
+            namespace: r.namespace.clone(),
+            image: r.image.clone(),
+            conf: r.conf.clone(),
+            client_id: r.client_id.clone(),
+            keyring: r.keyring.clone(),
+            io_timeout: r.io_timeout.map(std::time::Duration::from_secs),
+            lock_wait: std::time::Duration::from_secs(r.lock_wait),
+        }),
     })?;
     if let Some(size) = spec.size {
         resize::apply_size(&*disk, size)?;

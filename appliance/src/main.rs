@@ -248,6 +248,7 @@ fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {
             vvu: None,
             path: Some(blk_file.to_string_lossy().into_owned()),
             format: None,
+            rbd: None,
             readonly: Some(cli.read_only),
             num_queues: cli.num_queues,
             queue_size: None,

@@ -58,11 +58,13 @@ fn open(dir: &tempfile::TempDir, format: Format, direct: bool) -> Arc<dyn Disk> 
         path: dir.path().join(match format {
             Format::Raw => "disk.raw",
             Format::Qcow2 => "disk.qcow2",
+            Format::Rbd => "rbd needs a cluster: tests/tests/rbd_e2e.rs",
         }),
         format,
         readonly: false,
         direct,
         create: Some((SIZE, None)),
+        rbd: None,
     })
     .unwrap()
 }

@@ -6,7 +6,11 @@
 #   - promtool (bookworm's `prometheus` package, 2.42) for the metrics tests: the .deb is
 #     downloaded and unpacked into /var/cache/vhost-appliance/prometheus-VERSION, never
 #     installed (no service, no web UI assets in /usr),
-#   - shellcheck, the lint gate for the project's shell scripts.
+#   - shellcheck, the lint gate for the project's shell scripts,
+#   - Ceph's ceph-mon and ceph-osd (bookworm, 16.2 Pacific; ~51 MB download, no services
+#     started) for the throwaway one-node cluster of the RBD tests (ceph-cluster.sh), and
+#     qemu-block-extra (QEMU's rbd driver) for their differential against
+#     qemu-storage-daemon. librbd1/librados2 come with them.
 # The consumer image's own packages are installed by image-builder/build-image.sh.
 # Runs as root, or through sudo when available. Does nothing when all is present.
 set -euo pipefail
@@ -58,6 +62,7 @@ ensure_promtool() {
 }
 ensure_promtool
 ensure_debs shellcheck
+APT_NO_RECOMMENDS=1 ensure_debs ceph-mon ceph-osd
 
 missing=()
 if [ "$(qemu_major qemu-storage-daemon)" != "10" ]; then
@@ -65,6 +70,9 @@ if [ "$(qemu_major qemu-storage-daemon)" != "10" ]; then
 fi
 if [ "$(qemu_major qemu-system-x86_64)" != "10" ]; then
     missing+=(qemu-system-x86)
+fi
+if [ ! -e /usr/lib/x86_64-linux-gnu/qemu/block-rbd.so ]; then
+    missing+=(qemu-block-extra)
 fi
 
 if [ "${#missing[@]}" -eq 0 ]; then

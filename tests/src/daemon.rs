@@ -315,6 +315,33 @@ pub fn qemu_storage_daemon(image: &Path, socket: &Path, log: &Path) -> Process {
     process
 }
 
+/// `qemu-storage-daemon` exporting RBD image `pool/image` of the cluster of `conf` as
+/// vhost-user-blk on `socket` (QEMU's rbd driver, cache off and discards passed through, as
+/// the appliance does): the reference for RBD differential tests.
+pub fn qemu_storage_daemon_rbd(
+    pool: &str,
+    image: &str,
+    conf: &Path,
+    socket: &Path,
+    log: &Path,
+) -> Process {
+    let mut command = Command::new("qemu-storage-daemon");
+    command
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=rbd,node-name=rbd0,pool={pool},image={image},conf={},cache.direct=on,discard=unmap",
+            conf.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=export0,node-name=rbd0,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ));
+    let mut process = Process::spawn(command, log, "qemu-storage-daemon");
+    process.wait_for_path(socket, Duration::from_secs(30));
+    process
+}
+
 impl Drop for Appliance {
     fn drop(&mut self) {
         if std::thread::panicking() {

@@ -5,7 +5,8 @@
 //! Engines: [`RawDisk`] (raw files and block devices on io_uring, `disk/raw.rs`),
 //! [`crate::qcow2::Qcow2Disk`] (qcow2 images through imago on io_uring), and, for tests,
 //! `fault::FaultDisk` (feature `fault-injection`), which wraps another engine and fails,
-//! delays or reorders chosen requests. Adding an engine (Ceph RBD next) is: an
+//! delays or reorders chosen requests, and [`rbd::RbdDisk`] (Ceph RBD images through
+//! librbd, loaded at run time, `disk/rbd/`). Adding an engine is: an
 //! [`Format`] variant, a [`Disk`] implementation, and one arm in [`open`].
 //!
 //! Requests are submitted with a caller-chosen token and complete through
@@ -24,6 +25,7 @@
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 mod raw;
+pub mod rbd;
 
 use std::fmt;
 use std::io;
@@ -154,6 +156,9 @@ pub enum Durability {
     FormatFlushThenDataSync,
     /// Nothing to make durable (opened read-only).
     ReadOnly,
+    /// Every completed write is already on all replicas of a Ceph pool (RBD with librbd's
+    /// cache off); a flush (`rbd_aio_flush`) only waits for writes in flight.
+    Replicated,
 }
 
 /// A disk's capabilities, as request handling needs them.
@@ -267,6 +272,8 @@ pub enum Format {
     Raw,
     /// A qcow2 image (and its backing chain).
     Qcow2,
+    /// A Ceph RBD image ([`DiskSpec::rbd`] says which; `path` is only its name in logs).
+    Rbd,
 }
 
 /// What to open.
@@ -283,6 +290,8 @@ pub struct DiskSpec {
     /// Create it when missing: virtual size in bytes, and (qcow2) a backing file as
     /// written into the image.
     pub create: Option<(u64, Option<PathBuf>)>,
+    /// The image and cluster of a [`Format::Rbd`] disk.
+    pub rbd: Option<rbd::RbdOptions>,
 }
 
 /// Opens a backing store with the engine its format needs, and logs what it found once
@@ -301,6 +310,17 @@ pub fn open(spec: &DiskSpec) -> Result<Arc<dyn Disk>, OpenError> {
             direct: spec.direct,
             create: spec.create.clone(),
         })?),
+        Format::Rbd => {
+            let options = spec.rbd.as_ref().ok_or_else(|| OpenError::Rbd {
+                image: spec.path.display().to_string(),
+                message: "format rbd without the image's pool and name".into(),
+            })?;
+            Arc::new(rbd::RbdDisk::open(
+                options,
+                spec.readonly,
+                spec.create.as_ref().map(|(size, _)| *size),
+            )?)
+        }
     };
     let info = disk.info();
     tracing::info!(
@@ -341,4 +361,13 @@ pub enum OpenError {
     /// The path is neither a regular file nor a block device.
     #[error("backing file {0} is neither a regular file nor a block device")]
     NotAFileOrDevice(PathBuf),
+    /// An RBD image cannot be opened: librbd missing, cluster unreachable, no such pool or
+    /// image, its exclusive lock held by another client, ...
+    #[error("rbd image {image}: {message}")]
+    Rbd {
+        /// `pool/image` or `pool/namespace/image`.
+        image: String,
+        /// What failed, in words an operator can act on.
+        message: String,
+    },
 }

@@ -1,0 +1,161 @@
+//! `format: rbd` exports against a real one-node Ceph cluster (`tests/src/ceph.rs`), driven
+//! by libblkio: a randomized verified workload on 1 and 4 queues, 64 requests in flight,
+//! and a byte-identical differential against qemu-storage-daemon's rbd driver. Data is
+//! checked in the image itself (`rbd export`), not only in what the frontend saw.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use appliance_tests::blk_suite::{self, Backing};
+use appliance_tests::ceph::{self, Cluster, RbdImage};
+use appliance_tests::daemon::{qemu_storage_daemon_rbd, scratch_dir, Appliance};
+
+/// A blk export of image `rbd/IMAGE` of `cluster` on `@DIR@/vol.sock`.
+fn config(cluster: &Cluster, image: &str, num_queues: u32, extra: &str) -> String {
+    format!(
+        "state_dir: @DIR@/state
+exports:
+  - name: vol
+    type: blk
+    socket: @DIR@/vol.sock
+    format: rbd
+    rbd: {{ pool: rbd, image: {image}, conf: {conf}{extra} }}
+    create: {{ size: 64M }}
+    num_queues: {num_queues}
+",
+        conf = cluster.conf().display()
+    )
+}
+
+fn random_verified(image: &str, num_queues: u32, seed: u64) {
+    let cluster = ceph::shared();
+    let appliance = Appliance::start(&config(cluster, image, num_queues, ""), &["vol.sock"]);
+    let mut backing = RbdImage {
+        cluster,
+        name: image.into(),
+    };
+    blk_suite::random_verified(
+        &appliance.path("vol.sock"),
+        num_queues as usize,
+        150,
+        seed,
+        &mut backing,
+    );
+    assert!(
+        appliance.process.log().contains("rbd image created"),
+        "the image was created by create:"
+    );
+}
+
+#[test]
+#[ignore = "full tier (tests/run.sh): needs Ceph (ceph-mon, ceph-osd) from tests/scripts/install-deps.sh"]
+fn rbd_random_verified_one_queue() {
+    random_verified("verified1", 1, 0x1b0d);
+}
+
+#[test]
+#[ignore = "full tier (tests/run.sh): needs Ceph (ceph-mon, ceph-osd) from tests/scripts/install-deps.sh"]
+fn rbd_random_verified_four_queues() {
+    random_verified("verified4", 4, 0x4b0d);
+}
+
+#[test]
+#[ignore = "full tier (tests/run.sh): needs Ceph (ceph-mon, ceph-osd) from tests/scripts/install-deps.sh"]
+fn rbd_queue_depth_64_in_flight_on_every_queue() {
+    let cluster = ceph::shared();
+    let appliance = Appliance::start(&config(cluster, "qd64", 2, ""), &["vol.sock"]);
+    let mut backing = RbdImage {
+        cluster,
+        name: "qd64".into(),
+    };
+    blk_suite::queue_depth_64(&appliance.path("vol.sock"), &mut backing);
+}
+
+#[test]
+#[ignore = "full tier (tests/run.sh): needs Ceph and QEMU's rbd driver from tests/scripts/install-deps.sh"]
+fn rbd_differential_against_qemu_storage_daemon() {
+    let cluster = ceph::shared();
+    let start = blk_suite::differential_image();
+    cluster.import("diff-ours", &start);
+    cluster.import("diff-theirs", &start);
+    let dir = scratch_dir();
+    let qsd_socket = dir.path().join("qsd.sock");
+    let qsd = qemu_storage_daemon_rbd(
+        "rbd",
+        "diff-theirs",
+        &cluster.conf(),
+        &qsd_socket,
+        &dir.path().join("qsd.log"),
+    );
+    let cfg = config(cluster, "diff-ours", 1, "").replace("    create: { size: 64M }\n", "");
+    let appliance = Appliance::start(&cfg, &["vol.sock"]);
+    let mut theirs = RbdImage {
+        cluster,
+        name: "diff-theirs".into(),
+    };
+    let mut ours = RbdImage {
+        cluster,
+        name: "diff-ours".into(),
+    };
+    blk_suite::differential_between(
+        &qsd_socket,
+        &mut theirs,
+        &appliance.path("vol.sock"),
+        &mut ours,
+    );
+    drop(qsd);
+    // Not vacuous: the workload changed the images.
+    assert_ne!(
+        ours.md5(0, blk_suite::DIFFERENTIAL_SIZE),
+        blk_suite::md5_hex(&start)
+    );
+}
+
+/// Mistakes in an rbd export are refused at start with a message naming the image: a pool
+/// that does not exist, an image that does not exist without `create:`. The daemon serves
+/// its other exports.
+#[test]
+#[ignore = "full tier (tests/run.sh): needs Ceph (ceph-mon, ceph-osd) from tests/scripts/install-deps.sh"]
+fn rbd_missing_pool_or_image_is_a_clear_error() {
+    let cluster = ceph::shared();
+    let conf = cluster.conf();
+    let cfg = format!(
+        "state_dir: @DIR@/state
+exports:
+  - name: nopool
+    type: blk
+    socket: @DIR@/nopool.sock
+    format: rbd
+    rbd: {{ pool: nosuchpool, image: x, conf: {conf} }}
+  - name: noimage
+    type: blk
+    socket: @DIR@/noimage.sock
+    format: rbd
+    rbd: {{ pool: rbd, image: nosuchimage, conf: {conf} }}
+  - name: file
+    type: blk
+    socket: @DIR@/file.sock
+    path: @DIR@/file.raw
+    create: {{ size: 1M }}
+",
+        conf = conf.display()
+    );
+    let mut appliance = Appliance::start(&cfg, &["file.sock"]);
+    let log = appliance.process.wait_for_log(
+        "rbd image rbd/nosuchimage: the image does not exist",
+        1,
+        Duration::from_secs(30),
+    );
+    assert!(
+        log.contains("rbd image nosuchpool/x: pool \"nosuchpool\" does not exist"),
+        "{log}"
+    );
+    assert!(!appliance.path("nopool.sock").exists());
+    assert!(!appliance.path("noimage.sock").exists());
+    assert!(
+        appliance.process.try_wait().is_none(),
+        "the daemon is alive"
+    );
+}
