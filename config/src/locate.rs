@@ -241,7 +241,11 @@ mod tests {
         let index = LineIndex::new(text);
         assert_eq!(index.field_line(0, "rbd.pool"), Some(4));
         assert_eq!(index.field_line(0, "rbd.image"), Some(6));
-        assert_eq!(index.field_line(0, "rbd.conf"), Some(3), "falls back to rbd:");
+        assert_eq!(
+            index.field_line(0, "rbd.conf"),
+            Some(3),
+            "falls back to rbd:"
+        );
         assert_eq!(index.field_line(1, "rbd.image"), Some(9));
     }
 

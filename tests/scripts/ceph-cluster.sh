@@ -85,8 +85,11 @@ pids+=($!)
 echo $! > "$D/osd.pid"
 
 deadline=$((SECONDS + 60))
+# An OSD that fails its first boot exits (seen rarely: "mon_cmd_maybe_osd_create fail:
+# 'wrong fsid'"); fail fast, the caller retries on a new directory and port.
 until timeout 10 ceph osd stat 2>/dev/null | grep -q "1 up"; do
     [ "$SECONDS" -lt "$deadline" ] || { echo "ceph-cluster: the OSD did not come up" >&2; exit 1; }
+    kill -0 "${pids[1]}" 2>/dev/null || { echo "ceph-cluster: the OSD exited at start" >&2; exit 1; }
     sleep 0.3
 done
 timeout 60 ceph osd pool create rbd 8 8 >/dev/null 2>&1

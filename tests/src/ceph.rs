@@ -29,16 +29,41 @@ pub fn shared() -> &'static Cluster {
     CLUSTER.get_or_init(Cluster::start)
 }
 
+/// A free loopback port for a mon, outside the kernel's ephemeral range (32768-60999 by
+/// default): a port taken from that range and released can be handed to some client's
+/// outgoing connection before the mon binds it.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    use std::hash::{BuildHasher, RandomState};
+    for attempt in 0u64..1000 {
+        let port = 10000 + (RandomState::new().hash_one(attempt) % 20000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 10000..30000");
 }
 
 impl Cluster {
-    /// Starts a cluster with pool `rbd` and waits until it serves I/O (~10 s).
+    /// Starts a cluster with pool `rbd` and waits until it serves I/O (~10 s). A start that
+    /// fails (Ceph's one-node bootstrap sometimes does, see the script) is retried on a new
+    /// directory and port, twice.
     pub fn start() -> Cluster {
+        let mut failures = String::new();
+        for _ in 0..3 {
+            match Cluster::try_start() {
+                Ok(cluster) => {
+                    if !failures.is_empty() {
+                        eprintln!("ceph cluster started after failed attempts:{failures}");
+                    }
+                    return cluster;
+                }
+                Err(log) => failures += &format!("\n---- failed start ----\n{log}"),
+            }
+        }
+        panic!("the ceph cluster did not start in 3 attempts:{failures}");
+    }
+
+    fn try_start() -> Result<Cluster, String> {
         let dir = scratch_dir();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ceph-cluster.sh");
         let mut command = Command::new("bash");
@@ -47,8 +72,15 @@ impl Cluster {
             .arg(dir.path().join("ceph"))
             .arg(free_port().to_string());
         let mut process = Process::spawn(command, &dir.path().join("cluster.log"), "ceph-cluster");
-        process.wait_for_path(&dir.path().join("ceph/ready"), Duration::from_secs(120));
-        Cluster { process, dir }
+        let ready = dir.path().join("ceph/ready");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !ready.exists() {
+            if process.try_wait().is_some() || Instant::now() > deadline {
+                return Err(process.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Cluster { process, dir })
     }
 
     /// Its `ceph.conf`.
