@@ -336,6 +336,13 @@ fn open_sized(spec: &Disk) -> anyhow::Result<Arc<dyn targets::disk::Disk>> {
     if let Some(size) = spec.size {
         resize::apply_size(&*disk, size)?;
     }
+    if let Some(fd) = crate::watch::store_changed() {
+        if let Ok(fd) = fd.try_clone() {
+            disk.on_change(Box::new(move || {
+                let _ = fd.write(1);
+            }));
+        }
+    }
     Ok(disk)
 }
 

@@ -185,6 +185,9 @@ fn serve_config(path: &Path, signals: &SigSet) -> anyhow::Result<()> {
                     }
                 }
             },
+            watch::Event::StoreChanged => {
+                exports.follow_grown_stores("the store reported a change")
+            }
             watch::Event::Stop(signal) => {
                 tracing::info!("{signal}: completing in-flight I/O and exiting");
                 break;

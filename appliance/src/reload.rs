@@ -406,7 +406,7 @@ impl Exports {
 
     /// Exports whose backing store grew underneath (`truncate -s`, `lvextend`) and whose
     /// capacity no `size:` pins take the store's new size, and their frontends are told.
-    fn follow_grown_stores(&self, why: &str) {
+    pub fn follow_grown_stores(&self, why: &str) {
         for export in &self.applied.exports {
             let Some(running) = self.running.get(&export.name) else {
                 continue;

@@ -1,5 +1,7 @@
 //! What makes the daemon reload or stop: inotify on the config file's directory and the
-//! signals SIGHUP, SIGTERM and SIGINT, in one `poll` on the main thread.
+//! signals SIGHUP, SIGTERM and SIGINT, in one `poll` on the main thread; also
+//! [`store_changed`], which disk engines that hear of a store resized underneath (RBD)
+//! signal so that the new capacity reaches the frontend at once.
 //!
 //! The directory is watched, not the file: editors and config managers write a new file
 //! and rename it over the old one, and Kubernetes swaps a `..data` symlink, none of which
@@ -24,6 +26,23 @@ pub const SIGHUP: &str = "SIGHUP";
 /// How long the config directory must be quiet before a reload.
 pub const SETTLE: Duration = Duration::from_millis(200);
 
+/// The eventfd a disk engine writes when a backing store may have changed size underneath
+/// (another client resized an RBD image); the main loop then checks every export's stores.
+/// `None` if it could not be created (then such changes wait for the next reload).
+pub fn store_changed() -> Option<&'static vmm_sys_util::eventfd::EventFd> {
+    use std::sync::OnceLock;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    static FD: OnceLock<Option<EventFd>> = OnceLock::new();
+    FD.get_or_init(|| match EventFd::new(EFD_NONBLOCK) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!("no store-change eventfd ({e}): stores resized underneath are picked up at the next reload");
+            None
+        }
+    })
+    .as_ref()
+}
+
 /// Why the main loop wakes up.
 #[derive(Debug)]
 pub enum Event {
@@ -31,6 +50,8 @@ pub enum Event {
     Reload(&'static str),
     /// Stop the daemon.
     Stop(Signal),
+    /// A disk engine heard that a backing store changed underneath.
+    StoreChanged,
 }
 
 /// The config file's directory and the daemon's signals.
@@ -95,6 +116,9 @@ impl ConfigWatch {
             if self.take_file_events() {
                 self.pending = Some(Instant::now() + SETTLE);
             }
+            if store_changed().is_some_and(|fd| fd.read().is_ok()) {
+                return Event::StoreChanged;
+            }
             let timeout = match self.pending {
                 Some(due) => {
                     let left = due.saturating_duration_since(Instant::now());
@@ -106,10 +130,16 @@ impl ConfigWatch {
                 }
                 None => PollTimeout::NONE,
             };
-            let mut fds = [
+            let mut fds = vec![
                 PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN),
             ];
+            if let Some(fd) = store_changed() {
+                use std::os::fd::{AsRawFd, BorrowedFd};
+                // SAFETY: the eventfd lives in a static for the rest of the process.
+                let fd = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
             if let Err(e) = poll(&mut fds, timeout) {
                 if e != nix::errno::Errno::EINTR {
                     tracing::warn!("waiting for config changes and signals failed: {e}");

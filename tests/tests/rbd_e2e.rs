@@ -159,3 +159,39 @@ exports:
         "the daemon is alive"
     );
 }
+
+/// `rbd resize` by another client while the daemon serves the image (holding its
+/// exclusive lock: librbd forwards the resize to the lock owner): the frontend hears of the
+/// new capacity at once (CONFIG_CHANGE_MSG on its backend channel, then GET_CONFIG), without
+/// a reload, and writes into the new range land in the image.
+#[test]
+#[ignore = "full tier (tests/run.sh): needs Ceph (ceph-mon, ceph-osd) from tests/scripts/install-deps.sh"]
+fn rbd_image_grown_by_another_client_reaches_the_frontend() {
+    use appliance_tests::blk_raw::{self, DATA};
+    use appliance_tests::frontend::RawFrontend;
+    const MIB: u64 = 1 << 20;
+    let cluster = ceph::shared();
+    let mut appliance = Appliance::start(&config(cluster, "grown", 1, ""), &["vol.sock"]);
+    let mut fe =
+        RawFrontend::connect_with_backend_channel(&appliance.path("vol.sock"), 1, 128, u64::MAX);
+    let capacity = |fe: &mut RawFrontend| {
+        let c = fe.config(8);
+        u64::from_le_bytes(c[..8].try_into().unwrap()) * 512
+    };
+    assert_eq!(capacity(&mut fe), 64 * MIB);
+    cluster.rbd(&["resize", "--size", "96M", "rbd/grown"]);
+    let request = fe.next_backend_request(Duration::from_secs(20));
+    assert_eq!(request.request, 2, "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG");
+    fe.reply_backend_request(request, 0);
+    assert_eq!(capacity(&mut fe), 96 * MIB);
+    fe.write_mem(DATA, &[0xc4; 4096]);
+    assert_eq!(blk_raw::write(&mut fe, (96 * MIB - 4096) / 512, 4096).1, 0);
+    let image = cluster.export("grown");
+    assert_eq!(image.len() as u64, 96 * MIB);
+    assert!(image[image.len() - 4096..].iter().all(|&b| b == 0xc4));
+    appliance.process.wait_for_log(
+        "resized (backing store grew underneath (the store reported a change))",
+        1,
+        Duration::from_secs(5),
+    );
+}

@@ -263,6 +263,12 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// A new per-queue I/O context for up to `depth` operations in flight, signalling
     /// `notifier` (shared by several queues, reset by its owner) or an eventfd of its own.
     fn open_queue(&self, depth: u32, notifier: Option<&EventFd>) -> io::Result<Box<dyn DiskQueue>>;
+    /// Asks to have `hook` called (on any thread) when the store may have changed size
+    /// underneath, for engines that hear of it (RBD: another client resized the image).
+    /// Returns false when the engine cannot tell (files: growth is picked up at a reload).
+    fn on_change(&self, _hook: Box<dyn Fn() + Send>) -> bool {
+        false
+    }
 }
 
 /// Image formats [`open`] knows.

@@ -342,16 +342,6 @@ impl RbdDisk {
             name,
         })
     }
-
-    /// Calls `hook` (on a librbd thread) whenever the image's header changes: a resize by
-    /// another client, a snapshot, a lock change. Replaces an earlier hook.
-    pub fn on_change(&self, hook: Box<dyn Fn() + Send>) {
-        if let Some((_, h)) = self.image.watch {
-            // SAFETY: the hook lives until the image is dropped, which `self` prevents.
-            let h = unsafe { &*h };
-            *h.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
-        }
-    }
 }
 
 fn open_image(
@@ -565,5 +555,17 @@ impl Disk for RbdDisk {
         notifier: Option<&EventFd>,
     ) -> io::Result<Box<dyn DiskQueue>> {
         Ok(Box::new(RbdQueue::new(Arc::clone(&self.image), notifier)?))
+    }
+
+    /// Calls `hook` (on a librbd thread) whenever the image's header changes: a resize by
+    /// another client, a snapshot, a lock change. Replaces an earlier hook.
+    fn on_change(&self, hook: Box<dyn Fn() + Send>) -> bool {
+        let Some((_, h)) = self.image.watch else {
+            return false;
+        };
+        // SAFETY: the hook lives until the image is dropped, which `self` prevents.
+        let h = unsafe { &*h };
+        *h.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+        true
     }
 }
