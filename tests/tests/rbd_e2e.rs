@@ -195,3 +195,75 @@ fn rbd_image_grown_by_another_client_reaches_the_frontend() {
         Duration::from_secs(5),
     );
 }
+
+/// A consumer guest (stock QEMU, Debian kernel) on an rbd blk LUN and an rbd SCSI LUN at
+/// once: mkfs.ext4, e2fsck, file checksums across a remount, fio verify; the SCSI LUN
+/// reports LBPRZ clear (a discard on RBD is a hint) and the guest's file system is in the
+/// images themselves.
+#[test]
+#[ignore = "full tier (tests/run.sh): needs Ceph from tests/scripts/install-deps.sh and boots a QEMU guest"]
+fn rbd_guest_filesystem_and_fio_on_blk_and_scsi_luns() {
+    use appliance_tests::vm::{filesystem_and_fio_script, BlkAtBoot, Vm, VmOptions};
+    const MINUTE: Duration = Duration::from_secs(60);
+    let cluster = ceph::shared();
+    let conf = cluster.conf();
+    let cfg = format!(
+        "exports:
+  - name: vmblk
+    type: blk
+    socket: @DIR@/vmblk.sock
+    num_queues: 2
+    format: rbd
+    rbd: {{ pool: rbd, image: vm-blk, conf: {conf} }}
+    create: {{ size: 128M }}
+  - name: vmscsi
+    type: scsi
+    socket: @DIR@/vmscsi.sock
+    luns:
+      - format: rbd
+        rbd: {{ pool: rbd, image: vm-scsi, conf: {conf} }}
+        create: {{ size: 128M }}
+",
+        conf = conf.display()
+    );
+    let appliance = Appliance::start(&cfg, &["vmblk.sock", "vmscsi.sock"]);
+    let mut vm = Vm::boot(&VmOptions {
+        blk: vec![BlkAtBoot {
+            id: "vmblk".into(),
+            socket: appliance.path("vmblk.sock"),
+            num_queues: 2,
+        }],
+        extra_args: vec![
+            "-chardev".into(),
+            format!(
+                "socket,id=s0,path={}",
+                appliance.path("vmscsi.sock").display()
+            ),
+            "-device".into(),
+            "vhost-user-scsi-pci,chardev=s0,num_queues=1".into(),
+        ],
+        ..VmOptions::default()
+    });
+    let blk = vm.wait_for_blk("vmblk", Duration::from_secs(20));
+    let out = vm.run_ok(&filesystem_and_fio_script(&blk), 5 * MINUTE);
+    assert!(out.contains("GUEST-CHECKS-PASSED"), "{out}");
+    let scsi = vm.run_ok(
+        "i=0; while ! ls -d /sys/bus/scsi/devices/*:0:0:0/block/* >/dev/null 2>&1 && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done; \
+         basename $(ls -d /sys/bus/scsi/devices/*:0:0:0/block/* | head -1)",
+        MINUTE,
+    );
+    let scsi = scsi.lines().last().unwrap().trim().to_string();
+    let lbprz = vm.run_ok(&format!("sg_readcap -l /dev/{scsi}"), MINUTE);
+    assert!(lbprz.contains("lbprz=0"), "{lbprz}");
+    let out = vm.run_ok(&filesystem_and_fio_script(&scsi), 5 * MINUTE);
+    assert!(out.contains("GUEST-CHECKS-PASSED"), "{out}");
+    drop(vm);
+    for image in ["vm-blk", "vm-scsi"] {
+        let bytes = cluster.export(image);
+        assert_eq!(
+            bytes[1024 + 0x38..1024 + 0x3a],
+            [0x53, 0xef],
+            "no ext4 superblock in {image}"
+        );
+    }
+}
