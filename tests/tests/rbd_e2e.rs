@@ -267,3 +267,53 @@ fn rbd_guest_filesystem_and_fio_on_blk_and_scsi_luns() {
         );
     }
 }
+
+/// On a host without Ceph's client libraries (here: librados masked by /dev/null in a
+/// private mount namespace) the daemon starts, serves its file exports, and refuses the
+/// rbd export with a message that says what is missing.
+#[test]
+#[ignore = "full tier (tests/run.sh): needs root for a private mount namespace (unshare)"]
+fn without_ceph_libraries_an_rbd_export_fails_clearly_and_the_rest_serves() {
+    let daemon = appliance_tests::daemon::appliance_binary();
+    let mut command = std::process::Command::new("unshare");
+    command.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount --bind /dev/null \"$(readlink -f /usr/lib/x86_64-linux-gnu/librados.so.2)\" && exec \"$@\"",
+        "sh",
+    ]);
+    command.arg(daemon);
+    let cfg = "exports:
+  - name: vol
+    type: blk
+    socket: @DIR@/vol.sock
+    format: rbd
+    rbd: { pool: rbd, image: x }
+  - name: file
+    type: blk
+    socket: @DIR@/file.sock
+    path: @DIR@/file.raw
+    create: { size: 1M }
+";
+    let mut appliance = Appliance::start_command(command, cfg, &["file.sock"]);
+    let log = appliance.process.wait_for_log(
+        "export not started: rbd image rbd/x: cannot load librados.so.2",
+        1,
+        Duration::from_secs(20),
+    );
+    assert!(
+        log.contains("rbd exports need Ceph's client libraries"),
+        "{log}"
+    );
+    let mut fe =
+        appliance_tests::blkio_frontend::Frontend::connect(&appliance.path("file.sock"), 1);
+    assert_eq!(fe.write(0, 0, 0, 4096), 0);
+    assert!(!appliance.path("vol.sock").exists());
+    assert!(
+        appliance.process.try_wait().is_none(),
+        "the daemon is alive"
+    );
+}
