@@ -7,8 +7,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::locate::LineIndex;
-use crate::schema::{ConfigFile, ExportFile, ModeValue, RbdFile, SizeValue, SocketPermissionsFile};
+use crate::schema::{ConfigFile, ExportFile, ModeValue, SizeValue, SocketPermissionsFile};
+
+mod rbd;
 use crate::size::parse_size;
+pub use rbd::{RbdImage, DEFAULT_RBD_LOCK_WAIT};
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vhost-appliance";
@@ -68,43 +71,6 @@ pub enum BackingFormat {
     Qcow2,
     /// Ceph RBD image ([`Disk::rbd`]).
     Rbd,
-}
-
-/// Default of [`RbdImage::lock_wait`], in seconds: a dead holder's lock is breakable after
-/// its watch expired (`osd_client_watch_timeout`, 30 s by default).
-pub const DEFAULT_RBD_LOCK_WAIT: u64 = 60;
-
-/// A Ceph RBD image and how to reach its cluster (`rbd:` of a `format: rbd` disk).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RbdImage {
-    /// Pool name.
-    pub pool: String,
-    /// RADOS namespace in the pool.
-    pub namespace: Option<String>,
-    /// Image name.
-    pub image: String,
-    /// `ceph.conf` (`None`: librados's default search).
-    pub conf: Option<PathBuf>,
-    /// Client id without `client.` (`None`: `admin`).
-    pub client_id: Option<String>,
-    /// Keyring (`None`: what `ceph.conf` says).
-    pub keyring: Option<PathBuf>,
-    /// Seconds an operation waits for an unreachable cluster before failing (`None`: no
-    /// limit).
-    pub io_timeout: Option<u64>,
-    /// Seconds opening a writable image waits for its exclusive lock.
-    pub lock_wait: u64,
-}
-
-impl RbdImage {
-    /// `rbd:pool/image` or `rbd:pool/namespace/image`: the disk's [`Disk::path`], as QEMU
-    /// spells an RBD image.
-    pub fn name(&self) -> PathBuf {
-        PathBuf::from(match &self.namespace {
-            Some(ns) => format!("rbd:{}/{ns}/{}", self.pool, self.image),
-            None => format!("rbd:{}/{}", self.pool, self.image),
-        })
-    }
 }
 
 /// Write cache mode presented to the guest (the guest may toggle it via CONFIG_WCE).
@@ -425,7 +391,7 @@ impl At<'_, '_> {
 struct DiskFields {
     path: Option<String>,
     format: Option<String>,
-    rbd: Option<RbdFile>,
+    rbd: Option<crate::schema::RbdFile>,
     readonly: Option<bool>,
     logical_block_size: Option<u32>,
     serial: Option<String>,
@@ -723,38 +689,7 @@ impl Validator<'_> {
                 ))
             }
         };
-        let (path, rbd) = match (format, raw.rbd) {
-            (BackingFormat::Rbd, Some(r)) => {
-                if raw.path.is_some() {
-                    return Err(at.err(
-                        "path",
-                        "an rbd disk names its image in rbd: (pool, image), not path",
-                    ));
-                }
-                if raw.direct.is_some() {
-                    return Err(at.err(
-                        "direct",
-                        "applies to files only (an rbd disk has no page cache; librbd's cache is off)",
-                    ));
-                }
-                let image = self.rbd(at, r)?;
-                (image.name(), Some(Box::new(image)))
-            }
-            (BackingFormat::Rbd, None) => {
-                return Err(at.err(
-                    "rbd",
-                    "is required with format: rbd (pool and image, optionally namespace, conf, client_id, keyring)",
-                ))
-            }
-            (_, Some(_)) => return Err(at.err("rbd", "needs format: rbd")),
-            (_, None) => (
-                raw.path
-                    .as_deref()
-                    .map(|s| self.resolve(s))
-                    .ok_or_else(|| at.err("path", "is required"))?,
-                None,
-            ),
-        };
+        let (path, rbd) = self.location(at, format, raw.path, raw.rbd, raw.direct.is_some())?;
         let logical_block_size = raw.logical_block_size.unwrap_or(512);
         if !matches!(logical_block_size, 512 | 4096) {
             return Err(at.err(
@@ -849,49 +784,6 @@ impl Validator<'_> {
             write_cache,
             create,
             size,
-        })
-    }
-
-    /// The `rbd:` section of a disk.
-    fn rbd(&self, at: &At<'_, '_>, raw: RbdFile) -> Result<RbdImage, ConfigError> {
-        let name = |field: &str, value: Option<String>, required: bool| {
-            let full = format!("rbd.{field}");
-            match value {
-                None if required => Err(at.err(&full, "is required")),
-                None => Ok(None),
-                Some(v) if v.is_empty() || v.contains(['/', '@', '\0']) || v.trim() != v => Err(at
-                    .err(
-                        &full,
-                        format!("{v:?} must be non-empty, without '/', '@' or surrounding spaces"),
-                    )),
-                Some(v) => Ok(Some(v)),
-            }
-        };
-        let pool = name("pool", raw.pool, true)?.unwrap_or_default();
-        let image = name("image", raw.image, true)?.unwrap_or_default();
-        let namespace = name("namespace", raw.namespace, false)?;
-        let client_id = name("client_id", raw.client_id, false)?;
-        if let Some(id) = client_id.as_deref().filter(|id| id.starts_with("client.")) {
-            return Err(at.err(
-                "rbd.client_id",
-                format!("{id:?}: give the id without \"client.\" (as rbd --id takes it)"),
-            ));
-        }
-        if raw.io_timeout == Some(0) {
-            return Err(at.err(
-                "rbd.io_timeout",
-                "must be at least 1 second (leave it out for no limit)",
-            ));
-        }
-        Ok(RbdImage {
-            pool,
-            namespace,
-            image,
-            conf: raw.conf.as_deref().map(|p| self.resolve(p)),
-            client_id,
-            keyring: raw.keyring.as_deref().map(|p| self.resolve(p)),
-            io_timeout: raw.io_timeout,
-            lock_wait: raw.lock_wait.unwrap_or(DEFAULT_RBD_LOCK_WAIT),
         })
     }
 
