@@ -330,7 +330,6 @@ fn open_sized(spec: &Disk) -> anyhow::Result<Arc<dyn targets::disk::Disk>> {
             client_id: r.client_id.clone(),
             keyring: r.keyring.clone(),
             io_timeout: r.io_timeout.map(std::time::Duration::from_secs),
-            lock_wait: std::time::Duration::from_secs(r.lock_wait),
         }),
     })?;
     if let Some(size) = spec.size {

@@ -173,7 +173,7 @@ fn serve_config(path: &Path, signals: &SigSet) -> anyhow::Result<()> {
     let mut watch = watch::ConfigWatch::new(path, signals)?;
     notify_systemd_ready();
     loop {
-        match watch.next_event() {
+        match watch.next_event(exports.standby_retry()) {
             watch::Event::Reload(why) => match exports.reload(why, why == watch::SIGHUP) {
                 None => {}
                 Some(ok) => {
@@ -185,6 +185,7 @@ fn serve_config(path: &Path, signals: &SigSet) -> anyhow::Result<()> {
                     }
                 }
             },
+            watch::Event::Retry => exports.retry_standby(),
             watch::Event::StoreChanged => {
                 exports.follow_grown_stores("the store reported a change")
             }

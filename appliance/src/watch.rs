@@ -52,6 +52,8 @@ pub enum Event {
     Stop(Signal),
     /// A disk engine heard that a backing store changed underneath.
     StoreChanged,
+    /// The retry interval asked for has passed.
+    Retry,
 }
 
 /// The config file's directory and the daemon's signals.
@@ -101,8 +103,10 @@ impl ConfigWatch {
         })
     }
 
-    /// Blocks until there is something to do.
-    pub fn next_event(&mut self) -> Event {
+    /// Blocks until there is something to do, or until `retry` has passed
+    /// ([`Event::Retry`]).
+    pub fn next_event(&mut self, retry: Option<Duration>) -> Event {
+        let retry_due = retry.map(|d| Instant::now() + d);
         loop {
             if let Some(signal) = self.take_signal() {
                 match signal {
@@ -119,15 +123,29 @@ impl ConfigWatch {
             if store_changed().is_some_and(|fd| fd.read().is_ok()) {
                 return Event::StoreChanged;
             }
-            let timeout = match self.pending {
+            let settle_left = match self.pending {
                 Some(due) => {
                     let left = due.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         self.pending = None;
                         return Event::Reload("file changed");
                     }
-                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+                    Some(left)
                 }
+                None => None,
+            };
+            let retry_left = match retry_due {
+                Some(due) => {
+                    let left = due.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Event::Retry;
+                    }
+                    Some(left)
+                }
+                None => None,
+            };
+            let timeout = match settle_left.into_iter().chain(retry_left).min() {
+                Some(left) => PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
                 None => PollTimeout::NONE,
             };
             let mut fds = vec![

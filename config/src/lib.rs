@@ -21,5 +21,5 @@ pub use size::parse_size;
 pub use validate::{
     load_file, parse_str, single_export, BackingFormat, Config, ConfigError, CreateSpec, Device,
     Disk, DiskSlot, Export, RbdImage, ScsiLun, SocketPermissions, Transport, VvuDevice, WriteCache,
-    DEFAULT_RBD_LOCK_WAIT, DEFAULT_SOCKET_MODE,
+    DEFAULT_SOCKET_MODE,
 };

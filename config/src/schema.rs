@@ -162,7 +162,4 @@ pub struct RbdFile {
     /// Seconds an operation waits for an unreachable cluster before it fails (default:
     /// no limit).
     pub io_timeout: Option<u64>,
-    /// Seconds opening the image waits for its exclusive lock held by another client
-    /// (default 60).
-    pub lock_wait: Option<u64>,
 }

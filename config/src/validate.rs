@@ -11,7 +11,7 @@ use crate::schema::{ConfigFile, ExportFile, ModeValue, SizeValue, SocketPermissi
 
 mod rbd;
 use crate::size::parse_size;
-pub use rbd::{RbdImage, DEFAULT_RBD_LOCK_WAIT};
+pub use rbd::RbdImage;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vhost-appliance";

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use config::{parse_str, BackingFormat, ConfigError, Device, DEFAULT_RBD_LOCK_WAIT};
+use config::{parse_str, BackingFormat, ConfigError, Device};
 
 fn parse(text: &str) -> Result<config::Config, ConfigError> {
     parse_str(text, Path::new("exports.yaml"), Path::new("/etc/appliance"))
@@ -35,7 +35,6 @@ fn blk_and_scsi_rbd_disks() {
       client_id: appliance
       keyring: /etc/ceph/ceph.client.appliance.keyring
       io_timeout: 30
-      lock_wait: 90
     create: { size: 10G }
   - name: lun
     type: scsi
@@ -62,7 +61,6 @@ fn blk_and_scsi_rbd_disks() {
     );
     assert_eq!(rbd.client_id.as_deref(), Some("appliance"));
     assert_eq!(rbd.io_timeout, Some(30));
-    assert_eq!(rbd.lock_wait, 90);
     assert_eq!(disk.create.as_ref().map(|c| c.size), Some(10 << 30));
     let Device::Scsi(luns) = &cfg.exports[1].device else {
         panic!("scsi");
@@ -72,7 +70,6 @@ fn blk_and_scsi_rbd_disks() {
     let rbd = lun.rbd.as_ref().unwrap();
     assert_eq!((rbd.conf.as_ref(), rbd.client_id.as_ref()), (None, None));
     assert_eq!(rbd.io_timeout, None);
-    assert_eq!(rbd.lock_wait, DEFAULT_RBD_LOCK_WAIT);
 }
 
 #[test]

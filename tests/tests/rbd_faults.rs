@@ -2,8 +2,9 @@
 //! (`tests/src/ceph.rs`) with libblkio as the consumer:
 //!
 //! - failover: a second daemon on the same image waits for its exclusive lock while the
-//!   first serves it, and takes over when the first is SIGKILLed; every write the first
-//!   acknowledged reads back through the second, and the consumer goes on;
+//!   first serves it (serving its other exports meanwhile), and takes over when the first
+//!   is SIGKILLed; every write the first acknowledged reads back through the second, and
+//!   the consumer goes on;
 //! - the OSD stopped briefly (SIGSTOP): I/O stalls and resumes without an error;
 //! - the cluster gone (mon and OSD killed) past `io_timeout`: requests fail with an I/O
 //!   error, the daemon logs why and keeps serving its other exports.
@@ -68,17 +69,30 @@ fn rbd_failover_to_a_waiting_daemon_keeps_every_acknowledged_write() {
     // Both daemons serve the same socket path, as a consumer that reconnects expects.
     let shared = scratch_dir();
     let socket = shared.path().join("vol.sock");
-    let cfg = config(cluster, "failover", &socket, ", lock_wait: 120", "");
-    let mut first = Appliance::start(&cfg, &[]);
+    let local = "  - name: local
+    type: blk
+    socket: @DIR@/local.sock
+    path: @DIR@/local.raw
+    create: { size: 1M }
+";
+    let cfg = config(cluster, "failover", &socket, "", local);
+    let mut first = Appliance::start(&cfg, &["local.sock"]);
     first
         .process
         .wait_for_path(&socket, Duration::from_secs(60));
-    let mut second = Appliance::start(&cfg, &[]);
-    second.process.wait_for_log(
-        "another client holds the exclusive lock; waiting",
-        1,
-        Duration::from_secs(60),
+    // The standby waits for the lock without holding up its other exports.
+    let mut second = Appliance::start(&cfg, &["local.sock"]);
+    let log =
+        second
+            .process
+            .wait_for_log("waiting for it as a standby", 1, Duration::from_secs(60));
+    assert!(
+        log.contains("rbd image rbd/failover: another client holds its exclusive lock"),
+        "{log}"
     );
+    let mut standby_local = Frontend::connect(&second.path("local.sock"), 1);
+    assert_eq!(standby_local.write(0, 0, 0, 4096), 0);
+    drop(standby_local);
 
     let mut fe = Frontend::connect(&socket, 1);
     let victim = first.process.pid() as libc::pid_t;
@@ -119,7 +133,7 @@ fn rbd_failover_to_a_waiting_daemon_keeps_every_acknowledged_write() {
         .wait_for_path(&socket, Duration::from_secs(90));
     let took_over = killed.elapsed();
     second.process.wait_for_log(
-        "took the exclusive lock over from the previous holder",
+        "took the exclusive lock over from the previous holder: serving",
         1,
         Duration::from_secs(5),
     );

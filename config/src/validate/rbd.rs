@@ -6,10 +6,6 @@ use std::path::PathBuf;
 use super::{At, BackingFormat, ConfigError, Validator};
 use crate::schema::RbdFile;
 
-/// Default of [`RbdImage::lock_wait`], in seconds: a dead holder's lock is breakable after
-/// its watch expired (`osd_client_watch_timeout`, 30 s by default).
-pub const DEFAULT_RBD_LOCK_WAIT: u64 = 60;
-
 /// A Ceph RBD image and how to reach its cluster (`rbd:` of a `format: rbd` disk).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RbdImage {
@@ -28,8 +24,6 @@ pub struct RbdImage {
     /// Seconds an operation waits for an unreachable cluster before failing (`None`: no
     /// limit).
     pub io_timeout: Option<u64>,
-    /// Seconds opening a writable image waits for its exclusive lock.
-    pub lock_wait: u64,
 }
 
 impl RbdImage {
@@ -126,7 +120,6 @@ impl Validator<'_> {
             client_id,
             keyring: raw.keyring.as_deref().map(|p| self.resolve(p)),
             io_timeout: raw.io_timeout,
-            lock_wait: raw.lock_wait.unwrap_or(DEFAULT_RBD_LOCK_WAIT),
         })
     }
 }

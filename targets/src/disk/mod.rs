@@ -368,12 +368,19 @@ pub enum OpenError {
     #[error("backing file {0} is neither a regular file nor a block device")]
     NotAFileOrDevice(PathBuf),
     /// An RBD image cannot be opened: librbd missing, cluster unreachable, no such pool or
-    /// image, its exclusive lock held by another client, ...
+    /// image, ...
     #[error("rbd image {image}: {message}")]
     Rbd {
         /// `pool/image` or `pool/namespace/image`.
         image: String,
         /// What failed, in words an operator can act on.
         message: String,
+    },
+    /// Another client (another appliance) holds the RBD image's exclusive lock: try again
+    /// later (a standby waiting to take over).
+    #[error("rbd image {image}: another client holds its exclusive lock (another appliance serving it?)")]
+    RbdLockHeld {
+        /// `pool/image` or `pool/namespace/image`.
+        image: String,
     },
 }

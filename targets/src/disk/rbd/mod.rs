@@ -11,10 +11,11 @@
 //!   always reads back as zeroes (thick: in place, when the request may not unmap).
 //! - A writable image is held under librbd's exclusive lock in its managed mode
 //!   (`rbd_lock_acquire`): other clients are refused the lock instead of being handed it,
-//!   so two appliances never write one image. An appliance started while another holds
-//!   the lock waits up to [`RbdOptions::lock_wait`] for it; the lock of an appliance that
-//!   died is broken (its client blocklisted) once its watch on the image has expired
-//!   (`osd_client_watch_timeout`, 30 s by default): that is failover.
+//!   so two appliances never write one image. Opening an image whose lock another client
+//!   holds fails at once with [`OpenError::RbdLockHeld`]; the daemon retries it (a
+//!   standby). The lock of an appliance that died is broken (its client blocklisted) by the
+//!   next attempt after its watch on the image expired (`osd_client_watch_timeout`, 30 s by
+//!   default): that is failover.
 //! - The image's size is librbd's view of its header, kept current by librbd's own watch:
 //!   growth by another client (`rbd resize`) shows in [`Disk::current_size`], and
 //!   [`RbdDisk::on_change`] calls back when the header changes.
@@ -30,8 +31,8 @@ use std::ffi::{c_int, c_void, CString};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -58,9 +59,6 @@ pub struct RbdOptions {
     /// `ETIMEDOUT` (librados `rados_osd_op_timeout`, `rados_mon_op_timeout`); `None`:
     /// as long as it takes. Whole seconds (librados's unit); at least 1 s.
     pub io_timeout: Option<Duration>,
-    /// How long opening a writable image waits for its exclusive lock while another client
-    /// holds it (an appliance that died: until its watch expired).
-    pub lock_wait: Duration,
 }
 
 impl RbdOptions {
@@ -75,8 +73,6 @@ impl RbdOptions {
 
 /// How long `rados_connect` may take: the cluster's monitors must answer within it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Between attempts to take an image's exclusive lock from another client.
-const LOCK_RETRY: Duration = Duration::from_millis(500);
 
 /// `ceph.conf`, client id, keyring and timeout: what makes two cluster handles different.
 type ClusterKey = (
@@ -87,7 +83,9 @@ type ClusterKey = (
 );
 
 /// A connected librados client (`rados_t`), shared by every image opened with the same
-/// [`ClusterKey`]; it runs ~17 threads of its own.
+/// [`ClusterKey`]; it runs ~17 threads of its own. Kept for the daemon's life once
+/// connected: a standby retrying an image every second, or a reload that reopens one,
+/// reuses it instead of reconnecting.
 struct Cluster {
     api: &'static ffi::Api,
     handle: ffi::RadosT,
@@ -134,20 +132,15 @@ fn path_cstring(path: &Path, what: &str) -> io::Result<CString> {
 }
 
 impl Cluster {
-    /// The daemon's handle for `key`, connecting one if none is alive.
+    /// The daemon's handle for `key`, connecting one the first time.
     fn get(api: &'static ffi::Api, key: ClusterKey) -> io::Result<Arc<Cluster>> {
-        static CLUSTERS: Mutex<Vec<Weak<Cluster>>> = Mutex::new(Vec::new());
+        static CLUSTERS: Mutex<Vec<Arc<Cluster>>> = Mutex::new(Vec::new());
         let mut clusters = CLUSTERS.lock().unwrap_or_else(|p| p.into_inner());
-        clusters.retain(|w| w.strong_count() > 0);
-        if let Some(c) = clusters
-            .iter()
-            .filter_map(Weak::upgrade)
-            .find(|c| c.key == key)
-        {
-            return Ok(c);
+        if let Some(c) = clusters.iter().find(|c| c.key == key) {
+            return Ok(Arc::clone(c));
         }
         let cluster = Arc::new(Cluster::connect(api, key)?);
-        clusters.push(Arc::downgrade(&cluster));
+        clusters.push(Arc::clone(&cluster));
         Ok(cluster)
     }
 
@@ -316,8 +309,15 @@ impl RbdDisk {
             options.io_timeout,
         );
         let cluster = Cluster::get(api, key).map_err(|e| fail(e.to_string()))?;
-        let image = open_image(api, cluster, options, readonly, create_size)
-            .map_err(|e| fail(e.to_string()))?;
+        let image = open_image(api, cluster, options, readonly, create_size).map_err(|e| {
+            if e.get_ref().is_some_and(|inner| inner.is::<LockHeld>()) {
+                OpenError::RbdLockHeld {
+                    image: options.spec(),
+                }
+            } else {
+                fail(e.to_string())
+            }
+        })?;
         let mut size = 0u64;
         // SAFETY: an open image and a valid out-pointer.
         let rc = unsafe { (api.rbd_get_size)(image.handle, &mut size) };
@@ -431,8 +431,13 @@ fn open_image(
     Ok(image)
 }
 
-/// Takes `image`'s exclusive lock in managed mode, waiting up to `lock_wait` while another
-/// client holds it.
+/// The image's exclusive lock is held by another client.
+#[derive(Debug, thiserror::Error)]
+#[error("another client holds the image's exclusive lock")]
+struct LockHeld;
+
+/// Takes `image`'s exclusive lock in managed mode (other clients' requests for it are
+/// refused while we hold it); fails with [`LockHeld`] while another client holds it.
 fn lock(image: &Image, options: &RbdOptions) -> io::Result<()> {
     let api = image.api;
     let mut features = 0u64;
@@ -450,48 +455,15 @@ fn lock(image: &Image, options: &RbdOptions) -> io::Result<()> {
             ),
         ));
     }
-    let start = Instant::now();
-    let mut told = false;
-    loop {
-        // SAFETY: an open image with the exclusive-lock feature.
-        let rc = unsafe { (api.rbd_lock_acquire)(image.handle, ffi::RBD_LOCK_MODE_EXCLUSIVE) };
-        if rc == 0 {
-            if told {
-                tracing::info!(
-                    image = options.spec(),
-                    waited_ms = start.elapsed().as_millis() as u64,
-                    "took the exclusive lock over from the previous holder"
-                );
-            }
-            return Ok(());
+    // SAFETY: an open image with the exclusive-lock feature.
+    let rc = unsafe { (api.rbd_lock_acquire)(image.handle, ffi::RBD_LOCK_MODE_EXCLUSIVE) };
+    match -rc {
+        0 => Ok(()),
+        // librbd's answers while a live (or not yet expired) holder keeps the lock.
+        libc::EROFS | libc::EBUSY | libc::EAGAIN | libc::ETIMEDOUT => {
+            Err(io::Error::other(LockHeld))
         }
-        let busy = matches!(
-            -rc,
-            libc::EROFS | libc::EBUSY | libc::EAGAIN | libc::ETIMEDOUT
-        );
-        if !busy || start.elapsed() >= options.lock_wait {
-            let e = ceph_err(rc, "rbd_lock_acquire");
-            return Err(io::Error::new(
-                e.kind(),
-                if busy {
-                    format!(
-                        "another client holds the image's exclusive lock (still after {} s): {e}; is another appliance serving it?",
-                        options.lock_wait.as_secs()
-                    )
-                } else {
-                    format!("cannot take the image's exclusive lock: {e}")
-                },
-            ));
-        }
-        if !told {
-            tracing::warn!(
-                image = options.spec(),
-                wait_s = options.lock_wait.as_secs(),
-                "another client holds the exclusive lock; waiting for it (a dead holder's lock is broken once its watch expires)"
-            );
-            told = true;
-        }
-        std::thread::sleep(LOCK_RETRY);
+        _ => Err(ceph_err(rc, "cannot take the image's exclusive lock")),
     }
 }
 
