@@ -5,7 +5,8 @@
 //!   first serves it (serving its other exports meanwhile), and takes over when the first
 //!   is SIGKILLed; every write the first acknowledged reads back through the second, and
 //!   the consumer goes on;
-//! - the OSD stopped briefly (SIGSTOP): I/O stalls and resumes without an error;
+//! - the OSD stopped briefly (SIGSTOP): I/O stalls and resumes without an error; stopped
+//!   past `io_timeout`, a request fails with an I/O error and the next ones succeed;
 //! - the cluster gone (mon and OSD killed) past `io_timeout`: requests fail with an I/O
 //!   error, the daemon logs why and keeps serving its other exports.
 
@@ -154,27 +155,30 @@ fn rbd_failover_to_a_waiting_daemon_keeps_every_acknowledged_write() {
     );
 }
 
+/// `io_timeout: 8`: an OSD stopped for 3 s stalls a write, which then succeeds; stopped
+/// for longer than the timeout, the write fails with an I/O error, and once the OSD is back
+/// requests succeed again on the same export.
 #[test]
 #[ignore = "full tier (tests/run.sh): needs Ceph (ceph-mon, ceph-osd) from tests/scripts/install-deps.sh"]
-fn rbd_osd_stopped_briefly_stalls_io_which_resumes_without_error() {
+fn rbd_osd_stopped_briefly_stalls_io_which_resumes_and_past_io_timeout_fails() {
     let cluster = Cluster::start();
     let dir = scratch_dir();
     let socket = dir.path().join("vol.sock");
-    let appliance = Appliance::start(
-        &config(&cluster, "stall", &socket, ", io_timeout: 60", ""),
+    let mut appliance = Appliance::start(
+        &config(&cluster, "stall", &socket, ", io_timeout: 8", ""),
         &[],
     );
-    let mut process = appliance;
-    process
+    appliance
         .process
         .wait_for_path(&socket, Duration::from_secs(60));
     let mut fe = Frontend::connect(&socket, 1);
     submit_write(&mut fe, 0);
     assert_eq!(fe.wait(0, 1)[0].1, 0);
 
+    // Within io_timeout: a stall, no error.
     cluster.signal("osd", libc::SIGSTOP);
     submit_write(&mut fe, 1);
-    let stalled = fe.try_wait_one(0, Duration::from_secs(4));
+    let stalled = fe.try_wait_one(0, Duration::from_secs(3));
     cluster.signal("osd", libc::SIGCONT);
     assert_eq!(stalled, None, "a write completed while the OSD was stopped");
     let done = fe
@@ -183,8 +187,32 @@ fn rbd_osd_stopped_briefly_stalls_io_which_resumes_without_error() {
     assert_eq!(done.1, 0, "the stalled write succeeded");
     verify(&mut fe, 0, "after the stall");
     verify(&mut fe, 1, "after the stall");
-    let log = process.process.log();
+    let log = appliance.process.log();
     assert!(!log.contains("rbd operation failed"), "{log}");
+
+    // Past io_timeout: an I/O error; then the export serves again.
+    cluster.signal("osd", libc::SIGSTOP);
+    let start = Instant::now();
+    submit_write(&mut fe, 2);
+    let failed = fe.try_wait_one(0, Duration::from_secs(30));
+    let waited = start.elapsed();
+    cluster.signal("osd", libc::SIGCONT);
+    assert_eq!(failed.map(|d| d.1), Some(-libc::EIO), "after {waited:?}");
+    assert!(waited >= Duration::from_secs(7), "failed after {waited:?}");
+    appliance.process.wait_for_log(
+        "the cluster did not answer within io_timeout",
+        1,
+        Duration::from_secs(5),
+    );
+    submit_write(&mut fe, 3);
+    let done = fe
+        .try_wait_one(0, Duration::from_secs(60))
+        .expect("a write after the OSD came back completes");
+    assert_eq!(done.1, 0, "a write after the OSD came back");
+    verify(&mut fe, 3, "after the timeout");
+    appliance
+        .process
+        .wait_for_log("rbd operations succeed again", 1, Duration::from_secs(5));
 }
 
 #[test]
