@@ -1,6 +1,6 @@
 //! The Ceph RBD engine: an image in a Ceph pool through librbd's asynchronous C API
 //! (`ffi`, loaded at run time), one cluster handle per daemon and client identity, one
-//! image handle per LUN shared by all its queues ([`queue::RbdQueue`]).
+//! image handle per LUN shared by all its queues (`queue::RbdQueue`).
 //!
 //! - RBD's client cache is off (`rbd_cache = false`, as QEMU's `cache.direct=on` and SPDK
 //!   do): a write completes once every replica has it, so the guest's write cache and
@@ -18,7 +18,7 @@
 //!   default): that is failover.
 //! - The image's size is librbd's view of its header, kept current by librbd's own watch:
 //!   growth by another client (`rbd resize`) shows in [`Disk::current_size`], and
-//!   [`RbdDisk::on_change`] calls back when the header changes.
+//!   [`Disk::on_change`] calls back when the header changes.
 //! - [`RbdOptions::io_timeout`] bounds how long an operation waits for an unreachable
 //!   cluster (librados `rados_osd_op_timeout`): past it the operation fails with
 //!   `ETIMEDOUT`, which the guest sees as an I/O error. Unset, I/O waits for the cluster
@@ -37,7 +37,6 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Disk, DiskInfo, DiskQueue, Durability, OpenError};
-pub use ffi::LoadError;
 use queue::RbdQueue;
 
 /// Where an RBD image is and how to reach its cluster.
