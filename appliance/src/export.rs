@@ -317,6 +317,7 @@ fn open_sized(spec: &Disk) -> anyhow::Result<Arc<dyn targets::disk::Disk>> {
         format: match spec.format {
             BackingFormat::Raw => Format::Raw,
             BackingFormat::Qcow2 => Format::Qcow2,
+            BackingFormat::Null => Format::Null,
         },
         readonly: spec.readonly,
         direct: spec.direct,
