@@ -366,7 +366,7 @@ fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<Built> {
         backing: disk,
     };
     Ok((
-        Arc::new(VirtioBackend::new(device, queues)),
+        Arc::new(VirtioBackend::new(device, queues, export.poll)),
         handle,
         vec![disk],
     ))
@@ -436,7 +436,11 @@ fn build_scsi(export: &Export, specs: &[ScsiLun]) -> anyhow::Result<Built> {
             backing,
         })
         .collect();
-    Ok((Arc::new(VirtioBackend::new(device, queues)), handle, disks))
+    Ok((
+        Arc::new(VirtioBackend::new(device, queues, export.poll)),
+        handle,
+        disks,
+    ))
 }
 
 /// Accept loop of one export; runs until the export stops.

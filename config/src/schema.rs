@@ -105,6 +105,19 @@ pub struct ExportFile {
     pub size: Option<SizeValue>,
     /// The logical units of a `scsi` export.
     pub luns: Option<Vec<LunFile>>,
+    /// Busy-polling of the virtqueues and disk completions before a worker sleeps.
+    pub poll: Option<PollFile>,
+}
+
+/// `poll:` of an export.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollFile {
+    /// Longest busy-poll before sleeping, in µs (0: off).
+    pub max_us: u32,
+    /// Adapt the poll time to how soon work arrives (default true), or always poll
+    /// `max_us`.
+    pub adaptive: Option<bool>,
 }
 
 /// One entry of a scsi export's `luns:`.

@@ -213,7 +213,25 @@ pub struct Export {
     pub queue_size: u16,
     /// The device and its backing stores.
     pub device: Device,
+    /// Busy-polling before a queue's worker sleeps; `None`: off (the default).
+    pub poll: Option<Poll>,
 }
+
+/// `poll:` of an export: each queue's worker, after handling its work, keeps checking the
+/// virtqueue's avail ring and its disk completions for up to `max_us` before it sleeps,
+/// with guest kicks and completion signals suppressed meanwhile (as QEMU's iothread
+/// polling and SPDK's pollers do). Costs CPU for latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Poll {
+    /// Longest busy-poll, in µs (1..=[`MAX_POLL_US`]).
+    pub max_us: u32,
+    /// Grow the poll time while work arrives within `max_us` of the last, shrink it while
+    /// it does not (QEMU's adaptive polling); false: always poll `max_us`.
+    pub adaptive: bool,
+}
+
+/// Longest `poll: { max_us }` accepted, in µs.
+pub const MAX_POLL_US: u32 = 1000;
 
 /// One backing store of an export and where it sits: for a scsi LUN, its position in
 /// `luns:` (as error fields name it, `luns[i]`) and its LUN number; `None` for a blk export.
@@ -604,6 +622,19 @@ impl Validator<'_> {
                 return Err(at.err("type", format!("unknown type {other:?} (use blk or scsi)")))
             }
         };
+        let poll = match raw.poll {
+            None | Some(crate::schema::PollFile { max_us: 0, .. }) => None,
+            Some(p) if p.max_us > MAX_POLL_US => {
+                return Err(at.err(
+                    "poll",
+                    format!("max_us {} is above {MAX_POLL_US} µs", p.max_us),
+                ))
+            }
+            Some(p) => Some(Poll {
+                max_us: p.max_us,
+                adaptive: p.adaptive.unwrap_or(true),
+            }),
+        };
         Ok(Export {
             name,
             transport,
@@ -611,6 +642,7 @@ impl Validator<'_> {
             num_queues: num_queues as u16,
             queue_size: queue_size as u16,
             device,
+            poll,
         })
     }
 

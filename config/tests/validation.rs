@@ -552,6 +552,42 @@ fn a_size_change_is_its_own_change() {
 }
 
 #[test]
+fn poll_settings_and_their_changes() {
+    let with = |poll: &str| {
+        TWO_EXPORTS.replace(
+            "    path: /data/a.raw\n",
+            &format!("    path: /data/a.raw\n{poll}"),
+        )
+    };
+    let cfg = parse(&with("    poll: { max_us: 50 }\n")).unwrap();
+    assert_eq!(
+        cfg.exports[0].poll,
+        Some(config::Poll {
+            max_us: 50,
+            adaptive: true
+        })
+    );
+    assert_eq!(cfg.exports[1].poll, None, "off by default");
+    let fixed = parse(&with("    poll: { max_us: 20, adaptive: false }\n")).unwrap();
+    assert!(!fixed.exports[0].poll.unwrap().adaptive);
+    assert_eq!(
+        parse(&with("    poll: { max_us: 0 }\n")).unwrap().exports[0].poll,
+        None
+    );
+    let e = parse_err(&with("    poll: { max_us: 5000 }\n"));
+    assert_eq!(e.field.as_deref(), Some("poll"), "{e}");
+    let e = parse_err(&with("    poll: { max: 5 }\n"));
+    assert!(e.to_string().contains("max"), "{e}");
+    // A running export's poll setting is not changed by a reload.
+    let changes = config::export_changes(&parse(TWO_EXPORTS).unwrap().exports[0], &cfg.exports[0]);
+    let paths: Vec<String> = changes
+        .iter()
+        .map(config::ExportChange::field_path)
+        .collect();
+    assert_eq!(paths, ["poll"]);
+}
+
+#[test]
 fn a_file_without_an_exports_list_is_refused() {
     for text in [
         "",

@@ -143,6 +143,23 @@ pub trait DiskQueue: Send {
     fn in_flight(&self) -> usize;
     /// Readable when completions are ready (reset by [`DiskQueue::reap`]).
     fn completion_fd(&self) -> RawFd;
+    /// Whether completions wait to be reaped, for a worker that busy-polls. The default
+    /// asks the completion fd (a system call); engines with a shared-memory completion
+    /// queue look at it instead.
+    fn ready(&mut self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.completion_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call, no timeout.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+    /// Stops (`false`) or restarts signalling the completion fd, while a worker busy-polls
+    /// [`DiskQueue::ready`]. Completions that arrive while it is off are not signalled
+    /// later: after turning it back on, check [`DiskQueue::ready`] once more. The default
+    /// keeps signalling.
+    fn set_notify(&mut self, _enabled: bool) {}
     /// This queue's sync counters, shared: a caller may keep them after handing the queue
     /// to a request handler.
     fn stats(&self) -> Arc<DiskStats>;
