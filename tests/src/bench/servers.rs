@@ -70,6 +70,15 @@ impl Backing {
         }
     }
 
+    /// The file fio runs on for the limit rows: the raw files; not a qcow2 image (fio
+    /// would write over its metadata) nor null.
+    pub fn fio_file(self, tmpfs: &Path, disk: &Path) -> Option<PathBuf> {
+        match self {
+            Backing::Qcow2Tmpfs | Backing::Null => None,
+            _ => self.file(tmpfs, disk),
+        }
+    }
+
     /// Creates the file, [`FILE_SIZE`] bytes of random data (so reads read data, and a
     /// qcow2 image has every cluster allocated), unless it exists with that size.
     pub fn prepare(self, tmpfs: &Path, disk: &Path) {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use appliance_tests::bench::report::{self, Row};
 use appliance_tests::bench::servers::{self, Backing, Poll};
 use appliance_tests::bench::{self, blk, cpu_time, scsi, Measured, Workload};
-use appliance_tests::daemon::{scratch_dir, Process};
+use appliance_tests::daemon::Process;
 use appliance_tests::vm::{preferred_accel, Accel};
 use clap::Parser;
 use serde_json::json;
@@ -142,13 +142,14 @@ fn main() {
                     measured,
                 });
             };
-            if let Some(f) = file.as_ref().filter(|_| wanted("fio")) {
+            let fio_file = backing.fio_file(&args.tmpfs, &args.disk);
+            if let Some(f) = fio_file.as_ref().filter(|_| wanted("fio")) {
                 push(
                     "fio",
                     servers::run_fio(f, backing == Backing::RawDirect, &w, args.seconds),
                 );
             }
-            let dir = scratch_dir();
+            let dir = scratch(&args.out);
             let socket = dir.path().join("bench.sock");
             if backing.scsi() && wanted("vhost-device-scsi") {
                 match (&vds, &file) {
@@ -204,7 +205,7 @@ fn vvu_rows(args: &Args, rows: &mut Vec<Row>) {
         "exports:\n  - name: bench\n    type: blk\n    vvu: 0000:00:10.0\n    format: null\n    size: {}\n    num_queues: 4\n",
         bench::FILE_SIZE
     );
-    let sockets = scratch_dir();
+    let sockets = scratch(&args.out);
     let options = ApplianceVmOptions::new(&exports, vec![VvuSocket::at("bench.sock")], 1);
     let _vm = appliance_vm::start(sockets.path(), &options);
     let socket = sockets.path().join("bench.sock");
@@ -228,6 +229,13 @@ fn vvu_rows(args: &Args, rows: &mut Vec<Row>) {
             measured,
         });
     }
+}
+
+/// A scratch directory for one server's socket, config and log, under `out`.
+fn scratch(out: &Path) -> tempfile::TempDir {
+    let parent = out.join("run");
+    std::fs::create_dir_all(&parent).unwrap();
+    tempfile::tempdir_in(parent).unwrap()
 }
 
 /// Facts about the machine and the run, for the JSON and the README.
