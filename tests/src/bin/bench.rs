@@ -34,6 +34,10 @@ struct Args {
     /// Measured seconds per row (after a 0.3 s warm-up).
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Rounds: every row is measured this many times, servers taking turns, and the
+    /// median round reported.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
     /// Backings to run (raw-tmpfs, raw-direct, qcow2-tmpfs, null, scsi-raw-tmpfs); all by default.
     #[arg(long, num_args = 1..)]
     backing: Vec<String>,
@@ -126,7 +130,11 @@ fn main() {
         for w in workloads {
             let wanted =
                 |server: &str| args.server.is_empty() || args.server.iter().any(|s| s == server);
-            let mut push = |server: &str, measured: Measured| {
+            // Each round measures every server once, in turn; a row is the round with the
+            // median figure of merit, so a burst of load on the machine hits all servers
+            // alike and is outvoted.
+            let mut runs: Vec<(String, Vec<Measured>)> = Vec::new();
+            let mut record = |server: &str, measured: Measured| {
                 eprintln!(
                     "bench: {:<14} {:<20} {:<16} {:>9.0} IOPS {:>8.1} µs mean",
                     backing.name(),
@@ -135,37 +143,45 @@ fn main() {
                     measured.iops(),
                     measured.lat_us[0]
                 );
+                match runs.iter_mut().find(|(s, _)| s == server) {
+                    Some((_, all)) => all.push(measured),
+                    None => runs.push((server.to_string(), vec![measured])),
+                }
+            };
+            let fio_file = backing.fio_file(&args.tmpfs, &args.disk);
+            for _ in 0..args.rounds.max(1) {
+                if let Some(f) = fio_file.as_ref().filter(|_| wanted("fio")) {
+                    let direct = backing == Backing::RawDirect;
+                    record("fio", servers::run_fio(f, direct, &w, args.seconds));
+                }
+                let dir = scratch(&args.out);
+                let socket = dir.path().join("bench.sock");
+                if backing.scsi() && wanted("vhost-device-scsi") {
+                    match (&vds, &file) {
+                        (Some(vds), Some(f)) => {
+                            let p = servers::start_vhost_device_scsi(dir.path(), vds, f);
+                            let m = measure(&socket, backing, &w, args.seconds, &p);
+                            record("vhost-device-scsi", m);
+                        }
+                        _ => eprintln!("bench: vhost-device-scsi not installed (tests/scripts/install-deps.sh): no peer row"),
+                    }
+                } else if !backing.scsi() && wanted("qsd") {
+                    let p = servers::start_qsd(dir.path(), backing, file.as_deref(), w.queues);
+                    record("qsd", measure(&socket, backing, &w, args.seconds, &p));
+                }
+                for (name, poll) in polls.iter().filter(|(name, _)| wanted(name)) {
+                    let p =
+                        servers::start_ours(dir.path(), backing, file.as_deref(), w.queues, *poll);
+                    record(name, measure(&socket, backing, &w, args.seconds, &p));
+                }
+            }
+            for (server, all) in runs {
                 rows.push(Row {
                     backing: backing.name(),
                     workload: w,
-                    server: server.to_string(),
-                    measured,
+                    server,
+                    measured: report::median(&w, all),
                 });
-            };
-            let fio_file = backing.fio_file(&args.tmpfs, &args.disk);
-            if let Some(f) = fio_file.as_ref().filter(|_| wanted("fio")) {
-                push(
-                    "fio",
-                    servers::run_fio(f, backing == Backing::RawDirect, &w, args.seconds),
-                );
-            }
-            let dir = scratch(&args.out);
-            let socket = dir.path().join("bench.sock");
-            if backing.scsi() && wanted("vhost-device-scsi") {
-                match (&vds, &file) {
-                    (Some(vds), Some(f)) => {
-                        let p = servers::start_vhost_device_scsi(dir.path(), vds, f);
-                        push("vhost-device-scsi", measure(&socket, backing, &w, args.seconds, &p));
-                    }
-                    _ => eprintln!("bench: vhost-device-scsi not installed (tests/scripts/install-deps.sh): no peer row"),
-                }
-            } else if !backing.scsi() && wanted("qsd") {
-                let p = servers::start_qsd(dir.path(), backing, file.as_deref(), w.queues);
-                push("qsd", measure(&socket, backing, &w, args.seconds, &p));
-            }
-            for (name, poll) in polls.iter().filter(|(name, _)| wanted(name)) {
-                let p = servers::start_ours(dir.path(), backing, file.as_deref(), w.queues, *poll);
-                push(name, measure(&socket, backing, &w, args.seconds, &p));
             }
         }
     }
