@@ -186,6 +186,9 @@ fn main() {
         }
     }
     vvu_rows(&args, &mut rows);
+    // The appliance-VM rows join their backing's section.
+    let order = |b: &str| Backing::ALL.iter().position(|x| x.name() == b);
+    rows.sort_by_key(|r| order(r.backing));
     let table = report::table(&rows);
     println!("{table}");
     let json = report::json(&rows, machine);
