@@ -318,6 +318,7 @@ fn open_sized(spec: &Disk) -> anyhow::Result<Arc<dyn targets::disk::Disk>> {
             BackingFormat::Raw => Format::Raw,
             BackingFormat::Qcow2 => Format::Qcow2,
             BackingFormat::Rbd => Format::Rbd,
+            BackingFormat::Null => Format::Null,
         },
         readonly: spec.readonly,
         direct: spec.direct,
@@ -382,7 +383,7 @@ fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<Built> {
         backing: disk,
     };
     Ok((
-        Arc::new(VirtioBackend::new(device, queues)),
+        Arc::new(VirtioBackend::new(device, queues, export.poll)),
         handle,
         vec![disk],
     ))
@@ -452,7 +453,11 @@ fn build_scsi(export: &Export, specs: &[ScsiLun]) -> anyhow::Result<Built> {
             backing,
         })
         .collect();
-    Ok((Arc::new(VirtioBackend::new(device, queues)), handle, disks))
+    Ok((
+        Arc::new(VirtioBackend::new(device, queues, export.poll)),
+        handle,
+        disks,
+    ))
 }
 
 /// Accept loop of one export; runs until the export stops.

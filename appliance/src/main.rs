@@ -20,6 +20,7 @@ mod backend;
 mod export;
 mod http;
 mod metrics;
+mod poll;
 mod process;
 mod relay;
 mod reload;
@@ -263,6 +264,7 @@ fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {
             create: None,
             size: None,
             luns: None,
+            poll: None,
         },
         &std::env::current_dir().context("cannot read the current directory")?,
     )?;

@@ -3,7 +3,8 @@
 //! it), with [`open`] as the one factory.
 //!
 //! Engines: [`RawDisk`] (raw files and block devices on io_uring, `disk/raw.rs`),
-//! [`crate::qcow2::Qcow2Disk`] (qcow2 images through imago on io_uring), and, for tests,
+//! [`crate::qcow2::Qcow2Disk`] (qcow2 images through imago on io_uring),
+//! [`NullDisk`] (stores nothing: a benchmarking aid), and, for tests,
 //! `fault::FaultDisk` (feature `fault-injection`), which wraps another engine and fails,
 //! delays or reorders chosen requests, and [`rbd::RbdDisk`] (Ceph RBD images through
 //! librbd, loaded at run time, `disk/rbd/`). Adding an engine is: an
@@ -24,6 +25,7 @@
 
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+mod null;
 mod raw;
 pub mod rbd;
 
@@ -39,6 +41,7 @@ use crate::iobuf::IoBuf;
 use crate::qcow2::{Qcow2Disk, Qcow2Options};
 use crate::stats::DiskStats;
 
+pub use null::NullDisk;
 pub(crate) use raw::direct_alignment;
 pub use raw::{RawDisk, RawDiskOptions, RawQueue};
 
@@ -142,6 +145,23 @@ pub trait DiskQueue: Send {
     fn in_flight(&self) -> usize;
     /// Readable when completions are ready (reset by [`DiskQueue::reap`]).
     fn completion_fd(&self) -> RawFd;
+    /// Whether completions wait to be reaped, for a worker that busy-polls. The default
+    /// asks the completion fd (a system call); engines with a shared-memory completion
+    /// queue look at it instead.
+    fn ready(&mut self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.completion_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call, no timeout.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+    /// Stops (`false`) or restarts signalling the completion fd, while a worker busy-polls
+    /// [`DiskQueue::ready`]. Completions that arrive while it is off are not signalled
+    /// later: after turning it back on, check [`DiskQueue::ready`] once more. The default
+    /// keeps signalling.
+    fn set_notify(&mut self, _enabled: bool) {}
     /// This queue's sync counters, shared: a caller may keep them after handing the queue
     /// to a request handler.
     fn stats(&self) -> Arc<DiskStats>;
@@ -159,6 +179,8 @@ pub enum Durability {
     /// Every completed write is already on all replicas of a Ceph pool (RBD with librbd's
     /// cache off); a flush (`rbd_aio_flush`) only waits for writes in flight.
     Replicated,
+    /// Nothing is stored (the null engine).
+    Nothing,
 }
 
 /// A disk's capabilities, as request handling needs them.
@@ -280,6 +302,9 @@ pub enum Format {
     Qcow2,
     /// A Ceph RBD image ([`DiskSpec::rbd`] says which; `path` is only its name in logs).
     Rbd,
+    /// Nothing: reads return zeroes, writes are dropped ([`NullDisk`], a benchmarking
+    /// aid). The size is `create`'s; the path is not used.
+    Null,
 }
 
 /// What to open.
@@ -327,6 +352,10 @@ pub fn open(spec: &DiskSpec) -> Result<Arc<dyn Disk>, OpenError> {
                 spec.create.as_ref().map(|(size, _)| *size),
             )?)
         }
+        Format::Null => Arc::new(NullDisk::new(
+            spec.create.as_ref().map_or(0, |(size, _)| *size),
+            spec.readonly,
+        )),
     };
     let info = disk.info();
     tracing::info!(
