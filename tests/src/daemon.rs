@@ -41,9 +41,11 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 /// meaningful; /tmp may be tmpfs elsewhere).
 pub fn scratch_dir() -> tempfile::TempDir {
     let exe = std::env::current_exe().expect("test executable path");
+    // Cargo's target directory (it holds CACHEDIR.TAG), whether this is a test
+    // (target/<profile>/deps/<test>) or a program (target/<profile>/<bin>).
     let target = exe
         .ancestors()
-        .nth(3)
+        .find(|dir| dir.join("CACHEDIR.TAG").exists())
         .map(|t| t.join("tmp"))
         .unwrap_or_else(std::env::temp_dir);
     fs::create_dir_all(&target).expect("create scratch parent");

@@ -7,7 +7,7 @@
 //!     cargo build --release --workspace --bins
 //!     target/release/bench [--seconds 3] [--backing raw-tmpfs ...] [--workload qd1 ...]
 //!
-//! Rows: `fio` (io_uring on the file: the limit), the peer (`qsd`: qemu-storage-daemon
+//! Rows: `fio` (io_uring on the file, librbd on the RBD image: the limit), the peer (`qsd`: qemu-storage-daemon
 //! 10.0 with one iothread, its default adaptive polling and io_uring; `vhost-device-scsi`
 //! for SCSI), `ours` (default settings), `ours-poll` (`poll: {max_us, adaptive: true}`) and
 //! `ours-poll-fixed` (`adaptive: false`). Appliance-VM rows (`ours-vvu`, the null export
@@ -21,8 +21,9 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use appliance_tests::bench::report::{self, Row};
-use appliance_tests::bench::servers::{self, Backing, Poll};
+use appliance_tests::bench::servers::{self, Backing, Places, Poll, Store};
 use appliance_tests::bench::{self, blk, cpu_time, scsi, Measured, Workload};
+use appliance_tests::ceph;
 use appliance_tests::daemon::Process;
 use appliance_tests::vm::{preferred_accel, Accel};
 use clap::Parser;
@@ -38,7 +39,7 @@ struct Args {
     /// median round reported.
     #[arg(long, default_value_t = 1)]
     rounds: u32,
-    /// Backings to run (raw-tmpfs, raw-direct, qcow2-tmpfs, null, scsi-raw-tmpfs); all by default.
+    /// Backings to run (raw-tmpfs, raw-direct, qcow2-tmpfs, null, scsi-raw-tmpfs, rbd); all by default.
     #[arg(long, num_args = 1..)]
     backing: Vec<String>,
     /// Only workloads whose name contains one of these (e.g. qd1, 4q).
@@ -117,10 +118,37 @@ fn main() {
             }),
         ));
     }
+    // The rbd rows run on a one-node cluster of their own, where Ceph is installed.
+    let mut backings = backings;
+    let cluster = if !backings.contains(&Backing::Rbd) {
+        None
+    } else if Path::new("/usr/bin/ceph-mon").exists() {
+        eprintln!("bench: starting a one-node Ceph cluster for the rbd rows");
+        Some(ceph::Cluster::start())
+    } else {
+        println!("rbd rows skipped: Ceph is not installed (tests/scripts/install-deps.sh)");
+        backings.retain(|b| *b != Backing::Rbd);
+        None
+    };
+    let places = Places {
+        tmpfs: args.tmpfs.clone(),
+        disk: args.disk.clone(),
+        ceph_conf: cluster.as_ref().map(ceph::Cluster::conf),
+    };
     for backing in backings {
-        backing.prepare(&args.tmpfs, &args.disk);
-        let file = backing.file(&args.tmpfs, &args.disk);
-        let workloads: Vec<Workload> = bench::suite(if backing.scsi() { 1 } else { 4 })
+        backing.prepare(&places);
+        let store = backing.store(&places);
+        let file = match &store {
+            Store::File(f) => Some(f.clone()),
+            _ => None,
+        };
+        // virtio-scsi (vhost-device-scsi serves one queue) and the test cluster: one queue.
+        let max_queues = if backing.scsi() || backing == Backing::Rbd {
+            1
+        } else {
+            4
+        };
+        let workloads: Vec<Workload> = bench::suite(max_queues)
             .into_iter()
             .filter(|w| {
                 args.workload.is_empty()
@@ -148,11 +176,9 @@ fn main() {
                     None => runs.push((server.to_string(), vec![measured])),
                 }
             };
-            let fio_file = backing.fio_file(&args.tmpfs, &args.disk);
             for _ in 0..args.rounds.max(1) {
-                if let Some(f) = fio_file.as_ref().filter(|_| wanted("fio")) {
-                    let direct = backing == Backing::RawDirect;
-                    record("fio", servers::run_fio(f, direct, &w, args.seconds));
+                if backing.has_limit() && wanted("fio") {
+                    record("fio", servers::run_fio(backing, &store, &w, args.seconds));
                 }
                 let dir = scratch(&args.out);
                 let socket = dir.path().join("bench.sock");
@@ -166,12 +192,11 @@ fn main() {
                         _ => eprintln!("bench: vhost-device-scsi not installed (tests/scripts/install-deps.sh): no peer row"),
                     }
                 } else if !backing.scsi() && wanted("qsd") {
-                    let p = servers::start_qsd(dir.path(), backing, file.as_deref(), w.queues);
+                    let p = servers::start_qsd(dir.path(), backing, &store, w.queues);
                     record("qsd", measure(&socket, backing, &w, args.seconds, &p));
                 }
                 for (name, poll) in polls.iter().filter(|(name, _)| wanted(name)) {
-                    let p =
-                        servers::start_ours(dir.path(), backing, file.as_deref(), w.queues, *poll);
+                    let p = servers::start_ours(dir.path(), backing, &store, w.queues, *poll);
                     record(name, measure(&socket, backing, &w, args.seconds, &p));
                 }
             }
