@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkioq, Completion, ReqFlags};
 
-use super::{Measured, Workload, FILE_SIZE};
+use super::{file_size, Measured, Workload};
 use crate::blkio_frontend::{Frontend, BUF_SIZE};
 use crate::rng::Rng;
 
@@ -19,7 +19,7 @@ pub const WARMUP: Duration = Duration::from_millis(300);
 pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
     let mut fe = Frontend::connect(socket, w.queues as i32);
     assert!(
-        fe.capacity >= FILE_SIZE,
+        fe.capacity >= file_size(),
         "the export is smaller than the benchmark file"
     );
     assert!(
@@ -56,7 +56,7 @@ fn queue_loop(
     end: Instant,
 ) -> Vec<u32> {
     let mut rng = Rng::new(0x5eed + index as u64);
-    let blocks = FILE_SIZE / w.block as u64;
+    let blocks = file_size() / w.block as u64;
     let span = blocks / w.queues as u64;
     let mut next_seq = index as u64 * span;
     let mut started = vec![Instant::now(); w.depth];

@@ -19,8 +19,18 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-/// Bytes of the file every row of a backing runs on.
-pub const FILE_SIZE: u64 = 512 << 20;
+/// Bytes of the file (image, device) every row of a backing runs on: 512 MiB unless
+/// [`set_file_size`] chose another (a multiple of 1 MiB).
+pub fn file_size() -> u64 {
+    FILE_SIZE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets [`file_size`], before any backing is prepared.
+pub fn set_file_size(bytes: u64) {
+    FILE_SIZE.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+static FILE_SIZE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(512 << 20);
 
 /// The access pattern of a workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

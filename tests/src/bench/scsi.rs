@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use vvu_transport::split_ring::Buffer;
 
-use super::{Measured, Workload, FILE_SIZE};
+use super::{file_size, Measured, Workload};
 use crate::frontend::{RawFrontend, DATA_START};
 use crate::rng::Rng;
 use crate::scsi_frontend::{ScsiFrontend, REQUEST_QUEUE};
@@ -35,7 +35,7 @@ pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
         fe.fe.write_mem(REQ_AT + slot as u64 * 64, &req);
     }
     let mut rng = Rng::new(0x5c51);
-    let blocks = FILE_SIZE / w.block as u64;
+    let blocks = file_size() / w.block as u64;
     let mut next_seq = 0u64;
     let mut slot_of_head = vec![usize::MAX; 1 << 16];
     let mut started = vec![Instant::now(); w.depth];

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Measured, Pattern, Workload, FILE_SIZE};
+use super::{file_size, Measured, Pattern, Workload};
 use crate::daemon::{appliance_binary, Process};
 use crate::rng::Rng;
 
@@ -107,7 +107,7 @@ impl Backing {
         !matches!(self, Backing::Qcow2Tmpfs | Backing::Null)
     }
 
-    /// Creates the data: a file of [`FILE_SIZE`] bytes of random data (so reads read data,
+    /// Creates the data: a file of [`file_size`] bytes of random data (so reads read data,
     /// and a qcow2 image has every cluster allocated), unless it exists with that size; an
     /// RBD image of that size, written in full.
     pub fn prepare(self, places: &Places) {
@@ -117,7 +117,7 @@ impl Backing {
             Store::Rbd(conf) => {
                 // Written in full: librbd answers reads of objects never written without
                 // asking an OSD (object map), which would measure nothing.
-                let size = format!("{}M", FILE_SIZE >> 20);
+                let size = format!("{}M", file_size() >> 20);
                 for args in [
                     &["create", "--size", &size, "rbd/bench"][..],
                     &[
@@ -141,7 +141,7 @@ impl Backing {
                 return;
             }
         };
-        if fs::metadata(&file).is_ok_and(|m| m.len() >= FILE_SIZE) {
+        if fs::metadata(&file).is_ok_and(|m| m.len() >= file_size()) {
             return;
         }
         let raw = if self == Backing::Qcow2Tmpfs {
@@ -151,13 +151,13 @@ impl Backing {
         };
         eprintln!(
             "bench: writing {} MiB of data to {}",
-            FILE_SIZE >> 20,
+            file_size() >> 20,
             raw.display()
         );
         let mut out = fs::File::create(&raw).expect("create benchmark file");
         let mut rng = Rng::new(42);
         let mut chunk = vec![0u8; 1 << 20];
-        for _ in 0..FILE_SIZE >> 20 {
+        for _ in 0..file_size() >> 20 {
             rng.fill(&mut chunk);
             out.write_all(&chunk).expect("fill benchmark file");
         }
@@ -192,7 +192,7 @@ pub fn start_ours(
     poll: Option<Poll>,
 ) -> Process {
     let disk = match store {
-        Store::Nothing => format!("format: null\n    size: {FILE_SIZE}"),
+        Store::Nothing => format!("format: null\n    size: {}", file_size()),
         Store::Rbd(conf) => format!(
             "format: rbd\n    rbd: {{ pool: rbd, image: bench, conf: {} }}",
             conf.display()
@@ -246,7 +246,8 @@ pub fn start_qsd(dir: &Path, backing: Backing, store: &Store, queues: usize) -> 
     let node = match store {
         Store::Nothing => {
             command.arg("--blockdev").arg(format!(
-                "driver=null-co,node-name=null0,size={FILE_SIZE},read-zeroes=on"
+                "driver=null-co,node-name=null0,size={},read-zeroes=on",
+                file_size()
             ));
             "null0"
         }
@@ -342,7 +343,7 @@ pub fn run_fio(backing: Backing, store: &Store, w: &Workload, seconds: f64) -> M
         .arg(format!("--bs={}", w.block))
         .arg(format!("--iodepth={}", w.depth))
         .arg(format!("--numjobs={}", w.queues))
-        .arg(format!("--size={FILE_SIZE}"))
+        .arg(format!("--size={}", file_size()))
         .arg(format!("--runtime={seconds}"))
         .arg(format!("--ramp_time={}", super::blk::WARMUP.as_secs_f64()))
         .args([
@@ -357,7 +358,7 @@ pub fn run_fio(backing: Backing, store: &Store, w: &Workload, seconds: f64) -> M
     if w.pattern.sequential() && w.queues > 1 {
         command.arg(format!(
             "--offset_increment={}",
-            FILE_SIZE / w.queues as u64
+            file_size() / w.queues as u64
         ));
     }
     let out = command

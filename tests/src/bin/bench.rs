@@ -51,6 +51,9 @@ struct Args {
     /// Busy-poll budget of the ours-poll rows, µs (0: no poll rows).
     #[arg(long, default_value_t = 32)]
     poll_us: u32,
+    /// MiB of the file (image) each backing's rows run on.
+    #[arg(long, default_value_t = 512)]
+    size_mib: u64,
     /// Directory for bench.json and bench.svg.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -89,6 +92,7 @@ fn measure(socket: &Path, backing: Backing, w: &Workload, seconds: f64, p: &Proc
 
 fn main() {
     let args = Args::parse();
+    bench::set_file_size(args.size_mib.max(8) << 20);
     let backings: Vec<Backing> = Backing::ALL
         .into_iter()
         .filter(|b| args.backing.is_empty() || args.backing.iter().any(|n| n == b.name()))
@@ -247,7 +251,7 @@ fn vvu_rows(args: &Args, rows: &mut Vec<Row>) {
     use appliance_tests::appliance_vm::{self, ApplianceVmOptions, VvuSocket};
     let exports = format!(
         "exports:\n  - name: bench\n    type: blk\n    vvu: 0000:00:10.0\n    format: null\n    size: {}\n    num_queues: 4\n",
-        bench::FILE_SIZE
+        bench::file_size()
     );
     let sockets = scratch(&args.out);
     let options = ApplianceVmOptions::new(&exports, vec![VvuSocket::at("bench.sock")], 1);
