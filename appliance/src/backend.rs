@@ -397,7 +397,8 @@ impl VirtioBackend {
             vring.get_ref().get_queue().ready() && !self.quiesced.load(Ordering::SeqCst)
         };
         loop {
-            if let Some(vring) = vring {
+            // A ring that is not set up (or an export stopping) is not written to.
+            if let Some(vring) = vring.filter(|v| serving(v)) {
                 vring.disable_notification().map_err(queue_error)?;
             }
             worker.queue.set_completion_notify(false);
