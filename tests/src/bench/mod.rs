@@ -133,6 +133,31 @@ pub fn suite(max_queues: usize) -> Vec<Workload> {
     all
 }
 
+/// The measured part of a run: requests completing in `[from, end)` count.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub from: std::time::Instant,
+    pub end: std::time::Instant,
+}
+
+impl Window {
+    /// Records the latency (ns) of a request started at `started` and completed at `now`
+    /// if `now` is inside the window; returns whether the run goes on (a new request
+    /// should take its place).
+    pub fn complete(
+        &self,
+        lat: &mut Vec<u32>,
+        started: std::time::Instant,
+        now: std::time::Instant,
+    ) -> bool {
+        if now >= self.from && now < self.end {
+            let ns = now.duration_since(started).as_nanos();
+            lat.push(u32::try_from(ns).unwrap_or(u32::MAX));
+        }
+        now < self.end
+    }
+}
+
 /// What one run of a workload gave.
 #[derive(Debug, Clone, Default)]
 pub struct Measured {
