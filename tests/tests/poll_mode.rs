@@ -24,11 +24,11 @@ exports:
     path: @DIR@/vol0.raw
     create: {{ size: 64M }}
     num_queues: 2
-    poll: {{ max_us: 200, adaptive: {adaptive} }}
+    poll: {{ max_us: 1000, adaptive: {adaptive} }}
   - name: db
     type: scsi
     socket: @DIR@/db.sock
-    poll: {{ max_us: 200, adaptive: {adaptive} }}
+    poll: {{ max_us: 1000, adaptive: {adaptive} }}
     luns:
       - path: @DIR@/db0.raw
         create: {{ size: 16M }}
