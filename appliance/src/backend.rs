@@ -14,6 +14,10 @@
 //! Each worker also counts its queue's kicks (a vring event: [`VirtioBackend::handle_event`]
 //! calling `process_queue`) and notifications (used-ring signals in `Worker::publish`) in the
 //! queue's own [`QueueStats`], which the metrics collector reads without this lock.
+//!
+//! With INFLIGHT_SHMFD negotiated, each worker records the chains it accepts in its region
+//! of the frontend's inflight area and clears them as they go on the used ring; a worker
+//! given a region re-runs what it holds first (`crate::inflight`).
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -33,6 +37,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::inflight::{self, InflightArea, InflightQueue};
 use crate::metrics::ConnectionStats;
 use crate::vring::SessionVring;
 
@@ -50,6 +55,10 @@ struct Worker {
     done: Vec<Completed>,
     /// The queue's counters (kicks and notifications are counted here).
     stats: Option<Arc<QueueStats>>,
+    /// The queue's region of the frontend's inflight area (INFLIGHT_SHMFD), if any.
+    inflight: Option<InflightQueue>,
+    /// The region was (re)installed: re-run what it holds before popping new chains.
+    recover_inflight: bool,
 }
 
 impl Worker {
@@ -63,10 +72,21 @@ impl Worker {
             self.queue.published();
             return;
         };
+        let heads: Vec<u16> = match &self.inflight {
+            Some(inflight) => {
+                let heads: Vec<u16> = self.done.iter().map(|c| c.head).collect();
+                inflight.prepare_batch(&heads);
+                heads
+            }
+            None => Vec::new(),
+        };
         for c in self.done.drain(..) {
             if let Err(e) = vring.add_used(c.head, c.used_len) {
                 tracing::warn!("cannot add to the used ring: {e:?}");
             }
+        }
+        if let Some(inflight) = &self.inflight {
+            inflight.finish_batch(&heads, vring.get_ref().get_queue().next_used());
         }
         match vring.needs_notification() {
             Ok(false) => {}
@@ -91,6 +111,40 @@ impl Worker {
         let completed = self.done.len();
         self.publish();
         completed
+    }
+
+    /// Re-runs the requests the inflight region holds (accepted by an earlier daemon or
+    /// connection, never completed), oldest first, and resumes the ring after them.
+    fn resubmit_inflight(&mut self, vring: &Vring, mem: &GuestRam) {
+        self.recover_inflight = false;
+        let Some(inflight) = self.inflight.as_mut() else {
+            return;
+        };
+        let used = match vring.queue_used_idx() {
+            Ok(used) => used,
+            Err(e) => {
+                tracing::warn!("cannot read the used index to recover in-flight requests: {e}");
+                return;
+            }
+        };
+        let heads = inflight.recover(used);
+        vring.resume(used.wrapping_add(heads.len() as u16), used);
+        if !heads.is_empty() {
+            tracing::info!(
+                requests = heads.len(),
+                "re-running requests in flight at the last disconnect"
+            );
+        }
+        let state = vring.get_ref().get_queue().state();
+        for head in heads {
+            let (queue, done) = (&mut self.queue, &mut self.done);
+            let rerun = inflight::with_chain(mem, state.clone(), head, |chain| {
+                queue.resubmit_chain(chain, mem, done)
+            });
+            if let Err(e) = rerun {
+                tracing::error!(head, "cannot re-run an in-flight request: {e}");
+            }
+        }
     }
 }
 
@@ -139,6 +193,8 @@ impl VirtioBackend {
                         vring: None,
                         done: Vec::new(),
                         stats: stats.clone(),
+                        inflight: None,
+                        recover_inflight: false,
                     })
                 })
                 .collect(),
@@ -230,6 +286,7 @@ impl VirtioBackend {
     /// vhost-user-backend left open, so a connection leaves nothing behind.
     pub fn end_session(&self) {
         self.disconnected();
+        self.set_inflight(None);
         *self.memory.write().unwrap_or_else(|p| p.into_inner()) =
             GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let fds = std::mem::take(
@@ -252,6 +309,18 @@ impl VirtioBackend {
     /// before the first connection, by the transport that serves the export).
     pub fn set_guest_memory_pinnable(&self, pinnable: bool) {
         self.pinnable.store(pinnable, Ordering::Relaxed);
+    }
+
+    /// Installs the frontend's inflight area (SET_INFLIGHT_FD), or removes it (`None`): each
+    /// queue records its requests in its region from now on and, on its next kick, first
+    /// re-runs what the region holds.
+    pub fn set_inflight(&self, area: Option<&InflightArea>) {
+        for i in 0..self.workers.len() {
+            if let Some(mut w) = self.worker(i) {
+                w.inflight = area.and_then(|a| a.queue(i));
+                w.recover_inflight = w.inflight.is_some();
+            }
+        }
     }
 
     /// The guest memory table now, as the transport maps it.
@@ -286,6 +355,9 @@ impl VirtioBackend {
         let mut mem = self.current_memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let worker = &mut *worker;
+        if worker.recover_inflight {
+            worker.resubmit_inflight(vring, &mem);
+        }
         loop {
             if event_idx {
                 vring.disable_notification().map_err(queue_error)?;
@@ -293,6 +365,9 @@ impl VirtioBackend {
             loop {
                 let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
                 let Some(chain) = chain else { break };
+                if let Some(inflight) = worker.inflight.as_mut() {
+                    inflight.begin(chain.head_index());
+                }
                 // The frontend may have added memory (ADD_MEM_REG, SET_MEM_TABLE) after
                 // this loop took its snapshot and before it made this chain available: the
                 // chain's buffers are then only in the new table. Making the chain visible
@@ -359,6 +434,7 @@ impl VhostUserBackend for VirtioBackend {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         let features = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE;
         if self.device.offers_config() {

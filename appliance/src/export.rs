@@ -526,7 +526,7 @@ fn run_connection(
             }
         }
     }
-    let relayed = relay::relay(&frontend, &inner, &connection.channel);
+    let relayed = relay::relay(&frontend, &inner, &connection.channel, &**backend);
     connection.channel.clear();
     // Whichever side ended the connection, the other one ends with it.
     let _ = inner.shutdown(std::net::Shutdown::Both);

@@ -19,6 +19,7 @@
 mod backend;
 mod export;
 mod http;
+mod inflight;
 mod metrics;
 mod process;
 mod relay;

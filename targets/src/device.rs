@@ -89,6 +89,17 @@ pub trait QueueHandler: Send {
         mem: &GuestRam,
         done: &mut Vec<Completed>,
     );
+    /// Handles a chain accepted before a restart of the device (a daemon that crashed, as
+    /// the vhost-user inflight area records) and never completed: runs it again, unless the
+    /// queue says otherwise (a virtio-scsi task management function is not re-run).
+    fn resubmit_chain(
+        &mut self,
+        chain: DescriptorChain<&Memory>,
+        mem: &GuestRam,
+        done: &mut Vec<Completed>,
+    ) {
+        self.handle_chain(chain, mem, done);
+    }
     /// Hands queued disk I/O to the kernel.
     fn submit(&mut self) -> io::Result<()> {
         Ok(())
