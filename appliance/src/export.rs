@@ -325,6 +325,8 @@ fn open_sized(spec: &Disk) -> anyhow::Result<Arc<dyn targets::disk::Disk>> {
     if let Some(size) = spec.size {
         resize::apply_size(&*disk, size)?;
     }
+    #[cfg(feature = "fault-injection")]
+    let disk = crate::faults::wrap(disk)?;
     Ok(disk)
 }
 

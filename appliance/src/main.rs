@@ -18,6 +18,8 @@
 
 mod backend;
 mod export;
+#[cfg(feature = "fault-injection")]
+mod faults;
 mod http;
 mod inflight;
 mod metrics;
