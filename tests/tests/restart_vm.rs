@@ -1,0 +1,177 @@
+//! A consumer guest keeps its data while the daemon crashes under it: fio randwrite at QD32
+//! with crc32c verification runs on a virtio-blk and a virtio-scsi LUN of one host-mode
+//! daemon, which is SIGKILLed and started again five times during the write phase. QEMU
+//! reconnects (`reconnect-ms`), hands the new daemon the inflight area it kept, and the
+//! daemon re-runs the requests that were in flight. fio must finish, its verify pass must be
+//! clean, and the guest's kernel log must show no I/O error.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use appliance_tests::daemon::{appliance_binary, scratch_dir, Appliance};
+use appliance_tests::vm::{Vm, VmOptions};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const KILLS: usize = 5;
+
+fn config(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "exports:
+  - name: blk
+    type: blk
+    socket: {d}/blk.sock
+    path: {d}/blk.raw
+    create: {{ size: 160M }}
+  - name: scsi
+    type: scsi
+    socket: {d}/scsi.sock
+    luns:
+      - path: {d}/scsi.raw
+        create: {{ size: 160M }}
+"
+    )
+}
+
+fn start(dir: &Path) -> Appliance {
+    let mut appliance =
+        Appliance::start_command(Command::new(appliance_binary()), &config(dir), &[]);
+    for socket in ["blk.sock", "scsi.sock"] {
+        appliance
+            .process
+            .wait_for_path(&dir.join(socket), Duration::from_secs(20));
+    }
+    appliance
+}
+
+/// The fio job of one disk: random 4 KiB writes at QD32 over 128 MiB, each block written
+/// once with a crc32c header, then read back and verified; in the background, its exit
+/// status in /tmp/$NAME.rc.
+fn fio_in_background(name: &str, dev: &str) -> String {
+    format!(
+        "(fio --name={name} --filename={dev} --ioengine=io_uring --iodepth=32 --direct=1 \
+         --rw=randwrite --bs=4k --size=128M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+         --randrepeat=0 --minimal > /tmp/{name}.out 2>&1; echo $? > /tmp/{name}.rc) \
+         </dev/null >/dev/null 2>&1 &"
+    )
+}
+
+#[test]
+#[ignore = "full tier (tests/run.sh): boots a QEMU guest"]
+fn guest_fio_verify_survives_five_daemon_crashes_on_blk_and_scsi() {
+    let data = scratch_dir();
+    let dir = data.path();
+    let mut daemon = start(dir);
+    let chardev = |id: &str| {
+        format!(
+            "socket,id={id},path={},reconnect-ms=1000",
+            dir.join(format!("{id}.sock")).display()
+        )
+    };
+    let mut vm = Vm::boot(&VmOptions {
+        extra_args: vec![
+            "-chardev".into(),
+            chardev("blk"),
+            "-device".into(),
+            "vhost-user-blk-pci,id=blk,chardev=blk,num-queues=1".into(),
+            "-chardev".into(),
+            chardev("scsi"),
+            "-device".into(),
+            "vhost-user-scsi-pci,id=scsi,chardev=scsi,num_queues=1".into(),
+        ],
+        ..VmOptions::default()
+    });
+    let blk = vm.wait_for_blk("blk", Duration::from_secs(30));
+    let disks = vm.run_ok(
+        "i=0; while ! ls -d /sys/bus/scsi/devices/*:0:0:0/block/* >/dev/null 2>&1 && [ $i -lt 150 ]; \
+         do sleep 0.2; i=$((i+1)); done; basename $(ls -d /sys/bus/scsi/devices/*:0:0:0/block/*)",
+        MINUTE,
+    );
+    let scsi = disks.lines().last().unwrap().trim().to_string();
+    vm.run_ok(
+        &format!(
+            "dmesg -c >/dev/null; {}\n{}",
+            fio_in_background("blk", &format!("/dev/{blk}")),
+            fio_in_background("scsi", &format!("/dev/{scsi}"))
+        ),
+        MINUTE,
+    );
+
+    let started = Instant::now();
+    let mut reruns = 0;
+    for kill in 1..=KILLS {
+        // Let I/O flow (and requests pile up in flight) before each crash.
+        std::thread::sleep(Duration::from_millis(1500));
+        let running = vm.run_ok("ls /tmp/*.rc 2>/dev/null | wc -l", MINUTE);
+        assert_eq!(
+            running.lines().last().unwrap().trim(),
+            "0",
+            "fio finished before crash {kill}: the workload is too short to test anything"
+        );
+        daemon.process.signal(libc::SIGKILL).expect("SIGKILL");
+        daemon.process.wait_exit(MINUTE);
+        reruns += daemon
+            .process
+            .log()
+            .matches("re-running requests in flight")
+            .count();
+        for socket in ["blk.sock", "scsi.sock"] {
+            std::fs::remove_file(dir.join(socket)).expect("remove a dead socket");
+        }
+        daemon = start(dir);
+        // QEMU reconnects within reconnect-ms.
+        daemon.process.wait_for_log("frontend connected", 2, MINUTE);
+        eprintln!(
+            "crash {kill}: daemon restarted and reconnected after {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    let finished = vm.run_ok(
+        "i=0; while [ $(ls /tmp/*.rc 2>/dev/null | wc -l) -lt 2 ] && [ $i -lt 1500 ]; do sleep 0.2; i=$((i+1)); done; \
+         echo blk=$(cat /tmp/blk.rc) scsi=$(cat /tmp/scsi.rc); cat /tmp/blk.out /tmp/scsi.out; \
+         echo DMESG; dmesg",
+        10 * MINUTE,
+    );
+    reruns += daemon
+        .process
+        .log()
+        .matches("re-running requests in flight")
+        .count();
+    eprintln!("guest after {KILLS} crashes ({reruns} recoveries re-ran requests):\n{finished}");
+    assert!(finished.contains("blk=0 scsi=0"), "fio failed:\n{finished}");
+    let dmesg = finished
+        .split("DMESG")
+        .nth(1)
+        .unwrap_or_default()
+        .to_lowercase();
+    for bad in [
+        "error",
+        "not a head",
+        "broken",
+        "critical",
+        "abort",
+        "timing out",
+        "fail",
+    ] {
+        assert!(
+            !dmesg.contains(bad),
+            "guest kernel log has {bad:?}:\n{dmesg}"
+        );
+    }
+    // Each restarted SCSI target reports its power-on reset (a unit attention, which the
+    // initiator logs and retries), as a real one does.
+    assert_eq!(
+        dmesg.matches("power-on or device reset occurred").count(),
+        KILLS,
+        "{dmesg}"
+    );
+    assert!(
+        reruns > 0,
+        "no crash found a request in flight: the test did not exercise recovery"
+    );
+}
