@@ -138,7 +138,7 @@ impl Worker {
         let state = vring.get_ref().get_queue().state();
         for head in heads {
             let (queue, done) = (&mut self.queue, &mut self.done);
-            let rerun = inflight::with_chain(mem, state.clone(), head, |chain| {
+            let rerun = inflight::with_chain(mem, state, head, |chain| {
                 queue.resubmit_chain(chain, mem, done)
             });
             if let Err(e) = rerun {

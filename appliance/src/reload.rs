@@ -246,7 +246,7 @@ impl Exports {
             config::Transport::Socket(path) => SocketSource::Path(path, &config.socket_permissions),
             config::Transport::Vvu(device) => SocketSource::Vvu(device),
         };
-        match RunningExport::start(export, socket) {
+        match RunningExport::start(export, socket, Some(&config.state_dir)) {
             Ok(running) => {
                 self.failed.remove(&export.name);
                 self.metrics.add_export(export, running.backend());

@@ -500,6 +500,13 @@ impl RawFrontend {
         payload.to_vec()
     }
 
+    /// Writes `data` at `offset` of the device config space (SET_CONFIG).
+    pub fn set_config(&mut self, offset: u32, data: &[u8]) {
+        self.frontend
+            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+            .expect("SET_CONFIG");
+    }
+
     /// Writes bytes to guest memory.
     pub fn write_mem(&self, addr: u64, data: &[u8]) {
         self.mem

@@ -37,10 +37,10 @@ fn config(dir: &Path, kind: &str) -> String {
     let d = dir.display();
     match kind {
         "blk" => format!(
-            "exports:\n  - name: e\n    type: blk\n    socket: {d}/e.sock\n    path: {d}/e.raw\n    create: {{ size: 16M }}\n    queue_size: 16\n"
+            "state_dir: {d}/state\nexports:\n  - name: e\n    type: blk\n    socket: {d}/e.sock\n    path: {d}/e.raw\n    create: {{ size: 16M }}\n    queue_size: 16\n"
         ),
         _ => format!(
-            "exports:\n  - name: e\n    type: scsi\n    socket: {d}/e.sock\n    queue_size: 16\n    luns:\n      - path: {d}/e.raw\n        create: {{ size: 16M }}\n"
+            "state_dir: {d}/state\nexports:\n  - name: e\n    type: scsi\n    socket: {d}/e.sock\n    queue_size: 16\n    luns:\n      - path: {d}/e.raw\n        create: {{ size: 16M }}\n"
         ),
     }
 }
@@ -314,5 +314,27 @@ fn scsi_command_in_flight_at_a_crash_is_rerun_and_the_tmf_waiting_for_it_is_not(
         file_bytes(dir.path(), 4096),
         vec![0xbb; LEN as usize],
         "B is on disk"
+    );
+}
+
+#[test]
+fn a_blk_drivers_write_cache_choice_survives_a_daemon_crash() {
+    let dir = scratch_dir();
+    let daemon = start(appliance_binary(), dir.path(), "blk", None);
+    let socket = dir.path().join("e.sock");
+    let mut fe = RawFrontend::connect(&socket, 16, u64::MAX);
+    assert_eq!(fe.config(33)[32], 1, "writeback by default");
+    // The guest switches to writethrough (Linux: cache_type "write through").
+    fe.set_config(32, &[0]);
+    assert_eq!(fe.config(33)[32], 0);
+    kill(daemon, dir.path());
+    let mut daemon = start(appliance_binary(), dir.path(), "blk", None);
+    // QEMU would not read the config space again; the daemon must still agree with it.
+    let mut again = RawFrontend::connect(&socket, 16, u64::MAX);
+    assert_eq!(again.config(33)[32], 0, "writethrough after the restart");
+    daemon.process.wait_for_log(
+        "the driver's write cache choice, saved before a restart, applies",
+        1,
+        TIMEOUT,
     );
 }
