@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces dashboard.png from real data: bench-backends drives the daemon (4k random
+# Reproduces dashboard.png from real data: dashboard-load drives the daemon (4k random
 # writes and reads at queue depth 32 through libblkio, raw then qcow2 exports), the
 # Prometheus server of bookworm's `prometheus` package scrapes its /metrics every second,
 # and render_panels.py evaluates every panel of dashboard.json on that Prometheus and
@@ -42,7 +42,7 @@ trap 'kill "$prometheus" 2>/dev/null; wait "$prometheus" 2>/dev/null; rm -rf "$w
 
 start=$(date +%s)
 sleep 3
-BENCH_METRICS_LISTEN=$listen target/release/bench-backends "$secs" raw qcow2
+BENCH_METRICS_LISTEN=$listen target/release/dashboard-load "$secs" raw qcow2
 sleep 5
 end=$(date +%s)
 "$py" appliance/grafana/render_panels.py --prometheus "http://$api" \

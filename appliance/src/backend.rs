@@ -23,6 +23,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
 
 use targets::blk::Memory;
 use targets::device::{Completed, QueueHandler, VirtioDevice};
@@ -39,6 +40,7 @@ use vmm_sys_util::event::{
 
 use crate::inflight::{self, InflightArea, InflightQueue};
 use crate::metrics::ConnectionStats;
+use crate::poll::Poller;
 use crate::vring::SessionVring;
 
 /// The vring type of every export.
@@ -55,6 +57,8 @@ struct Worker {
     done: Vec<Completed>,
     /// The queue's counters (kicks and notifications are counted here).
     stats: Option<Arc<QueueStats>>,
+    /// Busy-polling state, with the export's `poll:`.
+    poller: Option<Poller>,
     /// The queue's region of the frontend's inflight area (INFLIGHT_SHMFD), if any.
     inflight: Option<InflightQueue>,
     /// The region was (re)installed: re-run what it holds before popping new chains.
@@ -180,7 +184,11 @@ pub fn completion_event(num_queues: usize) -> u64 {
 
 impl VirtioBackend {
     /// A backend over `device`, with one queue handler per virtqueue.
-    pub fn new(device: Arc<dyn VirtioDevice>, queues: Vec<Box<dyn QueueHandler>>) -> Self {
+    pub fn new(
+        device: Arc<dyn VirtioDevice>,
+        queues: Vec<Box<dyn QueueHandler>>,
+        poll: Option<config::Poll>,
+    ) -> Self {
         let stats: Vec<_> = queues.iter().map(|q| q.stats()).collect();
         VirtioBackend {
             device,
@@ -188,11 +196,17 @@ impl VirtioBackend {
                 .into_iter()
                 .zip(&stats)
                 .map(|(queue, stats)| {
+                    // Only queues with disk I/O poll (not virtio-scsi's control and event
+                    // queues).
+                    let poller = poll
+                        .filter(|_| queue.completion_fd().is_some())
+                        .map(Poller::new);
                     Mutex::new(Worker {
                         queue,
                         vring: None,
                         done: Vec::new(),
                         stats: stats.clone(),
+                        poller,
                         inflight: None,
                         recover_inflight: false,
                     })
@@ -351,42 +365,20 @@ impl VirtioBackend {
         if worker.vring.is_none() {
             worker.vring = Some(vring.clone());
         }
-        let mut generation = self.memory_generation.load(Ordering::Acquire);
-        let mut mem = self.current_memory();
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
         let worker = &mut *worker;
         if worker.recover_inflight {
-            worker.resubmit_inflight(vring, &mem);
+            worker.resubmit_inflight(vring, &self.current_memory());
         }
+        if worker.poller.is_some() {
+            return self.serve_polling(worker, Some(vring));
+        }
+        let mut mem = MemoryView::new(self);
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 vring.disable_notification().map_err(queue_error)?;
             }
-            loop {
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
-                let Some(chain) = chain else { break };
-                if let Some(inflight) = worker.inflight.as_mut() {
-                    inflight.begin(chain.head_index());
-                }
-                // The frontend may have added memory (ADD_MEM_REG, SET_MEM_TABLE) after
-                // this loop took its snapshot and before it made this chain available: the
-                // chain's buffers are then only in the new table. Making the chain visible
-                // came after the table change (the handler bumps the generation before it
-                // acknowledges), so checking after the pop is enough.
-                let now = self.memory_generation.load(Ordering::Acquire);
-                if now == generation {
-                    worker.queue.handle_chain(chain, &mem, &mut worker.done);
-                } else {
-                    let fresh = self.current_memory();
-                    worker.queue.handle_chain(chain, &fresh, &mut worker.done);
-                    mem = fresh;
-                    generation = now;
-                }
-            }
-            if let Err(e) = worker.queue.submit() {
-                tracing::error!("submitting I/O failed: {e}");
-            }
-            worker.publish();
+            self.take_available(worker, vring, &mut mem);
             if !event_idx || !vring.enable_notification().map_err(queue_error)? {
                 break;
             }
@@ -394,16 +386,169 @@ impl VirtioBackend {
         Ok(())
     }
 
-    fn process_completions(&self, index: usize) {
-        if let Some(mut worker) = self.worker(index) {
-            let worker = &mut *worker;
-            worker.queue.reap(&mut worker.done);
-            // Resubmissions (e.g. a write-zeroes fallback) may have been queued while reaping.
-            if let Err(e) = worker.queue.submit() {
-                tracing::error!("submitting I/O failed: {e}");
+    /// Pops every chain available on `vring` into the queue's handler, hands the disk I/O
+    /// to the kernel and publishes what completed at once.
+    fn take_available(&self, worker: &mut Worker, vring: &Vring, mem: &mut MemoryView) {
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(&*mem.ram);
+            let Some(chain) = chain else { break };
+            if let Some(inflight) = worker.inflight.as_mut() {
+                inflight.begin(chain.head_index());
             }
-            worker.publish();
+            // The frontend may have added memory (ADD_MEM_REG, SET_MEM_TABLE) after the
+            // view took its snapshot and before it made this chain available: the chain's
+            // buffers are then only in the new table. Making the chain visible came after
+            // the table change (the handler bumps the generation before it acknowledges),
+            // so checking after the pop is enough.
+            match mem.newer(self) {
+                None => worker.queue.handle_chain(chain, &mem.ram, &mut worker.done),
+                Some((fresh, generation)) => {
+                    worker.queue.handle_chain(chain, &fresh, &mut worker.done);
+                    *mem = MemoryView {
+                        ram: fresh,
+                        generation,
+                    };
+                }
+            }
         }
+        if let Err(e) = worker.queue.submit() {
+            tracing::error!("submitting I/O failed: {e}");
+        }
+        worker.publish();
+    }
+
+    fn process_completions(&self, index: usize) -> io::Result<()> {
+        let Some(mut worker) = self.worker(index) else {
+            return Ok(());
+        };
+        let worker = &mut *worker;
+        if worker.poller.is_some() {
+            let vring = worker.vring.clone();
+            return self.serve_polling(worker, vring.as_ref());
+        }
+        worker.queue.reap(&mut worker.done);
+        // Resubmissions (e.g. a write-zeroes fallback) may have been queued while reaping.
+        if let Err(e) = worker.queue.submit() {
+            tracing::error!("submitting I/O failed: {e}");
+        }
+        worker.publish();
+        Ok(())
+    }
+
+    /// Serves the queue with busy-polling (the export's `poll:`): handles what is there,
+    /// then keeps checking the avail ring and the disk completions for the poller's window
+    /// with guest kicks and completion signals off, and turns them back on only to sleep.
+    fn serve_polling(&self, worker: &mut Worker, vring: Option<&Vring>) -> io::Result<()> {
+        let Some(mut poller) = worker.poller.take() else {
+            return Ok(());
+        };
+        poller.woke(Instant::now());
+        let result = self.poll_loop(worker, vring, &mut poller);
+        worker.poller = Some(poller);
+        result
+    }
+
+    fn poll_loop(
+        &self,
+        worker: &mut Worker,
+        vring: Option<&Vring>,
+        poller: &mut Poller,
+    ) -> io::Result<()> {
+        let mut mem = MemoryView::new(self);
+        let serving = |vring: &Vring| {
+            vring.get_ref().get_queue().ready() && !self.quiesced.load(Ordering::SeqCst)
+        };
+        loop {
+            if let Some(vring) = vring {
+                vring.disable_notification().map_err(queue_error)?;
+            }
+            worker.queue.set_completion_notify(false);
+            loop {
+                if worker.queue.poll_ready() {
+                    worker.queue.reap(&mut worker.done);
+                }
+                match vring {
+                    Some(vring) if serving(vring) => self.take_available(worker, vring, &mut mem),
+                    _ => {
+                        if let Err(e) = worker.queue.submit() {
+                            tracing::error!("submitting I/O failed: {e}");
+                        }
+                        worker.publish();
+                    }
+                }
+                // The window starts even when it is empty: the time until the next work
+                // is what adapts it.
+                let start = Instant::now();
+                poller.start(start);
+                let window = poller.window();
+                if window.is_zero() {
+                    break;
+                }
+                let found = loop {
+                    if worker.queue.poll_ready()
+                        || vring.is_some_and(|v| serving(v) && avail_pending(v, &mem.ram))
+                    {
+                        break true;
+                    }
+                    if start.elapsed() >= window {
+                        break false;
+                    }
+                    std::hint::spin_loop();
+                };
+                if !found {
+                    break;
+                }
+                poller.found();
+                if let Some(stats) = &worker.stats {
+                    bump(&stats.polled, 1);
+                }
+            }
+            // About to sleep: signals back on, then one more look for what came meanwhile.
+            worker.queue.set_completion_notify(true);
+            let more = match vring {
+                Some(vring) if serving(vring) => {
+                    vring.enable_notification().map_err(queue_error)?
+                }
+                _ => false,
+            };
+            if !more && !worker.queue.poll_ready() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Whether the driver made chains available that the device has not popped yet.
+fn avail_pending(vring: &Vring, mem: &Memory) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
+/// The guest memory table a worker uses, re-read when the frontend changed it.
+struct MemoryView {
+    ram: GuestRam,
+    generation: u64,
+}
+
+impl MemoryView {
+    fn new(backend: &VirtioBackend) -> Self {
+        let generation = backend.memory_generation.load(Ordering::Acquire);
+        MemoryView {
+            ram: backend.current_memory(),
+            generation,
+        }
+    }
+
+    /// The current table and its generation, if the frontend changed it since.
+    fn newer(&self, backend: &VirtioBackend) -> Option<(GuestRam, u64)> {
+        let now = backend.memory_generation.load(Ordering::Acquire);
+        (now != self.generation).then(|| (backend.current_memory(), now))
     }
 }
 
@@ -522,10 +667,7 @@ impl VhostUserBackend for VirtioBackend {
                 Some(vring) => self.process_queue(thread_id, vring),
                 None => Ok(()),
             },
-            e if e as u64 == completion_event(num_queues) => {
-                self.process_completions(thread_id);
-                Ok(())
-            }
+            e if e as u64 == completion_event(num_queues) => self.process_completions(thread_id),
             other => Err(io::Error::other(format!("unknown event {other}"))),
         };
         if let Err(e) = &result {

@@ -323,6 +323,7 @@ fn open_sized(spec: &Disk) -> anyhow::Result<Arc<dyn targets::disk::Disk>> {
         format: match spec.format {
             BackingFormat::Raw => Format::Raw,
             BackingFormat::Qcow2 => Format::Qcow2,
+            BackingFormat::Null => Format::Null,
         },
         readonly: spec.readonly,
         direct: spec.direct,
@@ -374,7 +375,7 @@ fn build_blk(export: &Export, spec: &Disk, state_dir: Option<&Path>) -> anyhow::
         backing: disk,
     };
     Ok((
-        Arc::new(VirtioBackend::new(device, queues)),
+        Arc::new(VirtioBackend::new(device, queues, export.poll)),
         handle,
         vec![disk],
     ))
@@ -444,7 +445,11 @@ fn build_scsi(export: &Export, specs: &[ScsiLun]) -> anyhow::Result<Built> {
             backing,
         })
         .collect();
-    Ok((Arc::new(VirtioBackend::new(device, queues)), handle, disks))
+    Ok((
+        Arc::new(VirtioBackend::new(device, queues, export.poll)),
+        handle,
+        disks,
+    ))
 }
 
 /// Accept loop of one export; runs until the export stops.

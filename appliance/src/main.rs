@@ -23,6 +23,7 @@ mod faults;
 mod http;
 mod inflight;
 mod metrics;
+mod poll;
 mod process;
 mod relay;
 mod reload;
@@ -261,6 +262,7 @@ fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {
             create: None,
             size: None,
             luns: None,
+            poll: None,
         },
         &std::env::current_dir().context("cannot read the current directory")?,
     )?;

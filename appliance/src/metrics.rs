@@ -27,7 +27,7 @@
 //!   `request_duration_seconds{op}` (histogram), `scsi_check_conditions_total{sense_key}`,
 //!   all with `export` and `lun`;
 //! - queue: `queue_requests_total`, `queue_inflight_requests`, `queue_kicks_total`,
-//!   `queue_notifications_total`, `queue_malformed_requests_total`, with `export`, `queue`.
+//!   `queue_notifications_total`, `queue_polled_events_total`, `queue_malformed_requests_total`, with `export`, `queue`.
 //!
 //! Small fixed label sets are always written (zeroes included) so `rate()` sees the first
 //! increment; the sparse per-LUN failure families (`requests_failed_total`,

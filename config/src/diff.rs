@@ -4,7 +4,7 @@
 //! them, so a refusal can point at the line. A `size:` change is an [`ExportChange::Size`]
 //! of its own: reload grows the device for it, where every other setting is refused.
 
-use crate::validate::{Config, Device, Disk, Export, ScsiLun, Transport};
+use crate::validate::{Config, Device, Disk, Export, Poll, ScsiLun, Transport};
 
 /// Exports added, removed and changed between an old and a new config.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -150,6 +150,11 @@ pub fn export_changes(old: &Export, new: &Export) -> Vec<ExportChange> {
         old.queue_size.to_string(),
         new.queue_size.to_string(),
     );
+    let poll = |p: &Option<Poll>| match p {
+        None => "off".to_string(),
+        Some(p) => format!("{{ max_us: {}, adaptive: {} }}", p.max_us, p.adaptive),
+    };
+    setting("poll", None, poll(&old.poll), poll(&new.poll));
     match (&old.device, &new.device) {
         (Device::Blk(a), Device::Blk(b)) => {
             disk_changes(a, b, None, &mut setting);

@@ -1,7 +1,15 @@
 //! The on-disk shape of `exports.yaml`. Every struct refuses unknown fields so a typo is an
 //! error with a line number, never a silently ignored setting.
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+
+/// `format:` as written. Present but YAML null (`format: null`, unquoted) is the null
+/// format, not "no format given": an operator writing it means the null backing.
+fn format_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Some(
+        Option::<String>::deserialize(d)?.unwrap_or_else(|| "null".to_string()),
+    ))
+}
 
 /// Top level of `exports.yaml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -74,7 +82,8 @@ pub struct ExportFile {
     pub vvu: Option<String>,
     /// Backing file or block device.
     pub path: Option<String>,
-    /// `raw` or `qcow2`.
+    /// `raw`, `qcow2` or `null` (a bare YAML `null` means the null format too).
+    #[serde(default, deserialize_with = "format_name")]
     pub format: Option<String>,
     /// Refuse writes.
     pub readonly: Option<bool>,
@@ -96,6 +105,19 @@ pub struct ExportFile {
     pub size: Option<SizeValue>,
     /// The logical units of a `scsi` export.
     pub luns: Option<Vec<LunFile>>,
+    /// Busy-polling of the virtqueues and disk completions before a worker sleeps.
+    pub poll: Option<PollFile>,
+}
+
+/// `poll:` of an export.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollFile {
+    /// Longest busy-poll before sleeping, in µs (0: off).
+    pub max_us: u32,
+    /// Adapt the poll time to how soon work arrives (default true), or always poll
+    /// `max_us`.
+    pub adaptive: Option<bool>,
 }
 
 /// One entry of a scsi export's `luns:`.
@@ -106,7 +128,8 @@ pub struct LunFile {
     pub lun: Option<u16>,
     /// Backing file or block device.
     pub path: Option<String>,
-    /// `raw`.
+    /// `raw`, `qcow2` or `null` (a bare YAML `null` means the null format too).
+    #[serde(default, deserialize_with = "format_name")]
     pub format: Option<String>,
     /// Refuse writes.
     pub readonly: Option<bool>,

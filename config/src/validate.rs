@@ -66,6 +66,9 @@ pub enum BackingFormat {
     Raw,
     /// qcow2 image (with its backing chain).
     Qcow2,
+    /// No backing file: reads return zeroes, writes are dropped. A benchmarking aid (as
+    /// qemu-storage-daemon's `null-co`, SPDK's null bdev); its `path` is empty.
+    Null,
 }
 
 /// Write cache mode presented to the guest (the guest may toggle it via CONFIG_WCE).
@@ -210,7 +213,25 @@ pub struct Export {
     pub queue_size: u16,
     /// The device and its backing stores.
     pub device: Device,
+    /// Busy-polling before a queue's worker sleeps; `None`: off (the default).
+    pub poll: Option<Poll>,
 }
+
+/// `poll:` of an export: each queue's worker, after handling its work, keeps checking the
+/// virtqueue's avail ring and its disk completions for up to `max_us` before it sleeps,
+/// with guest kicks and completion signals suppressed meanwhile (as QEMU's iothread
+/// polling and SPDK's pollers do). Costs CPU for latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Poll {
+    /// Longest busy-poll, in µs (1..=[`MAX_POLL_US`]).
+    pub max_us: u32,
+    /// Grow the poll time while work arrives within `max_us` of the last, shrink it while
+    /// it does not (QEMU's adaptive polling); false: always poll `max_us`.
+    pub adaptive: bool,
+}
+
+/// Longest `poll: { max_us }` accepted, in µs.
+pub const MAX_POLL_US: u32 = 1000;
 
 /// One backing store of an export and where it sits: for a scsi LUN, its position in
 /// `luns:` (as error fields name it, `luns[i]`) and its LUN number; `None` for a blk export.
@@ -601,6 +622,19 @@ impl Validator<'_> {
                 return Err(at.err("type", format!("unknown type {other:?} (use blk or scsi)")))
             }
         };
+        let poll = match raw.poll {
+            None | Some(crate::schema::PollFile { max_us: 0, .. }) => None,
+            Some(p) if p.max_us > MAX_POLL_US => {
+                return Err(at.err(
+                    "poll",
+                    format!("max_us {} is above {MAX_POLL_US} µs", p.max_us),
+                ))
+            }
+            Some(p) => Some(Poll {
+                max_us: p.max_us,
+                adaptive: p.adaptive.unwrap_or(true),
+            }),
+        };
         Ok(Export {
             name,
             transport,
@@ -608,6 +642,7 @@ impl Validator<'_> {
             num_queues: num_queues as u16,
             queue_size: queue_size as u16,
             device,
+            poll,
         })
     }
 
@@ -667,21 +702,25 @@ impl Validator<'_> {
         raw: DiskFields,
         default_serial: String,
     ) -> Result<Disk, ConfigError> {
+        let format = match raw.format.as_deref() {
+            None | Some("raw") => BackingFormat::Raw,
+            Some("qcow2") => BackingFormat::Qcow2,
+            Some("null") => BackingFormat::Null,
+            Some(other) => {
+                return Err(at.err(
+                    "format",
+                    format!("unknown format {other:?} (use raw, qcow2 or null)"),
+                ))
+            }
+        };
+        if format == BackingFormat::Null {
+            return self.null_disk(at, raw, default_serial);
+        }
         let path = raw
             .path
             .as_deref()
             .map(|s| self.resolve(s))
             .ok_or_else(|| at.err("path", "is required"))?;
-        let format = match raw.format.as_deref() {
-            None | Some("raw") => BackingFormat::Raw,
-            Some("qcow2") => BackingFormat::Qcow2,
-            Some(other) => {
-                return Err(at.err(
-                    "format",
-                    format!("unknown format {other:?} (use raw or qcow2)"),
-                ))
-            }
-        };
         let logical_block_size = raw.logical_block_size.unwrap_or(512);
         if !matches!(logical_block_size, 512 | 4096) {
             return Err(at.err(
@@ -778,6 +817,49 @@ impl Validator<'_> {
         })
     }
 
+    /// A `format: null` disk: `size:` is required, there is no file (`path`, `create`,
+    /// `direct` are refused rather than ignored). Its `create` carries the size, so the
+    /// daemon "creates" it like a missing file and never looks for one.
+    fn null_disk(
+        &self,
+        at: &At<'_, '_>,
+        mut raw: DiskFields,
+        default_serial: String,
+    ) -> Result<Disk, ConfigError> {
+        for (field, given) in [
+            ("path", raw.path.is_some()),
+            ("create", raw.create.is_some()),
+            ("direct", raw.direct.is_some()),
+        ] {
+            if given {
+                return Err(at.err(
+                    field,
+                    "format: null stores nothing and has no backing file; give only size:",
+                ));
+            }
+        }
+        let Some(size) = raw.size.take() else {
+            return Err(at.err("size", "is required with format: null"));
+        };
+        raw.path = Some(String::new());
+        raw.format = Some("raw".to_string());
+        raw.direct = Some(false);
+        raw.create = Some(crate::schema::CreateFile {
+            size: size.clone(),
+            backing: None,
+        });
+        raw.size = Some(size);
+        // Nothing is created on a read-only null disk either; check the rest as writable.
+        let readonly = raw.readonly.take().unwrap_or(false);
+        let disk = self.disk(at, raw, default_serial)?;
+        Ok(Disk {
+            path: PathBuf::new(),
+            format: BackingFormat::Null,
+            readonly,
+            ..disk
+        })
+    }
+
     /// Names and sockets are unique; a backing file is shared only between readonly disks.
     fn check_unique(&self, exports: &[Export]) -> Result<(), ConfigError> {
         let mut names: HashMap<&str, usize> = HashMap::new();
@@ -824,6 +906,9 @@ impl Validator<'_> {
             }
             transports.insert(&e.transport, i);
             for (k, disk) in e.disks().into_iter().enumerate() {
+                if disk.format == BackingFormat::Null {
+                    continue;
+                }
                 if let Some(&(j, readonly)) = paths.get(disk.path.as_path()) {
                     if !(disk.readonly && readonly) {
                         let at = match e.device {

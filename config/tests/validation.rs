@@ -319,6 +319,52 @@ fn qcow2_with_a_backing_file_to_create() {
 }
 
 #[test]
+fn null_format_needs_a_size_and_takes_no_file() {
+    for spelling in ["null", "\"null\""] {
+        let text = TWO_EXPORTS.replace(
+            "    path: b.raw\n    readonly: true\n",
+            &format!("    format: {spelling}\n    size: 1G\n"),
+        );
+        let cfg = parse(&text).unwrap();
+        let d = blk(&cfg.exports[1]);
+        assert_eq!(d.format, config::BackingFormat::Null, "format: {spelling}");
+        assert_eq!(d.size, Some(1 << 30));
+        assert_eq!(d.create.as_ref().map(|c| c.size), Some(1 << 30));
+        assert!(!d.direct && !d.readonly);
+    }
+    // Two null exports share no file.
+    let two = TWO_EXPORTS
+        .replace(
+            "    path: /data/a.raw\n",
+            "    format: null\n    size: 1M\n",
+        )
+        .replace(
+            "    path: b.raw\n    readonly: true\n",
+            "    format: null\n    size: 1M\n",
+        );
+    assert_eq!(parse(&two).unwrap().exports.len(), 2);
+    let ro = TWO_EXPORTS.replace("    path: b.raw\n", "    format: null\n    size: 1M\n");
+    assert!(blk(&parse(&ro).unwrap().exports[1]).readonly);
+    for (extra, field) in [
+        ("    path: /x\n", "path"),
+        ("    create: { size: 1M }\n", "create"),
+        ("    direct: true\n", "direct"),
+    ] {
+        let text = TWO_EXPORTS.replace(
+            "    path: b.raw\n    readonly: true\n",
+            &format!("    format: null\n    size: 1M\n{extra}"),
+        );
+        let e = parse_err(&text);
+        assert_eq!(e.field.as_deref(), Some(field), "{e}");
+        assert!(e.to_string().contains("format: null"), "{e}");
+    }
+    let e = parse_err(&TWO_EXPORTS.replace("    path: b.raw\n", "    format: null\n"));
+    assert_eq!(e.field.as_deref(), Some("size"), "{e}");
+    let e = parse_err(&TWO_EXPORTS.replace("    path: b.raw\n", "    format: nul\n"));
+    assert!(e.to_string().contains("use raw, qcow2 or null"), "{e}");
+}
+
+#[test]
 fn vvu_transport_by_pci_address_or_uuid() {
     let text = TWO_EXPORTS
         .replace("socket: /run/a.sock", "vvu: 00:10.0")
@@ -503,6 +549,42 @@ fn a_size_change_is_its_own_change() {
         paths,
         ["luns[1].readonly", "luns[1].rotational", "luns[1].size"]
     );
+}
+
+#[test]
+fn poll_settings_and_their_changes() {
+    let with = |poll: &str| {
+        TWO_EXPORTS.replace(
+            "    path: /data/a.raw\n",
+            &format!("    path: /data/a.raw\n{poll}"),
+        )
+    };
+    let cfg = parse(&with("    poll: { max_us: 50 }\n")).unwrap();
+    assert_eq!(
+        cfg.exports[0].poll,
+        Some(config::Poll {
+            max_us: 50,
+            adaptive: true
+        })
+    );
+    assert_eq!(cfg.exports[1].poll, None, "off by default");
+    let fixed = parse(&with("    poll: { max_us: 20, adaptive: false }\n")).unwrap();
+    assert!(!fixed.exports[0].poll.unwrap().adaptive);
+    assert_eq!(
+        parse(&with("    poll: { max_us: 0 }\n")).unwrap().exports[0].poll,
+        None
+    );
+    let e = parse_err(&with("    poll: { max_us: 5000 }\n"));
+    assert_eq!(e.field.as_deref(), Some("poll"), "{e}");
+    let e = parse_err(&with("    poll: { max: 5 }\n"));
+    assert!(e.to_string().contains("max"), "{e}");
+    // A running export's poll setting is not changed by a reload.
+    let changes = config::export_changes(&parse(TWO_EXPORTS).unwrap().exports[0], &cfg.exports[0]);
+    let paths: Vec<String> = changes
+        .iter()
+        .map(config::ExportChange::field_path)
+        .collect();
+    assert_eq!(paths, ["poll"]);
 }
 
 #[test]

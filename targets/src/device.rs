@@ -117,6 +117,14 @@ pub trait QueueHandler: Send {
     fn completion_fd(&self) -> Option<RawFd> {
         None
     }
+    /// Whether disk completions wait to be reaped (a busy-polling worker asks this instead
+    /// of sleeping on [`QueueHandler::completion_fd`]).
+    fn poll_ready(&mut self) -> bool {
+        false
+    }
+    /// Stops (`false`) or restarts signalling [`QueueHandler::completion_fd`] while the
+    /// worker busy-polls; after restarting, ask [`QueueHandler::poll_ready`] once more.
+    fn set_completion_notify(&mut self, _enabled: bool) {}
     /// The transport has put every request collected into `done` so far on the used ring
     /// (or dropped them with the ring).
     fn published(&mut self) {}

@@ -189,6 +189,22 @@ impl IoBuf {
         }
     }
 
+    /// Fills every byte with zero, as a read of a hole would (the null engine's reads).
+    /// False, and nothing written, for a shared (read-only) buffer.
+    pub(crate) fn fill_zero(&mut self) -> bool {
+        if !self.is_writable() {
+            return false;
+        }
+        for v in &self.iovecs {
+            // SAFETY: each iovec points to `iov_len` writable bytes that `self.owner` keeps
+            // mapped (guest memory the driver handed as device-writable, or an owned
+            // allocation); raw-pointer writes create no reference, so iovecs that overlap
+            // are fine.
+            unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+        }
+        true
+    }
+
     /// No two buffers share a byte.
     fn disjoint(&self) -> bool {
         let mut spans: Vec<(usize, usize)> = self

@@ -171,6 +171,23 @@ impl<D: IoDevice> QueueHandler for DeviceQueue<D> {
         self.io.completion_fd()
     }
 
+    fn poll_ready(&mut self) -> bool {
+        self.io.rings.iter_mut().any(|(_, ring)| ring.ready())
+    }
+
+    fn set_completion_notify(&mut self, enabled: bool) {
+        for (_, ring) in &mut self.io.rings {
+            ring.set_notify(enabled);
+        }
+        self.io.notify = enabled;
+        if enabled {
+            // As each ring does with an eventfd of its own (`DiskQueue::set_notify`).
+            if let Some(notifier) = &self.io.notifier {
+                let _ = notifier.read();
+            }
+        }
+    }
+
     fn published(&mut self) {
         self.io.published().for_each(D::published);
     }
@@ -210,6 +227,8 @@ pub struct IoQueue<P: Pending> {
     /// Answered, not yet published by the transport.
     receipts: Vec<P::Receipt>,
     scratch: Vec<DiskCompletion>,
+    /// The rings signal `notifier` (off while the worker busy-polls).
+    notify: bool,
 }
 
 impl<P: Pending> IoQueue<P> {
@@ -221,6 +240,7 @@ impl<P: Pending> IoQueue<P> {
             notifier: None,
             receipts: Vec::new(),
             scratch: Vec::new(),
+            notify: true,
         }
     }
 
@@ -232,6 +252,7 @@ impl<P: Pending> IoQueue<P> {
             notifier: Some(notifier),
             receipts: Vec::new(),
             scratch: Vec::new(),
+            notify: true,
         }
     }
 
@@ -351,8 +372,9 @@ impl<P: Pending> IoQueue<P> {
 
     /// Answers the requests whose operations all completed, into `done`.
     pub(crate) fn reap(&mut self, done: &mut Vec<Completed>) {
-        // One reset of a shared notifier, then every ring: no completion is missed.
-        if let Some(notifier) = &self.notifier {
+        // One reset of a shared notifier, then every ring: no completion is missed. While
+        // the worker polls nothing signals it (reset when signalling restarts).
+        if let Some(notifier) = self.notifier.as_ref().filter(|_| self.notify) {
             let _ = notifier.read();
         }
         let mut completions = std::mem::take(&mut self.scratch);

@@ -295,6 +295,9 @@ pub struct QueueStats {
     pub kicks: AtomicU64,
     /// Used-ring notifications (call eventfd signals) sent to the guest.
     pub notifications: AtomicU64,
+    /// Times a busy-polling worker found work (a request or a completion) without a kick
+    /// or a completion signal (export `poll:`).
+    pub polled: AtomicU64,
     /// Malformed descriptor chains (wrong framing, direction or length), whether or not
     /// they could be answered with a status.
     pub malformed: AtomicU64,
@@ -322,6 +325,7 @@ impl QueueStats {
             ),
             kicks: AtomicU64::new(0),
             notifications: AtomicU64::new(0),
+            polled: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             refused: Default::default(),
             tmf: Default::default(),

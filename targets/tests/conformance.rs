@@ -58,6 +58,8 @@ fn open(dir: &tempfile::TempDir, format: Format, direct: bool) -> Arc<dyn Disk> 
         path: dir.path().join(match format {
             Format::Raw => "disk.raw",
             Format::Qcow2 => "disk.qcow2",
+            // Not in this suite: it stores nothing (its own tests are in disk/null.rs).
+            Format::Null => "unused",
         }),
         format,
         readonly: false,

@@ -6,7 +6,10 @@
 #   - promtool (bookworm's `prometheus` package, 2.42) for the metrics tests: the .deb is
 #     downloaded and unpacked into /var/cache/vhost-appliance/prometheus-VERSION, never
 #     installed (no service, no web UI assets in /usr),
-#   - shellcheck, the lint gate for the project's shell scripts.
+#   - shellcheck, the lint gate for the project's shell scripts,
+#   - fio (the benchmark's limit rows) and vhost-device-scsi 0.1.0 (rust-vmm; the
+#     benchmark's SCSI peer), built once with `cargo install` into
+#     /var/cache/vhost-appliance/vhost-device-scsi-0.1.0 (~3 min on 2 cores).
 # The consumer image's own packages are installed by image-builder/build-image.sh.
 # Runs as root, or through sudo when available. Does nothing when all is present.
 set -euo pipefail
@@ -18,7 +21,8 @@ qemu_major() {
 }
 
 # promtool: `dpkg -x` of the package into a versioned cache folder, once.
-PROMETHEUS_CACHE=/var/cache/vhost-appliance
+CACHE_DIR=/var/cache/vhost-appliance
+PROMETHEUS_CACHE=$CACHE_DIR
 ensure_promtool() {
     local found
     found=$(ls -d "$PROMETHEUS_CACHE"/prometheus-*/usr/bin/promtool 2>/dev/null | tail -n 1 || true)
@@ -57,7 +61,26 @@ ensure_promtool() {
     "$dest/usr/bin/promtool" --version
 }
 ensure_promtool
-ensure_debs shellcheck
+ensure_debs shellcheck fio
+
+# vhost-device-scsi: not packaged by Debian; crates.io has it.
+VDS_VERSION=0.1.0
+ensure_vhost_device_scsi() {
+    local root="$CACHE_DIR/vhost-device-scsi-$VDS_VERSION"
+    if [ -x "$root/bin/vhost-device-scsi" ]; then
+        echo "install-deps: vhost-device-scsi present ($root)"
+        return 0
+    fi
+    echo "install-deps: building vhost-device-scsi $VDS_VERSION (cargo install, once)"
+    local tmp
+    tmp=$(mktemp -d)
+    cargo install vhost-device-scsi --version "$VDS_VERSION" --locked --root "$tmp" -q
+    $SUDO mkdir -p "$CACHE_DIR"
+    $SUDO rm -rf "$root"
+    $SUDO mv "$tmp" "$root"
+    $SUDO chmod 0755 "$root"
+}
+ensure_vhost_device_scsi
 
 missing=()
 if [ "$(qemu_major qemu-storage-daemon)" != "10" ]; then

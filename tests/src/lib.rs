@@ -4,6 +4,7 @@
 //! Shared helpers for the end-to-end tests in `tests/tests/`.
 //!
 //! - [`appliance_vm`]: the appliance VM started as a user does (config drive, launcher).
+//! - [`bench`]: the benchmark suite's workloads, servers and report (`bin/bench.rs`).
 //! - [`blk_raw`]: virtio-blk requests over the raw frontend.
 //! - [`blk_suite`]: the libblkio suite for a blk export, wherever its backing file is.
 //! - [`blkio_frontend`]: libblkio as a frontend, and randomized workloads to replay.
@@ -16,6 +17,7 @@
 //! - [`vm`]: consumer VMs (stock QEMU, serial command channel, QMP hotplug).
 
 pub mod appliance_vm;
+pub mod bench;
 pub mod blk_raw;
 pub mod blk_suite;
 pub mod blkio_frontend;

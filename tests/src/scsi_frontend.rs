@@ -124,4 +124,18 @@ impl ScsiFrontend {
         let r = self.command(lun, &[0x00, 0, 0, 0, 0, 0], &[], 0);
         assert_eq!(r.status, 0, "{r:?}");
     }
+
+    /// TEST UNIT READY until `lun` answers GOOD (at most 3 times): for a target that may
+    /// or may not report a power-on unit attention first (other implementations).
+    pub fn until_ready(&mut self, lun: u16) {
+        let mut last = None;
+        for _ in 0..3 {
+            let r = self.command(lun, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+            if (r.response, r.status) == (0, 0) {
+                return;
+            }
+            last = Some(r);
+        }
+        panic!("LUN {lun} not ready: {last:?}");
+    }
 }

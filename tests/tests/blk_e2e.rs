@@ -99,3 +99,35 @@ fn differential_against_qemu_storage_daemon() {
     let mut backing = HostFile(appliance.path("ours.raw"));
     blk_suite::differential(&appliance.path("ours.sock"), &mut backing);
 }
+
+/// The `null` backing (a benchmarking aid): every operation succeeds, reads return zeroes
+/// whatever was written, the capacity is `size:`, and no file appears.
+#[test]
+fn null_backing_reads_zeroes_and_drops_writes() {
+    let cfg = "exports:\n  - name: nul\n    type: blk\n    socket: @DIR@/nul.sock\n    format: null\n    size: 256M\n    num_queues: 2\n";
+    let appliance = Appliance::start(cfg, &["nul.sock"]);
+    let mut fe = Frontend::connect(&appliance.path("nul.sock"), 2);
+    assert_eq!(fe.capacity, 256 * MIB);
+    for q in 0..2 {
+        fe.buf(0, 65536).fill(0x5a);
+        assert_eq!(fe.write(q, MIB, 0, 65536), 0);
+        assert_eq!(fe.flush(q), 0);
+        assert_eq!(fe.read(q, MIB, 0, 65536), 0);
+        assert!(fe.buf(0, 65536).iter().all(|&b| b == 0), "queue {q}");
+        assert_eq!(fe.discard(q, 0, MIB), 0);
+        assert_eq!(fe.write_zeroes(q, 0, MIB), 0);
+    }
+    // Past the end fails like any disk's.
+    assert!(fe.read(0, 256 * MIB, 0, 4096) < 0);
+    let files: Vec<_> = std::fs::read_dir(appliance.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        files.iter().all(|f| f.ends_with(".sock")
+            || f.ends_with(".log")
+            || f.ends_with(".yaml")
+            || f == "state"),
+        "{files:?}"
+    );
+}

@@ -76,6 +76,7 @@ struct QueueTotals {
     inflight: u64,
     kicks: u64,
     notifications: u64,
+    polled: u64,
     malformed: u64,
 }
 
@@ -129,6 +130,7 @@ impl ExportSnapshot {
                 inflight: 0,
                 kicks: load(&stats.kicks),
                 notifications: load(&stats.notifications),
+                polled: load(&stats.polled),
                 malformed: load(&stats.malformed),
             };
             for lun in stats.luns() {
@@ -471,7 +473,7 @@ fn lun_families(encoder: &mut DescriptorEncoder<'_>, exports: &[ExportSnapshot])
 
 fn queue_families(encoder: &mut DescriptorEncoder<'_>, exports: &[ExportSnapshot]) -> Fmt {
     type Get = fn(&QueueTotals) -> u64;
-    let families: [(&str, &str, MetricType, Get); 5] = [
+    let families: [(&str, &str, MetricType, Get); 6] = [
         (
             "vhost_appliance_queue_requests",
             "Requests answered by the virtqueue.",
@@ -495,6 +497,12 @@ fn queue_families(encoder: &mut DescriptorEncoder<'_>, exports: &[ExportSnapshot
             "Used-ring notifications (call eventfd signals) sent to the guest.",
             MetricType::Counter,
             |q| q.notifications,
+        ),
+        (
+            "vhost_appliance_queue_polled_events",
+            "Requests or completions a busy-polling worker found without a kick or a signal (export poll:).",
+            MetricType::Counter,
+            |q| q.polled,
         ),
         (
             "vhost_appliance_queue_malformed_requests",

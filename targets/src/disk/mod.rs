@@ -3,7 +3,8 @@
 //! it), with [`open`] as the one factory.
 //!
 //! Engines: [`RawDisk`] (raw files and block devices on io_uring, `disk/raw.rs`),
-//! [`crate::qcow2::Qcow2Disk`] (qcow2 images through imago on io_uring), and, for tests,
+//! [`crate::qcow2::Qcow2Disk`] (qcow2 images through imago on io_uring),
+//! [`NullDisk`] (stores nothing: a benchmarking aid), and, for tests,
 //! `fault::FaultDisk` (feature `fault-injection`), which wraps another engine and fails,
 //! delays or reorders chosen requests. Adding an engine (Ceph RBD next) is: an
 //! [`Format`] variant, a [`Disk`] implementation, and one arm in [`open`].
@@ -23,6 +24,7 @@
 
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+mod null;
 mod raw;
 
 use std::fmt;
@@ -37,6 +39,7 @@ use crate::iobuf::IoBuf;
 use crate::qcow2::{Qcow2Disk, Qcow2Options};
 use crate::stats::DiskStats;
 
+pub use null::NullDisk;
 pub(crate) use raw::direct_alignment;
 pub use raw::{RawDisk, RawDiskOptions, RawQueue};
 
@@ -140,6 +143,23 @@ pub trait DiskQueue: Send {
     fn in_flight(&self) -> usize;
     /// Readable when completions are ready (reset by [`DiskQueue::reap`]).
     fn completion_fd(&self) -> RawFd;
+    /// Whether completions wait to be reaped, for a worker that busy-polls. The default
+    /// asks the completion fd (a system call); engines with a shared-memory completion
+    /// queue look at it instead.
+    fn ready(&mut self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.completion_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call, no timeout.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+    /// Stops (`false`) or restarts signalling the completion fd, while a worker busy-polls
+    /// [`DiskQueue::ready`]. Completions that arrive while it is off are not signalled
+    /// later: after turning it back on, check [`DiskQueue::ready`] once more. The default
+    /// keeps signalling.
+    fn set_notify(&mut self, _enabled: bool) {}
     /// This queue's sync counters, shared: a caller may keep them after handing the queue
     /// to a request handler.
     fn stats(&self) -> Arc<DiskStats>;
@@ -154,6 +174,8 @@ pub enum Durability {
     FormatFlushThenDataSync,
     /// Nothing to make durable (opened read-only).
     ReadOnly,
+    /// Nothing is stored (the null engine).
+    Nothing,
 }
 
 /// A disk's capabilities, as request handling needs them.
@@ -267,6 +289,9 @@ pub enum Format {
     Raw,
     /// A qcow2 image (and its backing chain).
     Qcow2,
+    /// Nothing: reads return zeroes, writes are dropped ([`NullDisk`], a benchmarking
+    /// aid). The size is `create`'s; the path is not used.
+    Null,
 }
 
 /// What to open.
@@ -301,6 +326,10 @@ pub fn open(spec: &DiskSpec) -> Result<Arc<dyn Disk>, OpenError> {
             direct: spec.direct,
             create: spec.create.clone(),
         })?),
+        Format::Null => Arc::new(NullDisk::new(
+            spec.create.as_ref().map_or(0, |(size, _)| *size),
+            spec.readonly,
+        )),
     };
     let info = disk.info();
     tracing::info!(

@@ -385,6 +385,8 @@ pub struct RawQueue {
     file: File,
     eventfd: EventFd,
     owns_eventfd: bool,
+    /// The eventfd is signalled (off while a worker busy-polls: [`DiskQueue::set_notify`]).
+    notify: bool,
     slots: Slab<Slot>,
     /// Submission entries pushed, not yet handed to the kernel.
     queued: usize,
@@ -407,6 +409,7 @@ impl RawQueue {
             file,
             eventfd,
             owns_eventfd,
+            notify: true,
             slots: Slab::default(),
             queued: 0,
             in_flight: 0,
@@ -580,7 +583,7 @@ impl DiskQueue for RawQueue {
     fn reap(&mut self, out: &mut Vec<DiskCompletion>) {
         // Reset the eventfd first so a completion arriving after the scan re-arms it. A
         // shared notifier is reset by its owner, once, before it reaps every ring.
-        if self.owns_eventfd {
+        if self.owns_eventfd && self.notify {
             let _ = self.eventfd.read();
         }
         let completed: Vec<(u64, i32)> = self
@@ -633,6 +636,27 @@ impl DiskQueue for RawQueue {
 
     fn completion_fd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
+    }
+
+    fn ready(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    fn set_notify(&mut self, enabled: bool) {
+        // IORING_CQ_EVENTFD_DISABLED in the completion ring's flags (Linux 5.8).
+        self.notify = enabled;
+        let cq = self.ring.completion();
+        if enabled {
+            cq.enable_eventfd();
+            // A signal from before polling began would wake the worker for nothing (and
+            // reap skipped the reset while polling); completions since are in the ring,
+            // which the caller checks next.
+            if self.owns_eventfd {
+                let _ = self.eventfd.read();
+            }
+        } else {
+            cq.disable_eventfd();
+        }
     }
 
     fn stats(&self) -> Arc<DiskStats> {

@@ -1,14 +1,14 @@
-//! Benchmark: raw vs qcow2 exports under the same workload, through the same frontend
-//! (libblkio's virtio-blk-vhost-user driver), VM-less. Prints a table and writes JSON to
-//! `target/bench/backends.json`. Not a test: numbers depend on the machine.
+//! The load behind the Grafana dashboard's picture (`appliance/grafana/capture.sh`): one
+//! daemon with raw and qcow2 exports (O_DIRECT and buffered), each driven in turn with 4k
+//! random writes then reads at QD32 through libblkio, while Prometheus scrapes the daemon.
+//! Prints IOPS per phase. Not the benchmark: that is `bench` (side by side with
+//! qemu-storage-daemon and fio).
 //!
-//!     cargo build --release --workspace --bins
-//!     cargo run --release -p appliance-tests --bin bench-backends [seconds per phase] [backend...]
+//!     cargo run --release -p appliance-tests --bin dashboard-load [seconds per phase] [backend...]
 //!
-//! `BENCH_METRICS_LISTEN=HOST:PORT` puts the daemon's metrics endpoint there, to scrape it
-//! during the run (`appliance/grafana/capture.sh`).
+//! `BENCH_METRICS_LISTEN=HOST:PORT` puts the daemon's metrics endpoint there.
 
-// A benchmark program: failures abort with their message.
+// A load generator: failures abort with their message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::mem::MaybeUninit;
@@ -104,7 +104,6 @@ fn main() {
     let sockets: Vec<String> = backends.iter().map(|b| format!("{b}.sock")).collect();
     let sockets: Vec<&str> = sockets.iter().map(String::as_str).collect();
     let appliance = Appliance::start(&config, &sockets);
-    let mut rows = Vec::new();
     println!(
         "{:<15} {:<22} {:>10} {:>10}",
         "backend", "workload", "IOPS", "MiB/s"
@@ -127,13 +126,7 @@ fn main() {
             let iops = ops as f64 / elapsed;
             let mibs = iops * BS as f64 / f64::from(1 << 20);
             println!("{backend:<15} {name:<22} {iops:>10.0} {mibs:>10.1}");
-            rows.push(format!(
-                "{{\"backend\":\"{backend}\",\"workload\":\"{name}\",\"qd\":{DEPTH},\"iops\":{iops:.0},\"mib_s\":{mibs:.1}}}"
-            ));
         }
     }
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("backends.json"), format!("[{}]\n", rows.join(","))).unwrap();
-    println!("(QD {DEPTH}, one queue, {secs} s per phase, 512 MiB export; JSON in target/bench/backends.json)");
+    println!("(QD {DEPTH}, one queue, {secs} s per phase, 512 MiB export)");
 }

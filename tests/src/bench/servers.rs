@@ -1,0 +1,323 @@
+//! What the benchmark runs against: the backing files, this daemon
+//! (`vhost-appliance`), `qemu-storage-daemon` with the matching block driver,
+//! `vhost-device-scsi` for virtio-scsi, and fio with io_uring on the file itself.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{Measured, Pattern, Workload, FILE_SIZE};
+use crate::daemon::{appliance_binary, Process};
+use crate::rng::Rng;
+
+/// What the rows of a table section share: the backing store and the device type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// A raw file on tmpfs, buffered: software cost only.
+    RawTmpfs,
+    /// A raw file on the build file system (ext4), O_DIRECT.
+    RawDirect,
+    /// A fully allocated qcow2 image on tmpfs, buffered.
+    Qcow2Tmpfs,
+    /// Nothing stored (this daemon's `format: null`, QSD's `null-co`): the transport alone.
+    Null,
+    /// The raw tmpfs file as a virtio-scsi LUN.
+    ScsiRawTmpfs,
+}
+
+impl Backing {
+    /// Every backing, in table order.
+    pub const ALL: [Backing; 5] = [
+        Backing::RawTmpfs,
+        Backing::RawDirect,
+        Backing::Qcow2Tmpfs,
+        Backing::Null,
+        Backing::ScsiRawTmpfs,
+    ];
+
+    /// Short name (command line, JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backing::RawTmpfs => "raw-tmpfs",
+            Backing::RawDirect => "raw-direct",
+            Backing::Qcow2Tmpfs => "qcow2-tmpfs",
+            Backing::Null => "null",
+            Backing::ScsiRawTmpfs => "scsi-raw-tmpfs",
+        }
+    }
+
+    /// virtio-scsi rather than virtio-blk.
+    pub fn scsi(self) -> bool {
+        self == Backing::ScsiRawTmpfs
+    }
+
+    /// O_DIRECT on the file.
+    fn direct(self) -> bool {
+        self == Backing::RawDirect
+    }
+
+    /// The file the rows use (`None` for null), created and filled by [`Backing::prepare`].
+    pub fn file(self, tmpfs: &Path, disk: &Path) -> Option<PathBuf> {
+        match self {
+            Backing::RawTmpfs | Backing::ScsiRawTmpfs => Some(tmpfs.join("bench.raw")),
+            Backing::RawDirect => Some(disk.join("bench.raw")),
+            Backing::Qcow2Tmpfs => Some(tmpfs.join("bench.qcow2")),
+            Backing::Null => None,
+        }
+    }
+
+    /// The file fio runs on for the limit rows: the raw files; not a qcow2 image (fio
+    /// would write over its metadata) nor null.
+    pub fn fio_file(self, tmpfs: &Path, disk: &Path) -> Option<PathBuf> {
+        match self {
+            Backing::Qcow2Tmpfs | Backing::Null => None,
+            _ => self.file(tmpfs, disk),
+        }
+    }
+
+    /// Creates the file, [`FILE_SIZE`] bytes of random data (so reads read data, and a
+    /// qcow2 image has every cluster allocated), unless it exists with that size.
+    pub fn prepare(self, tmpfs: &Path, disk: &Path) {
+        let Some(file) = self.file(tmpfs, disk) else {
+            return;
+        };
+        if fs::metadata(&file).is_ok_and(|m| m.len() >= FILE_SIZE) {
+            return;
+        }
+        let raw = if self == Backing::Qcow2Tmpfs {
+            tmpfs.join("bench.qcow2-source.raw")
+        } else {
+            file.clone()
+        };
+        eprintln!(
+            "bench: writing {} MiB of data to {}",
+            FILE_SIZE >> 20,
+            raw.display()
+        );
+        let mut out = fs::File::create(&raw).expect("create benchmark file");
+        let mut rng = Rng::new(42);
+        let mut chunk = vec![0u8; 1 << 20];
+        for _ in 0..FILE_SIZE >> 20 {
+            rng.fill(&mut chunk);
+            out.write_all(&chunk).expect("fill benchmark file");
+        }
+        out.sync_all().expect("sync benchmark file");
+        if self == Backing::Qcow2Tmpfs {
+            let status = Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(&file)
+                .status()
+                .expect("run qemu-img (tests/scripts/install-deps.sh installs it)");
+            assert!(status.success(), "qemu-img convert failed");
+            fs::remove_file(&raw).expect("remove the qcow2 source");
+        }
+    }
+}
+
+/// This daemon's poll setting for a row: off, or busy-polling up to `max_us`, adaptive or
+/// fixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Poll {
+    pub max_us: u32,
+    pub adaptive: bool,
+}
+
+/// Starts this daemon serving `backing` on `dir/bench.sock` with `queues` queues.
+pub fn start_ours(
+    dir: &Path,
+    backing: Backing,
+    file: Option<&Path>,
+    queues: usize,
+    poll: Option<Poll>,
+) -> Process {
+    let disk = match (backing, file) {
+        (Backing::Null, _) => format!("format: null\n    size: {FILE_SIZE}"),
+        (Backing::Qcow2Tmpfs, Some(f)) => format!(
+            "path: {}\n    format: qcow2\n    direct: false",
+            f.display()
+        ),
+        (_, Some(f)) => format!("path: {}\n    direct: {}", f.display(), backing.direct()),
+        (_, None) => unreachable!("file-backed rows have a file"),
+    };
+    let poll = match poll {
+        None => String::new(),
+        Some(p) => format!(
+            "    poll: {{ max_us: {}, adaptive: {} }}\n",
+            p.max_us, p.adaptive
+        ),
+    };
+    let socket = dir.join("bench.sock");
+    let config = if backing.scsi() {
+        let disk = disk.replace("\n    ", "\n        ");
+        format!(
+            "exports:\n  - name: bench\n    type: scsi\n    socket: {}\n    num_queues: {queues}\n{poll}    luns:\n      - {disk}\n",
+            socket.display()
+        )
+    } else {
+        format!(
+            "exports:\n  - name: bench\n    type: blk\n    socket: {}\n    num_queues: {queues}\n{poll}    {disk}\n",
+            socket.display()
+        )
+    };
+    let config_path = dir.join("exports.yaml");
+    fs::write(&config_path, config).expect("write bench config");
+    let _ = fs::remove_file(&socket);
+    let mut command = Command::new(appliance_binary());
+    command
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--log-level", "warn"]);
+    let mut p = Process::spawn(command, &dir.join("ours.log"), "vhost-appliance");
+    p.wait_for_path(&socket, Duration::from_secs(20));
+    p
+}
+
+/// Starts qemu-storage-daemon (one iothread, its default adaptive polling, io_uring)
+/// exporting `backing` as vhost-user-blk on `dir/bench.sock`.
+pub fn start_qsd(dir: &Path, backing: Backing, file: Option<&Path>, queues: usize) -> Process {
+    let socket = dir.join("bench.sock");
+    let _ = fs::remove_file(&socket);
+    let mut command = Command::new("qemu-storage-daemon");
+    command.args(["--object", "iothread,id=io0"]);
+    let node = match (backing, file) {
+        (Backing::Null, _) => {
+            command.arg("--blockdev").arg(format!(
+                "driver=null-co,node-name=null0,size={FILE_SIZE},read-zeroes=on"
+            ));
+            "null0"
+        }
+        (_, Some(f)) => {
+            let direct = if backing.direct() { "on" } else { "off" };
+            command.arg("--blockdev").arg(format!(
+                "driver=file,node-name=file0,filename={},cache.direct={direct},aio=io_uring",
+                f.display()
+            ));
+            if backing == Backing::Qcow2Tmpfs {
+                command.args(["--blockdev", "driver=qcow2,node-name=fmt0,file=file0"]);
+                "fmt0"
+            } else {
+                "file0"
+            }
+        }
+        (_, None) => unreachable!("file-backed rows have a file"),
+    };
+    command.arg("--export").arg(format!(
+        "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable=on,num-queues={queues},iothread=io0",
+        socket.display()
+    ));
+    let mut p = Process::spawn(command, &dir.join("qsd.log"), "qemu-storage-daemon");
+    p.wait_for_path(&socket, Duration::from_secs(20));
+    p
+}
+
+/// The vhost-device-scsi binary: `$VHOST_DEVICE_SCSI`, or where
+/// `tests/scripts/install-deps.sh` installs it.
+pub fn vhost_device_scsi() -> Option<PathBuf> {
+    std::env::var_os("VHOST_DEVICE_SCSI")
+        .map(PathBuf::from)
+        .or_else(|| {
+            Some(PathBuf::from(
+                "/var/cache/vhost-appliance/vhost-device-scsi-0.1.0/bin/vhost-device-scsi",
+            ))
+        })
+        .filter(|p| p.exists())
+}
+
+/// Starts vhost-device-scsi (rust-vmm) serving `file` as LUN 0 on `dir/bench.sock`.
+pub fn start_vhost_device_scsi(dir: &Path, binary: &Path, file: &Path) -> Process {
+    let socket = dir.join("bench.sock");
+    let _ = fs::remove_file(&socket);
+    let mut command = Command::new(binary);
+    command
+        .arg("--socket-path")
+        .arg(&socket)
+        .arg("--solid-state")
+        .arg(file);
+    let mut p = Process::spawn(
+        command,
+        &dir.join("vhost-device-scsi.log"),
+        "vhost-device-scsi",
+    );
+    p.wait_for_path(&socket, Duration::from_secs(20));
+    p
+}
+
+/// fio with io_uring on `file` itself: the limit of the file system and kernel, with no
+/// virtio transport in between. Latency is fio's completion latency.
+pub fn run_fio(file: &Path, direct: bool, w: &Workload, seconds: f64) -> Measured {
+    let mut command = Command::new("fio");
+    command
+        .arg("--name=limit")
+        .arg(format!("--filename={}", file.display()))
+        .arg("--ioengine=io_uring")
+        .arg(format!("--rw={}", w.pattern.fio_rw()))
+        .arg(format!("--bs={}", w.block))
+        .arg(format!("--iodepth={}", w.depth))
+        .arg(format!("--numjobs={}", w.queues))
+        .arg(format!("--direct={}", u8::from(direct)))
+        .arg(format!("--size={FILE_SIZE}"))
+        .arg(format!("--runtime={seconds}"))
+        .arg(format!("--ramp_time={}", super::blk::WARMUP.as_secs_f64()))
+        .args([
+            "--time_based",
+            "--group_reporting",
+            "--thread",
+            "--output-format=json",
+        ]);
+    if w.pattern == Pattern::RandMix70 {
+        command.arg("--rwmixread=70");
+    }
+    if w.pattern.sequential() && w.queues > 1 {
+        command.arg(format!(
+            "--offset_increment={}",
+            FILE_SIZE / w.queues as u64
+        ));
+    }
+    let out = command
+        .output()
+        .expect("run fio (tests/scripts/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("fio JSON");
+    let job = &v["jobs"][0];
+    let (mut ios, mut lat_sum, mut p) = (0u64, 0.0, [0.0f64; 3]);
+    for dir in ["read", "write"] {
+        let d = &job[dir];
+        let n = d["total_ios"].as_u64().unwrap_or(0);
+        if n == 0 {
+            continue;
+        }
+        ios += n;
+        lat_sum += d["clat_ns"]["mean"].as_f64().unwrap_or(0.0) * n as f64;
+        for (i, key) in ["50.000000", "99.000000", "99.900000"].iter().enumerate() {
+            let v = d["clat_ns"]["percentile"][key].as_f64().unwrap_or(0.0);
+            p[i] = p[i].max(v);
+        }
+    }
+    let runtime_s = job["read"]["runtime"]
+        .as_f64()
+        .filter(|&r| r > 0.0)
+        .or_else(|| job["write"]["runtime"].as_f64())
+        .unwrap_or(seconds * 1000.0)
+        / 1000.0;
+    Measured {
+        ios,
+        seconds: runtime_s,
+        lat_us: [
+            lat_sum / ios.max(1) as f64 / 1000.0,
+            p[0] / 1000.0,
+            p[1] / 1000.0,
+            p[2] / 1000.0,
+        ],
+        block: w.block,
+        cpu_s_per_mio: None,
+    }
+}

@@ -1,0 +1,274 @@
+//! The benchmark suite: this daemon side by side with qemu-storage-daemon (and
+//! vhost-device-scsi for SCSI) and fio on the file, in one run, on the same files. Prints a
+//! table and writes `bench.json` and `bench.svg`. Not a test: figures depend on the machine
+//! and its load; compare rows of one run, not runs.
+//!
+//!     bash tests/scripts/install-deps.sh          # fio, qemu-storage-daemon, qemu-img, vhost-device-scsi
+//!     cargo build --release --workspace --bins
+//!     target/release/bench [--seconds 3] [--backing raw-tmpfs ...] [--workload qd1 ...]
+//!
+//! Rows: `fio` (io_uring on the file: the limit), the peer (`qsd`: qemu-storage-daemon
+//! 10.0 with one iothread, its default adaptive polling and io_uring; `vhost-device-scsi`
+//! for SCSI), `ours` (default settings), `ours-poll` (`poll: {max_us, adaptive: true}`) and
+//! `ours-poll-fixed` (`adaptive: false`). Appliance-VM rows (`ours-vvu`, the null export
+//! served from inside the appliance VM) run where KVM boots guests, or with `--vvu`.
+
+// A benchmark program: failures abort with their message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use appliance_tests::bench::report::{self, Row};
+use appliance_tests::bench::servers::{self, Backing, Poll};
+use appliance_tests::bench::{self, blk, cpu_time, scsi, Measured, Workload};
+use appliance_tests::daemon::Process;
+use appliance_tests::vm::{preferred_accel, Accel};
+use clap::Parser;
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmark vhost-appliance against qemu-storage-daemon and fio")]
+struct Args {
+    /// Measured seconds per row (after a 0.3 s warm-up).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Backings to run (raw-tmpfs, raw-direct, qcow2-tmpfs, null, scsi-raw-tmpfs); all by default.
+    #[arg(long, num_args = 1..)]
+    backing: Vec<String>,
+    /// Only workloads whose name contains one of these (e.g. qd1, 4q).
+    #[arg(long, num_args = 1..)]
+    workload: Vec<String>,
+    /// Only these servers' rows (fio, qsd, vhost-device-scsi, ours, ours-poll, ours-poll-fixed); all by default.
+    #[arg(long, num_args = 1..)]
+    server: Vec<String>,
+    /// Busy-poll budget of the ours-poll rows, µs (0: no poll rows).
+    #[arg(long, default_value_t = 32)]
+    poll_us: u32,
+    /// Directory for bench.json and bench.svg.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Directory on tmpfs for the tmpfs backings.
+    #[arg(long, default_value = "/dev/shm/vhost-appliance-bench")]
+    tmpfs: PathBuf,
+    /// Directory on a disk file system (O_DIRECT) for the raw-direct backing.
+    #[arg(long, default_value = "/var/tmp/vhost-appliance-bench")]
+    disk: PathBuf,
+    /// Run the appliance-VM rows even where guests run under TCG (their figures then say
+    /// nothing about performance).
+    #[arg(long)]
+    vvu: bool,
+}
+
+/// Runs `w` against the server `p` (whose CPU time is sampled over the measured window)
+/// through the frontend of `backing`.
+fn measure(socket: &Path, backing: Backing, w: &Workload, seconds: f64, p: &Process) -> Measured {
+    let pid = p.pid();
+    let from = Instant::now() + blk::WARMUP + Duration::from_millis(50);
+    let sampler = std::thread::spawn(move || {
+        sleep(from.saturating_duration_since(Instant::now()));
+        let a = cpu_time(pid);
+        sleep(Duration::from_secs_f64(seconds));
+        cpu_time(pid).saturating_sub(a)
+    });
+    let mut m = if backing.scsi() {
+        scsi::run(socket, w, seconds)
+    } else {
+        blk::run(socket, w, seconds)
+    };
+    let cpu = sampler.join().unwrap();
+    m.cpu_s_per_mio = Some(cpu.as_secs_f64() / (m.ios.max(1) as f64 / 1e6));
+    m
+}
+
+fn main() {
+    let args = Args::parse();
+    let backings: Vec<Backing> = Backing::ALL
+        .into_iter()
+        .filter(|b| args.backing.is_empty() || args.backing.iter().any(|n| n == b.name()))
+        .collect();
+    std::fs::create_dir_all(&args.tmpfs).unwrap();
+    std::fs::create_dir_all(&args.disk).unwrap();
+    std::fs::create_dir_all(&args.out).unwrap();
+    let machine = machine();
+    eprintln!("bench: {machine}");
+    let vds = servers::vhost_device_scsi();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut polls = vec![("ours", None)];
+    if args.poll_us > 0 {
+        let max_us = args.poll_us;
+        polls.push((
+            "ours-poll",
+            Some(Poll {
+                max_us,
+                adaptive: true,
+            }),
+        ));
+        polls.push((
+            "ours-poll-fixed",
+            Some(Poll {
+                max_us,
+                adaptive: false,
+            }),
+        ));
+    }
+    for backing in backings {
+        backing.prepare(&args.tmpfs, &args.disk);
+        let file = backing.file(&args.tmpfs, &args.disk);
+        let workloads: Vec<Workload> = bench::suite(if backing.scsi() { 1 } else { 4 })
+            .into_iter()
+            .filter(|w| {
+                args.workload.is_empty()
+                    || args.workload.iter().any(|f| w.name.contains(f.as_str()))
+            })
+            .collect();
+        for w in workloads {
+            let wanted =
+                |server: &str| args.server.is_empty() || args.server.iter().any(|s| s == server);
+            let mut push = |server: &str, measured: Measured| {
+                eprintln!(
+                    "bench: {:<14} {:<20} {:<16} {:>9.0} IOPS {:>8.1} µs mean",
+                    backing.name(),
+                    w.name,
+                    server,
+                    measured.iops(),
+                    measured.lat_us[0]
+                );
+                rows.push(Row {
+                    backing: backing.name(),
+                    workload: w,
+                    server: server.to_string(),
+                    measured,
+                });
+            };
+            let fio_file = backing.fio_file(&args.tmpfs, &args.disk);
+            if let Some(f) = fio_file.as_ref().filter(|_| wanted("fio")) {
+                push(
+                    "fio",
+                    servers::run_fio(f, backing == Backing::RawDirect, &w, args.seconds),
+                );
+            }
+            let dir = scratch(&args.out);
+            let socket = dir.path().join("bench.sock");
+            if backing.scsi() && wanted("vhost-device-scsi") {
+                match (&vds, &file) {
+                    (Some(vds), Some(f)) => {
+                        let p = servers::start_vhost_device_scsi(dir.path(), vds, f);
+                        push("vhost-device-scsi", measure(&socket, backing, &w, args.seconds, &p));
+                    }
+                    _ => eprintln!("bench: vhost-device-scsi not installed (tests/scripts/install-deps.sh): no peer row"),
+                }
+            } else if !backing.scsi() && wanted("qsd") {
+                let p = servers::start_qsd(dir.path(), backing, file.as_deref(), w.queues);
+                push("qsd", measure(&socket, backing, &w, args.seconds, &p));
+            }
+            for (name, poll) in polls.iter().filter(|(name, _)| wanted(name)) {
+                let p = servers::start_ours(dir.path(), backing, file.as_deref(), w.queues, *poll);
+                push(name, measure(&socket, backing, &w, args.seconds, &p));
+            }
+        }
+    }
+    vvu_rows(&args, &mut rows);
+    let table = report::table(&rows);
+    println!("{table}");
+    let json = report::json(&rows, machine);
+    std::fs::write(
+        args.out.join("bench.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(args.out.join("bench.svg"), report::svg(&rows)).unwrap();
+    std::fs::write(args.out.join("bench.txt"), table).unwrap();
+    eprintln!(
+        "bench: wrote {0}/bench.json, {0}/bench.svg, {0}/bench.txt",
+        args.out.display()
+    );
+}
+
+/// The appliance-VM rows: the null export served from inside the appliance VM through the
+/// virtio-vhost-user device, next to the host-mode null rows.
+fn vvu_rows(args: &Args, rows: &mut Vec<Row>) {
+    if !(args.backing.is_empty() || args.backing.iter().any(|b| b == "null")) {
+        return;
+    }
+    let accel = preferred_accel();
+    if accel != Accel::Kvm && !args.vvu {
+        println!(
+            "appliance-VM rows skipped: KVM cannot boot guests on this host (no vmx/svm, or PVM), and \
+             under TCG the appliance VM's I/O figures are emulation speed, not performance (--vvu runs them anyway)"
+        );
+        return;
+    }
+    use appliance_tests::appliance_vm::{self, ApplianceVmOptions, VvuSocket};
+    let exports = format!(
+        "exports:\n  - name: bench\n    type: blk\n    vvu: 0000:00:10.0\n    format: null\n    size: {}\n    num_queues: 4\n",
+        bench::FILE_SIZE
+    );
+    let sockets = scratch(&args.out);
+    let options = ApplianceVmOptions::new(&exports, vec![VvuSocket::at("bench.sock")], 1);
+    let _vm = appliance_vm::start(sockets.path(), &options);
+    let socket = sockets.path().join("bench.sock");
+    let server = format!(
+        "ours-vvu-{}",
+        if accel == Accel::Kvm { "kvm" } else { "tcg" }
+    );
+    for w in bench::suite(4).into_iter().filter(|w| {
+        args.workload.is_empty() || args.workload.iter().any(|f| w.name.contains(f.as_str()))
+    }) {
+        let measured = blk::run(&socket, &w, args.seconds);
+        eprintln!(
+            "bench: null {:<20} {server:<16} {:>9.0} IOPS",
+            w.name,
+            measured.iops()
+        );
+        rows.push(Row {
+            backing: Backing::Null.name(),
+            workload: w,
+            server: server.clone(),
+            measured,
+        });
+    }
+}
+
+/// A scratch directory for one server's socket, config and log, under `out`.
+fn scratch(out: &Path) -> tempfile::TempDir {
+    let parent = out.join("run");
+    std::fs::create_dir_all(&parent).unwrap();
+    tempfile::tempdir_in(parent).unwrap()
+}
+
+/// Facts about the machine and the run, for the JSON and the README.
+fn machine() -> serde_json::Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let run = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .unwrap_or_default()
+    };
+    json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "kernel": run("uname", &["-r"]),
+        "load_average": read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        "qemu_storage_daemon": run("qemu-storage-daemon", &["--version"]),
+        "fio": run("fio", &["--version"]),
+        "commit": run("git", &["rev-parse", "--short", "HEAD"]),
+        "date": run("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+    })
+}
