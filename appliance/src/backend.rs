@@ -119,7 +119,7 @@ impl Worker {
 
     /// Re-runs the requests the inflight region holds (accepted by an earlier daemon or
     /// connection, never completed), oldest first, and resumes the ring after them.
-    fn resubmit_inflight(&mut self, vring: &Vring, mem: &GuestRam) {
+    fn resubmit_inflight(&mut self, index: usize, vring: &Vring, mem: &GuestRam) {
         self.recover_inflight = false;
         let Some(inflight) = self.inflight.as_mut() else {
             return;
@@ -135,6 +135,7 @@ impl Worker {
         vring.resume(used.wrapping_add(heads.len() as u16), used);
         if !heads.is_empty() {
             tracing::info!(
+                queue = index,
                 requests = heads.len(),
                 "re-running requests in flight at the last disconnect"
             );
@@ -367,7 +368,7 @@ impl VirtioBackend {
         }
         let worker = &mut *worker;
         if worker.recover_inflight {
-            worker.resubmit_inflight(vring, &self.current_memory());
+            worker.resubmit_inflight(index, vring, &self.current_memory());
         }
         if worker.poller.is_some() {
             return self.serve_polling(worker, Some(vring));

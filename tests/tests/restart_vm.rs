@@ -103,6 +103,14 @@ fn consumer_running_fio(dir: &Path, mib: u32) -> Vm {
     vm
 }
 
+/// Recoveries in a daemon log that re-ran I/O requests: not those of virtio-scsi's event
+/// queue (queue 1), which re-holds the event buffers the driver posted.
+fn io_reruns(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("re-running requests in flight") && !l.contains("queue=1 "))
+        .count()
+}
+
 /// Fails the test if fio already finished (before crash `kill`): too short a workload
 /// tests nothing.
 fn assert_fio_running(vm: &mut Vm, kill: usize) {
@@ -172,11 +180,7 @@ fn guest_fio_verify_survives_five_daemon_crashes_on_blk_and_scsi() {
         assert_fio_running(&mut vm, kill);
         daemon.process.signal(libc::SIGKILL).expect("SIGKILL");
         daemon.process.wait_exit(MINUTE);
-        reruns += daemon
-            .process
-            .log()
-            .matches("re-running requests in flight")
-            .count();
+        reruns += io_reruns(&daemon.process.log());
         for socket in ["blk.sock", "scsi.sock"] {
             std::fs::remove_file(dir.join(socket)).expect("remove a dead socket");
         }
@@ -190,11 +194,7 @@ fn guest_fio_verify_survives_five_daemon_crashes_on_blk_and_scsi() {
     }
     // Recoveries of the last daemon happen after its connection.
     std::thread::sleep(Duration::from_secs(1));
-    reruns += daemon
-        .process
-        .log()
-        .matches("re-running requests in flight")
-        .count();
+    reruns += io_reruns(&daemon.process.log());
     assert_fio_clean(&mut vm, KILLS, reruns);
 }
 
@@ -249,7 +249,7 @@ fn guest_fio_verify_survives_daemon_crashes_inside_the_appliance_vm() {
         );
     }
     let log = appliance.run_ok(
-        "sleep 2; cat /run/appliance.restarts; echo RERUNS=$(grep -c 're-running requests in flight' /config/appliance.log); \
+        "sleep 2; cat /run/appliance.restarts; echo RERUNS=$(grep 're-running requests in flight' /config/appliance.log | grep -vc 'queue=1 '); \
          grep -E 're-running|panicked|ERROR' /config/appliance.log | tail -20",
         MINUTE,
     );
