@@ -448,6 +448,46 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_is_rebuilt_from_its_head_without_the_avail_ring() {
+        use vm_memory::GuestMemoryMmap;
+        let mem: Memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        // Descriptor table at 0x1000, 8 entries: head 3 -> 5 (NEXT), 5 writable.
+        let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let at = GuestAddress(0x1000 + 16 * i);
+            mem.write_obj(addr, at).unwrap();
+            mem.write_obj(len, at.unchecked_add(8)).unwrap();
+            mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+            mem.write_obj(next, at.unchecked_add(14)).unwrap();
+        };
+        desc(3, 0x8000, 16, 1, 5);
+        desc(5, 0x9000, 512, 2, 0);
+        let state = QueueState {
+            max_size: 8,
+            size: 8,
+            ready: true,
+            desc_table: 0x1000,
+            // The real avail ring says nothing about head 3.
+            avail_ring: 0x2000,
+            used_ring: 0x3000,
+            next_avail: 0,
+            next_used: 0,
+            event_idx_enabled: false,
+        };
+        let (head, lens) = with_chain(&mem, state, 3, |chain| {
+            let head = chain.head_index();
+            (
+                head,
+                chain
+                    .map(|d| (d.len(), d.is_write_only()))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .unwrap();
+        assert_eq!(head, 3);
+        assert_eq!(lens, vec![(16, false), (512, true)]);
+    }
+
+    #[test]
     fn a_short_or_unsealed_file_is_refused() {
         let (file, len) = InflightArea::create(1, 8).unwrap();
         assert!(InflightArea::map(file.try_clone().unwrap(), len, 64, 1, 8).is_err());
