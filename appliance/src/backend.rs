@@ -84,15 +84,20 @@ impl Worker {
             }
             None => Vec::new(),
         };
-        for c in self.done.drain(..) {
-            if let Err(e) = vring.add_used(c.head, c.used_len) {
-                tracing::warn!("cannot add to the used ring: {e:?}");
+        // One lock of the vring for the whole batch.
+        let needs_notification = {
+            let mut state = vring.get_mut();
+            for c in self.done.drain(..) {
+                if let Err(e) = state.add_used(c.head, c.used_len) {
+                    tracing::warn!("cannot add to the used ring: {e:?}");
+                }
             }
-        }
-        if let Some(inflight) = &self.inflight {
-            inflight.finish_batch(&heads, vring.get_ref().get_queue().next_used());
-        }
-        match vring.needs_notification() {
+            if let Some(inflight) = &self.inflight {
+                inflight.finish_batch(&heads, state.get_queue().next_used());
+            }
+            state.needs_notification()
+        };
+        match needs_notification {
             Ok(false) => {}
             Ok(true) | Err(_) => match vring.signal_used_queue() {
                 Ok(()) => {
@@ -418,6 +423,11 @@ impl VirtioBackend {
         if let Err(e) = worker.queue.submit() {
             tracing::error!("submitting I/O failed: {e}");
         }
+        // What completed during the submission (page-cache reads, the null engine) goes
+        // out with this pass, not after another trip through epoll.
+        if worker.queue.poll_ready() {
+            worker.queue.reap(&mut worker.done);
+        }
         worker.publish();
     }
 
@@ -463,7 +473,8 @@ impl VirtioBackend {
             vring.get_ref().get_queue().ready() && !self.quiesced.load(Ordering::SeqCst)
         };
         loop {
-            if let Some(vring) = vring {
+            // A ring that is not set up (or an export stopping) is not written to.
+            if let Some(vring) = vring.filter(|v| serving(v)) {
                 vring.disable_notification().map_err(queue_error)?;
             }
             worker.queue.set_completion_notify(false);

@@ -323,14 +323,31 @@ fn open_sized(spec: &Disk) -> anyhow::Result<Arc<dyn targets::disk::Disk>> {
         format: match spec.format {
             BackingFormat::Raw => Format::Raw,
             BackingFormat::Qcow2 => Format::Qcow2,
+            BackingFormat::Rbd => Format::Rbd,
             BackingFormat::Null => Format::Null,
         },
         readonly: spec.readonly,
         direct: spec.direct,
         create: spec.create.as_ref().map(|c| (c.size, c.backing.clone())),
+        rbd: spec.rbd.as_ref().map(|r| targets::disk::rbd::RbdOptions {
+            pool: r.pool.clone(),
+            namespace: r.namespace.clone(),
+            image: r.image.clone(),
+            conf: r.conf.clone(),
+            client_id: r.client_id.clone(),
+            keyring: r.keyring.clone(),
+            io_timeout: r.io_timeout.map(std::time::Duration::from_secs),
+        }),
     })?;
     if let Some(size) = spec.size {
         resize::apply_size(&*disk, size)?;
+    }
+    if let Some(fd) = crate::watch::store_changed() {
+        if let Ok(fd) = fd.try_clone() {
+            disk.on_change(Box::new(move || {
+                let _ = fd.write(1);
+            }));
+        }
     }
     #[cfg(feature = "fault-injection")]
     let disk = crate::faults::wrap(disk)?;

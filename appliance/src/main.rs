@@ -177,7 +177,7 @@ fn serve_config(path: &Path, signals: &SigSet) -> anyhow::Result<()> {
     let mut watch = watch::ConfigWatch::new(path, signals)?;
     notify_systemd_ready();
     loop {
-        match watch.next_event() {
+        match watch.next_event(exports.standby_retry()) {
             watch::Event::Reload(why) => match exports.reload(why, why == watch::SIGHUP) {
                 None => {}
                 Some(ok) => {
@@ -189,6 +189,10 @@ fn serve_config(path: &Path, signals: &SigSet) -> anyhow::Result<()> {
                     }
                 }
             },
+            watch::Event::Retry => exports.retry_standby(),
+            watch::Event::StoreChanged => {
+                exports.follow_grown_stores("the store reported a change")
+            }
             watch::Event::Stop(signal) => {
                 tracing::info!("{signal}: completing in-flight I/O and exiting");
                 break;
@@ -252,6 +256,7 @@ fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {
             vvu: None,
             path: Some(blk_file.to_string_lossy().into_owned()),
             format: None,
+            rbd: None,
             readonly: Some(cli.read_only),
             num_queues: cli.num_queues,
             queue_size: None,

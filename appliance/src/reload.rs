@@ -16,15 +16,23 @@
 //! whole running definition. Every reload, whether the file changed or not (SIGHUP with the
 //! same file), also looks for backing stores that grew underneath (`truncate -s`,
 //! `lvextend`) and, where no `size:` pins the capacity, gives the device the new size.
+//!
+//! An export that cannot start because another client (another appliance) holds its RBD
+//! image's exclusive lock is a standby: it is retried every [`STANDBY_RETRY`] and starts
+//! as soon as the lock is free (the holder stopped, or died and its watch expired).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use config::{Config, ConfigError, Device, Export, ExportChange};
 
 use crate::export::{Resized, RunningExport, SocketSource};
 use crate::metrics::{ExportState, Metrics};
+
+/// How often an export waiting for its RBD image's lock (a standby) tries again.
+pub const STANDBY_RETRY: Duration = Duration::from_secs(1);
 
 /// The exports of one config file, as they run.
 pub struct Exports {
@@ -42,7 +50,10 @@ pub struct Exports {
     /// success, so restoring a file after a failure is applied (and counted).
     last_ok: bool,
     /// Exports of the file that could not start (reported as `failed`).
-    failed: std::collections::BTreeSet<String>,
+    failed: BTreeSet<String>,
+    /// Of those, the ones waiting for their RBD image's exclusive lock (standbys), retried
+    /// every [`STANDBY_RETRY`].
+    standby: BTreeSet<String>,
     /// Exports by state, reload results.
     metrics: Metrics,
 }
@@ -73,13 +84,14 @@ impl Exports {
             last_valid: config.clone(),
             last_ok: true,
             failed: Default::default(),
+            standby: Default::default(),
             metrics,
         };
         exports.metrics.serve(config.metrics_listen);
         for export in &config.exports {
             exports.start_export(export, &config);
         }
-        if exports.running.is_empty() && !config.exports.is_empty() {
+        if exports.running.is_empty() && exports.standby.is_empty() && !config.exports.is_empty() {
             anyhow::bail!(
                 "none of the {} exports could be started",
                 config.exports.len()
@@ -186,6 +198,7 @@ impl Exports {
             .collect();
         for name in gone {
             self.failed.remove(&name);
+            self.standby.remove(&name);
             self.metrics.remove_export(&name);
         }
         tracing::info!(
@@ -195,6 +208,28 @@ impl Exports {
             self.running.keys().cloned().collect::<Vec<_>>().join(", ")
         );
         Some(complete)
+    }
+
+    /// How long the main loop may sleep before [`Exports::retry_standby`] is due: `None`
+    /// when no export waits for a lock.
+    pub fn standby_retry(&self) -> Option<Duration> {
+        (!self.standby.is_empty()).then_some(STANDBY_RETRY)
+    }
+
+    /// Tries again to start the exports waiting for their RBD image's lock.
+    pub fn retry_standby(&mut self) {
+        let config = self.last_valid.clone();
+        for name in self.standby.clone() {
+            let export = config.exports.iter().find(|e| e.name == name);
+            match export {
+                Some(export) if !self.running.contains_key(&name) => {
+                    self.start_export(export, &config);
+                }
+                _ => {
+                    self.standby.remove(&name);
+                }
+            }
+        }
     }
 
     /// Stops every export (daemon exit).
@@ -248,6 +283,12 @@ impl Exports {
         };
         match RunningExport::start(export, socket, Some(&config.state_dir)) {
             Ok(running) => {
+                if self.standby.remove(&export.name) {
+                    tracing::info!(
+                        export = export.name,
+                        "took the exclusive lock over from the previous holder: serving"
+                    );
+                }
                 self.failed.remove(&export.name);
                 self.metrics.add_export(export, running.backend());
                 self.running.insert(export.name.clone(), running);
@@ -259,6 +300,16 @@ impl Exports {
                 self.failed.insert(export.name.clone());
                 self.metrics
                     .set_export_state(&export.name, ExportState::Failed);
+                if lock_held(&e) {
+                    if self.standby.insert(export.name.clone()) {
+                        tracing::warn!(
+                            export = export.name,
+                            "{e:#}; waiting for it as a standby (retried every {} s; a dead holder's lock is broken once its watch on the image expired)",
+                            STANDBY_RETRY.as_secs()
+                        );
+                    }
+                    return false;
+                }
                 // Where the export is in the file, so the operator finds it.
                 let at = config
                     .exports
@@ -406,7 +457,7 @@ impl Exports {
 
     /// Exports whose backing store grew underneath (`truncate -s`, `lvextend`) and whose
     /// capacity no `size:` pins take the store's new size, and their frontends are told.
-    fn follow_grown_stores(&self, why: &str) {
+    pub fn follow_grown_stores(&self, why: &str) {
         for export in &self.applied.exports {
             let Some(running) = self.running.get(&export.name) else {
                 continue;
@@ -453,6 +504,16 @@ impl Exports {
             }
         }
     }
+}
+
+/// Whether `e` is an RBD image's exclusive lock held by another client.
+fn lock_held(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<targets::disk::OpenError>(),
+            Some(targets::disk::OpenError::RbdLockHeld { .. })
+        )
+    })
 }
 
 /// The LUN number of the LUN at `position` in `export`'s `luns:` (`None` for blk).

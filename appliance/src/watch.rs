@@ -1,5 +1,7 @@
 //! What makes the daemon reload or stop: inotify on the config file's directory and the
-//! signals SIGHUP, SIGTERM and SIGINT, in one `poll` on the main thread.
+//! signals SIGHUP, SIGTERM and SIGINT, in one `poll` on the main thread; also
+//! [`store_changed`], which disk engines that hear of a store resized underneath (RBD)
+//! signal so that the new capacity reaches the frontend at once.
 //!
 //! The directory is watched, not the file: editors and config managers write a new file
 //! and rename it over the old one, and Kubernetes swaps a `..data` symlink, none of which
@@ -24,6 +26,23 @@ pub const SIGHUP: &str = "SIGHUP";
 /// How long the config directory must be quiet before a reload.
 pub const SETTLE: Duration = Duration::from_millis(200);
 
+/// The eventfd a disk engine writes when a backing store may have changed size underneath
+/// (another client resized an RBD image); the main loop then checks every export's stores.
+/// `None` if it could not be created (then such changes wait for the next reload).
+pub fn store_changed() -> Option<&'static vmm_sys_util::eventfd::EventFd> {
+    use std::sync::OnceLock;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    static FD: OnceLock<Option<EventFd>> = OnceLock::new();
+    FD.get_or_init(|| match EventFd::new(EFD_NONBLOCK) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!("no store-change eventfd ({e}): stores resized underneath are picked up at the next reload");
+            None
+        }
+    })
+    .as_ref()
+}
+
 /// Why the main loop wakes up.
 #[derive(Debug)]
 pub enum Event {
@@ -31,6 +50,10 @@ pub enum Event {
     Reload(&'static str),
     /// Stop the daemon.
     Stop(Signal),
+    /// A disk engine heard that a backing store changed underneath.
+    StoreChanged,
+    /// The retry interval asked for has passed.
+    Retry,
 }
 
 /// The config file's directory and the daemon's signals.
@@ -80,8 +103,10 @@ impl ConfigWatch {
         })
     }
 
-    /// Blocks until there is something to do.
-    pub fn next_event(&mut self) -> Event {
+    /// Blocks until there is something to do, or until `retry` has passed
+    /// ([`Event::Retry`]).
+    pub fn next_event(&mut self, retry: Option<Duration>) -> Event {
+        let retry_due = retry.map(|d| Instant::now() + d);
         loop {
             if let Some(signal) = self.take_signal() {
                 match signal {
@@ -95,21 +120,44 @@ impl ConfigWatch {
             if self.take_file_events() {
                 self.pending = Some(Instant::now() + SETTLE);
             }
-            let timeout = match self.pending {
+            if store_changed().is_some_and(|fd| fd.read().is_ok()) {
+                return Event::StoreChanged;
+            }
+            let settle_left = match self.pending {
                 Some(due) => {
                     let left = due.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         self.pending = None;
                         return Event::Reload("file changed");
                     }
-                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+                    Some(left)
                 }
+                None => None,
+            };
+            let retry_left = match retry_due {
+                Some(due) => {
+                    let left = due.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Event::Retry;
+                    }
+                    Some(left)
+                }
+                None => None,
+            };
+            let timeout = match settle_left.into_iter().chain(retry_left).min() {
+                Some(left) => PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
                 None => PollTimeout::NONE,
             };
-            let mut fds = [
+            let mut fds = vec![
                 PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN),
             ];
+            if let Some(fd) = store_changed() {
+                use std::os::fd::{AsRawFd, BorrowedFd};
+                // SAFETY: the eventfd lives in a static for the rest of the process.
+                let fd = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
             if let Err(e) = poll(&mut fds, timeout) {
                 if e != nix::errno::Errno::EINTR {
                     tracing::warn!("waiting for config changes and signals failed: {e}");

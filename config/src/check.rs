@@ -23,7 +23,8 @@ pub fn field_line(
     }
 }
 
-/// Backing files that neither exist nor have `create:`, for the exports `wanted` accepts
+/// Backing files that neither exist nor have `create:` (RBD images are not checked: that
+/// needs the cluster), for the exports `wanted` accepts
 /// (by name; `None` for a blk export, `Some(lun)` for a scsi LUN).
 pub fn missing_backing_files(
     config: &Config,
@@ -35,7 +36,11 @@ pub fn missing_backing_files(
     for (index, export) in config.exports.iter().enumerate() {
         for slot in export.disk_slots() {
             let disk = slot.disk;
-            if disk.create.is_some() || !wanted(&export.name, slot.lun) || disk.path.exists() {
+            if disk.create.is_some()
+                || disk.rbd.is_some()
+                || !wanted(&export.name, slot.lun)
+                || disk.path.exists()
+            {
                 continue;
             }
             errors.push(path_error(

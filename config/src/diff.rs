@@ -219,6 +219,12 @@ fn disk_changes(
         format!("{:?}", new.format),
     );
     setting(
+        "rbd",
+        lun,
+        format!("{:?}", old.rbd),
+        format!("{:?}", new.rbd),
+    );
+    setting(
         "readonly",
         lun,
         old.readonly.to_string(),

@@ -33,13 +33,23 @@ fn starts_with_key(line: &str, key: &str) -> bool {
 
 /// First line in `range` holding `field:` as a key of the item that starts at `start`:
 /// at the item's own key column if there is one (so `size:` is not taken from inside a
-/// `create:` block), else at any depth.
+/// `create:` block), else at any depth. A nested field `parent.child` (`rbd.pool`) is the
+/// `child:` line of a block-style `parent:` map, or else the `parent:` line (flow style).
 fn find_key(
     lines: &[&str],
     start: usize,
     range: std::ops::Range<usize>,
     field: &str,
 ) -> Option<usize> {
+    if let Some((parent, child)) = field.split_once('.') {
+        let at = find_key(lines, start, range.clone(), parent)?;
+        let column = key_column(lines[at]);
+        let key = format!("{child}:");
+        let inside = (at + 1..range.end)
+            .take_while(|&i| is_blank_or_comment(lines[i]) || indent(lines[i]) > column)
+            .find(|&i| starts_with_key(lines[i], &key));
+        return Some(inside.unwrap_or(at));
+    }
     let key = format!("{field}:");
     let column = key_column(lines[start]);
     range
@@ -214,6 +224,29 @@ mod tests {
             "falls back to luns:"
         );
         assert_eq!(index.export_line(1), Some(9));
+    }
+
+    #[test]
+    fn nested_fields_in_block_and_flow_style() {
+        let text = "exports:
+  - name: a
+    rbd:
+      pool: p
+
+      image: i
+    create: { size: 1M }
+  - name: b
+    rbd: { pool: p, image: i }
+";
+        let index = LineIndex::new(text);
+        assert_eq!(index.field_line(0, "rbd.pool"), Some(4));
+        assert_eq!(index.field_line(0, "rbd.image"), Some(6));
+        assert_eq!(
+            index.field_line(0, "rbd.conf"),
+            Some(3),
+            "falls back to rbd:"
+        );
+        assert_eq!(index.field_line(1, "rbd.image"), Some(9));
     }
 
     #[test]

@@ -82,9 +82,11 @@ pub struct ExportFile {
     pub vvu: Option<String>,
     /// Backing file or block device.
     pub path: Option<String>,
-    /// `raw`, `qcow2` or `null` (a bare YAML `null` means the null format too).
+    /// `raw`, `qcow2`, `rbd` or `null` (a bare YAML `null` means the null format too).
     #[serde(default, deserialize_with = "format_name")]
     pub format: Option<String>,
+    /// `format: rbd`: the Ceph RBD image and how to reach its cluster (instead of `path`).
+    pub rbd: Option<RbdFile>,
     /// Refuse writes.
     pub readonly: Option<bool>,
     /// Number of virtqueues (one worker thread each).
@@ -128,9 +130,11 @@ pub struct LunFile {
     pub lun: Option<u16>,
     /// Backing file or block device.
     pub path: Option<String>,
-    /// `raw`, `qcow2` or `null` (a bare YAML `null` means the null format too).
+    /// `raw`, `qcow2`, `rbd` or `null` (a bare YAML `null` means the null format too).
     #[serde(default, deserialize_with = "format_name")]
     pub format: Option<String>,
+    /// `format: rbd`: the Ceph RBD image and how to reach its cluster (instead of `path`).
+    pub rbd: Option<RbdFile>,
     /// Refuse writes.
     pub readonly: Option<bool>,
     /// 512 or 4096.
@@ -160,4 +164,25 @@ pub struct CreateFile {
     /// qcow2 only: the backing file of the new image, as qemu-img takes it (relative paths
     /// are relative to the image's folder).
     pub backing: Option<String>,
+}
+
+/// `rbd:` of a `format: rbd` disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdFile {
+    /// Pool name.
+    pub pool: Option<String>,
+    /// RADOS namespace in the pool (default: none).
+    pub namespace: Option<String>,
+    /// Image name.
+    pub image: Option<String>,
+    /// `ceph.conf` path (default: librados's search, `$CEPH_CONF` then `/etc/ceph/ceph.conf`).
+    pub conf: Option<String>,
+    /// Ceph client id without `client.` (default `admin`).
+    pub client_id: Option<String>,
+    /// Keyring path (default: what `ceph.conf` says).
+    pub keyring: Option<String>,
+    /// Seconds an operation waits for an unreachable cluster before it fails (default:
+    /// no limit).
+    pub io_timeout: Option<u64>,
 }

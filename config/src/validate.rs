@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 use crate::locate::LineIndex;
 use crate::schema::{ConfigFile, ExportFile, ModeValue, SizeValue, SocketPermissionsFile};
+
+mod rbd;
 use crate::size::parse_size;
+pub use rbd::RbdImage;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vhost-appliance";
@@ -66,6 +69,8 @@ pub enum BackingFormat {
     Raw,
     /// qcow2 image (with its backing chain).
     Qcow2,
+    /// Ceph RBD image ([`Disk::rbd`]).
+    Rbd,
     /// No backing file: reads return zeroes, writes are dropped. A benchmarking aid (as
     /// qemu-storage-daemon's `null-co`, SPDK's null bdev); its `path` is empty.
     Null,
@@ -93,10 +98,12 @@ pub struct CreateSpec {
 /// A backing store and how it is presented (a blk export, or one SCSI LUN).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
-    /// Backing file or block device.
+    /// Backing file or block device; for an RBD image its name, `rbd:pool/image`.
     pub path: PathBuf,
     /// Backing format.
     pub format: BackingFormat,
+    /// The image of a [`BackingFormat::Rbd`] disk (boxed: most disks are files).
+    pub rbd: Option<Box<RbdImage>>,
     /// Refuse writes.
     pub readonly: bool,
     /// 512 or 4096.
@@ -405,6 +412,7 @@ impl At<'_, '_> {
 struct DiskFields {
     path: Option<String>,
     format: Option<String>,
+    rbd: Option<crate::schema::RbdFile>,
     readonly: Option<bool>,
     logical_block_size: Option<u32>,
     serial: Option<String>,
@@ -582,6 +590,7 @@ impl Validator<'_> {
         let fields = DiskFields {
             path: raw.path,
             format: raw.format,
+            rbd: raw.rbd,
             readonly: raw.readonly,
             logical_block_size: raw.logical_block_size,
             serial: raw.serial,
@@ -604,6 +613,7 @@ impl Validator<'_> {
                 for (field, set) in [
                     ("path", fields.path.is_some()),
                     ("format", fields.format.is_some()),
+                    ("rbd", fields.rbd.is_some()),
                     ("readonly", fields.readonly.is_some()),
                     ("logical_block_size", fields.logical_block_size.is_some()),
                     ("serial", fields.serial.is_some()),
@@ -676,6 +686,7 @@ impl Validator<'_> {
                 DiskFields {
                     path: l.path,
                     format: l.format,
+                    rbd: l.rbd,
                     readonly: l.readonly,
                     logical_block_size: l.logical_block_size,
                     serial: l.serial,
@@ -705,22 +716,19 @@ impl Validator<'_> {
         let format = match raw.format.as_deref() {
             None | Some("raw") => BackingFormat::Raw,
             Some("qcow2") => BackingFormat::Qcow2,
+            Some("rbd") => BackingFormat::Rbd,
             Some("null") => BackingFormat::Null,
             Some(other) => {
                 return Err(at.err(
                     "format",
-                    format!("unknown format {other:?} (use raw, qcow2 or null)"),
+                    format!("unknown format {other:?} (use raw, qcow2, rbd or null)"),
                 ))
             }
         };
         if format == BackingFormat::Null {
             return self.null_disk(at, raw, default_serial);
         }
-        let path = raw
-            .path
-            .as_deref()
-            .map(|s| self.resolve(s))
-            .ok_or_else(|| at.err("path", "is required"))?;
+        let (path, rbd) = self.location(at, format, raw.path, raw.rbd, raw.direct.is_some())?;
         let logical_block_size = raw.logical_block_size.unwrap_or(512);
         if !matches!(logical_block_size, 512 | 4096) {
             return Err(at.err(
@@ -807,6 +815,7 @@ impl Validator<'_> {
         Ok(Disk {
             path,
             format,
+            rbd,
             readonly,
             logical_block_size,
             serial,

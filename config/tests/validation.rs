@@ -361,7 +361,7 @@ fn null_format_needs_a_size_and_takes_no_file() {
     let e = parse_err(&TWO_EXPORTS.replace("    path: b.raw\n", "    format: null\n"));
     assert_eq!(e.field.as_deref(), Some("size"), "{e}");
     let e = parse_err(&TWO_EXPORTS.replace("    path: b.raw\n", "    format: nul\n"));
-    assert!(e.to_string().contains("use raw, qcow2 or null"), "{e}");
+    assert!(e.to_string().contains("use raw, qcow2, rbd or null"), "{e}");
 }
 
 #[test]

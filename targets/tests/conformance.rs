@@ -58,6 +58,7 @@ fn open(dir: &tempfile::TempDir, format: Format, direct: bool) -> Arc<dyn Disk> 
         path: dir.path().join(match format {
             Format::Raw => "disk.raw",
             Format::Qcow2 => "disk.qcow2",
+            Format::Rbd => "rbd needs a cluster: tests/tests/rbd_e2e.rs",
             // Not in this suite: it stores nothing (its own tests are in disk/null.rs).
             Format::Null => "unused",
         }),
@@ -65,6 +66,7 @@ fn open(dir: &tempfile::TempDir, format: Format, direct: bool) -> Arc<dyn Disk> 
         readonly: false,
         direct,
         create: Some((SIZE, None)),
+        rbd: None,
     })
     .unwrap()
 }

@@ -24,7 +24,8 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SOURCES
 }
 
-# Installs the packages of "$@" that are missing; APT_SUITE (if set) selects a suite.
+# Installs the packages of "$@" that are missing; APT_SUITE (if set) selects a suite,
+# APT_NO_RECOMMENDS=1 leaves recommended packages out.
 ensure_debs() {
     local missing=() p
     for p in "$@"; do
@@ -34,5 +35,6 @@ ensure_debs() {
     echo "installing ${missing[*]}" >&2
     $SUDO apt-get update -q >&2
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-        ${APT_SUITE:+-t "$APT_SUITE"} "${missing[@]}" >&2
+        ${APT_SUITE:+-t "$APT_SUITE"} ${APT_NO_RECOMMENDS:+--no-install-recommends} \
+        "${missing[@]}" >&2
 }

@@ -7,6 +7,10 @@
 #     downloaded and unpacked into /var/cache/vhost-appliance/prometheus-VERSION, never
 #     installed (no service, no web UI assets in /usr),
 #   - shellcheck, the lint gate for the project's shell scripts,
+#   - Ceph's ceph-mon and ceph-osd (bookworm, 16.2 Pacific; ~51 MB download, no services
+#     started) for the throwaway one-node cluster of the RBD tests (ceph-cluster.sh), and
+#     qemu-block-extra (QEMU's rbd driver) for their differential against
+#     qemu-storage-daemon (librbd1/librados2 come with them),
 #   - fio (the benchmark's limit rows) and vhost-device-scsi 0.1.0 (rust-vmm; the
 #     benchmark's SCSI peer), built once with `cargo install` into
 #     /var/cache/vhost-appliance/vhost-device-scsi-0.1.0 (~3 min on 2 cores).
@@ -62,6 +66,7 @@ ensure_promtool() {
 }
 ensure_promtool
 ensure_debs shellcheck fio
+APT_NO_RECOMMENDS=1 ensure_debs ceph-mon ceph-osd
 
 # vhost-device-scsi: not packaged by Debian; crates.io has it.
 VDS_VERSION=0.1.0
@@ -88,6 +93,9 @@ if [ "$(qemu_major qemu-storage-daemon)" != "10" ]; then
 fi
 if [ "$(qemu_major qemu-system-x86_64)" != "10" ]; then
     missing+=(qemu-system-x86)
+fi
+if [ ! -e /usr/lib/x86_64-linux-gnu/qemu/block-rbd.so ]; then
+    missing+=(qemu-block-extra)
 fi
 
 if [ "${#missing[@]}" -eq 0 ]; then

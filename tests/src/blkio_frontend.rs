@@ -82,6 +82,21 @@ impl Frontend {
         got
     }
 
+    /// One completion of queue `q` within `timeout`, as `(user_data, ret)`; `None` when
+    /// none came in time or the connection failed (a backend that died).
+    pub fn try_wait_one(&mut self, q: usize, timeout: Duration) -> Option<(usize, i32)> {
+        let mut completions = [MaybeUninit::<Completion>::uninit()];
+        let mut timeout = timeout;
+        match self.queues[q].do_io(&mut completions, 1, Some(&mut timeout), None) {
+            Ok(1) => {
+                // SAFETY: do_io initialised the one completion it reported.
+                let c = unsafe { completions[0].assume_init_ref() };
+                Some((c.user_data, c.ret))
+            }
+            _ => None,
+        }
+    }
+
     pub fn write(&mut self, q: usize, offset: u64, buf_off: usize, len: usize) -> i32 {
         let ptr = self.ptr(buf_off);
         self.queues[q].write(offset, ptr, len, 0, ReqFlags::empty());

@@ -57,9 +57,11 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 /// meaningful; /tmp may be tmpfs elsewhere).
 pub fn scratch_dir() -> tempfile::TempDir {
     let exe = std::env::current_exe().expect("test executable path");
+    // Cargo's target directory (it holds CACHEDIR.TAG), whether this is a test
+    // (target/<profile>/deps/<test>) or a program (target/<profile>/<bin>).
     let target = exe
         .ancestors()
-        .nth(3)
+        .find(|dir| dir.join("CACHEDIR.TAG").exists())
         .map(|t| t.join("tmp"))
         .unwrap_or_else(std::env::temp_dir);
     fs::create_dir_all(&target).expect("create scratch parent");
@@ -328,6 +330,33 @@ pub fn qemu_storage_daemon(image: &Path, socket: &Path, log: &Path) -> Process {
         ));
     let mut process = Process::spawn(command, log, "qemu-storage-daemon");
     process.wait_for_path(socket, Duration::from_secs(20));
+    process
+}
+
+/// `qemu-storage-daemon` exporting RBD image `pool/image` of the cluster of `conf` as
+/// vhost-user-blk on `socket` (QEMU's rbd driver, cache off and discards passed through, as
+/// the appliance does): the reference for RBD differential tests.
+pub fn qemu_storage_daemon_rbd(
+    pool: &str,
+    image: &str,
+    conf: &Path,
+    socket: &Path,
+    log: &Path,
+) -> Process {
+    let mut command = Command::new("qemu-storage-daemon");
+    command
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=rbd,node-name=rbd0,pool={pool},image={image},conf={},cache.direct=on,discard=unmap",
+            conf.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=export0,node-name=rbd0,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ));
+    let mut process = Process::spawn(command, log, "qemu-storage-daemon");
+    process.wait_for_path(socket, Duration::from_secs(30));
     process
 }
 

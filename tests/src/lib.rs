@@ -8,6 +8,7 @@
 //! - [`blk_raw`]: virtio-blk requests over the raw frontend.
 //! - [`blk_suite`]: the libblkio suite for a blk export, wherever its backing file is.
 //! - [`blkio_frontend`]: libblkio as a frontend, and randomized workloads to replay.
+//! - [`ceph`]: a throwaway one-node Ceph cluster and RBD images for the RBD tests.
 //! - [`daemon`]: runs the real `vhost-appliance` binary (or `qemu-storage-daemon`) on a
 //!   scratch directory and always stops it.
 //! - [`frontend`]: a raw vhost-user frontend that can send any descriptor chain.
@@ -21,6 +22,7 @@ pub mod bench;
 pub mod blk_raw;
 pub mod blk_suite;
 pub mod blkio_frontend;
+pub mod ceph;
 pub mod daemon;
 pub mod frontend;
 pub mod prom;

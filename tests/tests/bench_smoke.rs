@@ -11,12 +11,12 @@ use std::process::Command;
 use appliance_tests::daemon::{scratch_dir, workspace_binary};
 
 #[test]
-#[ignore = "full tier (tests/run.sh): needs fio, qemu-storage-daemon, qemu-img and vhost-device-scsi from tests/scripts/install-deps.sh"]
+#[ignore = "full tier (tests/run.sh): needs fio, qemu-storage-daemon, qemu-img, vhost-device-scsi and Ceph from tests/scripts/install-deps.sh"]
 fn a_short_benchmark_run_reports_every_row() {
     let out = scratch_dir();
     let tmpfs = tempfile::tempdir_in("/dev/shm").unwrap();
     let output = Command::new(workspace_binary("bench"))
-        .args(["--seconds", "0.2", "--poll-us", "16"])
+        .args(["--seconds", "0.2", "--poll-us", "16", "--size-mib", "64"])
         .args(["--workload", "randread-qd1", "randwrite-4q"])
         .args([
             "--backing",
@@ -24,6 +24,7 @@ fn a_short_benchmark_run_reports_every_row() {
             "qcow2-tmpfs",
             "null",
             "scsi-raw-tmpfs",
+            "rbd",
         ])
         .arg("--out")
         .arg(out.path())
@@ -71,6 +72,13 @@ fn a_short_benchmark_run_reports_every_row() {
             "no scsi {server} row"
         );
     }
+    for server in ours.iter().chain(&["qsd", "fio"]) {
+        assert!(has("rbd", "4k-randread-qd1", server), "no rbd {server} row");
+    }
+    assert!(
+        !has("rbd", "4k-randwrite-4q-qd8", "ours"),
+        "rbd rows use one queue"
+    );
     // Every daemon row has its CPU cost and a ratio to its peer.
     for r in rows
         .iter()

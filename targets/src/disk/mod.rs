@@ -6,7 +6,8 @@
 //! [`crate::qcow2::Qcow2Disk`] (qcow2 images through imago on io_uring),
 //! [`NullDisk`] (stores nothing: a benchmarking aid), and, for tests,
 //! `fault::FaultDisk` (feature `fault-injection`), which wraps another engine and fails,
-//! delays or reorders chosen requests. Adding an engine (Ceph RBD next) is: an
+//! delays or reorders chosen requests, and [`rbd::RbdDisk`] (Ceph RBD images through
+//! librbd, loaded at run time, `disk/rbd/`). Adding an engine is: an
 //! [`Format`] variant, a [`Disk`] implementation, and one arm in [`open`].
 //!
 //! Requests are submitted with a caller-chosen token and complete through
@@ -26,6 +27,7 @@
 pub mod fault;
 mod null;
 mod raw;
+pub mod rbd;
 
 use std::fmt;
 use std::io;
@@ -174,6 +176,9 @@ pub enum Durability {
     FormatFlushThenDataSync,
     /// Nothing to make durable (opened read-only).
     ReadOnly,
+    /// Every completed write is already on all replicas of a Ceph pool (RBD with librbd's
+    /// cache off); a flush (`rbd_aio_flush`) only waits for writes in flight.
+    Replicated,
     /// Nothing is stored (the null engine).
     Nothing,
 }
@@ -280,6 +285,12 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// A new per-queue I/O context for up to `depth` operations in flight, signalling
     /// `notifier` (shared by several queues, reset by its owner) or an eventfd of its own.
     fn open_queue(&self, depth: u32, notifier: Option<&EventFd>) -> io::Result<Box<dyn DiskQueue>>;
+    /// Asks to have `hook` called (on any thread) when the store may have changed size
+    /// underneath, for engines that hear of it (RBD: another client resized the image).
+    /// Returns false when the engine cannot tell (files: growth is picked up at a reload).
+    fn on_change(&self, _hook: Box<dyn Fn() + Send>) -> bool {
+        false
+    }
 }
 
 /// Image formats [`open`] knows.
@@ -289,6 +300,8 @@ pub enum Format {
     Raw,
     /// A qcow2 image (and its backing chain).
     Qcow2,
+    /// A Ceph RBD image ([`DiskSpec::rbd`] says which; `path` is only its name in logs).
+    Rbd,
     /// Nothing: reads return zeroes, writes are dropped ([`NullDisk`], a benchmarking
     /// aid). The size is `create`'s; the path is not used.
     Null,
@@ -308,6 +321,8 @@ pub struct DiskSpec {
     /// Create it when missing: virtual size in bytes, and (qcow2) a backing file as
     /// written into the image.
     pub create: Option<(u64, Option<PathBuf>)>,
+    /// The image and cluster of a [`Format::Rbd`] disk.
+    pub rbd: Option<rbd::RbdOptions>,
 }
 
 /// Opens a backing store with the engine its format needs, and logs what it found once
@@ -326,6 +341,17 @@ pub fn open(spec: &DiskSpec) -> Result<Arc<dyn Disk>, OpenError> {
             direct: spec.direct,
             create: spec.create.clone(),
         })?),
+        Format::Rbd => {
+            let options = spec.rbd.as_ref().ok_or_else(|| OpenError::Rbd {
+                image: spec.path.display().to_string(),
+                message: "format rbd without the image's pool and name".into(),
+            })?;
+            Arc::new(rbd::RbdDisk::open(
+                options,
+                spec.readonly,
+                spec.create.as_ref().map(|(size, _)| *size),
+            )?)
+        }
         Format::Null => Arc::new(NullDisk::new(
             spec.create.as_ref().map_or(0, |(size, _)| *size),
             spec.readonly,
@@ -370,4 +396,20 @@ pub enum OpenError {
     /// The path is neither a regular file nor a block device.
     #[error("backing file {0} is neither a regular file nor a block device")]
     NotAFileOrDevice(PathBuf),
+    /// An RBD image cannot be opened: librbd missing, cluster unreachable, no such pool or
+    /// image, ...
+    #[error("rbd image {image}: {message}")]
+    Rbd {
+        /// `pool/image` or `pool/namespace/image`.
+        image: String,
+        /// What failed, in words an operator can act on.
+        message: String,
+    },
+    /// Another client (another appliance) holds the RBD image's exclusive lock: try again
+    /// later (a standby waiting to take over).
+    #[error("rbd image {image}: another client holds its exclusive lock (another appliance serving it?)")]
+    RbdLockHeld {
+        /// `pool/image` or `pool/namespace/image`.
+        image: String,
+    },
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkioq, Completion, ReqFlags};
 
-use super::{Measured, Workload, FILE_SIZE};
+use super::{file_size, Measured, Window, Workload};
 use crate::blkio_frontend::{Frontend, BUF_SIZE};
 use crate::rng::Rng;
 
@@ -19,7 +19,7 @@ pub const WARMUP: Duration = Duration::from_millis(300);
 pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
     let mut fe = Frontend::connect(socket, w.queues as i32);
     assert!(
-        fe.capacity >= FILE_SIZE,
+        fe.capacity >= file_size(),
         "the export is smaller than the benchmark file"
     );
     assert!(
@@ -29,15 +29,18 @@ pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
     let queues = std::mem::take(&mut fe.queues);
     let base = fe.ptr(0) as usize;
     let start = Instant::now();
-    let measure_from = start + WARMUP;
-    let end = measure_from + Duration::from_secs_f64(seconds);
+    let from = start + WARMUP;
+    let window = Window {
+        from,
+        end: from + Duration::from_secs_f64(seconds),
+    };
     let lats: Vec<Vec<u32>> = std::thread::scope(|s| {
         let threads: Vec<_> = queues
             .into_iter()
             .enumerate()
             .map(|(i, q)| {
                 let bufs = base + i * w.depth * w.block;
-                s.spawn(move || queue_loop(q, i, w, bufs, measure_from, end))
+                s.spawn(move || queue_loop(q, i, w, bufs, window))
             })
             .collect();
         threads.into_iter().map(|t| t.join().unwrap()).collect()
@@ -47,16 +50,9 @@ pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
 }
 
 /// One queue's loop; returns the latencies (ns) of requests completed in the window.
-fn queue_loop(
-    mut q: Blkioq,
-    index: usize,
-    w: &Workload,
-    bufs: usize,
-    measure_from: Instant,
-    end: Instant,
-) -> Vec<u32> {
+fn queue_loop(mut q: Blkioq, index: usize, w: &Workload, bufs: usize, window: Window) -> Vec<u32> {
     let mut rng = Rng::new(0x5eed + index as u64);
-    let blocks = FILE_SIZE / w.block as u64;
+    let blocks = file_size() / w.block as u64;
     let span = blocks / w.queues as u64;
     let mut next_seq = index as u64 * span;
     let mut started = vec![Instant::now(); w.depth];
@@ -100,14 +96,7 @@ fn queue_loop(
             assert_eq!(c.ret, 0, "I/O failed: {}", c.ret);
             let slot = c.user_data;
             in_flight -= 1;
-            if now >= measure_from && now < end {
-                lat.push(
-                    now.duration_since(started[slot])
-                        .as_nanos()
-                        .min(u32::MAX as u128) as u32,
-                );
-            }
-            if now < end {
+            if window.complete(&mut lat, started[slot], now) {
                 submit(&mut q, slot, &mut started);
                 in_flight += 1;
             }

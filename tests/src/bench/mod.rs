@@ -19,8 +19,18 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-/// Bytes of the file every row of a backing runs on.
-pub const FILE_SIZE: u64 = 512 << 20;
+/// Bytes of the file (image, device) every row of a backing runs on: 512 MiB unless
+/// [`set_file_size`] chose another (a multiple of 1 MiB).
+pub fn file_size() -> u64 {
+    FILE_SIZE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets [`file_size`], before any backing is prepared.
+pub fn set_file_size(bytes: u64) {
+    FILE_SIZE.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+static FILE_SIZE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(512 << 20);
 
 /// The access pattern of a workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +131,31 @@ pub fn suite(max_queues: usize) -> Vec<Workload> {
     ];
     all.retain(|w| w.queues <= max_queues);
     all
+}
+
+/// The measured part of a run: requests completing in `[from, end)` count.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub from: std::time::Instant,
+    pub end: std::time::Instant,
+}
+
+impl Window {
+    /// Records the latency (ns) of a request started at `started` and completed at `now`
+    /// if `now` is inside the window; returns whether the run goes on (a new request
+    /// should take its place).
+    pub fn complete(
+        &self,
+        lat: &mut Vec<u32>,
+        started: std::time::Instant,
+        now: std::time::Instant,
+    ) -> bool {
+        if now >= self.from && now < self.end {
+            let ns = now.duration_since(started).as_nanos();
+            lat.push(u32::try_from(ns).unwrap_or(u32::MAX));
+        }
+        now < self.end
+    }
 }
 
 /// What one run of a workload gave.

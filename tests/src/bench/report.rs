@@ -48,6 +48,13 @@ fn ratio(rows: &[Row], row: &Row, server_pred: impl Fn(&str) -> bool) -> Option<
     (base > 0.0).then(|| merit(&row.workload, &row.measured) / base)
 }
 
+/// The run with the median figure of merit among `runs` (at least one).
+pub fn median(w: &Workload, mut runs: Vec<Measured>) -> Measured {
+    runs.sort_by(|a, b| merit(w, a).total_cmp(&merit(w, b)));
+    let mid = runs.len() / 2;
+    runs.swap_remove(mid)
+}
+
 fn si(v: f64) -> String {
     if v >= 1e6 {
         format!("{:.2}M", v / 1e6)

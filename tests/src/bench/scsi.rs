@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use vvu_transport::split_ring::Buffer;
 
-use super::{Measured, Workload, FILE_SIZE};
+use super::{file_size, Measured, Window, Workload};
 use crate::frontend::{RawFrontend, DATA_START};
 use crate::rng::Rng;
 use crate::scsi_frontend::{ScsiFrontend, REQUEST_QUEUE};
@@ -35,7 +35,7 @@ pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
         fe.fe.write_mem(REQ_AT + slot as u64 * 64, &req);
     }
     let mut rng = Rng::new(0x5c51);
-    let blocks = FILE_SIZE / w.block as u64;
+    let blocks = file_size() / w.block as u64;
     let mut next_seq = 0u64;
     let mut slot_of_head = vec![usize::MAX; 1 << 16];
     let mut started = vec![Instant::now(); w.depth];
@@ -80,8 +80,11 @@ pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
         slot_of_head[usize::from(head)] = slot;
     }
     fe.fe.kick(REQUEST_QUEUE);
-    let measure_from = Instant::now() + super::blk::WARMUP;
-    let end = measure_from + Duration::from_secs_f64(seconds);
+    let from = Instant::now() + super::blk::WARMUP;
+    let window = Window {
+        from,
+        end: from + Duration::from_secs_f64(seconds),
+    };
     let mut lat = Vec::with_capacity(1 << 20);
     let mut in_flight = w.depth;
     while in_flight > 0 {
@@ -97,14 +100,7 @@ pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
             );
         }
         in_flight -= 1;
-        if now >= measure_from && now < end {
-            lat.push(
-                now.duration_since(started[slot])
-                    .as_nanos()
-                    .min(u32::MAX as u128) as u32,
-            );
-        }
-        if now < end {
+        if window.complete(&mut lat, started[slot], now) {
             let head = submit(&mut fe, slot, &mut started);
             slot_of_head[usize::from(head)] = slot;
             fe.fe.kick(REQUEST_QUEUE);

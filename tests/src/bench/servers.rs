@@ -1,6 +1,7 @@
 //! What the benchmark runs against: the backing files, this daemon
 //! (`vhost-appliance`), `qemu-storage-daemon` with the matching block driver,
-//! `vhost-device-scsi` for virtio-scsi, and fio with io_uring on the file itself.
+//! `vhost-device-scsi` for virtio-scsi, and fio on the backing itself (io_uring on a file,
+//! librbd on the RBD image).
 
 use std::fs;
 use std::io::Write;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Measured, Pattern, Workload, FILE_SIZE};
+use super::{file_size, Measured, Pattern, Workload};
 use crate::daemon::{appliance_binary, Process};
 use crate::rng::Rng;
 
@@ -27,16 +28,42 @@ pub enum Backing {
     Null,
     /// The raw tmpfs file as a virtio-scsi LUN.
     ScsiRawTmpfs,
+    /// An RBD image (`rbd/bench`, written in full) on the one-node test cluster that the benchmark
+    /// starts (`tests/scripts/ceph-cluster.sh`: memstore OSD, loopback).
+    Rbd,
+}
+
+/// Where the rows of a backing find their data.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// A file (raw or qcow2).
+    File(PathBuf),
+    /// Nothing (null).
+    Nothing,
+    /// Image `bench` of pool `rbd` of the cluster whose ceph.conf this is.
+    Rbd(PathBuf),
+}
+
+/// The directories and cluster the backings use.
+#[derive(Debug, Clone)]
+pub struct Places {
+    /// On tmpfs.
+    pub tmpfs: PathBuf,
+    /// On a disk file system (O_DIRECT works).
+    pub disk: PathBuf,
+    /// The test cluster's ceph.conf, once started.
+    pub ceph_conf: Option<PathBuf>,
 }
 
 impl Backing {
     /// Every backing, in table order.
-    pub const ALL: [Backing; 5] = [
+    pub const ALL: [Backing; 6] = [
         Backing::RawTmpfs,
         Backing::RawDirect,
         Backing::Qcow2Tmpfs,
         Backing::Null,
         Backing::ScsiRawTmpfs,
+        Backing::Rbd,
     ];
 
     /// Short name (command line, JSON).
@@ -47,6 +74,7 @@ impl Backing {
             Backing::Qcow2Tmpfs => "qcow2-tmpfs",
             Backing::Null => "null",
             Backing::ScsiRawTmpfs => "scsi-raw-tmpfs",
+            Backing::Rbd => "rbd",
         }
     }
 
@@ -60,48 +88,76 @@ impl Backing {
         self == Backing::RawDirect
     }
 
-    /// The file the rows use (`None` for null), created and filled by [`Backing::prepare`].
-    pub fn file(self, tmpfs: &Path, disk: &Path) -> Option<PathBuf> {
+    /// Where the rows find their data.
+    pub fn store(self, places: &Places) -> Store {
+        let (tmpfs, disk) = (&places.tmpfs, &places.disk);
         match self {
-            Backing::RawTmpfs | Backing::ScsiRawTmpfs => Some(tmpfs.join("bench.raw")),
-            Backing::RawDirect => Some(disk.join("bench.raw")),
-            Backing::Qcow2Tmpfs => Some(tmpfs.join("bench.qcow2")),
-            Backing::Null => None,
+            Backing::RawTmpfs | Backing::ScsiRawTmpfs => Store::File(tmpfs.join("bench.raw")),
+            Backing::RawDirect => Store::File(disk.join("bench.raw")),
+            Backing::Qcow2Tmpfs => Store::File(tmpfs.join("bench.qcow2")),
+            Backing::Null => Store::Nothing,
+            Backing::Rbd => Store::Rbd(places.ceph_conf.clone().expect("a cluster for rbd rows")),
         }
     }
 
-    /// The file fio runs on for the limit rows: the raw files; not a qcow2 image (fio
-    /// would write over its metadata) nor null.
-    pub fn fio_file(self, tmpfs: &Path, disk: &Path) -> Option<PathBuf> {
-        match self {
-            Backing::Qcow2Tmpfs | Backing::Null => None,
-            _ => self.file(tmpfs, disk),
-        }
+    /// Whether fio can run the limit rows: on the raw files (with fio's io_uring engine)
+    /// and the RBD image (fio's librbd engine); not on a qcow2 image (fio would write
+    /// over its metadata) nor on null.
+    pub fn has_limit(self) -> bool {
+        !matches!(self, Backing::Qcow2Tmpfs | Backing::Null)
     }
 
-    /// Creates the file, [`FILE_SIZE`] bytes of random data (so reads read data, and a
-    /// qcow2 image has every cluster allocated), unless it exists with that size.
-    pub fn prepare(self, tmpfs: &Path, disk: &Path) {
-        let Some(file) = self.file(tmpfs, disk) else {
-            return;
+    /// Creates the data: a file of [`file_size`] bytes of random data (so reads read data,
+    /// and a qcow2 image has every cluster allocated), unless it exists with that size; an
+    /// RBD image of that size, written in full.
+    pub fn prepare(self, places: &Places) {
+        let file = match self.store(places) {
+            Store::File(file) => file,
+            Store::Nothing => return,
+            Store::Rbd(conf) => {
+                // Written in full: librbd answers reads of objects never written without
+                // asking an OSD (object map), which would measure nothing.
+                let size = format!("{}M", file_size() >> 20);
+                for args in [
+                    &["create", "--size", &size, "rbd/bench"][..],
+                    &[
+                        "bench",
+                        "--io-type",
+                        "write",
+                        "--io-size",
+                        "4M",
+                        "--io-pattern",
+                        "seq",
+                    ],
+                ] {
+                    let mut command = Command::new("rbd");
+                    command.args(args).env("CEPH_CONF", &conf);
+                    if args[0] == "bench" {
+                        command.args(["--io-total", &size, "rbd/bench"]);
+                    }
+                    let status = command.status().expect("run rbd");
+                    assert!(status.success(), "rbd {args:?} failed");
+                }
+                return;
+            }
         };
-        if fs::metadata(&file).is_ok_and(|m| m.len() >= FILE_SIZE) {
+        if fs::metadata(&file).is_ok_and(|m| m.len() >= file_size()) {
             return;
         }
         let raw = if self == Backing::Qcow2Tmpfs {
-            tmpfs.join("bench.qcow2-source.raw")
+            places.tmpfs.join("bench.qcow2-source.raw")
         } else {
             file.clone()
         };
         eprintln!(
             "bench: writing {} MiB of data to {}",
-            FILE_SIZE >> 20,
+            file_size() >> 20,
             raw.display()
         );
         let mut out = fs::File::create(&raw).expect("create benchmark file");
         let mut rng = Rng::new(42);
         let mut chunk = vec![0u8; 1 << 20];
-        for _ in 0..FILE_SIZE >> 20 {
+        for _ in 0..file_size() >> 20 {
             rng.fill(&mut chunk);
             out.write_all(&chunk).expect("fill benchmark file");
         }
@@ -131,18 +187,21 @@ pub struct Poll {
 pub fn start_ours(
     dir: &Path,
     backing: Backing,
-    file: Option<&Path>,
+    store: &Store,
     queues: usize,
     poll: Option<Poll>,
 ) -> Process {
-    let disk = match (backing, file) {
-        (Backing::Null, _) => format!("format: null\n    size: {FILE_SIZE}"),
-        (Backing::Qcow2Tmpfs, Some(f)) => format!(
+    let disk = match store {
+        Store::Nothing => format!("format: null\n    size: {}", file_size()),
+        Store::Rbd(conf) => format!(
+            "format: rbd\n    rbd: {{ pool: rbd, image: bench, conf: {} }}",
+            conf.display()
+        ),
+        Store::File(f) if backing == Backing::Qcow2Tmpfs => format!(
             "path: {}\n    format: qcow2\n    direct: false",
             f.display()
         ),
-        (_, Some(f)) => format!("path: {}\n    direct: {}", f.display(), backing.direct()),
-        (_, None) => unreachable!("file-backed rows have a file"),
+        Store::File(f) => format!("path: {}\n    direct: {}", f.display(), backing.direct()),
     };
     let poll = match poll {
         None => String::new(),
@@ -179,19 +238,27 @@ pub fn start_ours(
 
 /// Starts qemu-storage-daemon (one iothread, its default adaptive polling, io_uring)
 /// exporting `backing` as vhost-user-blk on `dir/bench.sock`.
-pub fn start_qsd(dir: &Path, backing: Backing, file: Option<&Path>, queues: usize) -> Process {
+pub fn start_qsd(dir: &Path, backing: Backing, store: &Store, queues: usize) -> Process {
     let socket = dir.join("bench.sock");
     let _ = fs::remove_file(&socket);
     let mut command = Command::new("qemu-storage-daemon");
     command.args(["--object", "iothread,id=io0"]);
-    let node = match (backing, file) {
-        (Backing::Null, _) => {
+    let node = match store {
+        Store::Nothing => {
             command.arg("--blockdev").arg(format!(
-                "driver=null-co,node-name=null0,size={FILE_SIZE},read-zeroes=on"
+                "driver=null-co,node-name=null0,size={},read-zeroes=on",
+                file_size()
             ));
             "null0"
         }
-        (_, Some(f)) => {
+        Store::Rbd(conf) => {
+            command.arg("--blockdev").arg(format!(
+                "driver=rbd,node-name=rbd0,pool=rbd,image=bench,conf={},cache.direct=on",
+                conf.display()
+            ));
+            "rbd0"
+        }
+        Store::File(f) => {
             let direct = if backing.direct() { "on" } else { "off" };
             command.arg("--blockdev").arg(format!(
                 "driver=file,node-name=file0,filename={},cache.direct={direct},aio=io_uring",
@@ -204,7 +271,6 @@ pub fn start_qsd(dir: &Path, backing: Backing, file: Option<&Path>, queues: usiz
                 "file0"
             }
         }
-        (_, None) => unreachable!("file-backed rows have a file"),
     };
     command.arg("--export").arg(format!(
         "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable=on,num-queues={queues},iothread=io0",
@@ -247,20 +313,37 @@ pub fn start_vhost_device_scsi(dir: &Path, binary: &Path, file: &Path) -> Proces
     p
 }
 
-/// fio with io_uring on `file` itself: the limit of the file system and kernel, with no
-/// virtio transport in between. Latency is fio's completion latency.
-pub fn run_fio(file: &Path, direct: bool, w: &Workload, seconds: f64) -> Measured {
+/// fio on the backing itself: io_uring on a file (the limit of the file system and
+/// kernel), librbd on the RBD image (the limit of the cluster and librbd), with no virtio
+/// transport in between. Latency is fio's completion latency.
+pub fn run_fio(backing: Backing, store: &Store, w: &Workload, seconds: f64) -> Measured {
     let mut command = Command::new("fio");
+    command.arg("--name=limit");
+    match store {
+        Store::File(file) => {
+            command
+                .arg(format!("--filename={}", file.display()))
+                .arg("--ioengine=io_uring")
+                .arg(format!("--direct={}", u8::from(backing.direct())));
+        }
+        Store::Rbd(conf) => {
+            command
+                .args([
+                    "--ioengine=rbd",
+                    "--pool=rbd",
+                    "--rbdname=bench",
+                    "--clientname=admin",
+                ])
+                .env("CEPH_CONF", conf);
+        }
+        Store::Nothing => panic!("no limit row for null"),
+    }
     command
-        .arg("--name=limit")
-        .arg(format!("--filename={}", file.display()))
-        .arg("--ioengine=io_uring")
         .arg(format!("--rw={}", w.pattern.fio_rw()))
         .arg(format!("--bs={}", w.block))
         .arg(format!("--iodepth={}", w.depth))
         .arg(format!("--numjobs={}", w.queues))
-        .arg(format!("--direct={}", u8::from(direct)))
-        .arg(format!("--size={FILE_SIZE}"))
+        .arg(format!("--size={}", file_size()))
         .arg(format!("--runtime={seconds}"))
         .arg(format!("--ramp_time={}", super::blk::WARMUP.as_secs_f64()))
         .args([
@@ -275,7 +358,7 @@ pub fn run_fio(file: &Path, direct: bool, w: &Workload, seconds: f64) -> Measure
     if w.pattern.sequential() && w.queues > 1 {
         command.arg(format!(
             "--offset_increment={}",
-            FILE_SIZE / w.queues as u64
+            file_size() / w.queues as u64
         ));
     }
     let out = command

@@ -7,7 +7,7 @@
 //!     cargo build --release --workspace --bins
 //!     target/release/bench [--seconds 3] [--backing raw-tmpfs ...] [--workload qd1 ...]
 //!
-//! Rows: `fio` (io_uring on the file: the limit), the peer (`qsd`: qemu-storage-daemon
+//! Rows: `fio` (io_uring on the file, librbd on the RBD image: the limit), the peer (`qsd`: qemu-storage-daemon
 //! 10.0 with one iothread, its default adaptive polling and io_uring; `vhost-device-scsi`
 //! for SCSI), `ours` (default settings), `ours-poll` (`poll: {max_us, adaptive: true}`) and
 //! `ours-poll-fixed` (`adaptive: false`). Appliance-VM rows (`ours-vvu`, the null export
@@ -21,8 +21,9 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use appliance_tests::bench::report::{self, Row};
-use appliance_tests::bench::servers::{self, Backing, Poll};
+use appliance_tests::bench::servers::{self, Backing, Places, Poll, Store};
 use appliance_tests::bench::{self, blk, cpu_time, scsi, Measured, Workload};
+use appliance_tests::ceph;
 use appliance_tests::daemon::Process;
 use appliance_tests::vm::{preferred_accel, Accel};
 use clap::Parser;
@@ -34,7 +35,11 @@ struct Args {
     /// Measured seconds per row (after a 0.3 s warm-up).
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-    /// Backings to run (raw-tmpfs, raw-direct, qcow2-tmpfs, null, scsi-raw-tmpfs); all by default.
+    /// Rounds: every row is measured this many times, servers taking turns, and the
+    /// median round reported.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
+    /// Backings to run (raw-tmpfs, raw-direct, qcow2-tmpfs, null, scsi-raw-tmpfs, rbd); all by default.
     #[arg(long, num_args = 1..)]
     backing: Vec<String>,
     /// Only workloads whose name contains one of these (e.g. qd1, 4q).
@@ -46,6 +51,9 @@ struct Args {
     /// Busy-poll budget of the ours-poll rows, µs (0: no poll rows).
     #[arg(long, default_value_t = 32)]
     poll_us: u32,
+    /// MiB of the file (image) each backing's rows run on.
+    #[arg(long, default_value_t = 512)]
+    size_mib: u64,
     /// Directory for bench.json and bench.svg.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -84,6 +92,7 @@ fn measure(socket: &Path, backing: Backing, w: &Workload, seconds: f64, p: &Proc
 
 fn main() {
     let args = Args::parse();
+    bench::set_file_size(args.size_mib.max(8) << 20);
     let backings: Vec<Backing> = Backing::ALL
         .into_iter()
         .filter(|b| args.backing.is_empty() || args.backing.iter().any(|n| n == b.name()))
@@ -113,10 +122,37 @@ fn main() {
             }),
         ));
     }
+    // The rbd rows run on a one-node cluster of their own, where Ceph is installed.
+    let mut backings = backings;
+    let cluster = if !backings.contains(&Backing::Rbd) {
+        None
+    } else if Path::new("/usr/bin/ceph-mon").exists() {
+        eprintln!("bench: starting a one-node Ceph cluster for the rbd rows");
+        Some(ceph::Cluster::start())
+    } else {
+        println!("rbd rows skipped: Ceph is not installed (tests/scripts/install-deps.sh)");
+        backings.retain(|b| *b != Backing::Rbd);
+        None
+    };
+    let places = Places {
+        tmpfs: args.tmpfs.clone(),
+        disk: args.disk.clone(),
+        ceph_conf: cluster.as_ref().map(ceph::Cluster::conf),
+    };
     for backing in backings {
-        backing.prepare(&args.tmpfs, &args.disk);
-        let file = backing.file(&args.tmpfs, &args.disk);
-        let workloads: Vec<Workload> = bench::suite(if backing.scsi() { 1 } else { 4 })
+        backing.prepare(&places);
+        let store = backing.store(&places);
+        let file = match &store {
+            Store::File(f) => Some(f.clone()),
+            _ => None,
+        };
+        // virtio-scsi (vhost-device-scsi serves one queue) and the test cluster: one queue.
+        let max_queues = if backing.scsi() || backing == Backing::Rbd {
+            1
+        } else {
+            4
+        };
+        let workloads: Vec<Workload> = bench::suite(max_queues)
             .into_iter()
             .filter(|w| {
                 args.workload.is_empty()
@@ -126,7 +162,11 @@ fn main() {
         for w in workloads {
             let wanted =
                 |server: &str| args.server.is_empty() || args.server.iter().any(|s| s == server);
-            let mut push = |server: &str, measured: Measured| {
+            // Each round measures every server once, in turn; a row is the round with the
+            // median figure of merit, so a burst of load on the machine hits all servers
+            // alike and is outvoted.
+            let mut runs: Vec<(String, Vec<Measured>)> = Vec::new();
+            let mut record = |server: &str, measured: Measured| {
                 eprintln!(
                     "bench: {:<14} {:<20} {:<16} {:>9.0} IOPS {:>8.1} µs mean",
                     backing.name(),
@@ -135,41 +175,49 @@ fn main() {
                     measured.iops(),
                     measured.lat_us[0]
                 );
+                match runs.iter_mut().find(|(s, _)| s == server) {
+                    Some((_, all)) => all.push(measured),
+                    None => runs.push((server.to_string(), vec![measured])),
+                }
+            };
+            for _ in 0..args.rounds.max(1) {
+                if backing.has_limit() && wanted("fio") {
+                    record("fio", servers::run_fio(backing, &store, &w, args.seconds));
+                }
+                let dir = scratch(&args.out);
+                let socket = dir.path().join("bench.sock");
+                if backing.scsi() && wanted("vhost-device-scsi") {
+                    match (&vds, &file) {
+                        (Some(vds), Some(f)) => {
+                            let p = servers::start_vhost_device_scsi(dir.path(), vds, f);
+                            let m = measure(&socket, backing, &w, args.seconds, &p);
+                            record("vhost-device-scsi", m);
+                        }
+                        _ => eprintln!("bench: vhost-device-scsi not installed (tests/scripts/install-deps.sh): no peer row"),
+                    }
+                } else if !backing.scsi() && wanted("qsd") {
+                    let p = servers::start_qsd(dir.path(), backing, &store, w.queues);
+                    record("qsd", measure(&socket, backing, &w, args.seconds, &p));
+                }
+                for (name, poll) in polls.iter().filter(|(name, _)| wanted(name)) {
+                    let p = servers::start_ours(dir.path(), backing, &store, w.queues, *poll);
+                    record(name, measure(&socket, backing, &w, args.seconds, &p));
+                }
+            }
+            for (server, all) in runs {
                 rows.push(Row {
                     backing: backing.name(),
                     workload: w,
-                    server: server.to_string(),
-                    measured,
+                    server,
+                    measured: report::median(&w, all),
                 });
-            };
-            let fio_file = backing.fio_file(&args.tmpfs, &args.disk);
-            if let Some(f) = fio_file.as_ref().filter(|_| wanted("fio")) {
-                push(
-                    "fio",
-                    servers::run_fio(f, backing == Backing::RawDirect, &w, args.seconds),
-                );
-            }
-            let dir = scratch(&args.out);
-            let socket = dir.path().join("bench.sock");
-            if backing.scsi() && wanted("vhost-device-scsi") {
-                match (&vds, &file) {
-                    (Some(vds), Some(f)) => {
-                        let p = servers::start_vhost_device_scsi(dir.path(), vds, f);
-                        push("vhost-device-scsi", measure(&socket, backing, &w, args.seconds, &p));
-                    }
-                    _ => eprintln!("bench: vhost-device-scsi not installed (tests/scripts/install-deps.sh): no peer row"),
-                }
-            } else if !backing.scsi() && wanted("qsd") {
-                let p = servers::start_qsd(dir.path(), backing, file.as_deref(), w.queues);
-                push("qsd", measure(&socket, backing, &w, args.seconds, &p));
-            }
-            for (name, poll) in polls.iter().filter(|(name, _)| wanted(name)) {
-                let p = servers::start_ours(dir.path(), backing, file.as_deref(), w.queues, *poll);
-                push(name, measure(&socket, backing, &w, args.seconds, &p));
             }
         }
     }
     vvu_rows(&args, &mut rows);
+    // The appliance-VM rows join their backing's section.
+    let order = |b: &str| Backing::ALL.iter().position(|x| x.name() == b);
+    rows.sort_by_key(|r| order(r.backing));
     let table = report::table(&rows);
     println!("{table}");
     let json = report::json(&rows, machine);
@@ -203,7 +251,7 @@ fn vvu_rows(args: &Args, rows: &mut Vec<Row>) {
     use appliance_tests::appliance_vm::{self, ApplianceVmOptions, VvuSocket};
     let exports = format!(
         "exports:\n  - name: bench\n    type: blk\n    vvu: 0000:00:10.0\n    format: null\n    size: {}\n    num_queues: 4\n",
-        bench::FILE_SIZE
+        bench::file_size()
     );
     let sockets = scratch(&args.out);
     let options = ApplianceVmOptions::new(&exports, vec![VvuSocket::at("bench.sock")], 1);
