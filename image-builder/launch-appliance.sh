@@ -102,6 +102,15 @@ if [ "$accel" = kvm ]; then
     machine="$machine,kernel-irqchip=split"
     cpu=host
 fi
+# The config drive holds the backing images: cache=none (O_DIRECT), so what the appliance
+# guest wrote and flushed is in the host file when this QEMU dies, and nothing it did not
+# flush is (a power cut of the appliance VM loses exactly what a real one would). A host
+# file system without O_DIRECT (tmpfs) gets writeback caching instead.
+drive_cache=none
+if ! dd if="$config_drive" of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; then
+    echo "launch-appliance: $config_drive does not support O_DIRECT; config drive cache=writeback" >&2
+    drive_cache=writeback
+fi
 # QEMU options are comma-separated lists: the commas are not array separators.
 # shellcheck disable=SC2054
 args=(-L /usr/share/seabios -L /usr/share/qemu
@@ -110,7 +119,7 @@ args=(-L /usr/share/seabios -L /usr/share/qemu
       -kernel "$image/vmlinuz" -initrd "$image/initrd.img"
       -append "console=ttyS0 loglevel=4 panic=-1 intel_iommu=on appliance.log=$log_level"
       -display none -no-reboot -nodefaults -monitor none
-      -drive "file=$config_drive,if=none,id=config,format=raw"
+      -drive "file=$config_drive,if=none,id=config,format=raw,cache=$drive_cache"
       -device virtio-blk-pci,drive=config,serial=appliance-config)
 case "$serial" in
     stdio) args+=(-serial stdio) ;;

@@ -24,6 +24,8 @@ if cargo tree -p targets --edges normal --prefix none | grep -E '^vhost(-user-ba
     exit 1
 fi
 echo "== build (the end-to-end tests run the daemon binary)"
+echo "   and the daemon with the fault-injecting engine (tests/tests/inflight.rs)"
+bash tests/scripts/build-fault-daemon.sh
 cargo build --workspace --bins --locked
 echo "== tests (both tiers: \`cargo test\` alone runs only the fast one)"
 cargo test --workspace --locked -- --include-ignored

@@ -14,6 +14,10 @@
 //! Each worker also counts its queue's kicks (a vring event: [`VirtioBackend::handle_event`]
 //! calling `process_queue`) and notifications (used-ring signals in `Worker::publish`) in the
 //! queue's own [`QueueStats`], which the metrics collector reads without this lock.
+//!
+//! With INFLIGHT_SHMFD negotiated, each worker records the chains it accepts in its region
+//! of the frontend's inflight area and clears them as they go on the used ring; a worker
+//! given a region re-runs what it holds first (`crate::inflight`).
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -34,6 +38,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::inflight::{self, InflightArea, InflightQueue};
 use crate::metrics::ConnectionStats;
 use crate::poll::Poller;
 use crate::vring::SessionVring;
@@ -54,6 +59,10 @@ struct Worker {
     stats: Option<Arc<QueueStats>>,
     /// Busy-polling state, with the export's `poll:`.
     poller: Option<Poller>,
+    /// The queue's region of the frontend's inflight area (INFLIGHT_SHMFD), if any.
+    inflight: Option<InflightQueue>,
+    /// The region was (re)installed: re-run what it holds before popping new chains.
+    recover_inflight: bool,
 }
 
 impl Worker {
@@ -67,6 +76,14 @@ impl Worker {
             self.queue.published();
             return;
         };
+        let heads: Vec<u16> = match &self.inflight {
+            Some(inflight) => {
+                let heads: Vec<u16> = self.done.iter().map(|c| c.head).collect();
+                inflight.prepare_batch(&heads);
+                heads
+            }
+            None => Vec::new(),
+        };
         // One lock of the vring for the whole batch.
         let needs_notification = {
             let mut state = vring.get_mut();
@@ -74,6 +91,9 @@ impl Worker {
                 if let Err(e) = state.add_used(c.head, c.used_len) {
                     tracing::warn!("cannot add to the used ring: {e:?}");
                 }
+            }
+            if let Some(inflight) = &self.inflight {
+                inflight.finish_batch(&heads, state.get_queue().next_used());
             }
             state.needs_notification()
         };
@@ -100,6 +120,41 @@ impl Worker {
         let completed = self.done.len();
         self.publish();
         completed
+    }
+
+    /// Re-runs the requests the inflight region holds (accepted by an earlier daemon or
+    /// connection, never completed), oldest first, and resumes the ring after them.
+    fn resubmit_inflight(&mut self, index: usize, vring: &Vring, mem: &GuestRam) {
+        self.recover_inflight = false;
+        let Some(inflight) = self.inflight.as_mut() else {
+            return;
+        };
+        let used = match vring.queue_used_idx() {
+            Ok(used) => used,
+            Err(e) => {
+                tracing::warn!("cannot read the used index to recover in-flight requests: {e}");
+                return;
+            }
+        };
+        let heads = inflight.recover(used);
+        vring.resume(used.wrapping_add(heads.len() as u16), used);
+        if !heads.is_empty() {
+            tracing::info!(
+                queue = index,
+                requests = heads.len(),
+                "re-running requests in flight at the last disconnect"
+            );
+        }
+        let state = vring.get_ref().get_queue().state();
+        for head in heads {
+            let (queue, done) = (&mut self.queue, &mut self.done);
+            let rerun = inflight::with_chain(mem, state, head, |chain| {
+                queue.resubmit_chain(chain, mem, done)
+            });
+            if let Err(e) = rerun {
+                tracing::error!(head, "cannot re-run an in-flight request: {e}");
+            }
+        }
     }
 }
 
@@ -158,6 +213,8 @@ impl VirtioBackend {
                         done: Vec::new(),
                         stats: stats.clone(),
                         poller,
+                        inflight: None,
+                        recover_inflight: false,
                     })
                 })
                 .collect(),
@@ -249,6 +306,7 @@ impl VirtioBackend {
     /// vhost-user-backend left open, so a connection leaves nothing behind.
     pub fn end_session(&self) {
         self.disconnected();
+        self.set_inflight(None);
         *self.memory.write().unwrap_or_else(|p| p.into_inner()) =
             GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let fds = std::mem::take(
@@ -271,6 +329,18 @@ impl VirtioBackend {
     /// before the first connection, by the transport that serves the export).
     pub fn set_guest_memory_pinnable(&self, pinnable: bool) {
         self.pinnable.store(pinnable, Ordering::Relaxed);
+    }
+
+    /// Installs the frontend's inflight area (SET_INFLIGHT_FD), or removes it (`None`): each
+    /// queue records its requests in its region from now on and, on its next kick, first
+    /// re-runs what the region holds.
+    pub fn set_inflight(&self, area: Option<&InflightArea>) {
+        for i in 0..self.workers.len() {
+            if let Some(mut w) = self.worker(i) {
+                w.inflight = area.and_then(|a| a.queue(i));
+                w.recover_inflight = w.inflight.is_some();
+            }
+        }
     }
 
     /// The guest memory table now, as the transport maps it.
@@ -302,6 +372,9 @@ impl VirtioBackend {
             worker.vring = Some(vring.clone());
         }
         let worker = &mut *worker;
+        if worker.recover_inflight {
+            worker.resubmit_inflight(index, vring, &self.current_memory());
+        }
         if worker.poller.is_some() {
             return self.serve_polling(worker, Some(vring));
         }
@@ -328,6 +401,9 @@ impl VirtioBackend {
                 .get_queue_mut()
                 .pop_descriptor_chain(&*mem.ram);
             let Some(chain) = chain else { break };
+            if let Some(inflight) = worker.inflight.as_mut() {
+                inflight.begin(chain.head_index());
+            }
             // The frontend may have added memory (ADD_MEM_REG, SET_MEM_TABLE) after the
             // view took its snapshot and before it made this chain available: the chain's
             // buffers are then only in the new table. Making the chain visible came after
@@ -515,6 +591,7 @@ impl VhostUserBackend for VirtioBackend {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         let features = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE;
         if self.device.offers_config() {

@@ -127,10 +127,16 @@ struct ExportDisk {
 }
 
 impl RunningExport {
-    /// Opens the backing stores, binds the socket and starts accepting frontends.
-    pub fn start(export: &Export, socket: SocketSource<'_>) -> anyhow::Result<Self> {
+    /// Opens the backing stores, binds the socket and starts accepting frontends. State
+    /// that must outlive the daemon (a blk driver's write cache choice) is kept in
+    /// `state_dir`, if given.
+    pub fn start(
+        export: &Export,
+        socket: SocketSource<'_>,
+        state_dir: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let (backend, device, disks) = match &export.device {
-            Device::Blk(disk) => build_blk(export, disk)?,
+            Device::Blk(disk) => build_blk(export, disk, state_dir)?,
             Device::Scsi(luns) => build_scsi(export, luns)?,
         };
         // Through a virtio-vhost-user device, guest memory is a PCI BAR mapping, which the
@@ -343,6 +349,8 @@ fn open_sized(spec: &Disk) -> anyhow::Result<Arc<dyn targets::disk::Disk>> {
             }));
         }
     }
+    #[cfg(feature = "fault-injection")]
+    let disk = crate::faults::wrap(disk)?;
     Ok(disk)
 }
 
@@ -357,7 +365,7 @@ fn current_info(disk: &dyn targets::disk::Disk) -> DiskInfo {
 
 type Built = (Arc<VirtioBackend>, DeviceHandle, Vec<ExportDisk>);
 
-fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<Built> {
+fn build_blk(export: &Export, spec: &Disk, state_dir: Option<&Path>) -> anyhow::Result<Built> {
     let disk = open_sized(spec)?;
     let settings = BlkSettings {
         logical_block_size: spec.logical_block_size,
@@ -366,6 +374,7 @@ fn build_blk(export: &Export, spec: &Disk) -> anyhow::Result<Built> {
         num_queues: export.num_queues,
         queue_size: export.queue_size,
         writeback: spec.write_cache == WriteCache::Writeback,
+        writeback_state: state_dir.map(|d| d.join(format!("{}.writeback", export.name))),
     };
     let device = Arc::new(BlkDevice::new(settings, current_info(&*disk))?);
     let mut queues: Vec<Box<dyn QueueHandler>> = Vec::new();
@@ -548,7 +557,7 @@ fn run_connection(
             }
         }
     }
-    let relayed = relay::relay(&frontend, &inner, &connection.channel);
+    let relayed = relay::relay(&frontend, &inner, &connection.channel, &**backend);
     connection.channel.clear();
     // Whichever side ended the connection, the other one ends with it.
     let _ = inner.shutdown(std::net::Shutdown::Both);

@@ -18,7 +18,10 @@
 
 mod backend;
 mod export;
+#[cfg(feature = "fault-injection")]
+mod faults;
 mod http;
+mod inflight;
 mod metrics;
 mod poll;
 mod process;
@@ -278,7 +281,7 @@ fn start_single(cli: &Cli) -> anyhow::Result<RunningExport> {
         (None, config::Transport::Socket(path)) => SocketSource::Path(path, &permissions),
         (None, config::Transport::Vvu(_)) => anyhow::bail!("a single export takes a socket"),
     };
-    RunningExport::start(&export, socket)
+    RunningExport::start(&export, socket, None)
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit, as most daemons do: every frontend

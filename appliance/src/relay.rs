@@ -20,10 +20,14 @@
 //! Hostile input (a size beyond the protocol's 4 KiB, more descriptors than it allows, a
 //! truncated message) ends only that connection.
 //!
+//! The relay also answers the inflight area messages (GET_INFLIGHT_FD, SET_INFLIGHT_FD),
+//! which vhost-user-backend 0.24 refuses, through [`InflightFds`] (`crate::inflight`).
+//!
 //! In appliance-VM mode the frontend side of the relay is the `vvu_transport` bridge, whose
 //! backend channel is a socket pair it carries over the device's queues: a CONFIG_CHANGE_MSG
 //! written here goes out on txq and the frontend's reply comes back on rxq.
 
+use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -37,7 +41,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, SockType,
 };
-use vhost::vhost_user::message::{BackendReq, FrontendReq, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    BackendReq, FrontendReq, VhostUserInflight, VhostUserProtocolFeatures,
+};
 
 /// Size of a vhost-user message header: request, flags, payload size (u32 each).
 const HEADER_SIZE: usize = 12;
@@ -202,6 +208,7 @@ pub fn relay(
     frontend: &UnixStream,
     daemon: &UnixStream,
     channel: &BackendChannel,
+    inflight: &dyn InflightFds,
 ) -> Result<(), RelayError> {
     let mut acked_protocol = 0u64;
     loop {
@@ -220,6 +227,12 @@ pub fn relay(
             let Some(msg) = read_message(frontend)? else {
                 return Ok(());
             };
+            if let Some(reply) = answer_inflight(&msg, acked_protocol, inflight) {
+                if let Some(reply) = reply {
+                    send_message(frontend, &reply)?;
+                }
+                continue;
+            }
             let offered = inspect(&msg, &mut acked_protocol)?;
             send_message(daemon, &msg)?;
             if let Some(stream) = offered {
@@ -234,6 +247,94 @@ pub fn relay(
             send_message(frontend, &msg)?;
         }
     }
+}
+
+/// The daemon side of the inflight area messages (vhost-user spec, "Inflight I/O
+/// tracking"), which vhost-user-backend 0.24 refuses: the relay answers GET_INFLIGHT_FD and
+/// SET_INFLIGHT_FD itself through this.
+pub trait InflightFds {
+    /// GET_INFLIGHT_FD: a new zeroed area for the queues `request` describes; returns its
+    /// description and file.
+    fn get_inflight_fd(&self, request: &VhostUserInflight)
+        -> io::Result<(VhostUserInflight, File)>;
+    /// SET_INFLIGHT_FD: the area to track requests in from now on.
+    fn set_inflight_fd(&self, area: &VhostUserInflight, file: File) -> io::Result<()>;
+}
+
+/// Size of `VhostUserInflight` on the wire (two u64, two u16, padded as C lays it out).
+const INFLIGHT_PAYLOAD: usize = 24;
+
+/// Answers an inflight area message (with INFLIGHT_SHMFD acked) in place of the daemon:
+/// `None` for any other message, `Some(reply)` otherwise (`Some(None)`: nothing to send).
+/// A failed GET_INFLIGHT_FD answers `mmap_size` 0 and no descriptor, which QEMU takes as
+/// "no inflight tracking"; a failed SET_INFLIGHT_FD acks with failure when asked to.
+fn answer_inflight(
+    msg: &Message,
+    acked_protocol: u64,
+    inflight: &dyn InflightFds,
+) -> Option<Option<Message>> {
+    let request = msg.request();
+    let get = request == FrontendReq::GET_INFLIGHT_FD as u32;
+    let set = request == FrontendReq::SET_INFLIGHT_FD as u32;
+    if !(get || set) || acked_protocol & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() == 0 {
+        return None;
+    }
+    let mut raw = [0u8; INFLIGHT_PAYLOAD];
+    let payload = msg.payload();
+    let described_ok = payload.len() >= 20;
+    let n = payload.len().min(INFLIGHT_PAYLOAD);
+    raw[..n].copy_from_slice(&payload[..n]);
+    let u64_at = |at: usize| u64::from(le32(&raw, at)) | u64::from(le32(&raw, at + 4)) << 32;
+    let u16_at = |at: usize| u16::from_le_bytes([raw[at], raw[at + 1]]);
+    let described = VhostUserInflight::new(u64_at(0), u64_at(8), u16_at(16), u16_at(18));
+    let reply = |payload: &[u8], fds: Vec<OwnedFd>| {
+        let mut bytes = Vec::with_capacity(HEADER_SIZE + payload.len());
+        bytes.extend_from_slice(&request.to_le_bytes());
+        bytes.extend_from_slice(&(VERSION | REPLY).to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(payload);
+        Message { bytes, fds }
+    };
+    if get {
+        let answer = if described_ok {
+            inflight.get_inflight_fd(&described)
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "short GET_INFLIGHT_FD",
+            ))
+        };
+        let (area, fds) = match answer {
+            Ok((area, file)) => (area, vec![OwnedFd::from(file)]),
+            Err(e) => {
+                tracing::warn!("GET_INFLIGHT_FD failed: {e}");
+                (
+                    VhostUserInflight::new(0, 0, described.num_queues, described.queue_size),
+                    Vec::new(),
+                )
+            }
+        };
+        let mut payload = [0u8; INFLIGHT_PAYLOAD];
+        payload[0..8].copy_from_slice(&area.mmap_size.to_le_bytes());
+        payload[8..16].copy_from_slice(&area.mmap_offset.to_le_bytes());
+        payload[16..18].copy_from_slice(&area.num_queues.to_le_bytes());
+        payload[18..20].copy_from_slice(&area.queue_size.to_le_bytes());
+        return Some(Some(reply(&payload, fds)));
+    }
+    let result = match (described_ok, msg.fds.as_slice()) {
+        (true, [fd]) => fd
+            .try_clone()
+            .and_then(|fd| inflight.set_inflight_fd(&described, File::from(fd))),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "SET_INFLIGHT_FD without its description and one descriptor",
+        )),
+    };
+    if let Err(e) = &result {
+        tracing::warn!("SET_INFLIGHT_FD failed: {e}");
+    }
+    let wants_ack = le32(&msg.bytes, 4) & NEED_REPLY != 0;
+    Some(wants_ack.then(|| reply(&u64::from(result.is_err()).to_le_bytes(), Vec::new())))
 }
 
 /// What the relay learns from a frontend message: the protocol features it acked, and the
@@ -445,6 +546,18 @@ mod tests {
         header
     }
 
+    /// Refuses every inflight area.
+    struct NoInflight;
+
+    impl InflightFds for NoInflight {
+        fn get_inflight_fd(&self, _: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+            Err(io::Error::other("no inflight area"))
+        }
+        fn set_inflight_fd(&self, _: &VhostUserInflight, _: File) -> io::Result<()> {
+            Err(io::Error::other("no inflight area"))
+        }
+    }
+
     fn relayed() -> (
         UnixStream,
         UnixStream,
@@ -455,7 +568,9 @@ mod tests {
         let (daemon, daemon_end) = UnixStream::pair().unwrap();
         let channel = std::sync::Arc::new(BackendChannel::default());
         let relay_channel = std::sync::Arc::clone(&channel);
-        let thread = std::thread::spawn(move || relay(&frontend_end, &daemon_end, &relay_channel));
+        let thread = std::thread::spawn(move || {
+            relay(&frontend_end, &daemon_end, &relay_channel, &NoInflight)
+        });
         (frontend, daemon, channel, thread)
     }
 

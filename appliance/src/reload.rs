@@ -281,7 +281,7 @@ impl Exports {
             config::Transport::Socket(path) => SocketSource::Path(path, &config.socket_permissions),
             config::Transport::Vvu(device) => SocketSource::Vvu(device),
         };
-        match RunningExport::start(export, socket) {
+        match RunningExport::start(export, socket, Some(&config.state_dir)) {
             Ok(running) => {
                 if self.standby.remove(&export.name) {
                     tracing::info!(

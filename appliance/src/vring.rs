@@ -1,13 +1,19 @@
-//! [`SessionVring`]: vhost-user-backend's `VringRwLock` with two set-up rules of QEMU's
+//! [`SessionVring`]: vhost-user-backend's `VringRwLock` with three set-up rules of QEMU's
 //! libvhost-user, which vhost-user-backend 0.24 does not follow.
 //!
 //! - **Used index at set-up.** vhost-user-backend takes the next used index from guest memory
 //!   at SET_VRING_ADDR. A frontend that sends SET_VRING_ADDR before its driver zeroed the
-//!   ring (other VMMs do) would make the first completion land in a stale slot. This daemon
-//!   keeps no inflight area, so every request it accepted was on the used ring before
-//!   GET_VRING_BASE answered: the next used index is always the avail base of
-//!   SET_VRING_BASE (vhost-user spec, "Ring states"; libvhost-user `vu_set_vring_base_exec`
-//!   sets `used_idx` from the base the same way).
+//!   ring (other VMMs do) would make the first completion land in a stale slot. Every
+//!   request this daemon accepted was on the used ring before GET_VRING_BASE answered, and
+//!   after a crash the frontend rewinds the base to the used index: the next used index is
+//!   the avail base of SET_VRING_BASE (vhost-user spec, "Ring states"; libvhost-user
+//!   `vu_set_vring_base_exec` sets `used_idx` from the base the same way). Requests still in
+//!   flight at a crash come back from the inflight area, whose recovery sets both indices
+//!   ([`SessionVring::resume`]).
+//! - **Kick after SET_VRING_KICK.** Like libvhost-user with inflight tracking
+//!   (`vu_check_queue_inflights`), a newly installed kick fd is signalled once, so the
+//!   worker looks at its ring (and re-runs requests in flight at a crash, `crate::inflight`)
+//!   without waiting for a driver that is itself waiting for those requests.
 //! - **Call after SET_VRING_CALL.** A completion published while the frontend had no call fd
 //!   installed (reconnect, migration, notifier switch) would never interrupt the driver.
 //!   Like libvhost-user (`vu_set_vring_call_exec`), the vring signals a newly installed call
@@ -15,6 +21,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 
 use vhost_user_backend::{VringRwLock, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as VirtQueError;
@@ -25,6 +32,15 @@ use vm_memory::GuestAddressSpace;
 #[derive(Clone)]
 pub struct SessionVring<M: GuestAddressSpace> {
     inner: VringRwLock<M>,
+}
+
+impl<M: 'static + GuestAddressSpace> SessionVring<M> {
+    /// Resumes the ring at these indices (recovery from the inflight area, where the avail
+    /// base is the used index plus the requests re-run).
+    pub fn resume(&self, next_avail: u16, next_used: u16) {
+        self.inner.set_queue_next_avail(next_avail);
+        self.inner.set_queue_next_used(next_used);
+    }
 }
 
 impl<'a, M: 'a + GuestAddressSpace> VringStateGuard<'a, M> for SessionVring<M> {
@@ -122,8 +138,22 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for SessionVring<M> {
         self.inner.set_queue_ready(ready)
     }
 
+    /// SET_VRING_KICK: installs the fd and signals it once (see the module doc).
     fn set_kick(&self, file: Option<File>) {
-        self.inner.set_kick(file)
+        self.inner.set_kick(file);
+        let state = self.inner.get_ref();
+        if let Some(kick) = state.get_kick() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live local buffer to the kick eventfd, which the
+            // vring owns and keeps open while `state` (its read guard) is held.
+            let n = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            if n != one.len() as isize {
+                tracing::debug!(
+                    "cannot signal the new kick fd: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
     }
 
     fn read_kick(&self) -> io::Result<bool> {

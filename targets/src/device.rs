@@ -36,6 +36,9 @@ pub enum ConfigWriteError {
     /// virtio-blk `writeback` takes 0 (writethrough) or 1 (writeback).
     #[error("writeback value {0} is not 0 or 1")]
     BadValue(u8),
+    /// The new write cache mode could not be saved for a restart, so it is not applied.
+    #[error("the write cache mode could not be saved: {0}")]
+    NotSaved(String),
     /// virtio-scsi: `sense_size` and `cdb_size` are writable, but only their defaults are
     /// supported.
     #[error("config write of {len} bytes at offset {offset}: only the default sense_size {sense_size} and cdb_size {cdb_size} are supported")]
@@ -89,6 +92,17 @@ pub trait QueueHandler: Send {
         mem: &GuestRam,
         done: &mut Vec<Completed>,
     );
+    /// Handles a chain accepted before a restart of the device (a daemon that crashed, as
+    /// the vhost-user inflight area records) and never completed: runs it again, unless the
+    /// queue says otherwise (a virtio-scsi task management function is not re-run).
+    fn resubmit_chain(
+        &mut self,
+        chain: DescriptorChain<&Memory>,
+        mem: &GuestRam,
+        done: &mut Vec<Completed>,
+    ) {
+        self.handle_chain(chain, mem, done);
+    }
     /// Hands queued disk I/O to the kernel.
     fn submit(&mut self) -> io::Result<()> {
         Ok(())

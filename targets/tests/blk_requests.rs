@@ -48,6 +48,7 @@ fn settings() -> BlkSettings {
         num_queues: 1,
         queue_size: 16,
         writeback: true,
+        writeback_state: None,
     }
 }
 
@@ -615,6 +616,63 @@ fn config_space_and_write_cache_toggle() {
     d.set_acked_features(0);
     d.write_config(32, &[1]).unwrap();
     assert!(!d.writeback_enabled());
+}
+
+#[test]
+fn a_driver_that_cannot_flush_never_gets_a_volatile_cache() {
+    let f = fixture();
+    let d = &f.device;
+    // virtio 1.2 5.2.5.1: CONFIG_WCE without FLUSH means writeback 0.
+    d.set_acked_features(1 << VIRTIO_BLK_F_CONFIG_WCE);
+    assert!(!d.writeback_enabled());
+    d.set_acked_features(1 << VIRTIO_BLK_F_FLUSH);
+    assert!(d.writeback_enabled(), "FLUSH without CONFIG_WCE: writeback");
+}
+
+#[test]
+fn the_drivers_write_cache_choice_survives_a_restart_of_the_device() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state = dir.path().join("vol.writeback");
+    let with_state = |writeback: bool| BlkSettings {
+        writeback,
+        writeback_state: Some(state.clone()),
+        ..settings()
+    };
+    let all = (1 << VIRTIO_BLK_F_CONFIG_WCE) | (1 << VIRTIO_BLK_F_FLUSH);
+    let f = fixture_with(with_state(true), true);
+    f.device.set_acked_features(all);
+    assert!(f.device.writeback_enabled());
+    f.device.write_config(32, &[0]).unwrap();
+    drop(f);
+    // A new device (a restarted daemon) comes back in writethrough, and says so.
+    let f = fixture_with(with_state(true), true);
+    f.device.set_acked_features(all);
+    assert!(!f.device.writeback_enabled());
+    assert_eq!(f.device.config_space()[32], 0);
+    drop(f);
+    // The operator changed the configured default since: that wins.
+    let f = fixture_with(with_state(false), true);
+    f.device.set_acked_features(all);
+    assert!(!f.device.writeback_enabled());
+    f.device.write_config(32, &[1]).unwrap();
+    drop(f);
+    let f = fixture_with(with_state(false), true);
+    f.device.set_acked_features(all);
+    assert!(
+        f.device.writeback_enabled(),
+        "the choice under this default"
+    );
+    // A choice that cannot be saved is refused, not applied.
+    let f = fixture_with(
+        BlkSettings {
+            writeback_state: Some(dir.path().join("missing/dir/vol.writeback")),
+            ..settings()
+        },
+        true,
+    );
+    f.device.set_acked_features(all);
+    assert!(f.device.write_config(32, &[0]).is_err());
+    assert!(f.device.writeback_enabled());
 }
 
 #[test]

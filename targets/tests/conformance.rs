@@ -124,6 +124,7 @@ impl Blk {
                     num_queues: 1,
                     queue_size: 16,
                     writeback,
+                    writeback_state: None,
                 },
                 engine.disk.info(),
             )

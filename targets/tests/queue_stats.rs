@@ -83,6 +83,7 @@ fn blk_counters_equal_the_requests_made() {
         num_queues: 1,
         queue_size: 16,
         writeback: true,
+        writeback_state: None,
     };
     let device = Arc::new(BlkDevice::new(settings, disk.info()).unwrap());
     assert_eq!(device.lun_capacities(), vec![(0, 1 << 20)]);

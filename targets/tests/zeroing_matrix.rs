@@ -791,6 +791,7 @@ impl Device {
                         num_queues: 1,
                         queue_size: 16,
                         writeback,
+                        writeback_state: None,
                     },
                     info,
                 )

@@ -58,6 +58,9 @@ pub struct ApplianceVmOptions {
     pub memory_mib: u32,
     /// The daemon's log level (default `$APPLIANCE_TEST_LOG`, else `info`).
     pub log_level: Option<String>,
+    /// Boot from the config drive an earlier VM left (`config.img`), as a restart after a
+    /// power cut does, instead of making a new one from `exports`.
+    pub reuse_config_drive: bool,
 }
 
 impl ApplianceVmOptions {
@@ -71,6 +74,7 @@ impl ApplianceVmOptions {
             shm_size: "1G".into(),
             memory_mib: 768,
             log_level: None,
+            reuse_config_drive: false,
         }
     }
 }
@@ -91,22 +95,24 @@ pub fn free_port() -> u16 {
 /// `export ready` for `ready_exports` exports.
 pub fn start(sockets: &Path, options: &ApplianceVmOptions) -> Vm {
     let config = sockets.join("config");
-    std::fs::create_dir_all(&config).expect("config dir");
-    std::fs::write(config.join("exports.yaml"), &options.exports).expect("exports.yaml");
     let drive = sockets.join("config.img");
-    let out = Command::new("bash")
-        .arg(launcher())
-        .args(["make-config-drive"])
-        .arg(&config)
-        .arg(&drive)
-        .arg("256M")
-        .output()
-        .expect("run make-config-drive");
-    assert!(
-        out.status.success(),
-        "make-config-drive: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !options.reuse_config_drive {
+        std::fs::create_dir_all(&config).expect("config dir");
+        std::fs::write(config.join("exports.yaml"), &options.exports).expect("exports.yaml");
+        let out = Command::new("bash")
+            .arg(launcher())
+            .args(["make-config-drive"])
+            .arg(&config)
+            .arg(&drive)
+            .arg("256M")
+            .output()
+            .expect("run make-config-drive");
+        assert!(
+            out.status.success(),
+            "make-config-drive: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let image = ConsumerImage::appliance(&[&appliance_binary()]);
     let accel = preferred_accel();
     let vm_dir = scratch_dir();
@@ -160,9 +166,15 @@ pub fn start(sockets: &Path, options: &ApplianceVmOptions) -> Vm {
     vm
 }
 
-/// True while the daemon inside the appliance VM runs.
+/// True while the daemon the appliance VM started at boot runs (one its init restarted
+/// after it died does not count: /run/appliance.restarts lists those exits).
 pub fn daemon_alive(vm: &mut Vm) -> bool {
-    vm.run("kill -0 $(cat /run/appliance.pid)", MINUTE).status == 0
+    vm.run(
+        "[ ! -s /run/appliance.restarts ] && kill -0 $(cat /run/appliance.pid)",
+        MINUTE,
+    )
+    .status
+        == 0
 }
 
 /// The last 400 lines of the daemon's log inside the appliance VM, and whether the whole

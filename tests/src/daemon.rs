@@ -18,6 +18,22 @@ pub fn appliance_binary() -> PathBuf {
     workspace_binary("vhost-appliance")
 }
 
+/// Path of the daemon built with the fault-injecting engine (feature `fault-injection`,
+/// rules from `VHOST_APPLIANCE_FAULTS`): `$VHOST_APPLIANCE_FAULTS_BIN`, or
+/// `vhost-appliance-faults` next to this test executable, which `tests/run.sh` builds.
+pub fn fault_appliance_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("VHOST_APPLIANCE_FAULTS_BIN") {
+        return PathBuf::from(path);
+    }
+    let built = appliance_binary().with_file_name("vhost-appliance-faults");
+    assert!(
+        built.exists(),
+        "{} not found: run tests/scripts/build-fault-daemon.sh first",
+        built.display()
+    );
+    built
+}
+
 /// A binary of this workspace, as cargo built it next to the running executable.
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

@@ -12,7 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -62,6 +63,9 @@ pub struct Setup {
     pub stale_used_idx: Option<u16>,
     /// Send SET_VRING_BASE before SET_VRING_ADDR (QEMU's order) instead of after.
     pub base_first: bool,
+    /// Negotiate INFLIGHT_SHMFD and keep the backend's inflight area (GET_INFLIGHT_FD, then
+    /// SET_INFLIGHT_FD on every connection), as QEMU's vhost-user-blk and -scsi do.
+    pub inflight: bool,
 }
 
 /// A connected frontend driving the queues of a vhost-user device.
@@ -73,7 +77,10 @@ pub struct RawFrontend {
     pub features: u64,
     /// The frontend's end of the backend channel, if it opened one.
     backend_channel: Option<UnixStream>,
-    _memfd: File,
+    memfd: File,
+    setup: Setup,
+    /// The backend's inflight area, kept across connections (INFLIGHT_SHMFD).
+    inflight: Option<(File, VhostUserInflight)>,
 }
 
 /// A request the backend sent on the backend channel: its header.
@@ -85,6 +92,55 @@ pub struct BackendRequest {
     pub flags: u32,
     /// Payload size.
     pub size: u32,
+}
+
+/// Connects and negotiates: SET_OWNER, features (`wanted & offered`, never EVENT_IDX),
+/// protocol features (CONFIG, REPLY_ACK, MQ, and BACKEND_REQ / INFLIGHT_SHMFD as asked).
+/// Returns the frontend and the virtio features acked (without PROTOCOL_FEATURES).
+fn handshake(socket: &Path, setup: &Setup, backend_channel: bool) -> (Frontend, u64) {
+    let mut frontend = Frontend::connect(socket, setup.num_queues as u64)
+        .expect("connect to the vhost-user socket");
+    frontend.set_owner().expect("SET_OWNER");
+    let offered = frontend.get_features().expect("GET_FEATURES");
+    let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    assert!(
+        offered & protocol_bit != 0,
+        "backend must offer PROTOCOL_FEATURES"
+    );
+    // The ring does not maintain used_event, so EVENT_IDX is never acked.
+    let event_idx = 1u64 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    let features = offered & setup.wanted_features & !protocol_bit & !event_idx;
+    frontend
+        .set_features(features | protocol_bit)
+        .expect("SET_FEATURES");
+    let protocol = frontend
+        .get_protocol_features()
+        .expect("GET_PROTOCOL_FEATURES");
+    let mut wanted = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::MQ;
+    if backend_channel {
+        assert!(
+            protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ),
+            "the backend must offer BACKEND_REQ: {protocol:?}"
+        );
+        wanted |= VhostUserProtocolFeatures::BACKEND_REQ;
+    }
+    if setup.inflight {
+        assert!(
+            protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+            "the backend must offer INFLIGHT_SHMFD: {protocol:?}"
+        );
+        wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    frontend
+        .set_protocol_features(protocol & wanted)
+        .expect("SET_PROTOCOL_FEATURES");
+    if protocol & VhostUserProtocolFeatures::REPLY_ACK == VhostUserProtocolFeatures::REPLY_ACK {
+        // Every later message waits for the backend's acknowledgement, as QEMU's do.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    (frontend, features)
 }
 
 impl RawFrontend {
@@ -108,6 +164,7 @@ impl RawFrontend {
                 wanted_features,
                 stale_used_idx: None,
                 base_first: false,
+                inflight: false,
             },
         )
     }
@@ -131,53 +188,13 @@ impl RawFrontend {
             wanted_features,
             stale_used_idx: None,
             base_first: false,
+            inflight: false,
         };
         Self::connect_inner(socket, &setup, true)
     }
 
     fn connect_inner(socket: &Path, setup: &Setup, backend_channel: bool) -> Self {
-        let Setup {
-            num_queues,
-            queue_size,
-            wanted_features,
-            stale_used_idx,
-            base_first,
-        } = *setup;
-        let mut frontend =
-            Frontend::connect(socket, num_queues as u64).expect("connect to the vhost-user socket");
-        frontend.set_owner().expect("SET_OWNER");
-        let offered = frontend.get_features().expect("GET_FEATURES");
-        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        assert!(
-            offered & protocol_bit != 0,
-            "backend must offer PROTOCOL_FEATURES"
-        );
-        // The ring does not maintain used_event, so EVENT_IDX is never acked.
-        let event_idx = 1u64 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-        let features = offered & wanted_features & !protocol_bit & !event_idx;
-        frontend
-            .set_features(features | protocol_bit)
-            .expect("SET_FEATURES");
-        let protocol = frontend
-            .get_protocol_features()
-            .expect("GET_PROTOCOL_FEATURES");
-        let mut wanted = VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::MQ;
-        if backend_channel {
-            assert!(
-                protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ),
-                "the backend must offer BACKEND_REQ: {protocol:?}"
-            );
-            wanted |= VhostUserProtocolFeatures::BACKEND_REQ;
-        }
-        frontend
-            .set_protocol_features(protocol & wanted)
-            .expect("SET_PROTOCOL_FEATURES");
-        if protocol & VhostUserProtocolFeatures::REPLY_ACK == VhostUserProtocolFeatures::REPLY_ACK {
-            // Every later message waits for the backend's acknowledgement, as QEMU's do.
-            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
+        let (mut frontend, features) = handshake(socket, setup, backend_channel);
         let backend_channel = backend_channel.then(|| {
             let (ours, theirs) = UnixStream::pair().expect("backend channel socket pair");
             frontend
@@ -185,7 +202,11 @@ impl RawFrontend {
                 .expect("SET_BACKEND_REQ_FD");
             ours
         });
-
+        let inflight = setup.inflight.then(|| {
+            let request = VhostUserInflight::new(0, 0, setup.num_queues as u16, setup.queue_size);
+            let (area, file) = frontend.get_inflight_fd(&request).expect("GET_INFLIGHT_FD");
+            (file, area)
+        });
         let memfd = memfd(MEM_SIZE);
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(0),
@@ -193,39 +214,84 @@ impl RawFrontend {
             Some(FileOffset::new(memfd.try_clone().expect("dup memfd"), 0)),
         )])
         .expect("map guest memory");
+        let mut queues = Vec::with_capacity(setup.num_queues);
+        for q in 0..setup.num_queues {
+            let base = GuestAddress(RING_BASE + q as u64 * RING_STRIDE);
+            let (ring, _) = SplitRing::new(&mem, base, setup.queue_size).expect("ring");
+            if let Some(idx) = setup.stale_used_idx {
+                // A driver that has not zeroed its ring yet: used.idx holds garbage.
+                mem.write_obj(idx.to_le(), ring.used_addr().unchecked_add(2))
+                    .expect("poison used.idx");
+            }
+            let kick = EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd");
+            let call = EventFd::new(libc::EFD_NONBLOCK).expect("call eventfd");
+            queues.push(DriverQueue { ring, kick, call });
+        }
+        let mut fe = RawFrontend {
+            frontend,
+            mem,
+            queues,
+            features,
+            backend_channel,
+            memfd,
+            setup: *setup,
+            inflight,
+        };
+        fe.start_device();
+        for q in 0..fe.queues.len() {
+            // The driver initialises its ring only now.
+            let used_idx_addr = fe.queues[q].ring.used_addr().unchecked_add(2);
+            fe.mem
+                .write_obj(0u16, used_idx_addr)
+                .expect("zero used.idx");
+        }
+        fe
+    }
+
+    /// SET_INFLIGHT_FD (if negotiated), SET_MEM_TABLE and every queue's set-up, with each
+    /// avail base at the queue's used index in guest memory (0 on a fresh ring).
+    fn start_device(&mut self) {
+        if let Some((file, area)) = &self.inflight {
+            self.frontend
+                .set_inflight_fd(area, file.as_raw_fd())
+                .expect("SET_INFLIGHT_FD");
+        }
         let host = |gpa: u64| {
-            mem.get_host_address(GuestAddress(gpa))
+            self.mem
+                .get_host_address(GuestAddress(gpa))
                 .expect("host address") as u64
         };
-        frontend
+        self.frontend
             .set_mem_table(&[VhostUserMemoryRegionInfo {
                 guest_phys_addr: 0,
                 memory_size: MEM_SIZE as u64,
                 userspace_addr: host(0),
                 mmap_offset: 0,
-                mmap_handle: memfd.as_raw_fd(),
+                mmap_handle: self.memfd.as_raw_fd(),
             }])
             .expect("SET_MEM_TABLE");
-
-        let mut queues = Vec::with_capacity(num_queues);
-        for q in 0..num_queues {
-            let base = GuestAddress(RING_BASE + q as u64 * RING_STRIDE);
-            let (ring, _) = SplitRing::new(&mem, base, queue_size).expect("ring");
-            let used_idx_addr = ring.used_addr().unchecked_add(2);
-            if let Some(idx) = stale_used_idx {
-                // A driver that has not zeroed its ring yet: used.idx holds garbage.
-                mem.write_obj(idx.to_le(), used_idx_addr)
-                    .expect("poison used.idx");
-            }
-            let kick = EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd");
-            let call = EventFd::new(libc::EFD_NONBLOCK).expect("call eventfd");
-            frontend
+        let queue_size = self.setup.queue_size;
+        for (q, dq) in self.queues.iter().enumerate() {
+            let ring = &dq.ring;
+            let avail_base = u16::from_le(
+                self.mem
+                    .read_obj(ring.used_addr().unchecked_add(2))
+                    .expect("read used.idx"),
+            );
+            let avail_base = if self.setup.stale_used_idx.is_some() {
+                0
+            } else {
+                avail_base
+            };
+            self.frontend
                 .set_vring_num(q, queue_size)
                 .expect("SET_VRING_NUM");
-            if base_first {
-                frontend.set_vring_base(q, 0).expect("SET_VRING_BASE");
+            if self.setup.base_first {
+                self.frontend
+                    .set_vring_base(q, avail_base)
+                    .expect("SET_VRING_BASE");
             }
-            frontend
+            self.frontend
                 .set_vring_addr(
                     q,
                     &VringConfigData {
@@ -239,26 +305,36 @@ impl RawFrontend {
                     },
                 )
                 .expect("SET_VRING_ADDR");
-            if !base_first {
-                frontend.set_vring_base(q, 0).expect("SET_VRING_BASE");
+            if !self.setup.base_first {
+                self.frontend
+                    .set_vring_base(q, avail_base)
+                    .expect("SET_VRING_BASE");
             }
-            frontend.set_vring_call(q, &call).expect("SET_VRING_CALL");
-            frontend.set_vring_kick(q, &kick).expect("SET_VRING_KICK");
-            frontend
+            self.frontend
+                .set_vring_call(q, &dq.call)
+                .expect("SET_VRING_CALL");
+            self.frontend
+                .set_vring_kick(q, &dq.kick)
+                .expect("SET_VRING_KICK");
+            self.frontend
                 .set_vring_enable(q, true)
                 .expect("SET_VRING_ENABLE");
-            // The driver initialises its ring only now.
-            mem.write_obj(0u16, used_idx_addr).expect("zero used.idx");
-            queues.push(DriverQueue { ring, kick, call });
         }
-        RawFrontend {
-            frontend,
-            mem,
-            queues,
-            features,
-            backend_channel,
-            _memfd: memfd,
-        }
+    }
+
+    /// Connects again to `socket` (a restarted backend) as QEMU does after its backend
+    /// died: the same features, memory and rings, the avail base of each queue rewound to
+    /// its used index (QEMU's `virtio_queue_restore_last_avail_idx` when GET_VRING_BASE
+    /// fails), and the inflight area kept from the first connection, if any.
+    pub fn reconnect(&mut self, socket: &Path) {
+        let (frontend, features) = handshake(socket, &self.setup, false);
+        assert_eq!(
+            features, self.features,
+            "the restarted backend offers the same"
+        );
+        self.frontend = frontend;
+        self.backend_channel = None;
+        self.start_device();
     }
 
     /// Waits up to `timeout` for the backend's next request on the backend channel and
@@ -383,6 +459,11 @@ impl RawFrontend {
         }
     }
 
+    /// The next used element of queue `q` if there is one now.
+    pub fn try_used_on(&mut self, q: usize) -> Option<(u16, u32)> {
+        self.queues[q].ring.pop_used(&self.mem).expect("used ring")
+    }
+
     /// Reads and resets queue `q`'s call eventfd: how many times the device signalled it
     /// since the last read (0 if never).
     pub fn take_calls(&mut self, q: usize) -> u64 {
@@ -419,11 +500,32 @@ impl RawFrontend {
         payload.to_vec()
     }
 
+    /// Writes `data` at `offset` of the device config space (SET_CONFIG).
+    pub fn set_config(&mut self, offset: u32, data: &[u8]) {
+        self.frontend
+            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+            .expect("SET_CONFIG");
+    }
+
     /// Writes bytes to guest memory.
     pub fn write_mem(&self, addr: u64, data: &[u8]) {
         self.mem
             .write_slice(data, GuestAddress(addr))
             .expect("guest write");
+    }
+
+    /// Element `n` (counted from the start of the ring, not modulo its size) of queue `q`'s
+    /// used ring as the device wrote it: `(id, len)`, unchecked, unlike the driver's view.
+    pub fn used_elem(&self, q: usize, n: u16) -> (u32, u32) {
+        let ring = &self.queues[q].ring;
+        let at = ring
+            .used_addr()
+            .unchecked_add(4 + 8 * u64::from(n % ring.size()));
+        let e: [u8; 8] = self.mem.read_obj(at).expect("read a used element");
+        (
+            u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
+            u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+        )
     }
 
     /// Reads bytes from guest memory.

@@ -37,6 +37,7 @@ fn a_stale_used_index_in_guest_memory_is_not_taken_over() {
                 wanted_features: u64::MAX,
                 stale_used_idx: Some(stale),
                 base_first,
+                inflight: false,
             },
         );
         fe.write_mem(DATA, &[0xa5; 4096]);

@@ -7,7 +7,10 @@
 //!
 //! - memory regions (SET_MEM_TABLE, ADD_MEM_REG) become the shared-memory BAR's file (the
 //!   VFIO device fd) with `mmap_offset` moved to where the device placed the region, so the
-//!   backend maps frontend memory out of the BAR by itself;
+//!   backend maps frontend memory out of the BAR by itself; the inflight area
+//!   (SET_INFLIGHT_FD, which the device maps into the BAR the same way) likewise. The
+//!   backend's answer to GET_INFLIGHT_FD goes out without its file: the device creates the
+//!   area the frontend keeps;
 //! - SET_VRING_KICK becomes the eventfd of the vring's kick MSI-X vector, so the backend's
 //!   worker wakes on the interrupt directly;
 //! - SET_VRING_CALL/ERR become a fresh eventfd wired to the vring's doorbell with
@@ -52,7 +55,6 @@ mod request {
     pub const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
     pub const SET_VRING_ERR: u32 = FrontendReq::SET_VRING_ERR as u32;
     pub const SET_BACKEND_REQ_FD: u32 = FrontendReq::SET_BACKEND_REQ_FD as u32;
-    pub const GET_INFLIGHT_FD: u32 = FrontendReq::GET_INFLIGHT_FD as u32;
     pub const SET_INFLIGHT_FD: u32 = FrontendReq::SET_INFLIGHT_FD as u32;
     pub const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
     pub const REM_MEM_REG: u32 = FrontendReq::REM_MEM_REG as u32;
@@ -69,6 +71,8 @@ const VRING_NOFD: u64 = 0x100;
 const REGION_SIZE: usize = 32;
 /// Offset of `mmap_offset` in a region description.
 const REGION_MMAP_OFFSET: usize = 24;
+/// Bytes of a `VhostUserInflight` that carry fields (C pads it to 24).
+const INFLIGHT_PAYLOAD_MIN: usize = 20;
 /// How long a reply may wait for a free tx buffer before the session is given up.
 const TX_WAIT: Duration = Duration::from_secs(5);
 
@@ -112,6 +116,12 @@ pub enum ProtocolError {
         payload_len: usize,
         /// Regions it claims.
         count: usize,
+    },
+    /// SET_INFLIGHT_FD whose payload is no inflight area description.
+    #[error("SET_INFLIGHT_FD of {payload_len} bytes")]
+    InflightMessageSize {
+        /// Payload bytes.
+        payload_len: usize,
     },
     /// ADD_MEM_REG/REM_MEM_REG whose payload is not one region.
     #[error("memory region message of {payload_len} bytes")]
@@ -452,11 +462,15 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
                     session.backend_channel = Some(ours);
                 }
             }
-            request::SET_LOG_BASE
-            | request::SET_LOG_FD
-            | request::GET_INFLIGHT_FD
-            | request::SET_INFLIGHT_FD
-            | request::SET_DEVICE_STATE_FD => {
+            request::SET_INFLIGHT_FD => {
+                // VhostUserInflight: mmap_size, mmap_offset, num_queues, queue_size.
+                if payload_len < INFLIGHT_PAYLOAD_MIN {
+                    return Err(ProtocolError::InflightMessageSize { payload_len }.into());
+                }
+                self.relocate(&mut msg, HEADER_SIZE, HEADER_SIZE + 8)?;
+                fds.push(self.memory.as_raw_fd());
+            }
+            request::SET_LOG_BASE | request::SET_LOG_FD | request::SET_DEVICE_STATE_FD => {
                 return Err(ProtocolError::FdNotCarried { request }.into());
             }
             _ => {}
@@ -533,8 +547,20 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
     /// Moves a region's `mmap_offset` from the shared-memory area to the BAR file, after
     /// checking the region lies inside the BAR.
     fn relocate_region(&self, msg: &mut [u8], at: usize) -> Result<(), BridgeError> {
-        let size = le64(msg, at + 8).unwrap_or(0);
-        let offset = le64(msg, at + REGION_MMAP_OFFSET).unwrap_or(0);
+        self.relocate(msg, at + 8, at + REGION_MMAP_OFFSET)
+    }
+
+    /// Moves the shared-memory offset at `offset_at` of an area of the size at `size_at`
+    /// (a memory region, the inflight area) to the BAR file, after checking the area lies
+    /// inside the BAR.
+    fn relocate(
+        &self,
+        msg: &mut [u8],
+        size_at: usize,
+        offset_at: usize,
+    ) -> Result<(), BridgeError> {
+        let size = le64(msg, size_at).unwrap_or(0);
+        let offset = le64(msg, offset_at).unwrap_or(0);
         if offset
             .checked_add(size)
             .is_none_or(|end| end > self.memory_len)
@@ -547,8 +573,7 @@ impl<T: PciTransport, C: FnMut() -> io::Result<UnixStream>> Bridge<T, C> {
             .into());
         }
         let file_offset = self.memory_base + offset;
-        msg[at + REGION_MMAP_OFFSET..at + REGION_MMAP_OFFSET + 8]
-            .copy_from_slice(&file_offset.to_le_bytes());
+        msg[offset_at..offset_at + 8].copy_from_slice(&file_offset.to_le_bytes());
         Ok(())
     }
 
@@ -812,6 +837,43 @@ mod tests {
     }
 
     #[test]
+    fn the_inflight_area_becomes_the_bar_file_at_the_device_offset() {
+        let (mut bridge, backend, stop) = connected();
+        let mut inflight = Vec::new();
+        inflight.extend_from_slice(&4224u64.to_le_bytes());
+        inflight.extend_from_slice(&(4u64 << 20).to_le_bytes());
+        inflight.extend_from_slice(&2u16.to_le_bytes());
+        inflight.extend_from_slice(&128u16.to_le_bytes());
+        inflight.extend_from_slice(&[0; 4]);
+        deliver(
+            &mut bridge,
+            &stop,
+            &message(request::SET_INFLIGHT_FD, &inflight),
+        );
+        let (msg, fds) = backend_recv(&backend);
+        assert_eq!(fds.len(), 1, "the BAR file");
+        assert_eq!(le64(&msg, 12), Some(4224), "mmap_size unchanged");
+        assert_eq!(le64(&msg, 12 + 8), Some(SHM_FILE_OFFSET + (4 << 20)));
+        assert_eq!(&msg[12 + 16..12 + 20], &inflight[16..20]);
+        // GET_INFLIGHT_FD passes as it is (the device creates the file).
+        let get = message(
+            vhost::vhost_user::message::FrontendReq::GET_INFLIGHT_FD as u32,
+            &[0; 24],
+        );
+        deliver(&mut bridge, &stop, &get);
+        let (msg, fds) = backend_recv(&backend);
+        assert_eq!((msg, fds.len()), (get, 0));
+        // An area outside the BAR drops the frontend.
+        inflight[8..16].copy_from_slice(&SHM_SIZE.to_le_bytes());
+        deliver(
+            &mut bridge,
+            &stop,
+            &message(request::SET_INFLIGHT_FD, &inflight),
+        );
+        assert!(bridge.session.is_none());
+    }
+
+    #[test]
     fn a_region_outside_the_bar_drops_the_frontend() {
         let (mut bridge, backend, stop) = connected();
         let mut add = vec![0u8; 8];
@@ -949,7 +1011,11 @@ mod tests {
     #[test]
     fn requests_needing_uncarried_descriptors_drop_the_frontend() {
         let (mut bridge, backend, stop) = connected();
-        deliver(&mut bridge, &stop, &message(request::GET_INFLIGHT_FD, &[]));
+        deliver(
+            &mut bridge,
+            &stop,
+            &message(request::SET_LOG_BASE, &[0; 16]),
+        );
         assert!(bridge.session.is_none());
         let mut byte = [0u8; 1];
         assert_eq!((&backend).read(&mut byte).unwrap(), 0);

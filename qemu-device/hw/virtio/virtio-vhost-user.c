@@ -26,6 +26,7 @@
 #include "qemu/iov.h"
 #include "qemu/log.h"
 #include "qemu/main-loop.h"
+#include "qemu/memfd.h"
 #include "qemu/mmap-alloc.h"
 #include "qemu/module.h"
 #include "qemu/rcu.h"
@@ -59,6 +60,8 @@ enum {
     VU_SET_BACKEND_REQ_FD = 21,
     VU_GET_CONFIG = 24,
     VU_SET_CONFIG = 25,
+    VU_GET_INFLIGHT_FD = 31,
+    VU_SET_INFLIGHT_FD = 32,
     VU_RESET_DEVICE = 34,
     VU_GET_MAX_MEM_SLOTS = 36,
     VU_ADD_MEM_REG = 37,
@@ -77,6 +80,10 @@ enum {
 #define VU_REGION_SIZE       32          /* gpa, size, uaddr, mmap_offset */
 #define VU_MEM_TABLE_MAX     8
 #define VHOST_F_LOG_ALL      26
+/* VhostUserInflight: mmap_size, mmap_offset, num_queues, queue_size (+ pad). */
+#define VU_INFLIGHT_MIN      20
+/* Largest inflight area the device creates for a back-end (GET_INFLIGHT_FD). */
+#define VVU_INFLIGHT_MAX     (64 * MiB)
 
 /* Protocol features the device can carry (a mask of 1 << bit). */
 #define VVU_PROTOCOL_FEATURES                           \
@@ -84,6 +91,7 @@ enum {
      (1ull << 3)  /* REPLY_ACK */ |                     \
      (1ull << 5)  /* BACKEND_REQ */ |                   \
      (1ull << 9)  /* CONFIG */ |                        \
+     (1ull << 12) /* INFLIGHT_SHMFD */ |                \
      (1ull << 13) /* RESET_DEVICE */ |                  \
      (1ull << 15) /* CONFIGURE_MEM_SLOTS */ |           \
      (1ull << 16) /* STATUS */)
@@ -122,19 +130,47 @@ static uint32_t vvu_msg_size(const uint8_t *msg) { return vvu_le32(msg + 8); }
 
 /* ---- memory regions in the shared-memory BAR ---------------------------- */
 
+static bool vvu_overlaps(const VirtIOVhostUserRegion *r, uint64_t off,
+                         uint64_t size)
+{
+    return r->mr && off < r->bar_offset + r->map_len &&
+           r->bar_offset < off + size;
+}
+
 static bool vvu_range_free(VirtIOVhostUser *s, uint64_t off, uint64_t size)
 {
     for (int i = 0; i < VIRTIO_VHOST_USER_MAX_REGIONS; i++) {
-        VirtIOVhostUserRegion *r = &s->regions[i];
-        if (r->mr && off < r->bar_offset + r->map_len &&
-            r->bar_offset < off + size) {
+        if (vvu_overlaps(&s->regions[i], off, size)) {
             return false;
         }
+    }
+    if (vvu_overlaps(&s->inflight, off, size)) {
+        return false;
     }
     return off + size <= s->shm_size && off + size > off;
 }
 
-/* First fit at REGION_ALIGN: candidates are 0 and the end of every region. */
+/* The first 2 MiB-aligned BAR offset after r, if r is mapped. */
+static bool vvu_try_after(VirtIOVhostUser *s, const VirtIOVhostUserRegion *r,
+                          uint64_t size, uint64_t *out)
+{
+    uint64_t cand;
+
+    if (!r->mr) {
+        return false;
+    }
+    cand = ROUND_UP(r->bar_offset + r->map_len, VIRTIO_VHOST_USER_REGION_ALIGN);
+    if (vvu_range_free(s, cand, size)) {
+        *out = cand;
+        return true;
+    }
+    return false;
+}
+
+/*
+ * First fit at REGION_ALIGN: candidates are 0 and the end of every region and
+ * of the inflight area.
+ */
 static bool vvu_find_bar_offset(VirtIOVhostUser *s, uint64_t size,
                                 uint64_t *out)
 {
@@ -143,19 +179,11 @@ static bool vvu_find_bar_offset(VirtIOVhostUser *s, uint64_t size,
         return true;
     }
     for (int i = 0; i < VIRTIO_VHOST_USER_MAX_REGIONS; i++) {
-        VirtIOVhostUserRegion *r = &s->regions[i];
-        uint64_t cand;
-        if (!r->mr) {
-            continue;
-        }
-        cand = ROUND_UP(r->bar_offset + r->map_len,
-                        VIRTIO_VHOST_USER_REGION_ALIGN);
-        if (vvu_range_free(s, cand, size)) {
-            *out = cand;
+        if (vvu_try_after(s, &s->regions[i], size, out)) {
             return true;
         }
     }
-    return false;
+    return vvu_try_after(s, &s->inflight, size, out);
 }
 
 /*
@@ -286,33 +314,19 @@ static VVUMapping *vvu_map_region(int fd, uint64_t mmap_offset, uint64_t size,
     return m;
 }
 
-/* Maps fd[mmap_offset, +size) into the BAR; takes ownership of fd. */
-static bool vvu_region_add(VirtIOVhostUser *s, const uint8_t *desc, int fd,
-                           uint64_t *bar_offset, Error **errp)
+/*
+ * Maps fd[mmap_offset, +size) into the BAR as slot (a frontend memory region,
+ * or the inflight area); takes ownership of fd.
+ */
+static bool vvu_slot_map(VirtIOVhostUser *s, VirtIOVhostUserRegion *slot,
+                         const char *name, int fd, uint64_t gpa, uint64_t size,
+                         uint64_t uaddr, uint64_t mmap_offset,
+                         uint64_t *bar_offset, Error **errp)
 {
-    uint64_t gpa = vvu_le64(desc);
-    uint64_t size = vvu_le64(desc + 8);
-    uint64_t uaddr = vvu_le64(desc + 16);
-    uint64_t mmap_offset = vvu_le64(desc + 24);
-    VirtIOVhostUserRegion *slot = NULL;
-    g_autofree char *name = NULL;
     VVUMapping *map;
     MemoryRegion *mr;
     Object *owner;
 
-    for (int i = 0; i < VIRTIO_VHOST_USER_MAX_REGIONS; i++) {
-        if (!s->regions[i].mr) {
-            slot = &s->regions[i];
-            name = g_strdup_printf("virtio-vhost-user-region%d", i);
-            break;
-        }
-    }
-    if (!slot) {
-        error_setg(errp, "all %d memory region slots are in use",
-                   VIRTIO_VHOST_USER_MAX_REGIONS);
-        close(fd);
-        return false;
-    }
     if (size == 0) {
         error_setg(errp, "region of 0 bytes at guest_phys_addr 0x%" PRIx64,
                    gpa);
@@ -357,6 +371,26 @@ static bool vvu_region_add(VirtIOVhostUser *s, const uint8_t *desc, int fd,
     slot->userspace_addr = uaddr;
     slot->bar_offset = *bar_offset;
     return true;
+}
+
+/* Maps a frontend memory region into the BAR; takes ownership of fd. */
+static bool vvu_region_add(VirtIOVhostUser *s, const uint8_t *desc, int fd,
+                           uint64_t *bar_offset, Error **errp)
+{
+    g_autofree char *name = NULL;
+
+    for (int i = 0; i < VIRTIO_VHOST_USER_MAX_REGIONS; i++) {
+        if (!s->regions[i].mr) {
+            name = g_strdup_printf("virtio-vhost-user-region%d", i);
+            return vvu_slot_map(s, &s->regions[i], name, fd, vvu_le64(desc),
+                                vvu_le64(desc + 8), vvu_le64(desc + 16),
+                                vvu_le64(desc + 24), bar_offset, errp);
+        }
+    }
+    error_setg(errp, "all %d memory region slots are in use",
+               VIRTIO_VHOST_USER_MAX_REGIONS);
+    close(fd);
+    return false;
 }
 
 static void vvu_region_del(VirtIOVhostUser *s, VirtIOVhostUserRegion *r)
@@ -716,6 +750,71 @@ static VVUAction vvu_vring_fd(VirtIOVhostUser *s, Error **errp)
     return VVU_FORWARD;
 }
 
+/*
+ * SET_INFLIGHT_FD: the area the front-end keeps for the back-end's inflight
+ * I/O tracking is mapped into the BAR like a memory region (replacing any
+ * previous one), and the forwarded mmap_offset is its BAR offset.
+ */
+static VVUAction vvu_set_inflight(VirtIOVhostUser *s, Error **errp)
+{
+    uint8_t *p = s->msg + VU_HDR_SIZE;
+    uint64_t bar_offset;
+
+    if (vvu_msg_size(s->msg) < VU_INFLIGHT_MIN || s->msg_nfds != 1) {
+        error_setg(errp, "SET_INFLIGHT_FD of %u bytes with %d fds",
+                   vvu_msg_size(s->msg), s->msg_nfds);
+        return VVU_PROTOCOL_ERROR;
+    }
+    vvu_region_del(s, &s->inflight);
+    if (!vvu_slot_map(s, &s->inflight, "virtio-vhost-user-inflight",
+                      vvu_msg_take_fd(s, 0), 0, vvu_le64(p), 0,
+                      vvu_le64(p + 8), &bar_offset, errp)) {
+        return VVU_REFUSE;
+    }
+    vvu_put_le64(p + 8, bar_offset);
+    return VVU_FORWARD;
+}
+
+/*
+ * The back-end's GET_INFLIGHT_FD reply gives the size of the area it wants
+ * but cannot carry a file: the device creates the area (a zeroed memfd sealed
+ * against resizing) and hands it to the front-end, which keeps it across
+ * back-end restarts. A size beyond VVU_INFLIGHT_MAX or the BAR is answered 0
+ * (QEMU then runs without inflight tracking).
+ */
+static void vvu_inflight_reply(VirtIOVhostUser *s, uint8_t *buf, size_t len)
+{
+    uint64_t size = vvu_le64(buf + VU_HDR_SIZE);
+    Error *err = NULL;
+    int fd = -1;
+
+    if (size > VVU_INFLIGHT_MAX || size > s->shm_size) {
+        warn_report("virtio-vhost-user: an inflight area of 0x%" PRIx64
+                    " bytes is too large; answering none", size);
+        size = 0;
+    }
+    if (size) {
+        fd = qemu_memfd_create("virtio-vhost-user-inflight", size, false, 0,
+                               F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL,
+                               &err);
+        if (fd < 0) {
+            warn_report_err(err);
+            size = 0;
+        }
+    }
+    vvu_put_le64(buf + VU_HDR_SIZE, size);
+    vvu_put_le64(buf + VU_HDR_SIZE + 8, 0);
+    if (s->connected) {
+        if (fd >= 0) {
+            qemu_chr_fe_set_msgfds(&s->chr, &fd, 1);
+        }
+        qemu_chr_fe_write_all(&s->chr, buf, len);
+    }
+    if (fd >= 0) {
+        close(fd);
+    }
+}
+
 static VVUAction vvu_backend_req_fd(VirtIOVhostUser *s, Error **errp);
 
 static VVUAction vvu_intercept(VirtIOVhostUser *s, Error **errp)
@@ -739,7 +838,10 @@ static VVUAction vvu_intercept(VirtIOVhostUser *s, Error **errp)
     case VU_GET_MAX_MEM_SLOTS:
     case VU_SET_STATUS:
     case VU_GET_STATUS:
+    case VU_GET_INFLIGHT_FD:
         return VVU_FORWARD;
+    case VU_SET_INFLIGHT_FD:
+        return vvu_set_inflight(s, errp);
     case VU_RESET_DEVICE:
         vvu_unwire_all(s);
         return VVU_FORWARD;
@@ -1077,6 +1179,13 @@ static void vvu_handle_tx(VirtIODevice *vdev, VirtQueue *vq)
             g_free(elem);
             continue;
         }
+        if (request == VU_GET_INFLIGHT_FD &&
+            len >= VU_HDR_SIZE + VU_INFLIGHT_MIN) {
+            vvu_inflight_reply(s, buf, len);
+            virtqueue_push(vq, elem, 0);
+            g_free(elem);
+            continue;
+        }
         if (len == VU_HDR_SIZE + 8) {
             uint64_t v = vvu_le64(buf + VU_HDR_SIZE);
             switch (request) {
@@ -1129,6 +1238,7 @@ static void vvu_disconnect(VirtIOVhostUser *s, bool close_socket)
     vvu_backend_close(s);
     vvu_unwire_all(s);
     vvu_regions_clear(s);
+    vvu_region_del(s, &s->inflight);
     if (close_socket && s->chr_open) {
         qemu_chr_fe_disconnect(&s->chr);
     }

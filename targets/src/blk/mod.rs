@@ -16,6 +16,7 @@
 mod queue;
 mod statuses;
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use virtio_bindings::bindings::virtio_blk::{
@@ -72,6 +73,12 @@ pub struct BlkSettings {
     pub queue_size: u16,
     /// Initial write cache mode: true = writeback.
     pub writeback: bool,
+    /// Where the driver's write cache choice (a config write of `writeback`) is kept across
+    /// daemon restarts; `None` keeps it in memory only. A vhost-user frontend reads the
+    /// config space once and never again (QEMU caches it and does not re-send it when it
+    /// reconnects), so a restarted daemon must come back in the mode the driver chose, or a
+    /// guest that set writethrough would get a volatile cache it does not know about.
+    pub writeback_state: Option<PathBuf>,
 }
 
 /// Why an export cannot be served with the given settings and disk.
@@ -107,8 +114,12 @@ impl BlkDevice {
             return Err(SettingsError::ReadonlyDisk);
         }
         let capacity_bytes = disk.size / lbs * lbs;
+        let writeback = match &settings.writeback_state {
+            Some(path) => saved_writeback(path, settings.writeback),
+            None => settings.writeback,
+        };
         Ok(BlkDevice {
-            writeback: AtomicBool::new(settings.writeback),
+            writeback: AtomicBool::new(writeback),
             settings,
             disk,
             capacity_bytes: AtomicU64::new(capacity_bytes),
@@ -185,10 +196,14 @@ impl BlkDevice {
     /// Whether writes may complete before they are durable (virtio spec 5.2.6.3).
     pub fn writeback_enabled(&self) -> bool {
         let acked = self.acked_features.load(Ordering::Relaxed);
-        if acked & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0 {
+        // A driver that cannot flush never gets a volatile cache (virtio 1.2 5.2.5.1:
+        // with CONFIG_WCE but not FLUSH, writeback must be 0).
+        if acked & (1 << VIRTIO_BLK_F_FLUSH) == 0 {
+            false
+        } else if acked & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0 {
             self.writeback.load(Ordering::Relaxed)
         } else {
-            acked & (1 << VIRTIO_BLK_F_FLUSH) != 0
+            true
         }
     }
 
@@ -226,7 +241,14 @@ impl BlkDevice {
         if offset as usize == CONFIG_WRITEBACK_OFFSET && data.len() == 1 {
             match data[0] {
                 0 | 1 => {
-                    self.writeback.store(data[0] == 1, Ordering::Relaxed);
+                    let writeback = data[0] == 1;
+                    // Kept before it is acknowledged: a crash in between leaves the
+                    // frontend's cached config and the saved mode as before.
+                    if let Some(path) = &self.settings.writeback_state {
+                        save_writeback(path, self.settings.writeback, writeback)
+                            .map_err(|e| ConfigWriteError::NotSaved(e.to_string()))?;
+                    }
+                    self.writeback.store(writeback, Ordering::Relaxed);
                     Ok(())
                 }
                 v => Err(ConfigWriteError::BadValue(v)),
@@ -268,4 +290,46 @@ impl VirtioDevice for BlkDevice {
     fn lun_capacities(&self) -> Vec<(u16, u64)> {
         vec![(0, self.capacity_bytes())]
     }
+}
+
+/// The driver's saved write cache choice at `path`, if it was made under the same
+/// configured default (`configured`); otherwise (none saved, or the operator changed the
+/// default since) the default. The file holds `configured chosen`, each 0 or 1.
+fn saved_writeback(path: &Path, configured: bool) -> bool {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return configured,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "cannot read the saved write cache mode: {e}");
+            return configured;
+        }
+    };
+    match text.split_whitespace().collect::<Vec<_>>().as_slice() {
+        [saved_default, chosen] if *saved_default == if configured { "1" } else { "0" } => {
+            let chosen = *chosen == "1";
+            if chosen != configured {
+                tracing::info!(
+                    path = %path.display(),
+                    writeback = chosen,
+                    "the driver's write cache choice, saved before a restart, applies"
+                );
+            }
+            chosen
+        }
+        _ => configured,
+    }
+}
+
+/// Saves the driver's write cache choice durably (written aside, synced, renamed over).
+fn save_writeback(path: &Path, configured: bool, chosen: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("new");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{} {}", u8::from(configured), u8::from(chosen))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }

@@ -16,7 +16,7 @@ use super::device::ScsiDevice;
 use super::luns::LunSlot;
 use super::sense::Sense;
 use super::wire::{decode_lun, response};
-use crate::chain::{gather, scatter, total, Chain, Memory};
+use crate::chain::{gather, scatter, total, Chain, Memory, Segment};
 use crate::device::{Completed, QueueHandler};
 use crate::guest::GuestRam;
 use crate::stats::{bump, QueueStats, TMF_FUNCTIONS};
@@ -79,6 +79,42 @@ impl ControlQueue {
     /// Counters of this queue (task management functions by subtype).
     pub fn stats(&self) -> &Arc<QueueStats> {
         &self.stats
+    }
+
+    /// Answers the control request of chain `head` (its readable and writable buffers).
+    fn answer(
+        &self,
+        head: u16,
+        readable: &[Segment],
+        writable: &[Segment],
+        mem: &GuestRam,
+        done: &mut Vec<Completed>,
+    ) {
+        let mut req = [0u8; TMF_REQ_SIZE];
+        let req_len = total(readable).min(req.len());
+        let req_ok = gather(mem, readable, &mut req[..req_len]).is_some();
+        let kind = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
+        let reply: Vec<u8> = match kind {
+            VIRTIO_SCSI_T_TMF if req_ok && req_len >= TMF_REQ_SIZE => {
+                vec![self.tmf(TmfReq::parse(&req))]
+            }
+            // No asynchronous events are supported.
+            VIRTIO_SCSI_T_AN_QUERY | VIRTIO_SCSI_T_AN_SUBSCRIBE
+                if req_ok && req_len >= AN_REQ_SIZE =>
+            {
+                an_resp(response::OK)
+            }
+            _ => {
+                tracing::debug!(kind, req_len, "malformed control request");
+                if total(writable) >= AN_RESP_SIZE {
+                    an_resp(response::FAILURE)
+                } else {
+                    vec![response::FAILURE]
+                }
+            }
+        };
+        let used_len = scatter(mem, writable, &reply).unwrap_or(0) as u32;
+        done.push(Completed { head, used_len });
     }
 
     /// Answers a TMF. In-flight commands cannot be taken back from the kernel: an abort or
@@ -154,31 +190,36 @@ impl QueueHandler for ControlQueue {
             writable,
             ..
         } = Chain::collect(chain);
-        let mut req = [0u8; TMF_REQ_SIZE];
-        let req_len = total(&readable).min(req.len());
-        let req_ok = gather(mem, &readable, &mut req[..req_len]).is_some();
-        let kind = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
-        let reply: Vec<u8> = match kind {
-            VIRTIO_SCSI_T_TMF if req_ok && req_len >= TMF_REQ_SIZE => {
-                vec![self.tmf(TmfReq::parse(&req))]
-            }
-            // No asynchronous events are supported.
-            VIRTIO_SCSI_T_AN_QUERY | VIRTIO_SCSI_T_AN_SUBSCRIBE
-                if req_ok && req_len >= AN_REQ_SIZE =>
-            {
-                an_resp(response::OK)
-            }
-            _ => {
-                tracing::debug!(kind, req_len, "malformed control request");
-                if total(&writable) >= AN_RESP_SIZE {
-                    an_resp(response::FAILURE)
-                } else {
-                    vec![response::FAILURE]
-                }
-            }
-        };
-        let used_len = scatter(mem, &writable, &reply).unwrap_or(0) as u32;
-        done.push(Completed { head, used_len });
+        self.answer(head, &readable, &writable, mem, done);
+    }
+
+    /// A TMF accepted before a restart is answered FAILURE without running it: the commands
+    /// it named are being re-run on their own queues, so it can neither claim they are
+    /// aborted nor wait for them in order; the initiator escalates (to a LUN reset, which
+    /// then runs normally). Asynchronous notification requests are answered again.
+    fn resubmit_chain(
+        &mut self,
+        chain: DescriptorChain<&Memory>,
+        mem: &GuestRam,
+        done: &mut Vec<Completed>,
+    ) {
+        let Chain {
+            head,
+            readable,
+            writable,
+            ..
+        } = Chain::collect(chain);
+        let mut kind = [0u8; 4];
+        let is_tmf = total(&readable) >= TMF_REQ_SIZE
+            && gather(mem, &readable, &mut kind).is_some()
+            && u32::from_le_bytes(kind) == VIRTIO_SCSI_T_TMF;
+        if is_tmf {
+            tracing::info!("a task management function in flight at a restart answered FAILURE");
+            let used_len = scatter(mem, &writable, &[response::FAILURE]).unwrap_or(0) as u32;
+            done.push(Completed { head, used_len });
+        } else {
+            self.answer(head, &readable, &writable, mem, done);
+        }
     }
 
     fn stats(&self) -> Option<Arc<QueueStats>> {

@@ -137,6 +137,8 @@ struct VirtIOVhostUser {
     VirtIOVhostUserKick *kicks;          /* max_vhost_queues */
     VirtIOVhostUserDoorbell *doorbell;   /* 2 * max_vhost_queues (+ log) */
     VirtIOVhostUserRegion regions[VIRTIO_VHOST_USER_MAX_REGIONS];
+    /* The front-end's inflight area (SET_INFLIGHT_FD), mapped like a region. */
+    VirtIOVhostUserRegion inflight;
 
     VirtIOVhostUserTransport transport;
 };
