@@ -71,7 +71,13 @@ struct Args {
 
 /// Runs `w` against the server `p` (whose CPU time is sampled over the measured window)
 /// through the frontend of `backing`.
-fn measure(socket: &Path, backing: Backing, w: &Workload, seconds: f64, p: &Process) -> Measured {
+fn measure(
+    socket: &Path,
+    backing: Backing,
+    w: &Workload,
+    seconds: f64,
+    p: &Process,
+) -> Option<Measured> {
     let pid = p.pid();
     let from = Instant::now() + blk::WARMUP + Duration::from_millis(50);
     let sampler = std::thread::spawn(move || {
@@ -80,14 +86,24 @@ fn measure(socket: &Path, backing: Backing, w: &Workload, seconds: f64, p: &Proc
         sleep(Duration::from_secs_f64(seconds));
         cpu_time(pid).saturating_sub(a)
     });
-    let mut m = if backing.scsi() {
-        scsi::run(socket, w, seconds)
-    } else {
-        blk::run(socket, w, seconds)
-    };
+    let run = std::panic::catch_unwind(|| {
+        if backing.scsi() {
+            scsi::run(socket, w, seconds)
+        } else {
+            blk::run(socket, w, seconds)
+        }
+    });
     let cpu = sampler.join().unwrap();
+    let Ok(mut m) = run else {
+        eprintln!(
+            "bench: {} {} failed: the row is left out (see the message above)",
+            backing.name(),
+            w.name
+        );
+        return None;
+    };
     m.cpu_s_per_mio = Some(cpu.as_secs_f64() / (m.ios.max(1) as f64 / 1e6));
-    m
+    Some(m)
 }
 
 fn main() {
@@ -166,7 +182,10 @@ fn main() {
             // median figure of merit, so a burst of load on the machine hits all servers
             // alike and is outvoted.
             let mut runs: Vec<(String, Vec<Measured>)> = Vec::new();
-            let mut record = |server: &str, measured: Measured| {
+            let mut record = |server: &str, measured: Option<Measured>| {
+                let Some(measured) = measured else {
+                    return;
+                };
                 eprintln!(
                     "bench: {:<14} {:<20} {:<16} {:>9.0} IOPS {:>8.1} µs mean",
                     backing.name(),
@@ -182,7 +201,10 @@ fn main() {
             };
             for _ in 0..args.rounds.max(1) {
                 if backing.has_limit() && wanted("fio") {
-                    record("fio", servers::run_fio(backing, &store, &w, args.seconds));
+                    record(
+                        "fio",
+                        Some(servers::run_fio(backing, &store, &w, args.seconds)),
+                    );
                 }
                 let dir = scratch(&args.out);
                 let socket = dir.path().join("bench.sock");
@@ -213,25 +235,33 @@ fn main() {
                 });
             }
         }
+        write_outputs(&args.out, &rows, &machine);
     }
     vvu_rows(&args, &mut rows);
     // The appliance-VM rows join their backing's section.
     let order = |b: &str| Backing::ALL.iter().position(|x| x.name() == b);
     rows.sort_by_key(|r| order(r.backing));
-    let table = report::table(&rows);
+    let table = write_outputs(&args.out, &rows, &machine);
     println!("{table}");
-    let json = report::json(&rows, machine);
-    std::fs::write(
-        args.out.join("bench.json"),
-        serde_json::to_string_pretty(&json).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(args.out.join("bench.svg"), report::svg(&rows)).unwrap();
-    std::fs::write(args.out.join("bench.txt"), table).unwrap();
     eprintln!(
         "bench: wrote {0}/bench.json, {0}/bench.svg, {0}/bench.txt",
         args.out.display()
     );
+}
+
+/// Writes the JSON, the chart and the table of `rows` into `out` (after each backing too,
+/// so a long run that is stopped keeps what it measured); returns the table.
+fn write_outputs(out: &Path, rows: &[Row], machine: &serde_json::Value) -> String {
+    let table = report::table(rows);
+    let json = report::json(rows, machine.clone());
+    std::fs::write(
+        out.join("bench.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(out.join("bench.svg"), report::svg(rows)).unwrap();
+    std::fs::write(out.join("bench.txt"), &table).unwrap();
+    table
 }
 
 /// The appliance-VM rows: the null export served from inside the appliance VM through the
