@@ -284,7 +284,13 @@ impl Appliance {
     ) -> Self {
         let root = dir.path();
         let config_path = root.join("exports.yaml");
-        let text = config.replace("@DIR@", &root.display().to_string());
+        let mut text = config.replace("@DIR@", &root.display().to_string());
+        // The daemon keeps state (a guest's write-cache choice) in state_dir: a test's goes
+        // into its scratch directory, never the system's /var/lib/vhost-appliance.
+        // Appended, so the lines a test's error messages name stay where they were.
+        if !text.contains("state_dir:") {
+            text = format!("{}\nstate_dir: {}/state\n", text.trim_end(), root.display());
+        }
         fs::write(&config_path, text).expect("write config");
         command
             .arg("--config")
@@ -306,7 +312,11 @@ impl Appliance {
     /// Replaces `exports.yaml` the way editors and config managers do: writes a new file
     /// next to it and renames it over the old one (`@DIR@` is replaced as at start).
     pub fn rewrite_config(&self, config: &str) {
-        let text = config.replace("@DIR@", &self.dir.path().display().to_string());
+        let root = self.dir.path().display().to_string();
+        let mut text = config.replace("@DIR@", &root);
+        if !text.contains("state_dir:") {
+            text = format!("{}\nstate_dir: {root}/state\n", text.trim_end());
+        }
         let tmp = self.path(".exports.yaml.new");
         fs::write(&tmp, text).expect("write new config");
         fs::rename(&tmp, self.path("exports.yaml")).expect("rename new config");

@@ -124,12 +124,52 @@ pub fn json(rows: &[Row], machine: Value) -> Value {
     json!({ "machine": machine, "rows": rows })
 }
 
-/// A horizontal bar chart: for each backing and workload, every non-peer row's speed
-/// relative to the peer's (peer = 1; latency rows inverted so that longer bars are faster).
+/// The rows of a JSON document written by [`json`] (to draw its table and chart again).
+/// Rows of unknown backings or workloads are skipped.
+pub fn rows_from_json(doc: &Value) -> Vec<Row> {
+    let workloads = super::suite(usize::MAX);
+    let backings = super::servers::Backing::ALL;
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    doc["rows"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| {
+            let backing = backings.iter().find(|b| r["backing"] == b.name())?.name();
+            let workload = *workloads.iter().find(|w| r["workload"] == w.name)?;
+            let m = &r["result"];
+            let lat = &m["lat_us"];
+            Some(Row {
+                backing,
+                workload,
+                server: r["server"].as_str()?.to_string(),
+                measured: Measured {
+                    ios: m["ios"].as_u64().unwrap_or(0),
+                    seconds: f(&m["seconds"]),
+                    lat_us: [
+                        f(&lat["mean"]),
+                        f(&lat["p50"]),
+                        f(&lat["p99"]),
+                        f(&lat["p99_9"]),
+                    ],
+                    block: workload.block,
+                    cpu_s_per_mio: m["cpu_s_per_million_ios"].as_f64(),
+                },
+            })
+        })
+        .collect()
+}
+
+/// A horizontal bar chart: for each backing and workload, the speed of this daemon with
+/// its defaults (`ours`, and `ours-vvu-*`) and of the limit (`fio`) relative to the peer's
+/// (peer = 1; latency rows inverted so that longer bars are faster). The poll rows are in
+/// the table and the JSON.
 pub fn svg(rows: &[Row]) -> String {
+    let charted = |s: &str| s == "ours" || s == "fio" || s.starts_with("ours-vvu");
     let bars: Vec<(String, &str, f64)> = rows
         .iter()
-        .filter(|r| !is_peer(&r.server))
+        .filter(|r| charted(&r.server))
         .filter_map(|r| {
             let x = ratio(rows, r, is_peer)?;
             let speed = if r.workload.latency { 1.0 / x } else { x };
@@ -151,7 +191,9 @@ pub fn svg(rows: &[Row]) -> String {
         |s: &str| colours[servers.iter().position(|x| *x == s).unwrap_or(0) % colours.len()];
     let max = bars.iter().map(|b| b.2).fold(1.0f64, f64::max).ceil();
     let (left, width, bar_h) = (330.0, 560.0, 12.0);
-    let height = 60.0 + bars.len() as f64 * (bar_h + 2.0) + servers.len() as f64 * 16.0;
+    // Bars from y = 34, then the axis labels, then one legend line per server.
+    let bars_end = 34.0 + bars.len() as f64 * (bar_h + 2.0);
+    let height = bars_end + 30.0 + servers.len() as f64 * 16.0;
     let x = |v: f64| left + v / max * width;
     let mut s = String::new();
     let _ = writeln!(
@@ -169,8 +211,8 @@ pub fn svg(rows: &[Row]) -> String {
             s,
             r##"<line x1="{0}" y1="30" x2="{0}" y2="{1}" stroke="#ccc"/><text x="{0}" y="{2}" text-anchor="middle">{tick}</text>"##,
             x(tick),
-            height - 16.0 * servers.len() as f64 - 10.0,
-            height - 16.0 * servers.len() as f64,
+            bars_end,
+            bars_end + 12.0,
         );
         tick += if max > 6.0 { 1.0 } else { 0.5 };
     }
@@ -200,7 +242,7 @@ pub fn svg(rows: &[Row]) -> String {
         x(1.0)
     );
     for (i, server) in servers.iter().enumerate() {
-        let ly = height - 16.0 * (servers.len() - i) as f64 + 20.0;
+        let ly = bars_end + 32.0 + 16.0 * i as f64;
         let _ = writeln!(
             s,
             r#"<rect x="{left}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{}">{server}</text>"#,

@@ -63,6 +63,10 @@ struct Args {
     /// Directory on a disk file system (O_DIRECT) for the raw-direct backing.
     #[arg(long, default_value = "/var/tmp/vhost-appliance-bench")]
     disk: PathBuf,
+    /// Measure nothing: draw the table and chart of an earlier run's bench.json again
+    /// (into --out).
+    #[arg(long)]
+    from_json: Option<PathBuf>,
     /// Run the appliance-VM rows even where guests run under TCG (their figures then say
     /// nothing about performance).
     #[arg(long)]
@@ -109,6 +113,13 @@ fn measure(
 fn main() {
     let args = Args::parse();
     bench::set_file_size(args.size_mib.max(8) << 20);
+    if let Some(path) = &args.from_json {
+        let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        std::fs::create_dir_all(&args.out).unwrap();
+        let rows = report::rows_from_json(&doc);
+        println!("{}", write_outputs(&args.out, &rows, &doc["machine"]));
+        return;
+    }
     let backings: Vec<Backing> = Backing::ALL
         .into_iter()
         .filter(|b| args.backing.is_empty() || args.backing.iter().any(|n| n == b.name()))
