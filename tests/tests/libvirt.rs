@@ -3,6 +3,8 @@
 //! `<disk type='vhostuser'>` served by the daemon (guest RAM shared, memfd) boots the
 //! project's consumer image and runs the mkfs/fsck/fio-verify checks on it; `virsh
 //! attach-device` hotplugs a second vhostuser disk, which the guest then verifies with fio.
+//! A vhost-user-scsi export, which libvirt has no element for, is attached through libvirt's
+//! QEMU command-line passthrough as the README shows, and verified with fio too.
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -38,12 +40,20 @@ exports:
     create: { size: 64M }
     num_queues: 1
     serial: libvirt-disk2
+  - name: db
+    type: scsi
+    socket: /run/vhost-appliance/db.sock
+    num_queues: 1
+    luns:
+      - path: /var/lib/vhost-appliance/db.raw
+        create: { size: 64M }
 "#;
 
 /// The consumer: direct kernel boot of the consumer image, serial port on a unix socket (the
 /// test's command channel), guest RAM from a shared memfd as vhost-user needs, free PCIe
-/// root ports for hotplug, and disk1 as a vhostuser disk.
-const DOMAIN: &str = r#"<domain type='qemu'>
+/// root ports for hotplug, disk1 as a vhostuser disk and the scsi export through QEMU
+/// command-line passthrough.
+const DOMAIN: &str = r#"<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>consumer</name>
   <memory unit='MiB'>512</memory>
   <vcpu>2</vcpu>
@@ -83,6 +93,12 @@ const DOMAIN: &str = r#"<domain type='qemu'>
     </serial>
     <memballoon model='none'/>
   </devices>
+  <qemu:commandline>
+    <qemu:arg value='-chardev'/>
+    <qemu:arg value='socket,id=db,path=/run/vhost-appliance/db.sock'/>
+    <qemu:arg value='-device'/>
+    <qemu:arg value='vhost-user-scsi-pci,id=db,chardev=db,num_queues=1,bus=pcie.0,addr=0x10'/>
+  </qemu:commandline>
 </domain>
 "#;
 
@@ -115,7 +131,8 @@ fn libvirt_domain_with_vhostuser_disks_served_by_the_packaged_daemon() {
     write_file(&container, "/etc/vhost-appliance/exports.yaml", EXPORTS);
     container.sh_ok(&format!("systemctl reload {UNIT}"));
     container.wait_until(
-        "test -S /run/vhost-appliance/disk1.sock && test -S /run/vhost-appliance/disk2.sock",
+        "test -S /run/vhost-appliance/disk1.sock && test -S /run/vhost-appliance/disk2.sock \
+         && test -S /run/vhost-appliance/db.sock",
         "the exports' sockets",
         UNIT,
         TIMEOUT,
@@ -212,8 +229,25 @@ fn libvirt_domain_with_vhostuser_disks_served_by_the_packaged_daemon() {
     let xml = container.sh_ok("virsh -c qemu:///system dumpxml consumer");
     assert_eq!(xml.matches("<disk type='vhostuser'").count(), 2, "{xml}");
 
-    // Both frontends are the daemon's (two connections logged), and it stops cleanly once
-    // the domain is gone.
+    // The scsi export's LUN, through the passthrough.
+    let out = console.run_ok(
+        "set -e; i=0; while [ ! -e /sys/block/sda ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done; \
+         grep -q VHOSTAPP /sys/block/sda/device/vendor; \
+         fio --name=verify --filename=/dev/sda --ioengine=io_uring --iodepth=8 --direct=1 \
+         --rw=randwrite --bs=4k --size=8M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+         --randrepeat=0 --output-format=terse --minimal && echo SCSI-VERIFIED",
+        GUEST_TIMEOUT,
+    );
+    assert!(out.contains("SCSI-VERIFIED"), "{out}");
+
+    // The three frontends were the daemon's, and it stops cleanly once the domain is gone.
+    let journal = container.journal(UNIT);
+    for export in ["disk1", "disk2", "db"] {
+        assert!(
+            journal.contains(&format!("frontend connected export=\"{export}\"")),
+            "no frontend on {export}:\n{journal}"
+        );
+    }
     container.sh_ok("virsh -c qemu:///system destroy consumer");
     container.sh_ok(&format!("systemctl stop {UNIT}"));
     let props = container.sh_ok(&format!("systemctl show {UNIT} -p Result,ExecMainStatus"));
