@@ -23,6 +23,42 @@ fn show(container: &Container, properties: &str) -> String {
     container.sh_ok(&format!("systemctl show {UNIT} -p {properties}"))
 }
 
+/// When the daemon logged `message` (its own UTC timestamp, the line's first word), in µs
+/// since the epoch.
+fn daemon_timestamp_us(container: &Container, message: &str) -> i64 {
+    let journal = container.journal(UNIT);
+    let line = journal
+        .lines()
+        .find(|l| l.contains(message))
+        .unwrap_or_else(|| panic!("no {message:?} in:\n{journal}"));
+    let stamp = line.split_whitespace().next().unwrap();
+    container
+        .sh_ok(&format!("date -u -d '{stamp}' +%s%6N"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// When systemd logged `message` about the unit (the entry's source time), in µs since the
+/// epoch.
+fn systemd_timestamp_us(container: &Container, message: &str) -> i64 {
+    let json = container.sh_ok(&format!("journalctl -b -u {UNIT} -o json --no-pager"));
+    json.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|entry| {
+            entry["MESSAGE"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .and_then(|entry| {
+            entry["_SOURCE_REALTIME_TIMESTAMP"]
+                .as_str()
+                .or(entry["__REALTIME_TIMESTAMP"].as_str())
+                .and_then(|t| t.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no {message:?} from systemd in:\n{json}"))
+}
+
 #[test]
 #[ignore = "full tier (tests/run.sh): builds the .deb (release) and boots bookworm under systemd-nspawn"]
 fn deb_installs_and_the_unit_serves_reloads_and_drains() {
@@ -98,15 +134,26 @@ fn deb_installs_and_the_unit_serves_reloads_and_drains() {
         .find_map(|l| l.strip_prefix("MainPID="))
         .unwrap()
         .to_string();
-    let journal = container.journal(UNIT);
-    let serving = journal
-        .find("serving 1 of 1 exports from /etc/vhost-appliance/exports.yaml")
-        .unwrap_or_else(|| panic!("no serving line:\n{journal}"));
-    let started = journal
-        .find("Started vhost-appliance.service")
-        .or_else(|| journal.find("Started vhost-user storage appliance"))
-        .unwrap_or_else(|| panic!("systemd did not log the start:\n{journal}"));
-    assert!(serving < started, "started before serving:\n{journal}");
+    // Systemd logged the start after the daemon said it was serving. Journald stamps a
+    // service's stderr lines when it reads them (possibly after systemd's own message), so
+    // the daemon's line is placed by its own timestamp.
+    let serving = "serving 1 of 1 exports from /etc/vhost-appliance/exports.yaml";
+    container.wait_until(
+        &format!("journalctl -b -u {UNIT} -o cat | grep -q '{serving}'"),
+        "the daemon's serving line in the journal",
+        UNIT,
+        TIMEOUT,
+    );
+    let (serving_us, started_us) = (
+        daemon_timestamp_us(&container, serving),
+        systemd_timestamp_us(&container, "Started vhost-appliance.service"),
+    );
+    assert!(
+        serving_us <= started_us,
+        "systemd started the unit {} µs before the daemon was serving:\n{}",
+        serving_us - started_us,
+        container.journal(UNIT)
+    );
 
     // The example config's export, made by the daemon under the sandbox (state and runtime
     // directories), answers a real frontend: 32 writes of 64 KiB made available at once.
