@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 bash tests/scripts/install-deps.sh
 echo "== consumer VM image (cached by content hash)"
 bash image-builder/build-image.sh consumer
+echo "== bookworm root file systems for the packaging tests (cached by content hash; ~5 min when built)"
+bash image-builder/build-rootfs.sh base
+bash image-builder/build-rootfs.sh libvirt
 echo "== QEMU with the virtio-vhost-user device (cached by content hash; ~4-5 min when built)"
 bash qemu-device/build.sh
 
@@ -15,7 +18,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== shellcheck (warnings and errors)"
-shellcheck --severity=warning .ci/run tests/run.sh tests/scripts/*.sh qemu-device/build.sh image-builder/*.sh \
+shellcheck --severity=warning .ci/run tests/run.sh tests/scripts/*.sh qemu-device/build.sh image-builder/*.sh packaging/*.sh \
     appliance/grafana/capture.sh
 shellcheck --severity=warning --shell=sh image-builder/appliance/init image-builder/consumer/init
 echo "== layering: targets must not depend on vhost"

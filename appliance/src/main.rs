@@ -12,7 +12,8 @@
 //! (live `exports.yaml`), [`watch`] (inotify and signals), [`vvu`] (appliance-VM mode:
 //! exports served through a virtio-vhost-user device), [`metrics`] (its `collector`
 //! submodule encodes every family at scrape time) and [`http`] (Prometheus `/metrics` and
-//! `/healthz` on `metrics.listen`), [`process`] (the daemon's own resource use). The
+//! `/healthz` on `metrics.listen`), [`process`] (the daemon's own resource use),
+//! [`manpage`] (the man pages of the Debian package, from this command line). The
 //! process never daemonizes; it exits cleanly on SIGTERM/SIGINT after completing in-flight
 //! I/O, and tells systemd it is ready when `NOTIFY_SOCKET` is set.
 
@@ -22,6 +23,7 @@ mod export;
 mod faults;
 mod http;
 mod inflight;
+mod manpage;
 mod metrics;
 mod poll;
 mod process;
@@ -97,6 +99,13 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Write the man pages (section 8, from this command line) into DIR; used to package
+    /// the daemon (packaging/build-deb.sh).
+    #[command(hide = true)]
+    GenerateMan {
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
 }
 
 /// QEMU's backend-program capability description for a block device backend.
@@ -116,6 +125,15 @@ fn main() -> ExitCode {
     }
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return check_config(file);
+    }
+    if let Some(Command::GenerateMan { dir }) = &cli.command {
+        return match manpage::generate(<Cli as clap::CommandFactory>::command(), dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vhost-appliance: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -13,7 +13,11 @@
 #     qemu-storage-daemon (librbd1/librados2 come with them),
 #   - fio (the benchmark's limit rows) and vhost-device-scsi 0.1.0 (rust-vmm; the
 #     benchmark's SCSI peer), built once with `cargo install` into
-#     /var/cache/vhost-appliance/vhost-device-scsi-0.1.0 (~3 min on 2 cores).
+#     /var/cache/vhost-appliance/vhost-device-scsi-0.1.0 (~3 min on 2 cores),
+#   - the packaging tests' tools: systemd-container (systemd-nspawn) and debootstrap for the
+#     bookworm containers (image-builder/build-rootfs.sh), and cargo-deb, built once with
+#     `cargo install` into /var/cache/vhost-appliance/cargo-deb-VERSION by
+#     packaging/build-deb.sh --install-tool (~3 min on 2 cores).
 # The consumer image's own packages are installed by image-builder/build-image.sh.
 # Runs as root, or through sudo when available. Does nothing when all is present.
 set -euo pipefail
@@ -66,6 +70,8 @@ ensure_promtool() {
 }
 ensure_promtool
 ensure_debs shellcheck fio
+APT_NO_RECOMMENDS=1 ensure_debs systemd-container debootstrap
+bash "$(dirname "$0")/../../packaging/build-deb.sh" --install-tool
 APT_NO_RECOMMENDS=1 ensure_debs ceph-mon ceph-osd
 
 # vhost-device-scsi: not packaged by Debian; crates.io has it.

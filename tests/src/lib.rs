@@ -9,9 +9,11 @@
 //! - [`blk_suite`]: the libblkio suite for a blk export, wherever its backing file is.
 //! - [`blkio_frontend`]: libblkio as a frontend, and randomized workloads to replay.
 //! - [`ceph`]: a throwaway one-node Ceph cluster and RBD images for the RBD tests.
+//! - [`console`]: the guest images' serial command channel, whoever runs QEMU.
 //! - [`daemon`]: runs the real `vhost-appliance` binary (or `qemu-storage-daemon`) on a
 //!   scratch directory and always stops it.
 //! - [`frontend`]: a raw vhost-user frontend that can send any descriptor chain.
+//! - [`nspawn`]: Debian bookworm containers booted under systemd-nspawn, for the package.
 //! - [`prom`]: the daemon's metrics endpoint: scrapes, their samples, and promtool.
 //! - [`rng`]: a small seeded generator for reproducible randomized workloads.
 //! - [`scsi_frontend`]: SCSI commands over the raw frontend's virtio-scsi request queue.
@@ -23,8 +25,10 @@ pub mod blk_raw;
 pub mod blk_suite;
 pub mod blkio_frontend;
 pub mod ceph;
+pub mod console;
 pub mod daemon;
 pub mod frontend;
+pub mod nspawn;
 pub mod prom;
 pub mod rng;
 pub mod scsi_frontend;

@@ -1,11 +1,11 @@
 //! Consumer VMs for tests: stock `qemu-system-x86_64` booting the image from
 //! `image-builder/build-image.sh`, with guest RAM shared (memfd) as vhost-user requires,
-//! the serial console as a command channel, and a QMP socket for hotplug.
+//! the serial console as a command channel ([`crate::console`]), and a QMP socket for hotplug.
 //!
 //! KVM is used only where it can run a stock guest kernel (vmx/svm present, no `kvm_pvm`),
 //! and only if the guest then actually boots; otherwise TCG. The choice is printed.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::console::Console;
+pub use crate::console::GuestOutput;
 use crate::daemon::{scratch_dir, Process};
 
 /// Kernel and initramfs of a test VM.
@@ -171,15 +173,6 @@ impl Default for VmOptions {
     }
 }
 
-/// Output of one guest command.
-#[derive(Debug, Clone)]
-pub struct GuestOutput {
-    /// Exit status in the guest.
-    pub status: i32,
-    /// Combined stdout and stderr (with any kernel messages printed meanwhile).
-    pub output: String,
-}
-
 /// Filesystem round trip and a verifying fio run on `/dev/$DEV`, as a user would.
 pub fn filesystem_and_fio_script(dev: &str) -> String {
     format!(
@@ -206,16 +199,13 @@ echo GUEST-CHECKS-PASSED
 /// A running consumer VM; QEMU is killed when it is dropped.
 pub struct Vm {
     process: Process,
-    serial: BufReader<UnixStream>,
+    // Boxed: a Vm sits in enums next to much smaller variants (session_matrix.rs).
+    console: Box<Console>,
     qmp: Qmp,
-    transcript: String,
     /// Accelerator in use.
     pub accel: Accel,
     _dir: tempfile::TempDir,
 }
-
-const READY: &str = "@@READY@@";
-const DONE: &str = "@@DONE@@ ";
 
 impl Vm {
     /// Boots a VM and waits for its command prompt.
@@ -320,14 +310,14 @@ impl Vm {
         let mut process = Process::spawn(cmd, &dir.path().join("qemu.log"), "qemu-system-x86_64");
         process.wait_for_path(&serial_path, Duration::from_secs(120));
         process.wait_for_path(&qmp_path, Duration::from_secs(20));
-        let serial = UnixStream::connect(&serial_path)
-            .map_err(|e| format!("serial: {e}\n{}", process.log()))?;
+        let console = Console::connect(&serial_path, &dir.path().join("qemu.log"))
+            .map(Box::new)
+            .map_err(|e| format!("{e}\n{}", process.log()))?;
         let qmp = Qmp::connect(&qmp_path);
         let mut vm = Vm {
             process,
-            serial: BufReader::new(serial),
+            console,
             qmp,
-            transcript: String::new(),
             accel,
             _dir: dir,
         };
@@ -336,161 +326,45 @@ impl Vm {
             Accel::Tcg => Duration::from_secs(120),
         };
         let started = Instant::now();
-        match vm.read_until(|line| line.contains(READY), boot_timeout) {
-            Some(_) => {
-                eprintln!(
-                    "vm: guest ready after {:.1}s ({accel:?})",
-                    started.elapsed().as_secs_f64()
-                );
-                Ok(vm)
-            }
-            None => Err(format!("{}\n{}", vm.transcript, vm.process.log())),
-        }
-    }
-
-    /// Reads serial lines until `done` matches one; returns it, or `None` on timeout/EOF.
-    fn read_until(
-        &mut self,
-        mut done: impl FnMut(&str) -> bool,
-        timeout: Duration,
-    ) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        let mut line = String::new();
-        loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            self.serial
-                .get_ref()
-                .set_read_timeout(Some(left.max(Duration::from_millis(10))))
-                .ok()?;
-            let mut byte = [0u8; 1];
-            match self.serial.read(&mut byte) {
-                Ok(0) => return None,
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return None
-                }
-                Err(_) => return None,
-            }
-            let c = byte[0] as char;
-            self.transcript.push(c);
-            if c == '\n' {
-                let complete = line.trim_end_matches('\r').to_string();
-                line.clear();
-                if done(&complete) {
-                    return Some(complete);
-                }
-            } else {
-                line.push(c);
-            }
+        if vm.console.wait_ready(boot_timeout) {
+            eprintln!(
+                "vm: guest ready after {:.1}s ({accel:?})",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(vm)
+        } else {
+            Err(format!("{}\n{}", vm.console.transcript(), vm.process.log()))
         }
     }
 
     /// Runs a shell script in the guest and returns its status and output.
     pub fn run(&mut self, script: &str, timeout: Duration) -> GuestOutput {
-        use base64_lite::encode;
-        // One line per command on the serial line: ship the script base64-encoded in chunks
-        // short enough for the tty's line buffer.
-        let encoded = encode(script.as_bytes());
-        self.send_line("rm -f /tmp/cmd.b64");
-        for chunk in encoded.as_bytes().chunks(512) {
-            let chunk = std::str::from_utf8(chunk).expect("base64 is ascii");
-            self.send_line(&format!("echo {chunk} >> /tmp/cmd.b64"));
-        }
-        let start = self.transcript.len();
-        self.write_line("base64 -d /tmp/cmd.b64 > /tmp/cmd.sh && sh /tmp/cmd.sh");
-        let marker = self.read_until(|l| l.starts_with(DONE), timeout);
-        let output = self.transcript[start..].to_string();
-        match marker {
-            Some(line) => GuestOutput {
-                status: line[DONE.len()..].trim().parse().unwrap_or(-1),
-                output: output.lines().filter(|l| !l.starts_with(DONE)).collect::<Vec<_>>().join("\n"),
-            },
-            None => panic!(
-                "guest command timed out after {timeout:?}:\n{script}\n--- output ---\n{output}\n--- qemu ---\n{}",
-                self.process.log()
-            ),
-        }
+        self.console.run(script, timeout)
     }
 
     /// Runs `script` and fails the test with its output unless it exits 0.
     pub fn run_ok(&mut self, script: &str, timeout: Duration) -> String {
-        let out = self.run(script, timeout);
-        assert_eq!(
-            out.status, 0,
-            "guest script failed:\n{script}\n--- output ---\n{}",
-            out.output
-        );
-        out.output
-    }
-
-    fn write_line(&mut self, line: &str) {
-        let stream = self.serial.get_mut();
-        stream.write_all(line.as_bytes()).expect("serial write");
-        stream.write_all(b"\n").expect("serial write");
-    }
-
-    /// Sends one command line and waits for its completion marker (helper commands).
-    fn send_line(&mut self, line: &str) {
-        self.write_line(line);
-        let ok = self.read_until(|l| l.starts_with(DONE), Duration::from_secs(30));
-        assert!(
-            ok.is_some(),
-            "guest stopped answering on the serial console"
-        );
+        self.console.run_ok(script, timeout)
     }
 
     /// Waits until a virtio-blk disk with `serial` appears; returns its device name (`vdb`).
     pub fn wait_for_blk(&mut self, serial: &str, timeout: Duration) -> String {
-        let script = format!(
-            "i=0; while [ $i -lt {} ]; do for d in /sys/block/vd*; do \
-             if [ \"$(cat $d/serial 2>/dev/null)\" = \"{serial}\" ]; then basename $d; exit 0; fi; done; \
-             sleep 0.2; i=$((i+1)); done; exit 1",
-            timeout.as_millis() / 200
-        );
-        let out = self.run(&script, timeout + Duration::from_secs(30));
-        assert_eq!(
-            out.status, 0,
-            "disk with serial {serial} did not appear:\n{}",
-            out.output
-        );
-        out.output
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .trim()
-            .to_string()
+        self.console.wait_for_blk(serial, timeout)
     }
 
     /// Waits until no virtio-blk disk has `serial`.
     pub fn wait_for_blk_gone(&mut self, serial: &str, timeout: Duration) {
-        let script = format!(
-            "i=0; while [ $i -lt {} ]; do found=0; for d in /sys/block/vd*; do \
-             [ \"$(cat $d/serial 2>/dev/null)\" = \"{serial}\" ] && found=1; done; \
-             [ $found = 0 ] && exit 0; sleep 0.2; i=$((i+1)); done; exit 1",
-            timeout.as_millis() / 200
-        );
-        let out = self.run(&script, timeout + Duration::from_secs(30));
-        assert_eq!(
-            out.status, 0,
-            "disk with serial {serial} did not go away:\n{}",
-            out.output
-        );
+        self.console.wait_for_blk_gone(serial, timeout)
     }
 
     /// Reboots the guest in place (`reboot -f`: the devices are reset while their
     /// backends stay connected) and waits for its command prompt again. Needs
     /// [`VmOptions::allow_reboot`].
     pub fn reboot(&mut self, timeout: Duration) {
-        self.write_line("reboot -f");
+        self.console.write_line("reboot -f");
         let started = Instant::now();
-        let ready = self.read_until(|line| line.contains(READY), timeout);
         assert!(
-            ready.is_some(),
+            self.console.wait_ready(timeout),
             "the guest did not come back from a reboot within {timeout:?}:\n{}",
             self.process.log()
         );
@@ -503,7 +377,7 @@ impl Vm {
     /// Powers the guest off (`poweroff -f`: ACPI power-off, QEMU stops its vhost-user
     /// devices and exits) and waits for QEMU to exit with status 0.
     pub fn power_off(&mut self, timeout: Duration) {
-        self.write_line("sync; poweroff -f");
+        self.console.write_line("sync; poweroff -f");
         let status = self.process.wait_exit(timeout);
         assert!(
             status.success(),
@@ -539,15 +413,7 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let tail: String = self
-                .transcript
-                .chars()
-                .rev()
-                .take(4000)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
+            let tail = self.console.transcript_tail(4000);
             eprintln!(
                 "---- guest serial (tail) ----\n{tail}\n---- qemu ----\n{}",
                 self.process.log()
@@ -685,42 +551,5 @@ impl Qmp {
     /// `chardev-remove`.
     pub fn chardev_remove(&mut self, id: &str) -> Result<Value, String> {
         self.execute("chardev-remove", json!({ "id": id }))
-    }
-}
-
-/// Minimal standard base64 encoding (the guest decodes with busybox `base64 -d`).
-mod base64_lite {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub fn encode(data: &[u8]) -> String {
-        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-        for chunk in data.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn known_vectors() {
-            assert_eq!(super::encode(b""), "");
-            assert_eq!(super::encode(b"f"), "Zg==");
-            assert_eq!(super::encode(b"fo"), "Zm8=");
-            assert_eq!(super::encode(b"foo"), "Zm9v");
-            assert_eq!(super::encode(b"foobar"), "Zm9vYmFy");
-        }
     }
 }
