@@ -204,9 +204,7 @@ impl VirtioBackend {
                 .map(|(queue, stats)| {
                     // Only queues with disk I/O poll (not virtio-scsi's control and event
                     // queues).
-                    let poller = poll
-                        .filter(|_| queue.completion_fd().is_some())
-                        .map(Poller::new);
+                    let poller = poll.filter(|_| queue.polls()).map(Poller::new);
                     Mutex::new(Worker {
                         queue,
                         vring: None,
@@ -436,7 +434,8 @@ impl VirtioBackend {
             return Ok(());
         };
         let worker = &mut *worker;
-        if worker.poller.is_some() {
+        // A ring waiting to re-run its inflight requests pops nothing before they are.
+        if worker.poller.is_some() && !worker.recover_inflight {
             let vring = worker.vring.clone();
             return self.serve_polling(worker, vring.as_ref());
         }
@@ -472,6 +471,10 @@ impl VirtioBackend {
         let serving = |vring: &Vring| {
             vring.get_ref().get_queue().ready() && !self.quiesced.load(Ordering::SeqCst)
         };
+        // Work that keeps coming keeps the worker polling; it lets go of its lock (the
+        // control path waits on it) at least this often, and picks up where it was.
+        let began = Instant::now();
+        let mut yielding = false;
         loop {
             // A ring that is not set up (or an export stopping) is not written to.
             if let Some(vring) = vring.filter(|v| serving(v)) {
@@ -517,6 +520,10 @@ impl VirtioBackend {
                 if let Some(stats) = &worker.stats {
                     bump(&stats.polled, 1);
                 }
+                if began.elapsed() >= YIELD_AFTER {
+                    yielding = true;
+                    break;
+                }
             }
             // About to sleep: signals back on, then one more look for what came meanwhile.
             worker.queue.set_completion_notify(true);
@@ -526,6 +533,16 @@ impl VirtioBackend {
                 }
                 _ => false,
             };
+            if yielding {
+                // Back through epoll (the queue's own completion eventfd) to the work
+                // that is waiting.
+                if let Some(fd) = worker.queue.completion_fd() {
+                    // SAFETY: `fd` is the queue's live completion eventfd; writing an 8-byte
+                    // counter to an eventfd has no other effect.
+                    unsafe { libc::eventfd_write(fd, 1) };
+                }
+                return Ok(());
+            }
             if !more && !worker.queue.poll_ready() {
                 return Ok(());
             }
@@ -533,13 +550,21 @@ impl VirtioBackend {
     }
 }
 
-/// Whether the driver made chains available that the device has not popped yet.
+/// How long a busy-polling worker serves before it lets go of its lock once.
+const YIELD_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Whether the driver made chains available that the device has not popped yet. An avail
+/// index more than a ring ahead is a broken driver's, not work: popping refuses it
+/// (`InvalidAvailRingIndex`), so counting it would keep a polling worker busy for ever.
 fn avail_pending(vring: &Vring, mem: &Memory) -> bool {
     let state = vring.get_ref();
     let queue = state.get_queue();
     queue
         .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .is_ok_and(|idx| idx.0 != queue.next_avail())
+        .is_ok_and(|idx| {
+            let pending = idx.0.wrapping_sub(queue.next_avail());
+            pending != 0 && pending <= queue.size()
+        })
 }
 
 /// The guest memory table a worker uses, re-read when the frontend changed it.

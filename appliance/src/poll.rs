@@ -60,7 +60,7 @@ impl Poller {
         self.since = Some(now);
     }
 
-    /// Polling found work at `now`.
+    /// Polling found work (the window caught it: nothing to adapt).
     pub fn found(&mut self) {
         self.since = None;
     }

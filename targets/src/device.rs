@@ -117,6 +117,11 @@ pub trait QueueHandler: Send {
     fn completion_fd(&self) -> Option<RawFd> {
         None
     }
+    /// Whether this queue busy-polls when its export has `poll:`: queues of requests with
+    /// disk I/O do; virtio-scsi's control and event queues do not.
+    fn polls(&self) -> bool {
+        false
+    }
     /// Whether disk completions wait to be reaped (a busy-polling worker asks this instead
     /// of sleeping on [`QueueHandler::completion_fd`]).
     fn poll_ready(&mut self) -> bool {

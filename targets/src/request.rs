@@ -171,6 +171,10 @@ impl<D: IoDevice> QueueHandler for DeviceQueue<D> {
         self.io.completion_fd()
     }
 
+    fn polls(&self) -> bool {
+        true
+    }
+
     fn poll_ready(&mut self) -> bool {
         self.io.rings.iter_mut().any(|(_, ring)| ring.ready())
     }
@@ -179,7 +183,6 @@ impl<D: IoDevice> QueueHandler for DeviceQueue<D> {
         for (_, ring) in &mut self.io.rings {
             ring.set_notify(enabled);
         }
-        self.io.notify = enabled;
         if enabled {
             // As each ring does with an eventfd of its own (`DiskQueue::set_notify`).
             if let Some(notifier) = &self.io.notifier {
@@ -227,8 +230,6 @@ pub struct IoQueue<P: Pending> {
     /// Answered, not yet published by the transport.
     receipts: Vec<P::Receipt>,
     scratch: Vec<DiskCompletion>,
-    /// The rings signal `notifier` (off while the worker busy-polls).
-    notify: bool,
 }
 
 impl<P: Pending> IoQueue<P> {
@@ -240,7 +241,6 @@ impl<P: Pending> IoQueue<P> {
             notifier: None,
             receipts: Vec::new(),
             scratch: Vec::new(),
-            notify: true,
         }
     }
 
@@ -252,7 +252,6 @@ impl<P: Pending> IoQueue<P> {
             notifier: Some(notifier),
             receipts: Vec::new(),
             scratch: Vec::new(),
-            notify: true,
         }
     }
 
@@ -372,9 +371,10 @@ impl<P: Pending> IoQueue<P> {
 
     /// Answers the requests whose operations all completed, into `done`.
     pub(crate) fn reap(&mut self, done: &mut Vec<Completed>) {
-        // One reset of a shared notifier, then every ring: no completion is missed. While
-        // the worker polls nothing signals it (reset when signalling restarts).
-        if let Some(notifier) = self.notifier.as_ref().filter(|_| self.notify) {
+        // One reset of a shared notifier, then every ring: no completion is missed. Reset
+        // while the worker polls too: an engine that keeps signalling (qcow2) would
+        // otherwise leave it readable, and `DiskQueue::ready` says "ready" for ever.
+        if let Some(notifier) = &self.notifier {
             let _ = notifier.read();
         }
         let mut completions = std::mem::take(&mut self.scratch);

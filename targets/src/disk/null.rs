@@ -176,6 +176,9 @@ impl DiskQueue for NullQueue {
     }
 
     fn drain(&mut self, out: &mut Vec<DiskCompletion>) -> io::Result<()> {
+        if self.owns_eventfd {
+            let _ = self.eventfd.read();
+        }
         self.ready.append(&mut self.queued);
         out.append(&mut self.ready);
         Ok(())

@@ -658,6 +658,9 @@ impl DiskQueue for RawQueue {
         let cq = self.ring.completion();
         if enabled {
             cq.enable_eventfd();
+            // The caller's next look at the ring's tail must not be ordered before this
+            // store (a completion posted in between would signal nobody and be unseen).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             // A signal from before polling began would wake the worker for nothing (and
             // reap skipped the reset while polling); completions since are in the ring,
             // which the caller checks next.
