@@ -282,7 +282,7 @@ fn counters_equal_the_io_performed_and_promtool_accepts_them() {
 
     // Queues: vol0's queue 0 answered 13 requests (one refused), queue 1 three; db's
     // request queue (2) all ten SCSI commands. Each was kicked and notified: at most once
-    // per request, plus one kick per connection (a frontend may kick when it starts a ring).
+    // per request, plus up to two kicks per connection (below).
     let queue =
         |name: &str, export: &str, q: &str| s.value(name, &[("export", export), ("queue", q)]);
     assert_eq!(
@@ -308,8 +308,11 @@ fn counters_equal_the_io_performed_and_promtool_accepts_them() {
     ] {
         let kicks = queue("vhost_appliance_queue_kicks_total", export, q);
         let calls = queue("vhost_appliance_queue_notifications_total", export, q);
+        // Per connection up to two kicks besides the requests': the frontend's when it
+        // starts the ring, and the daemon's own when the kick fd is installed (it signals
+        // a new kick fd once, `appliance/src/vring.rs`); the two may coalesce.
         assert!(
-            kicks >= 1.0 && kicks <= requests + connections,
+            kicks >= 1.0 && kicks <= requests + 2.0 * connections,
             "{export}/{q}: {kicks} kicks"
         );
         assert!(

@@ -6,12 +6,18 @@
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use appliance_tests::bench::cpu_time;
 use appliance_tests::blk_suite::{self, HostFile};
 use appliance_tests::blkio_frontend::Frontend;
 use appliance_tests::daemon::Appliance;
+use appliance_tests::frontend::DATA_START;
 use appliance_tests::prom;
 use appliance_tests::rng::Rng;
 use appliance_tests::scsi_frontend::ScsiFrontend;
+use vvu_transport::split_ring::Buffer;
+
+/// Where the test's event-queue buffer is in the frontend's memory.
+const EVENT_BUFFER: u64 = DATA_START + 0x80_0000;
 
 fn config(adaptive: bool) -> String {
     format!(
@@ -65,6 +71,19 @@ fn polls_and_serves(adaptive: bool) {
         assert_eq!(s.good(0, &read, &[], 65536), data, "LBA {}", i * 256);
     }
 
+    // A LUN added by a reload reaches the driver as an event on the event queue (which
+    // does not poll, and must still deliver).
+    s.fe.submit_on(1, &[Buffer::writable(EVENT_BUFFER, 16)]);
+    let with_lun_1 = config(adaptive).replace(
+        "        create: { size: 16M }\n",
+        "        create: { size: 16M }\n      - path: @DIR@/db1.raw\n        create: { size: 16M }\n",
+    );
+    appliance.rewrite_config(&with_lun_1);
+    let (_, len) = s.fe.wait_used_on(1, std::time::Duration::from_secs(20));
+    assert_eq!(len, 16, "a virtio_scsi_event");
+    let event = s.fe.read_mem(EVENT_BUFFER, 4);
+    assert_ne!(event, [0, 0, 0, 0], "an event type");
+
     let scrape = prom::scrape(addr);
     let polled = |export: &str| {
         scrape.sum(
@@ -87,6 +106,18 @@ fn polls_and_serves(adaptive: bool) {
     assert_eq!(
         scrape.sum("vhost_appliance_queue_inflight_requests", &[]),
         0.0
+    );
+
+    // Idle, no worker spins: polling stops after its window (an event queue that polled
+    // its never-reset eventfd once kept a core busy for ever).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = appliance.process.pid();
+    let before = cpu_time(pid);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let busy = cpu_time(pid).saturating_sub(before);
+    assert!(
+        busy < std::time::Duration::from_millis(300),
+        "an idle daemon used {busy:?} of CPU in 1 s"
     );
 }
 

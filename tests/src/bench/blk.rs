@@ -15,8 +15,9 @@ use crate::rng::Rng;
 /// Unmeasured time at the start of each run (caches, the first kicks).
 pub const WARMUP: Duration = Duration::from_millis(300);
 
-/// Runs `w` for `seconds` (after [`WARMUP`]) on the export at `socket`.
-pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
+/// Runs `w` for `seconds` (after [`WARMUP`]) on the export at `socket`, charging the CPU
+/// time of process `server` inside the measured window to it.
+pub fn run(socket: &Path, w: &Workload, seconds: f64, server: u32) -> Measured {
     let mut fe = Frontend::connect(socket, w.queues as i32);
     assert!(
         fe.capacity >= file_size(),
@@ -34,6 +35,7 @@ pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
         from,
         end: from + Duration::from_secs_f64(seconds),
     };
+    let cpu = window.sample_cpu(server);
     let lats: Vec<Vec<u32>> = std::thread::scope(|s| {
         let threads: Vec<_> = queues
             .into_iter()
@@ -46,7 +48,9 @@ pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
         threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
     let all: Vec<u32> = lats.into_iter().flatten().collect();
-    Measured::from_latencies(all, seconds, w.block)
+    let mut m = Measured::from_latencies(all, seconds, w.block);
+    Window::charge_cpu(&mut m, cpu);
+    m
 }
 
 /// One queue's loop; returns the latencies (ns) of requests completed in the window.

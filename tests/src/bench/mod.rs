@@ -6,7 +6,7 @@
 //! - [`Measured`]: what one run of one workload against one server gives: IOPS, MB/s,
 //!   latency (mean, p50, p99, p99.9, µs) and the server's CPU seconds per million I/Os.
 //! - `blk`: runs a workload through libblkio's virtio-blk-vhost-user driver.
-//! - `scsi`: runs it as READ(16)/WRITE(16) over a virtio-scsi request queue.
+//! - `scsi`: runs it as READ(10)/WRITE(10) over a virtio-scsi request queue.
 //! - `servers`: starts this daemon, qemu-storage-daemon, vhost-device-scsi; runs fio.
 //! - `report`: the table, the JSON and the SVG chart.
 
@@ -141,6 +141,33 @@ pub struct Window {
 }
 
 impl Window {
+    /// Samples the CPU time of process `pid` (the server) at the window's start and end,
+    /// on a thread; joining it gives the CPU the server used inside the window.
+    pub fn sample_cpu(&self, pid: u32) -> std::thread::JoinHandle<Duration> {
+        let window = *self;
+        std::thread::spawn(move || {
+            std::thread::sleep(
+                window
+                    .from
+                    .saturating_duration_since(std::time::Instant::now()),
+            );
+            let start = cpu_time(pid);
+            std::thread::sleep(
+                window
+                    .end
+                    .saturating_duration_since(std::time::Instant::now()),
+            );
+            cpu_time(pid).saturating_sub(start)
+        })
+    }
+
+    /// Sets `m`'s CPU seconds per million requests from a [`Window::sample_cpu`] thread.
+    pub fn charge_cpu(m: &mut Measured, sampler: std::thread::JoinHandle<Duration>) {
+        if let Ok(cpu) = sampler.join() {
+            m.cpu_s_per_mio = Some(cpu.as_secs_f64() / (m.ios.max(1) as f64 / 1e6));
+        }
+    }
+
     /// Records the latency (ns) of a request started at `started` and completed at `now`
     /// if `now` is inside the window; returns whether the run goes on (a new request
     /// should take its place).

@@ -56,8 +56,9 @@ fn until_ready(fe: &mut ScsiFrontend) {
     panic!("LUN 0 not ready after 3 TEST UNIT READY");
 }
 
-/// Runs `w` (one queue) for `seconds` after the warm-up on the export at `socket`.
-pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
+/// Runs `w` (one queue) for `seconds` after the warm-up on the export at `socket`,
+/// charging the CPU time of process `server` inside the measured window to it.
+pub fn run(socket: &Path, w: &Workload, seconds: f64, server: u32) -> Measured {
     assert_eq!(w.queues, 1, "virtio-scsi workloads use one request queue");
     // Three descriptors a request: 128 entries hold QD32 (and QD8 of 128 KiB).
     let mut fe = ScsiFrontend {
@@ -122,6 +123,7 @@ pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
         from,
         end: from + Duration::from_secs_f64(seconds),
     };
+    let cpu = window.sample_cpu(server);
     let mut lat = Vec::with_capacity(1 << 20);
     let mut in_flight = w.depth;
     while in_flight > 0 {
@@ -144,5 +146,7 @@ pub fn run(socket: &Path, w: &Workload, seconds: f64) -> Measured {
             in_flight += 1;
         }
     }
-    Measured::from_latencies(lat, seconds, w.block)
+    let mut m = Measured::from_latencies(lat, seconds, w.block);
+    Window::charge_cpu(&mut m, cpu);
+    m
 }

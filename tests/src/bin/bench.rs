@@ -17,12 +17,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
 
 use appliance_tests::bench::report::{self, Row};
 use appliance_tests::bench::servers::{self, Backing, Places, Poll, Store};
-use appliance_tests::bench::{self, blk, cpu_time, scsi, Measured, Workload};
+use appliance_tests::bench::{self, blk, scsi, Measured, Workload};
 use appliance_tests::ceph;
 use appliance_tests::daemon::Process;
 use appliance_tests::vm::{preferred_accel, Accel};
@@ -83,22 +81,14 @@ fn measure(
     p: &Process,
 ) -> Option<Measured> {
     let pid = p.pid();
-    let from = Instant::now() + blk::WARMUP + Duration::from_millis(50);
-    let sampler = std::thread::spawn(move || {
-        sleep(from.saturating_duration_since(Instant::now()));
-        let a = cpu_time(pid);
-        sleep(Duration::from_secs_f64(seconds));
-        cpu_time(pid).saturating_sub(a)
-    });
     let run = std::panic::catch_unwind(|| {
         if backing.scsi() {
-            scsi::run(socket, w, seconds)
+            scsi::run(socket, w, seconds, pid)
         } else {
-            blk::run(socket, w, seconds)
+            blk::run(socket, w, seconds, pid)
         }
     });
-    let cpu = sampler.join().unwrap();
-    let Ok(mut m) = run else {
+    let Ok(m) = run else {
         eprintln!(
             "bench: {} {} failed: the row is left out (see the message above)",
             backing.name(),
@@ -106,7 +96,6 @@ fn measure(
         );
         return None;
     };
-    m.cpu_s_per_mio = Some(cpu.as_secs_f64() / (m.ios.max(1) as f64 / 1e6));
     Some(m)
 }
 
@@ -305,7 +294,9 @@ fn vvu_rows(args: &Args, rows: &mut Vec<Row>) {
     for w in bench::suite(4).into_iter().filter(|w| {
         args.workload.is_empty() || args.workload.iter().any(|f| w.name.contains(f.as_str()))
     }) {
-        let measured = blk::run(&socket, &w, args.seconds);
+        // The daemon runs inside the VM: no server process here to charge CPU to.
+        let mut measured = blk::run(&socket, &w, args.seconds, std::process::id());
+        measured.cpu_s_per_mio = None;
         eprintln!(
             "bench: null {:<20} {server:<16} {:>9.0} IOPS",
             w.name,
