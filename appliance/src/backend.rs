@@ -66,6 +66,13 @@ struct Worker {
 }
 
 impl Worker {
+    /// Hands queued disk I/O to the kernel, logging a failure.
+    fn submit(&mut self) {
+        if let Err(e) = self.queue.submit() {
+            tracing::error!("submitting I/O failed: {e}");
+        }
+    }
+
     /// Puts finished requests on the used ring and notifies the driver if it wants it.
     fn publish(&mut self) {
         if self.done.is_empty() {
@@ -418,9 +425,7 @@ impl VirtioBackend {
                 }
             }
         }
-        if let Err(e) = worker.queue.submit() {
-            tracing::error!("submitting I/O failed: {e}");
-        }
+        worker.submit();
         // What completed during the submission (page-cache reads, the null engine) goes
         // out with this pass, not after another trip through epoll.
         if worker.queue.poll_ready() {
@@ -441,9 +446,7 @@ impl VirtioBackend {
         }
         worker.queue.reap(&mut worker.done);
         // Resubmissions (e.g. a write-zeroes fallback) may have been queued while reaping.
-        if let Err(e) = worker.queue.submit() {
-            tracing::error!("submitting I/O failed: {e}");
-        }
+        worker.submit();
         worker.publish();
         Ok(())
     }
@@ -488,9 +491,7 @@ impl VirtioBackend {
                 match vring {
                     Some(vring) if serving(vring) => self.take_available(worker, vring, &mut mem),
                     _ => {
-                        if let Err(e) = worker.queue.submit() {
-                            tracing::error!("submitting I/O failed: {e}");
-                        }
+                        worker.submit();
                         worker.publish();
                     }
                 }

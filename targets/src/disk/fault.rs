@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{Disk, DiskCompletion, DiskInfo, DiskOp, DiskQueue};
 use crate::stats::DiskStats;
@@ -268,10 +268,7 @@ impl Disk for FaultDisk {
     }
 
     fn open_queue(&self, depth: u32, notifier: Option<&EventFd>) -> io::Result<Box<dyn DiskQueue>> {
-        let (eventfd, owns_eventfd) = match notifier {
-            Some(n) => (n.try_clone()?, false),
-            None => (EventFd::new(EFD_NONBLOCK)?, true),
-        };
+        let (eventfd, owns_eventfd) = crate::disk::queue_eventfd(notifier)?;
         // The wrapped queue signals this queue's eventfd, and is reaped through it.
         let inner = self.inner.open_queue(depth, Some(&eventfd))?;
         self.control.lock().wakers.push(eventfd.try_clone()?);

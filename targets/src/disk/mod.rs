@@ -167,6 +167,16 @@ pub trait DiskQueue: Send {
     fn stats(&self) -> Arc<DiskStats>;
 }
 
+/// The eventfd a new queue signals: a clone of the `shared` notifier (which its owner
+/// resets) or one of its own; `true` when it is its own, which the queue then resets
+/// when it reaps.
+pub(crate) fn queue_eventfd(shared: Option<&EventFd>) -> io::Result<(EventFd, bool)> {
+    Ok(match shared {
+        Some(e) => (e.try_clone()?, false),
+        None => (EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?, true),
+    })
+}
+
 /// What a completed flush (and a `durable` operation) guarantees, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {

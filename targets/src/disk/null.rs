@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::disk::{Disk, DiskCompletion, DiskInfo, DiskOp, DiskQueue, Durability};
 use crate::stats::DiskStats;
@@ -78,10 +78,7 @@ impl Disk for NullDisk {
         _depth: u32,
         notifier: Option<&EventFd>,
     ) -> io::Result<Box<dyn DiskQueue>> {
-        let (eventfd, owns_eventfd) = match notifier {
-            Some(e) => (e.try_clone()?, false),
-            None => (EventFd::new(EFD_NONBLOCK)?, true),
-        };
+        let (eventfd, owns_eventfd) = crate::disk::queue_eventfd(notifier)?;
         Ok(Box::new(NullQueue {
             size: Arc::clone(&self.size),
             readonly: self.readonly,

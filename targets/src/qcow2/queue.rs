@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::uring_file::Ring;
 use super::{Request, Shared};
@@ -197,10 +197,7 @@ impl Qcow2Queue {
         depth: u32,
         notifier: Option<&EventFd>,
     ) -> io::Result<Self> {
-        let (eventfd, owns_eventfd) = match notifier {
-            Some(e) => (e.try_clone()?, false),
-            None => (EventFd::new(EFD_NONBLOCK)?, true),
-        };
+        let (eventfd, owns_eventfd) = crate::disk::queue_eventfd(notifier)?;
         // A guest request can become several image accesses (one per cluster run).
         let ring = Ring::new(depth.clamp(16, 1024) * 2, eventfd.as_raw_fd())?;
         let exec = Arc::new(Mutex::new(Executor {

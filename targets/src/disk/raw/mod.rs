@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use io_uring::{squeue, IoUring};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     DirectAlignment, Disk, DiskCompletion, DiskInfo, DiskOp, DiskQueue, Durability, OpenError,
@@ -406,10 +406,7 @@ impl RawQueue {
         // raised QD32 throughput but lengthened QD1 latency). No SINGLE_ISSUER: a drain
         // (GET_VRING_BASE) submits from the control thread.
         let ring = IoUring::builder().build(entries)?;
-        let (eventfd, owns_eventfd) = match shared {
-            Some(e) => (e.try_clone()?, false),
-            None => (EventFd::new(EFD_NONBLOCK)?, true),
-        };
+        let (eventfd, owns_eventfd) = crate::disk::queue_eventfd(shared)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(RawQueue {
             ring,

@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{ffi, Image};
 use crate::disk::{DiskCompletion, DiskOp, DiskQueue};
@@ -78,10 +78,7 @@ pub(super) struct RbdQueue {
 
 impl RbdQueue {
     pub(super) fn new(image: Arc<Image>, notifier: Option<&EventFd>) -> io::Result<Self> {
-        let (eventfd, owns_eventfd) = match notifier {
-            Some(e) => (e.try_clone()?, false),
-            None => (EventFd::new(EFD_NONBLOCK)?, true),
-        };
+        let (eventfd, owns_eventfd) = crate::disk::queue_eventfd(notifier)?;
         Ok(RbdQueue {
             image,
             shared: Arc::new(Shared {
