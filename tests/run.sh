@@ -31,4 +31,4 @@ echo "   and the daemon with the fault-injecting engine (tests/tests/inflight.rs
 bash tests/scripts/build-fault-daemon.sh
 cargo build --workspace --bins --locked
 echo "== tests (both tiers: \`cargo test\` alone runs only the fast one)"
-cargo test --workspace --locked -- --include-ignored
+cargo test --workspace --locked --no-fail-fast -- --include-ignored

@@ -125,11 +125,15 @@ impl Container {
             _dir: dir,
         };
         let started = Instant::now();
-        // Until systemd has bound its private socket, systemctl cannot connect at all.
+        // Until systemd has created /run/systemd/system, systemctl answers "offline"; until
+        // it has bound its private socket, it cannot connect at all (no answer). Both mean
+        // "not started yet": nsenter can win the race against the container's early boot.
         let deadline = Instant::now() + Duration::from_secs(60);
         let out = loop {
             let out = container.sh("systemctl is-system-running --wait");
-            if !out.stdout.is_empty() || Instant::now() > deadline {
+            let answer = String::from_utf8_lossy(&out.stdout);
+            let started = !matches!(answer.trim(), "" | "offline");
+            if started || Instant::now() > deadline {
                 break out;
             }
             std::thread::sleep(Duration::from_millis(100));
