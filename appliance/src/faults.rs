@@ -7,6 +7,9 @@
 //! `hold`, `fail=ERRNO` or `delay=MS`, KIND is `read`, `write`, `flush`, `discard` or
 //! `write-zeroes`, OFFSET is a byte offset and TIMES how many operations the rule applies to
 //! (every one if absent). Held operations are never released: they end with the process.
+//!
+//! Also [`FORBIDDEN_SYSCALL_ENV`]: a thread started after the sandbox makes a syscall the
+//! seccomp filter forbids, to prove the filter is on in the daemon that serves.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +20,27 @@ use targets::disk::Disk;
 
 /// The environment variable holding the rules.
 pub const ENV: &str = "VHOST_APPLIANCE_FAULTS";
+
+/// Milliseconds after entering the sandbox at which a new thread calls `personality(2)`
+/// (a harmless query, but outside the seccomp filter's list).
+pub const FORBIDDEN_SYSCALL_ENV: &str = "VHOST_APPLIANCE_FORBIDDEN_SYSCALL_AFTER_MS";
+
+/// Called by the sandbox once entered: starts the [`FORBIDDEN_SYSCALL_ENV`] thread.
+pub fn after_sandbox() {
+    let Some(ms) = std::env::var(FORBIDDEN_SYSCALL_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    tracing::warn!("{FORBIDDEN_SYSCALL_ENV}: personality(2) in {ms} ms");
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(ms));
+        // SAFETY: personality(0xffffffff) only reads the execution domain.
+        let persona = unsafe { libc::personality(0xffff_ffff) };
+        tracing::warn!(persona, "personality(2) was allowed: no seccomp filter");
+    });
+}
 
 /// `disk` behind a fault-injecting engine with the rules of [`ENV`]; unchanged if it is
 /// unset.

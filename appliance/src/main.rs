@@ -29,6 +29,7 @@ mod poll;
 mod process;
 mod relay;
 mod reload;
+mod sandbox;
 mod vring;
 mod vvu;
 mod watch;
@@ -85,6 +86,11 @@ struct Cli {
     /// Print the vhost-user backend capabilities as JSON and exit.
     #[arg(long)]
     print_capabilities: bool,
+
+    /// What the seccomp filter does with a syscall the daemon never makes: log it and kill
+    /// the daemon (kill), let it through and have the kernel log it (log), or no filter (off).
+    #[arg(long, value_enum, default_value = "kill", value_name = "MODE")]
+    seccomp: sandbox::SeccompMode,
 
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
@@ -163,8 +169,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     raise_open_file_limit();
 
     match &cli.config {
-        Some(path) => serve_config(path, &signals),
+        Some(path) => serve_config(path, &signals, cli.seccomp),
         None => {
+            sandbox::enter(None, None, cli.seccomp)?;
             let export = start_single(cli)?;
             notify_systemd_ready();
             loop {
@@ -189,9 +196,15 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 
 /// Serves the exports of `path`, applying edits of the file (and SIGHUP) live, until
 /// SIGTERM or SIGINT.
-fn serve_config(path: &Path, signals: &SigSet) -> anyhow::Result<()> {
+fn serve_config(
+    path: &Path,
+    signals: &SigSet,
+    seccomp: sandbox::SeccompMode,
+) -> anyhow::Result<()> {
     let metrics = metrics::Metrics::new();
-    let mut exports = reload::Exports::start(path, metrics.clone())?;
+    let mut exports = reload::Exports::start(path, metrics.clone(), |config| {
+        sandbox::enter(config.run_as.as_ref(), Some(&config.state_dir), seccomp)
+    })?;
     let mut watch = watch::ConfigWatch::new(path, signals)?;
     notify_systemd_ready();
     loop {

@@ -60,8 +60,14 @@ pub struct Exports {
 
 impl Exports {
     /// Loads `path` and starts its exports. An invalid file is an error; an export that
-    /// cannot start is logged and left out, the others run.
-    pub fn start(path: &Path, metrics: Metrics) -> anyhow::Result<Self> {
+    /// cannot start is logged and left out, the others run. `sandbox` runs once the file is
+    /// valid and the state directory exists, before anything serves (it enters the
+    /// daemon's sandbox); its error is the start's.
+    pub fn start(
+        path: &Path,
+        metrics: Metrics,
+        sandbox: impl FnOnce(&Config) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
         let text = read_config(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let config = parse(path, &text)?;
@@ -73,6 +79,7 @@ impl Exports {
         }
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
+        sandbox(&config)?;
         let mut exports = Exports {
             path: path.to_path_buf(),
             text,
@@ -262,6 +269,15 @@ impl Exports {
             }
             tracing::info!("socket_permissions applied to the running exports' sockets");
             self.applied.socket_permissions = new.socket_permissions.clone();
+        }
+        if new.run_as != self.applied.run_as {
+            tracing::error!(
+                "{}: field \"run_as\": changed from {:?} to {:?}; the daemon keeps running as it does until the next start",
+                self.path.display(),
+                self.applied.run_as,
+                new.run_as
+            );
+            complete = false;
         }
         if new.metrics_listen != self.applied.metrics_listen {
             tracing::error!(

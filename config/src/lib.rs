@@ -20,6 +20,6 @@ pub use diff::{diff, export_changes, ConfigDiff, ExportChange};
 pub use size::parse_size;
 pub use validate::{
     load_file, parse_str, single_export, BackingFormat, Config, ConfigError, CreateSpec, Device,
-    Disk, DiskSlot, Export, Poll, RbdImage, ScsiLun, SocketPermissions, Transport, VvuDevice,
-    WriteCache, DEFAULT_SOCKET_MODE, MAX_POLL_US,
+    Disk, DiskSlot, Export, Poll, RbdImage, RunAs, ScsiLun, SocketPermissions, Transport,
+    VvuDevice, WriteCache, DEFAULT_SOCKET_MODE, MAX_POLL_US,
 };

@@ -21,6 +21,8 @@ pub struct ConfigFile {
     pub metrics: Option<MetricsFile>,
     /// Mode and ownership applied to every export socket.
     pub socket_permissions: Option<SocketPermissionsFile>,
+    /// The user and group the daemon runs as after start-up (it starts as root).
+    pub run_as: Option<RunAsFile>,
     /// The exported LUNs. Required, so that an empty or half-written file is an error
     /// rather than a config without exports: `exports: []` says "none" explicitly.
     pub exports: Option<Vec<ExportFile>>,
@@ -43,6 +45,16 @@ pub struct SocketPermissionsFile {
     /// User name or numeric uid that owns the sockets.
     pub owner: Option<String>,
     /// Group name or numeric gid of the sockets.
+    pub group: Option<String>,
+}
+
+/// `run_as:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunAsFile {
+    /// User name or numeric uid.
+    pub user: String,
+    /// Group name or numeric gid; the user's primary group when absent.
     pub group: Option<String>,
 }
 

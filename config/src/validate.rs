@@ -300,6 +300,16 @@ pub struct SocketPermissions {
     pub group: Option<String>,
 }
 
+/// `run_as:`: the user and group the daemon switches to before it serves (names are
+/// resolved by the daemon, as for [`SocketPermissions`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// User name or uid.
+    pub user: String,
+    /// Group name or gid; the user's primary group when `None`.
+    pub group: Option<String>,
+}
+
 /// A whole validated `exports.yaml`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -309,6 +319,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Applied to every export socket.
     pub socket_permissions: SocketPermissions,
+    /// Whom the daemon runs as after start-up; `None` keeps root (with fewer capabilities).
+    pub run_as: Option<RunAs>,
     /// Exports in file order.
     pub exports: Vec<Export>,
 }
@@ -484,6 +496,24 @@ impl Validator<'_> {
             })?),
         };
         let socket_permissions = self.socket_permissions(raw.socket_permissions)?;
+        let run_as = match raw.run_as {
+            None => None,
+            Some(r) => {
+                for (field, value) in [("user", Some(&r.user)), ("group", r.group.as_ref())] {
+                    if value.is_some_and(|v| v.trim().is_empty()) {
+                        return Err(self.top_err(
+                            "run_as",
+                            &format!("run_as.{field}"),
+                            "must not be empty",
+                        ));
+                    }
+                }
+                Some(RunAs {
+                    user: r.user,
+                    group: r.group,
+                })
+            }
+        };
         let Some(raw_exports) = raw.exports else {
             return Err(ConfigError {
                 file: self.file.to_path_buf(),
@@ -502,6 +532,7 @@ impl Validator<'_> {
             state_dir,
             metrics_listen,
             socket_permissions,
+            run_as,
             exports,
         })
     }

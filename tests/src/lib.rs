@@ -8,6 +8,7 @@
 //! - [`blk_raw`]: virtio-blk requests over the raw frontend.
 //! - [`blk_suite`]: the libblkio suite for a blk export, wherever its backing file is.
 //! - [`blkio_frontend`]: libblkio as a frontend, and randomized workloads to replay.
+//! - [`churn`]: short verified sessions and resource baselines for the churn tests.
 //! - [`ceph`]: a throwaway one-node Ceph cluster and RBD images for the RBD tests.
 //! - [`console`]: the guest images' serial command channel, whoever runs QEMU.
 //! - [`daemon`]: runs the real `vhost-appliance` binary (or `qemu-storage-daemon`) on a
@@ -25,6 +26,7 @@ pub mod blk_raw;
 pub mod blk_suite;
 pub mod blkio_frontend;
 pub mod ceph;
+pub mod churn;
 pub mod console;
 pub mod daemon;
 pub mod frontend;

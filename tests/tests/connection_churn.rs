@@ -12,11 +12,10 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use appliance_tests::blkio_frontend::Frontend;
-use appliance_tests::daemon::{usage, workspace_binary, Appliance, Usage};
-use appliance_tests::scsi_frontend::ScsiFrontend;
+use appliance_tests::churn::{settled, short_session};
+use appliance_tests::daemon::{usage, workspace_binary, Appliance};
 
 const CONFIG: &str = "exports:
   - name: blk1
@@ -57,73 +56,12 @@ const EXPORTS: [(&str, &str, usize); 4] = [
 ];
 const CONNECTIONS: usize = 1000;
 const KILL_EVERY: usize = 25;
+/// How long the daemon may take to release a connection's resources.
+const SETTLE: Duration = Duration::from_secs(20);
 /// Growth of the daemon's address space tolerated over the run (allocator arenas capped,
 /// see the test): cached thread stacks settle, but one leaked 16 MiB guest memory mapping
 /// per connection would be gigabytes.
 const VM_SLACK_KIB: u64 = 32 << 10;
-
-/// Waits until the daemon's fds, threads and memfd mappings equal `baseline` (it releases
-/// a connection's resources after the frontend hung up, asynchronously to this test).
-fn settled(pid: u32, baseline: Usage, after: &str) -> Usage {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let now = usage(pid);
-        let same = (now.fds, now.threads, now.memfd_maps)
-            == (baseline.fds, baseline.threads, baseline.memfd_maps);
-        if same {
-            return now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "after {after}: daemon holds {now:?}, baseline {baseline:?}\n{}",
-            fd_listing(pid)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn fd_listing(pid: u32) -> String {
-    let mut out = String::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-    {
-        let target = std::fs::read_link(entry.path()).unwrap_or_default();
-        out += &format!(
-            "{} -> {}\n",
-            entry.file_name().to_string_lossy(),
-            target.display()
-        );
-    }
-    out
-}
-
-/// One in-process frontend: connects, does a little verified I/O, disconnects.
-fn short_session(socket: &Path, kind: &str, queues: usize, n: usize) {
-    match kind {
-        "blk" => {
-            let mut fe = Frontend::connect(socket, queues as i32);
-            let q = n % queues;
-            let pattern = [(n % 251) as u8; 4096];
-            fe.buf(0, 4096).copy_from_slice(&pattern);
-            assert_eq!(fe.write(q, (n % 64) as u64 * 4096, 0, 4096), 0);
-            assert_eq!(fe.read(q, (n % 64) as u64 * 4096, 4096, 4096), 0);
-            assert_eq!(fe.buf(4096, 4096), &pattern[..], "connection {n}");
-        }
-        _ => {
-            let mut fe = ScsiFrontend::connect(socket, queues);
-            let lba = (n % 64) as u8;
-            let pattern = vec![(n % 251) as u8; 512];
-            // The first command of a session may meet a unit attention; answer it.
-            let write = [0x2a, 0, 0, 0, 0, lba, 0, 0, 1, 0];
-            if fe.command(0, &write, &pattern, 0).status != 0 {
-                fe.good(0, &write, &pattern, 0);
-            }
-            let back = fe.good(0, &[0x28, 0, 0, 0, 0, lba, 0, 0, 1, 0], &[], 512);
-            assert_eq!(back, pattern, "connection {n}");
-        }
-    }
-}
 
 /// A frontend process killed with SIGKILL while its writes are in flight.
 fn killed_session(socket: &Path, kind: &str, queues: usize) {
@@ -210,10 +148,10 @@ fn a_thousand_connections_leave_nothing_behind() {
             usage(pid)
         );
         if n == CONNECTIONS / 2 {
-            halfway = Some(settled(pid, baseline, "500 connections"));
+            halfway = Some(settled(pid, baseline, "500 connections", SETTLE));
         }
     }
-    let end = settled(pid, baseline, "1000 connections");
+    let end = settled(pid, baseline, "1000 connections", SETTLE);
     let halfway = halfway.unwrap();
     eprintln!("halfway: {halfway:?}, end: {end:?}");
     assert!(
