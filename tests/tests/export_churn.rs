@@ -31,7 +31,7 @@ const RSS_SLACK_KIB: u64 = 48 << 10;
 
 /// Export `i`: (kind, format, queues).
 fn shape(i: usize) -> (&'static str, &'static str, usize) {
-    let kind = if i % 2 == 0 { "blk" } else { "scsi" };
+    let kind = if i.is_multiple_of(2) { "blk" } else { "scsi" };
     let format = if i % 4 < 2 { "raw" } else { "qcow2" };
     let queues = if i % 8 < 4 { 1 } else { 2 };
     (kind, format, queues)
