@@ -110,21 +110,31 @@ fn switch_user(run_as: &config::RunAs, state_dir: Option<&Path>) -> anyhow::Resu
     Ok(())
 }
 
-/// Keeps only [`KEPT_CAPABILITIES`], in every set including the bounding set.
+/// Keeps only [`KEPT_CAPABILITIES`] (those of them the daemon has) in its effective and
+/// permitted sets, and clears the inheritable and ambient ones. The bounding set is cut to
+/// the same where the daemon may (CAP_SETPCAP); under systemd's CapabilityBoundingSet= it
+/// is the unit's, and exec is refused by the seccomp filter anyway.
 fn drop_capabilities() -> anyhow::Result<()> {
-    let kept: CapsHashSet = KEPT_CAPABILITIES.into_iter().collect();
-    // The bounding set first: dropping from it needs CAP_SETPCAP, which goes next.
-    for cap in caps::all() {
-        if !kept.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
-            caps::drop(None, CapSet::Bounding, cap)
-                .with_context(|| format!("cannot drop {cap} from the bounding set"))?;
+    let permitted = caps::read(None, CapSet::Permitted).context("cannot read the capabilities")?;
+    let kept: CapsHashSet = KEPT_CAPABILITIES
+        .into_iter()
+        .filter(|c| permitted.contains(c))
+        .collect();
+    if permitted.contains(&Capability::CAP_SETPCAP) {
+        for cap in caps::all() {
+            if !kept.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+                caps::drop(None, CapSet::Bounding, cap)
+                    .with_context(|| format!("cannot drop {cap} from the bounding set"))?;
+            }
         }
     }
     caps::clear(None, CapSet::Ambient).context("cannot clear the ambient capabilities")?;
     caps::clear(None, CapSet::Inheritable).context("cannot clear the inheritable capabilities")?;
     caps::set(None, CapSet::Effective, &kept).context("cannot set the effective capabilities")?;
     caps::set(None, CapSet::Permitted, &kept).context("cannot set the permitted capabilities")?;
-    tracing::info!(kept = ?KEPT_CAPABILITIES, "capabilities dropped");
+    let mut names: Vec<String> = kept.iter().map(ToString::to_string).collect();
+    names.sort();
+    tracing::info!(kept = names.join(","), "capabilities dropped");
     Ok(())
 }
 

@@ -155,6 +155,21 @@ fn deb_installs_and_the_unit_serves_reloads_and_drains() {
         container.journal(UNIT)
     );
 
+    // Under the unit's sandbox, the daemon's own: seccomp filter on, no new privileges, no
+    // capability beyond the five it keeps (SETUID and SETGID of the unit's bounding set
+    // dropped; IPC_LOCK only where the container has it: nspawn's default set does not).
+    let status = container.sh_ok(&format!("cat /proc/{main_pid}/status"));
+    for field in ["Seccomp:\t2\n", "NoNewPrivs:\t1\n"] {
+        assert!(status.contains(field), "no {field:?} in:\n{status}");
+    }
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap();
+    assert_eq!(cap_eff & !0x400f, 0, "CapEff {cap_eff:#x}:\n{status}");
+    assert_eq!(cap_eff & 0xf, 0xf, "CapEff {cap_eff:#x}:\n{status}");
+
     // The example config's export, made by the daemon under the sandbox (state and runtime
     // directories), answers a real frontend: 32 writes of 64 KiB made available at once.
     container.sh_ok(
