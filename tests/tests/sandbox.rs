@@ -156,3 +156,63 @@ fn run_as_an_unknown_user_is_a_clear_start_error() {
         "nothing may serve outside the sandbox"
     );
 }
+
+/// Two SCSI exports of one daemon: each frontend sees only its own export's LUNs. REPORT
+/// LUNS lists them, a LUN number of the other export is not there (peripheral qualifier 3,
+/// LOGICAL UNIT NOT SUPPORTED), no target or LUN encoding reaches the other's store, and
+/// a read-only export refuses writes in the daemon (DATA PROTECT), however they are sent.
+#[test]
+fn an_export_reaches_only_its_own_luns_and_read_only_is_enforced() {
+    const TWO: &str = "exports:
+  - name: a
+    type: scsi
+    socket: @DIR@/a.sock
+    luns:
+      - path: @DIR@/a0.raw
+        create: { size: 4M }
+      - lun: 1
+        path: @DIR@/a1.raw
+        create: { size: 4M }
+  - name: b
+    type: scsi
+    socket: @DIR@/b.sock
+    luns:
+      - lun: 0
+        path: @DIR@/b0.raw
+        readonly: true
+";
+    use appliance_tests::scsi_frontend::ScsiFrontend;
+    let dir = appliance_tests::daemon::scratch_dir();
+    std::fs::write(dir.path().join("b0.raw"), vec![0u8; 4 << 20]).unwrap();
+    let appliance = Appliance::start_in(dir, TWO, &["a.sock", "b.sock"]);
+    let mut b = ScsiFrontend::connect(&appliance.path("b.sock"), 1);
+    let luns = b.good(0, &[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[], 256);
+    assert_eq!(
+        u32::from_be_bytes(luns[0..4].try_into().unwrap()),
+        8,
+        "export b lists one LUN"
+    );
+    assert_eq!(&luns[8..10], &[0, 0]);
+    // LUN 1 exists in export a only.
+    let inq = b.good(1, &[0x12, 0, 0, 0, 36, 0], &[], 36);
+    assert_eq!(inq[0], 0x7f, "export a's LUN 1 seen through export b");
+    let write = [0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    let r = b.command(1, &write, &[0xee; 512], 0);
+    assert_eq!((r.status, r.sense), (2, (0x05, 0x25, 0x00)));
+    // Another target, and the flat-space LUN encoding of LUN 1.
+    let r = b.command_raw([1, 1, 0, 0, 0, 0, 0, 0], &write, &[0xee; 512], 0);
+    assert_eq!(r.response, 3, "BAD_TARGET");
+    let r = b.command_raw([1, 0, 0x40, 1, 0, 0, 0, 0], &write, &[0xee; 512], 0);
+    assert_ne!(r.status, 0, "a write through a flat-space LUN 1 succeeded");
+    // b's own LUN is read-only: the daemon refuses the write (DATA PROTECT, WRITE PROTECTED).
+    b.clear_ua(0);
+    let r = b.command(0, &write, &[0xee; 512], 0);
+    assert_eq!((r.status, r.sense), (2, (0x07, 0x27, 0x00)));
+    for file in ["a0.raw", "a1.raw", "b0.raw"] {
+        let bytes = std::fs::read(appliance.path(file)).unwrap();
+        assert!(
+            bytes.iter().all(|&x| x == 0),
+            "{file} was written through export b"
+        );
+    }
+}
