@@ -1,0 +1,38 @@
+//! What the fuzz targets (`fuzz_targets/*.rs`, one line each) run: for each target, the
+//! input format, the harness around the daemon's real code, and the seeds
+//! (`examples/make_seeds.rs` writes them into `corpus/<target>/`).
+//!
+//! - [`input`]: the byte reader and writer every format is built on.
+//! - [`ring`]: guest memory and a split virtqueue written by a hostile driver.
+//! - [`scratch`]: the process's tmpfs folder for disks, images and sockets.
+//! - [`blk`]: `blk_request`.
+//! - [`scsi`]: `scsi_cdb` and `scsi_tmf_an`.
+//! - [`yaml`]: `exports_yaml`.
+//! - [`qcow2`]: `qcow2_open`.
+//! - [`vhost_user`]: `vhost_user_backend`.
+//! - [`vvu`]: `vvu_bridge`.
+
+pub mod blk;
+pub mod input;
+pub mod qcow2;
+pub mod ring;
+pub mod scratch;
+pub mod scsi;
+pub mod vhost_user;
+pub mod vvu;
+pub mod yaml;
+
+/// Sends the daemon's log to stderr when `APPLIANCE_FUZZ_LOG` is set (a tracing filter such
+/// as `debug`), to see what an input does: `APPLIANCE_FUZZ_LOG=debug cargo fuzz run
+/// TARGET FILE`. Off by default: logging costs executions.
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("APPLIANCE_FUZZ_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+    });
+}
