@@ -92,7 +92,11 @@ mod tests {
             })
             .unwrap(),
         );
-        let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         let mut header = vec![0u8; 4096];
         file.read_exact_at(&mut header, 0).unwrap();
         assert_eq!(be32(&header, 4), Some(3), "imago creates v3 images");
@@ -129,7 +133,10 @@ mod tests {
             panic!("{err:?}");
         };
         assert_eq!(source.kind(), io::ErrorKind::InvalidData, "{source}");
-        assert!(source.to_string().contains("feature name table of 1 bytes"), "{source}");
+        assert!(
+            source.to_string().contains("feature name table of 1 bytes"),
+            "{source}"
+        );
         assert!(check(&File::open(&path).unwrap()).is_err());
     }
 
