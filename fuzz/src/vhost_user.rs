@@ -17,7 +17,7 @@
 //! | op | step |
 //! | --- | --- |
 //! | 0, 1 | message: request (u8; 0xff: a u32 follows), flags (u8), size (u8: 0 the payload's, 1 eight more, 2 a u16 follows), payload (blob), descriptors (u8 count % 8, then u8 kind each, [`FdKind`]) |
-//! | 2 | kick: u8, which of the eventfds sent so far (once the daemon has handled the messages before it; the step ends when a worker has taken the kick) |
+//! | 2 | kick: u8, which of the eventfds sent so far (once the daemon has handled the messages before it; the step ends when a worker has taken the kick; all such waits of an input together are bounded) |
 //! | 3 | guest memory write: u8 region, u32 offset, blob |
 
 use std::fs::File;
@@ -27,6 +27,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use appliance::export::{RunningExport, SocketSource};
 use vhost::vhost_user::message::FrontendReq;
@@ -39,8 +40,11 @@ use crate::scratch;
 
 /// Most steps per input.
 pub const MAX_STEPS: usize = 48;
-/// Longest wait for the daemon to catch up before a kick.
-const SYNC_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+/// Longest wait for the daemon to catch up before a kick, or to take a kick.
+const SYNC_WAIT: Duration = Duration::from_millis(20);
+/// All the waiting one input may do: kicks of eventfds the daemon never watches (sent as
+/// something else, or on a connection it dropped) must not slow fuzzing down.
+const WAIT_BUDGET: Duration = Duration::from_millis(100);
 /// Bytes of each guest memory memfd.
 pub const REGION_SIZE: u64 = 1 << 20;
 /// Guest memory regions (memfds) a connection may hand over.
@@ -181,6 +185,8 @@ struct Frontend {
     kept: Vec<OwnedFd>,
     /// Reply bytes read and not yet taken apart.
     replies: Vec<u8>,
+    /// What is left of [`WAIT_BUDGET`].
+    budget: Duration,
 }
 
 impl Frontend {
@@ -192,6 +198,7 @@ impl Frontend {
             events: Vec::new(),
             kept: Vec::new(),
             replies: Vec::new(),
+            budget: WAIT_BUDGET,
         }
     }
 
@@ -290,20 +297,55 @@ impl Frontend {
     fn sync(&mut self) {
         self.drain_replies();
         self.take_replies();
+        if self.budget.is_zero() {
+            return;
+        }
+        let started = Instant::now();
         let request = FrontendReq::GET_FEATURES as u32;
         self.send(&message(request, u32::from(VERSION), 0, &[]), &[]);
-        let _ = self.stream.set_read_timeout(Some(SYNC_WAIT));
+        let _ = self
+            .stream
+            .set_read_timeout(Some(SYNC_WAIT.min(self.budget)));
         let mut buf = [0u8; 4096];
         loop {
             match self.stream.read(&mut buf) {
                 Ok(n @ 1..) => self.replies.extend_from_slice(&buf[..n]),
-                _ => break,
+                Ok(0) => {
+                    // The daemon dropped the connection: nothing more to wait for.
+                    self.budget = Duration::ZERO;
+                    break;
+                }
+                Err(_) => break,
             }
             if self.take_replies() {
                 break;
             }
         }
         let _ = self.stream.set_read_timeout(None);
+        self.budget = self.budget.saturating_sub(started.elapsed());
+    }
+
+    /// Kicks eventfd `k` (of those sent so far) and waits (up to [`SYNC_WAIT`]) until a
+    /// worker of the daemon has read it: it is then popping the ring, and a GET_VRING_BASE
+    /// that follows waits for it.
+    fn kick(&mut self, k: usize) {
+        if self.events.is_empty() {
+            return;
+        }
+        let kick = &self.events[k % self.events.len()];
+        let _ = kick.write(1);
+        let mut pfd = libc::pollfd {
+            fd: kick.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let started = Instant::now();
+        let deadline = started + SYNC_WAIT.min(self.budget);
+        // SAFETY: one valid pollfd for the duration of each call, no timeout.
+        while unsafe { libc::poll(&mut pfd, 1, 0) } == 1 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        self.budget = self.budget.saturating_sub(started.elapsed());
     }
 
     /// Closes the sending side and reads until the daemon closes: the connection is over.
@@ -311,21 +353,6 @@ impl Frontend {
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
         let mut buf = [0u8; 4096];
         while matches!(self.stream.read(&mut buf), Ok(n) if n > 0) {}
-    }
-}
-
-/// Waits (up to [`SYNC_WAIT`]) until the daemon's worker has read the kick: it is then
-/// popping the ring, and a GET_VRING_BASE that follows waits for it.
-fn taken(kick: &EventFd) {
-    let mut pfd = libc::pollfd {
-        fd: kick.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let deadline = std::time::Instant::now() + SYNC_WAIT;
-    // SAFETY: one valid pollfd for the duration of each call, no timeout.
-    while unsafe { libc::poll(&mut pfd, 1, 0) } == 1 && std::time::Instant::now() < deadline {
-        std::thread::yield_now();
     }
 }
 
@@ -389,11 +416,7 @@ pub fn run(data: &[u8]) {
             2 => {
                 let k = usize::from(input.u8());
                 frontend.sync();
-                if !frontend.events.is_empty() {
-                    let kick = &frontend.events[k % frontend.events.len()];
-                    let _ = kick.write(1);
-                    taken(kick);
-                }
+                frontend.kick(k);
             }
             _ => {
                 let r = usize::from(input.u8()) % REGIONS;
