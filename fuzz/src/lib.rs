@@ -9,11 +9,13 @@
 //! - [`scsi`]: `scsi_cdb` and `scsi_tmf_an`.
 //! - [`yaml`]: `exports_yaml`.
 //! - [`qcow2`]: `qcow2_open`.
-//! - [`vhost_user`]: `vhost_user_backend`.
+//! - [`vhost_user`]: `vhost_user_backend`, with [`leftovers`], its oracle for threads and
+//!   descriptors a connection leaves behind.
 //! - [`vvu`]: `vvu_bridge`.
 
 pub mod blk;
 pub mod input;
+pub mod leftovers;
 pub mod qcow2;
 pub mod ring;
 pub mod scratch;

@@ -10,7 +10,9 @@
 //! files, sockets, pipes), writes into the guest memory it handed over, and kicks of the
 //! eventfds it sent, so queue workers run chains from that memory. Then the connection
 //! closes, and a second connection that completes GET_FEATURES proves the export serves
-//! again (the accept loop takes the next frontend only after the last session ended).
+//! again (the accept loop takes the next frontend only after the last session ended);
+//! once that one is gone too, the process must be back to the threads and descriptors it
+//! had before (an oracle: a connection that leaves either behind aborts the run).
 //!
 //! Input: export (u8: 0 blk, 1 scsi), then up to [`MAX_STEPS`] steps, op (u8) % 4:
 //!
@@ -35,6 +37,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::input::{Input, Output};
+use crate::leftovers;
 use crate::ring::harness_failure;
 use crate::scratch;
 
@@ -187,6 +190,8 @@ struct Frontend {
     replies: Vec<u8>,
     /// What is left of [`WAIT_BUDGET`].
     budget: Duration,
+    /// The pipes made for the connection (as /proc names them), for the leftovers oracle.
+    pipes: Vec<String>,
 }
 
 impl Frontend {
@@ -199,6 +204,7 @@ impl Frontend {
             kept: Vec::new(),
             replies: Vec::new(),
             budget: WAIT_BUDGET,
+            pipes: Vec::new(),
         }
     }
 
@@ -236,6 +242,7 @@ impl Frontend {
                 let (r, w) =
                     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
                 let fd = r.as_raw_fd();
+                self.pipes.push(leftovers::fd_target(&fd.to_string()));
                 self.kept.push(r);
                 self.kept.push(w);
                 fd
@@ -370,8 +377,18 @@ fn probe(socket: &PathBuf) {
     }
 }
 
+/// The process's threads and descriptors with the exports up and no connection.
+fn baseline() -> &'static leftovers::Resources {
+    static BASELINE: OnceLock<leftovers::Resources> = OnceLock::new();
+    BASELINE.get_or_init(|| {
+        sockets();
+        leftovers::snapshot()
+    })
+}
+
 /// Runs one input.
 pub fn run(data: &[u8]) {
+    let baseline = baseline();
     let mut input = Input::new(data);
     let socket = &sockets()[usize::from(input.u8() % 2)];
     let mut frontend = Frontend::connect(socket);
@@ -426,8 +443,10 @@ pub fn run(data: &[u8]) {
             }
         }
     }
+    let pipes = std::mem::take(&mut frontend.pipes);
     frontend.finish();
     probe(socket);
+    leftovers::settle(baseline, &pipes);
 }
 
 /// Writes steps in the format [`run`] reads (for the seeds).
