@@ -4,9 +4,12 @@
 
 use std::path::PathBuf;
 
+/// A target's name and the function making its seeds (file name and bytes).
+type Target = (&'static str, fn() -> Vec<(String, Vec<u8>)>);
+
 fn main() -> std::io::Result<()> {
     let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "corpus".into()));
-    let targets: [(&str, fn() -> Vec<(String, Vec<u8>)>); 7] = [
+    let targets: [Target; 7] = [
         ("blk_request", appliance_fuzz::blk::seeds),
         ("scsi_cdb", appliance_fuzz::scsi::cdb_seeds),
         ("scsi_tmf_an", appliance_fuzz::scsi::tmf_seeds),

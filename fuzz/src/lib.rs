@@ -5,13 +5,13 @@
 //! - [`input`]: the byte reader and writer every format is built on.
 //! - [`ring`]: guest memory and a split virtqueue written by a hostile driver.
 //! - [`scratch`]: the process's tmpfs folder for disks, images and sockets.
-//! - [`blk`]: `blk_request`.
+//! - [`blk`]: the `blk_request` target.
 //! - [`scsi`]: `scsi_cdb` and `scsi_tmf_an`.
-//! - [`yaml`]: `exports_yaml`.
-//! - [`qcow2`]: `qcow2_open`.
+//! - [`yaml`]: the `exports_yaml` target.
+//! - [`qcow2`]: the `qcow2_open` target.
 //! - [`vhost_user`]: `vhost_user_backend`, with [`leftovers`], its oracle for threads and
 //!   descriptors a connection leaves behind.
-//! - [`vvu`]: `vvu_bridge`.
+//! - [`vvu`]: the `vvu_bridge` target.
 
 pub mod blk;
 pub mod input;
