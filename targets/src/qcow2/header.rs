@@ -128,7 +128,9 @@ mod tests {
     fn a_feature_name_table_with_a_partial_entry_is_refused_instead_of_panicking() {
         let dir = tempfile::tempdir().unwrap();
         let path = image_with_feature_table(dir.path(), 1);
-        let err = open_readonly(&path).err().expect("the image is refused");
+        let Err(err) = open_readonly(&path) else {
+            panic!("the image opened");
+        };
         let OpenError::Open { source, .. } = &err else {
             panic!("{err:?}");
         };
