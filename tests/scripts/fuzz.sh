@@ -2,7 +2,7 @@
 # Builds the fuzz targets of fuzz/ (cargo-fuzz, libFuzzer, AddressSanitizer, debug
 # assertions) and runs each for a bounded time from its seed corpus (fuzz/corpus/TARGET),
 # printing the executions per target (libFuzzer's stat::number_of_executed_units) and
-# writing a summary TSV. Exits non-zero if any target crashed, leaked, hung (a single input
+# writing a summary TSV. The fuzz crate's own fmt and clippy gates run first. Exits non-zero if any target crashed, leaked, hung (a single input
 # running longer than FUZZ_TIMEOUT) or ran out of memory, with the reproducer's path.
 #
 #   tests/scripts/fuzz.sh [TARGET...]     (default: every target of fuzz/Cargo.toml)
@@ -63,6 +63,11 @@ if [ "$#" -gt 0 ]; then
 else
     mapfile -t targets < <(cargo fuzz list --fuzz-dir fuzz)
 fi
+
+# The fuzz crate is not in the main workspace: its own format and lint gates.
+log "cargo fmt --check and cargo clippy of fuzz/"
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked -q -- -D warnings
 
 log "building the targets into $CARGO_TARGET_DIR"
 start=$SECONDS
