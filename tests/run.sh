@@ -21,6 +21,8 @@ echo "== shellcheck (warnings and errors)"
 shellcheck --severity=warning .ci/run tests/run.sh tests/scripts/*.sh qemu-device/build.sh image-builder/*.sh packaging/*.sh \
     appliance/grafana/capture.sh
 shellcheck --severity=warning --shell=sh image-builder/appliance/init image-builder/consumer/init
+echo "== fuzz: every Rust target FUZZ_SECONDS (default 20), executions per target (tests/scripts/fuzz.sh)"
+bash tests/scripts/fuzz.sh
 echo "== layering: targets must not depend on vhost"
 if cargo tree -p targets --edges normal --prefix none | grep -E '^vhost(-user-backend)? '; then
     echo "targets depends on vhost: the layering rule is broken" >&2

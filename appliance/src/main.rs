@@ -6,33 +6,10 @@
 //! - QEMU's backend-program conventions for a single export: `--socket-path` or `--fd`,
 //!   `--blk-file`, `--read-only`, `--print-capabilities`.
 //!
-//! Modules: [`backend`] (the `VhostUserBackend`), [`export`] (sockets, connection
-//! lifecycle; online resize in its `resize` submodule), [`relay`] (each frontend's control
-//! messages to its daemon, and the backend channel kept for CONFIG_CHANGE_MSG), [`reload`]
-//! (live `exports.yaml`), [`watch`] (inotify and signals), [`vvu`] (appliance-VM mode:
-//! exports served through a virtio-vhost-user device), [`metrics`] (its `collector`
-//! submodule encodes every family at scrape time) and [`http`] (Prometheus `/metrics` and
-//! `/healthz` on `metrics.listen`), [`process`] (the daemon's own resource use),
-//! [`manpage`] (the man pages of the Debian package, from this command line). The
-//! process never daemonizes; it exits cleanly on SIGTERM/SIGINT after completing in-flight
-//! I/O, and tells systemd it is ready when `NOTIFY_SOCKET` is set.
-
-mod backend;
-mod export;
-#[cfg(feature = "fault-injection")]
-mod faults;
-mod http;
-mod inflight;
-mod manpage;
-mod metrics;
-mod poll;
-mod process;
-mod relay;
-mod reload;
-mod sandbox;
-mod vring;
-mod vvu;
-mod watch;
+//! The daemon itself is the `appliance` library (`lib.rs`, which lists its modules); this
+//! file is its command line. The process never daemonizes; it exits cleanly on
+//! SIGTERM/SIGINT after completing in-flight I/O, and tells systemd it is ready when
+//! `NOTIFY_SOCKET` is set.
 
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
@@ -42,7 +19,8 @@ use anyhow::Context;
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::export::{RunningExport, SocketSource};
+use appliance::export::{RunningExport, SocketSource};
+use appliance::{manpage, metrics, reload, sandbox, watch};
 
 /// Serve vhost-user-blk and vhost-user-scsi exports (raw files, block devices or qcow2
 /// images, over io_uring) on unix sockets or through a virtio-vhost-user device.

@@ -18,7 +18,8 @@
 //! and guest memory is mapped from the memory fds, so no request or completion passes
 //! through it; it sees only the handful of messages of connection set-up and teardown.
 //! Hostile input (a size beyond the protocol's 4 KiB, more descriptors than it allows, a
-//! truncated message) ends only that connection.
+//! truncated message, a memory region past the end of its file: `regions`) ends only that
+//! connection.
 //!
 //! The relay also answers the inflight area messages (GET_INFLIGHT_FD, SET_INFLIGHT_FD),
 //! which vhost-user-backend 0.24 refuses, through [`InflightFds`] (`crate::inflight`).
@@ -45,6 +46,8 @@ use vhost::vhost_user::message::{
     BackendReq, FrontendReq, VhostUserInflight, VhostUserProtocolFeatures,
 };
 
+mod regions;
+
 /// Size of a vhost-user message header: request, flags, payload size (u32 each).
 const HEADER_SIZE: usize = 12;
 /// Largest payload the protocol allows (vhost 0.18 `MAX_MSG_SIZE`; QEMU's is smaller).
@@ -70,6 +73,19 @@ pub enum RelayError {
     /// The peer closed inside a message (header or payload).
     #[error("the connection closed inside a message")]
     Truncated,
+    /// A memory region (SET_MEM_TABLE, ADD_MEM_REG) that does not lie inside the file
+    /// handed over for it (`regions`).
+    #[error("memory region {index} ({size:#x} bytes at offset {offset:#x}) lies past the end of its {file_len:#x}-byte file")]
+    RegionPastEof {
+        /// Its position in the message.
+        index: usize,
+        /// `mmap_offset`, in bytes.
+        offset: u64,
+        /// `memory_size`, in bytes.
+        size: u64,
+        /// Length of the file, in bytes.
+        file_len: u64,
+    },
     /// A header announcing a payload beyond the protocol's limit.
     #[error(
         "a message of {size} bytes (request {request}) is beyond the protocol's {MAX_PAYLOAD}"
@@ -233,6 +249,7 @@ pub fn relay(
                 }
                 continue;
             }
+            regions::check(&msg)?;
             let offered = inspect(&msg, &mut acked_protocol)?;
             send_message(daemon, &msg)?;
             if let Some(stream) = offered {

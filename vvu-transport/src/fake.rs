@@ -1,6 +1,7 @@
-//! A fake virtio-vhost-user PCI device for unit tests of the driver: the capability layout
-//! of `design/VVU-SPEC.md` (as the QEMU device model builds it), common-configuration
-//! register semantics, and a device side that serves rxq/txq with virtio-queue.
+//! A fake virtio-vhost-user PCI device for unit tests of the driver and for the fuzz targets
+//! (feature `fake-device`): the capability layout of `design/VVU-SPEC.md` (as the QEMU
+//! device model builds it), common-configuration register semantics, and a device side that
+//! serves rxq/txq with virtio-queue. Its methods panic on misuse by the caller (test code).
 
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -18,9 +19,10 @@ const COMMON: u64 = 0x0;
 const DEVICE: u64 = 0x2000;
 const NOTIFY: u64 = 0x3000;
 const NOTIFICATION: u64 = 0x1000;
-pub(crate) const SHM_SIZE: u64 = 1 << 30;
+/// Bytes of the shared-memory BAR (1 GiB).
+pub const SHM_SIZE: u64 = 1 << 30;
 /// Where the shared-memory BAR starts in `FakeVvu::shm`.
-pub(crate) const SHM_FILE_OFFSET: u64 = 2 << 20;
+pub const SHM_FILE_OFFSET: u64 = 2 << 20;
 
 #[derive(Default, Clone, Copy)]
 struct QueueRegs {
@@ -32,31 +34,46 @@ struct QueueRegs {
     device: u64,
 }
 
-pub(crate) struct State {
+/// The device's registers and what the driver did to them.
+pub struct State {
+    /// PCI configuration space.
     pub config: [u8; 256],
+    /// Features offered.
     pub device_features: u64,
     device_feature_select: u32,
     driver_feature_select: u32,
+    /// Features the driver accepted.
     pub driver_features: u64,
+    /// virtio device status.
     pub status: u8,
+    /// Clear FEATURES_OK whatever the driver accepted.
     pub refuse_features_ok: bool,
     msix_config: u16,
     queue_select: u16,
     queues: [QueueRegs; 2],
     device_queues: [Option<Queue>; 2],
+    /// virtio-vhost-user `status` (BACKEND_UP, FRONTEND_UP).
     pub vvu_status: u32,
+    /// virtio-vhost-user `max_vhost_queues`.
     pub max_vhost_queues: u32,
+    /// virtio-vhost-user `uuid`.
     pub uuid: [u8; 16],
     notification_select: u16,
+    /// MSI-X vector of each vring's kick.
     pub kick_vectors: Vec<u16>,
+    /// MSI-X vectors of the device.
     pub msix_vectors: u16,
+    /// Doorbell stores: offset and width in bytes.
     pub doorbell_writes: Vec<(u64, usize)>,
     /// Every value the driver wrote to the config status.
     pub status_writes: Vec<u32>,
+    /// Queue notifications, by queue index.
     pub notifies: Vec<u16>,
 }
 
-pub(crate) struct FakeVvu {
+/// The fake device.
+pub struct FakeVvu {
+    /// Its registers.
     pub state: RefCell<State>,
     mem: GuestMemoryMmap,
     msix: RefCell<Vec<EventFd>>,
@@ -322,7 +339,14 @@ impl FakeVvu {
         let mut s = self.state.borrow_mut();
         let vector = s.queues[0].msix;
         let q = Self::device_queue(&mut s, 0);
-        let Some(chain) = q.iter(&self.mem).unwrap().next() else {
+        // A broken avail ring is the driver's error: the device needs a reset, as QEMU's
+        // virtqueue_pop answers it (virtio_error).
+        let Ok(mut avail) = q.iter(&self.mem) else {
+            drop(s);
+            self.needs_reset();
+            return false;
+        };
+        let Some(chain) = avail.next() else {
             return false;
         };
         let head = chain.head_index();
@@ -346,7 +370,12 @@ impl FakeVvu {
         let mut s = self.state.borrow_mut();
         let vector = s.queues[1].msix;
         let q = Self::device_queue(&mut s, 1);
-        let chain = q.iter(&self.mem).unwrap().next()?;
+        let Ok(mut avail) = q.iter(&self.mem) else {
+            drop(s);
+            self.needs_reset();
+            return None;
+        };
+        let chain = avail.next()?;
         let head = chain.head_index();
         let mut msg = Vec::new();
         for desc in chain {
@@ -388,6 +417,12 @@ impl FakeVvu {
         for (bar, offset) in fired {
             let _ = self.bar_write(bar, offset, &0u16.to_le_bytes());
         }
+    }
+
+    /// Guest address of the used ring of queue `index` (0 rxq, 1 txq), which the device
+    /// writes: where a buggy or hostile device scribbles.
+    pub fn used_ring(&self, index: usize) -> GuestAddress {
+        GuestAddress(self.state.borrow().queues[index.min(1)].device)
     }
 
     /// Number of rx buffers the driver has made available.

@@ -12,11 +12,13 @@
 //!   finding and binding a device by PCI address or uuid.
 //! - [`bridge`]: carries a device's frontend sessions to an ordinary vhost-user backend over
 //!   a unix stream, standing in for the file descriptors the device cannot carry.
+//! - `fake` (unit tests, and feature `fake-device` for the fuzz targets): a fake
+//!   virtio-vhost-user PCI device whose rxq/txq the caller serves.
 
 pub mod bridge;
 pub mod driver;
-#[cfg(test)]
-mod fake;
+#[cfg(any(test, feature = "fake-device"))]
+pub mod fake;
 pub mod pci;
 pub mod split_ring;
 pub mod vfio;

@@ -21,8 +21,10 @@
 //! that reads and writes share.
 //!
 //! Images are locked the way QEMU locks them (`lock`), so this daemon and a QEMU or
-//! qemu-img cannot both open an image for writing.
+//! qemu-img cannot both open an image for writing. Headers imago would trip over are
+//! refused before it parses them (`header`).
 
+mod header;
 mod lock;
 mod queue;
 #[cfg(test)]
@@ -112,6 +114,7 @@ impl Qcow2Disk {
             }
         }
         let lock = lock_image(&path, !options.readonly).map_err(fail)?;
+        header::check(&lock).map_err(fail)?;
         let qcow2 = block_on(
             Qcow2::<UringFile>::builder_path(&path)
                 .write(!options.readonly)
