@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::time::Instant;
 
 use crate::rng::Rng;
 
@@ -190,6 +191,8 @@ pub struct Fuzzer {
     pub dev: usize,
     /// The other devices' driver state while they are not being driven.
     pub parked: Vec<Option<DevState>>,
+    /// A sequence stops early at this time (the run's end).
+    pub deadline: Option<Instant>,
 }
 
 /// One device's driver state (the fields of [`Fuzzer`] that are per device).
@@ -252,6 +255,7 @@ impl Fuzzer {
             up: false,
             dev: 0,
             parked: Vec::new(),
+            deadline: None,
         };
         let devices = f.params.devices.max(1) as usize;
         f.parked = (0..devices).map(|_| None).collect();
@@ -337,6 +341,9 @@ impl Fuzzer {
             self.fe_session()?;
         }
         for _ in 0..20 + self.rng.below(80) {
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
             self.op()?;
         }
         if self.layout_dirty {

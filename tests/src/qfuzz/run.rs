@@ -153,6 +153,7 @@ pub fn run(cfg: &RunConfig) -> Summary {
                 continue;
             }
         };
+        f.deadline = Some(deadline);
         let mut failed = None;
         for _ in 0..5 + rng.below(16) {
             if Instant::now() >= deadline {
