@@ -15,6 +15,7 @@
 //!   scratch directory and always stops it.
 //! - [`frontend`]: a raw vhost-user frontend that can send any descriptor chain.
 //! - [`nspawn`]: Debian bookworm containers booted under systemd-nspawn, for the package.
+//! - [`qfuzz`]: the guest-side fuzzer of the virtio-vhost-user-pci QEMU device (`bin/vvu-fuzz.rs`).
 //! - [`prom`]: the daemon's metrics endpoint: scrapes, their samples, and promtool.
 //! - [`rng`]: a small seeded generator for reproducible randomized workloads.
 //! - [`scsi_frontend`]: SCSI commands over the raw frontend's virtio-scsi request queue.
@@ -32,6 +33,7 @@ pub mod daemon;
 pub mod frontend;
 pub mod nspawn;
 pub mod prom;
+pub mod qfuzz;
 pub mod rng;
 pub mod scsi_frontend;
 pub mod vm;

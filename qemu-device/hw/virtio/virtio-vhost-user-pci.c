@@ -6,7 +6,8 @@
  *          structure after them (cfg_type 7)
  *   BAR 1  MSI-X table and PBA
  *   BAR 2  64-bit prefetchable memory: front-end memory, from offset 0
- *          (shared memory cap, id 1)
+ *          (shared memory cap, id 1); mapped only while the guest keeps the
+ *          BAR inside its physical address space
  *   BAR 4  modern virtio structures (common, ISR, device, notify)
  * The device is modern-only (PCI ID 1af4:106b).
  *
@@ -16,6 +17,8 @@
 #include "qemu/osdep.h"
 #include "qapi/error.h"
 #include "qemu/module.h"
+#include "qom/object.h"
+#include "hw/core/cpu.h"
 #include "hw/pci/msix.h"
 #include "hw/pci/pci.h"
 #include "hw/qdev-properties.h"
@@ -35,6 +38,8 @@ DECLARE_INSTANCE_CHECKER(VirtIOVhostUserPCI, VIRTIO_VHOST_USER_PCI,
 struct VirtIOVhostUserPCI {
     VirtIOPCIProxy parent_obj;
     VirtIOVhostUser vdev;
+    /* virtio-pci's config space write handler, which ours wraps. */
+    PCIConfigWriteFunc *parent_config_write;
 };
 
 struct vvu_doorbell_cap {
@@ -71,6 +76,46 @@ static void vvu_pci_notify(void *opaque, unsigned vector)
     if (msix_enabled(&proxy->pci_dev) && vector < proxy->nvectors) {
         msix_notify(&proxy->pci_dev, vector);
     }
+}
+
+/*
+ * One past the highest guest physical address the vCPUs can reach (the CPU's
+ * phys-bits), or 0 when the machine does not say.
+ */
+static uint64_t vvu_pci_addressable(void)
+{
+    uint64_t bits;
+
+    if (!first_cpu) {
+        return 0;
+    }
+    bits = object_property_get_uint(OBJECT(first_cpu), "phys-bits", NULL);
+    return bits && bits < 64 ? 1ull << bits : 0;
+}
+
+/*
+ * Front-end memory is mapped into the shared-memory BAR only while the BAR
+ * lies inside the guest's physical address space. Under KVM each mapped
+ * region becomes a memory slot, KVM refuses a slot beyond the guest's
+ * physical address width, and QEMU aborts when KVM refuses one
+ * (kvm_set_phys_mem); the guest may program the 64-bit BAR anywhere. Beyond
+ * that, the BAR reads as unassigned memory. Decided in the same memory
+ * transaction as the BAR move, so the out-of-range mapping never exists.
+ */
+static void vvu_pci_config_write(PCIDevice *pci_dev, uint32_t addr,
+                                 uint32_t val, int len)
+{
+    VirtIOVhostUserPCI *dev = VIRTIO_VHOST_USER_PCI(pci_dev);
+    VirtIOVhostUser *vvu = &dev->vdev;
+    uint64_t limit = vvu_pci_addressable();
+    pcibus_t bar;
+
+    memory_region_transaction_begin();
+    dev->parent_config_write(pci_dev, addr, val, len);
+    bar = pci_get_bar_addr(pci_dev, VIRTIO_VHOST_USER_SHM_BAR);
+    memory_region_set_enabled(&vvu->shm, bar == PCI_BAR_UNMAPPED || !limit ||
+                              (bar < limit && vvu->shm_size <= limit - bar));
+    memory_region_transaction_commit();
 }
 
 /* Adds a vendor-specific virtio capability (like virtio-pci's own). */
@@ -125,6 +170,9 @@ static void vvu_pci_realize(VirtIOPCIProxy *vpci_dev, Error **errp)
     if (!qdev_realize(DEVICE(vvu), BUS(&vpci_dev->bus), errp)) {
         return;
     }
+    /* virtio-pci installed its handler when the device was plugged. */
+    dev->parent_config_write = vpci_dev->pci_dev.config_write;
+    vpci_dev->pci_dev.config_write = vvu_pci_config_write;
 
     pci_register_bar(&vpci_dev->pci_dev, VIRTIO_VHOST_USER_AUX_BAR,
                      PCI_BASE_ADDRESS_SPACE_MEMORY, &vvu->aux);

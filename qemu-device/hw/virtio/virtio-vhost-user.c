@@ -416,6 +416,35 @@ static void vvu_regions_clear(VirtIOVhostUser *s)
 
 /* ---- kicks (front-end -> MSI-X) and doorbells (guest -> front-end) ------- */
 
+/*
+ * Whether fd is an eventfd. KVM takes nothing else as an ioeventfd, and QEMU
+ * aborts when KVM refuses one; a kick fd that is not an eventfd would keep the
+ * main loop spinning (a pipe at EOF is always readable).
+ */
+static bool vvu_is_eventfd(int fd)
+{
+    char link[32], target[32];
+    struct stat st;
+    ssize_t n;
+
+    /*
+     * An eventfd is an anonymous inode, without a file type (pipes, sockets,
+     * files and devices have one).
+     */
+    if (fstat(fd, &st) < 0 || (st.st_mode & S_IFMT) != 0) {
+        return false;
+    }
+    /* Other anonymous inodes (timerfd, epoll, ...) differ only in the link. */
+    snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+    n = readlink(link, target, sizeof(target) - 1);
+    if (n < 0) {
+        /* No procfs: the file type check is all there is. */
+        return errno == ENOENT && access("/proc/self/fd", F_OK) < 0;
+    }
+    target[n] = '\0';
+    return strcmp(target, "anon_inode:[eventfd]") == 0;
+}
+
 static void vvu_kick_handler(EventNotifier *e)
 {
     VirtIOVhostUserKick *k = container_of(e, VirtIOVhostUserKick, notifier);
@@ -735,6 +764,12 @@ static VVUAction vvu_vring_fd(VirtIOVhostUser *s, Error **errp)
     if (fd < 0) {
         error_setg(errp, "vring fd message without a file descriptor");
         return VVU_PROTOCOL_ERROR;
+    }
+    if (!vvu_is_eventfd(fd)) {
+        close(fd);
+        error_setg(errp, "the file descriptor for vring %u is not an eventfd",
+                   idx);
+        return VVU_REFUSE;
     }
     switch (request) {
     case VU_SET_VRING_KICK:
