@@ -32,7 +32,7 @@ echo "== build (the end-to-end tests run the daemon binary)"
 echo "   and the daemon with the fault-injecting engine (tests/tests/inflight.rs)"
 bash tests/scripts/build-fault-daemon.sh
 cargo build --workspace --bins --locked
-echo "== guest-side fuzzing of the QEMU device (ASan build cached by content hash, 3-5 min when built; regression traces; 90 s of vvu-fuzz)"
+echo "== guest-side fuzzing of the QEMU device (ASan build cached by content hash, 3-5 min when built; regression traces; 60 s of vvu-fuzz)"
 bash tests/scripts/qemu-fuzz.sh
 echo "== tests (both tiers: \`cargo test\` alone runs only the fast one)"
 cargo test --workspace --locked --no-fail-fast -- --include-ignored

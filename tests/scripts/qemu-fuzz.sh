@@ -2,7 +2,7 @@
 # The fuzz step for the virtio-vhost-user QEMU device (issue 19), from the hostile appliance
 # guest's side: takes QEMU built with ASan+UBSan from the cache (qemu-device/build.sh --asan;
 # about 5 minutes when it has to be built), replays the regression traces in
-# qemu-device/tests/regressions/, then fuzzes for VVU_FUZZ_SECONDS (default 90) with a random
+# qemu-device/tests/regressions/, then fuzzes for VVU_FUZZ_SECONDS (default 60) with a random
 # seed (VVU_FUZZ_SEED to repeat one) and prints how much it executed.
 #
 # Writes $VVU_FUZZ_OUT (default target/vvu-fuzz): summary.json, summary.tsv, and a trace
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 out="${VVU_FUZZ_OUT:-target/vvu-fuzz}"
-seconds="${VVU_FUZZ_SECONDS:-90}"
+seconds="${VVU_FUZZ_SECONDS:-60}"
 seed="${VVU_FUZZ_SEED:-$(od -An -N8 -tu8 /dev/urandom | tr -d ' ')}"
 mkdir -p "$out"
 
