@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use targets::blk::{BlkDevice, BlkQueue, BlkSettings};
-use targets::disk::{DiskSpec, Format};
+use targets::disk::Format;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -47,22 +47,14 @@ const FIXTURES: [(Format, bool, bool, u32, u16); 4] = [
 
 fn fixture(index: usize) -> Fixture {
     let (format, direct, readonly, lbs, queue_size) = FIXTURES[index];
-    let path = scratch::dir().join(format!("blk{index}.img"));
-    if readonly {
-        let data: Vec<u8> = (0..DISK_SIZE).map(|i| (i % 251) as u8).collect();
-        if let Err(e) = std::fs::write(&path, data) {
-            harness_failure("read-only disk", e);
-        }
-    }
-    let disk = targets::disk::open(&DiskSpec {
-        path,
+    let disk = scratch::disk(
+        &format!("blk{index}.img"),
         format,
-        readonly,
         direct,
-        create: Some((DISK_SIZE, None)),
-        rbd: None,
-    })
-    .unwrap_or_else(|e| harness_failure("disk", e));
+        readonly,
+        DISK_SIZE,
+        251,
+    );
     let settings = BlkSettings {
         logical_block_size: lbs,
         readonly,

@@ -3,7 +3,9 @@
 //! real but never touches a disk; removed when the process exits normally.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+
+use targets::disk::{Disk, DiskSpec, Format};
 
 use crate::ring::harness_failure;
 
@@ -36,4 +38,33 @@ pub fn dir() -> &'static Path {
         unsafe { libc::atexit(remove_dir) };
         dir
     })
+}
+
+/// A disk of `size` bytes in the scratch folder, opened through `targets::disk::open`. A
+/// read-only one is first filled with bytes `i % modulus` (so reads return known data); a
+/// writable one is created.
+pub fn disk(
+    name: &str,
+    format: Format,
+    direct: bool,
+    readonly: bool,
+    size: u64,
+    modulus: u64,
+) -> Arc<dyn Disk> {
+    let path = dir().join(name);
+    if readonly {
+        let data: Vec<u8> = (0..size).map(|i| (i % modulus) as u8).collect();
+        if let Err(e) = std::fs::write(&path, data) {
+            harness_failure("read-only disk", e);
+        }
+    }
+    targets::disk::open(&DiskSpec {
+        path,
+        format,
+        readonly,
+        direct,
+        create: Some((size, None)),
+        rbd: None,
+    })
+    .unwrap_or_else(|e| harness_failure("disk", e))
 }

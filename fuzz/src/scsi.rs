@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use targets::device::{Completed, QueueHandler, VirtioDevice};
-use targets::disk::{Disk, DiskSpec, Format};
+use targets::disk::{Disk, Format};
 use targets::guest::GuestRam;
 use targets::scsi::emulation::{data_out_to_gather, report_luns, Lun, LunSettings};
 use targets::scsi::sense::Sense;
@@ -78,22 +78,14 @@ fn base() -> &'static Base {
             .iter()
             .map(
                 |&(id, format, direct, readonly, block_size, write_cache, discard)| {
-                    let path = scratch::dir().join(format!("lun{id}.img"));
-                    if readonly {
-                        let data: Vec<u8> = (0..DISK_SIZE).map(|i| (i % 253) as u8).collect();
-                        if let Err(e) = std::fs::write(&path, data) {
-                            harness_failure("read-only LUN", e);
-                        }
-                    }
-                    let disk = targets::disk::open(&DiskSpec {
-                        path,
+                    let disk = scratch::disk(
+                        &format!("lun{id}.img"),
                         format,
-                        readonly,
                         direct,
-                        create: Some((DISK_SIZE, None)),
-                        rbd: None,
-                    })
-                    .unwrap_or_else(|e| harness_failure("LUN disk", e));
+                        readonly,
+                        DISK_SIZE,
+                        253,
+                    );
                     let settings = LunSettings {
                         block_size,
                         blocks: DISK_SIZE / u64::from(block_size),
