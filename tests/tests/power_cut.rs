@@ -13,7 +13,7 @@
 //!
 //! - on the host, a copy of the config drive gets its journal replayed (`e2fsck`), and the
 //!   images dumped from it hold every acknowledged record; `qemu-img check` finds the qcow2
-//!   image clean;
+//!   image clean or with leaked clusters only (reclaimed by `-r leaks`), never corrupt;
 //! - the appliance VM is started again on the same drive, the consumer reconnects
 //!   (`reconnect-ms`) and reads every acknowledged record back through the daemon.
 
@@ -210,10 +210,28 @@ fn acknowledged_writes_survive_a_power_cut_of_the_appliance_vm() {
     // What is on the host file.
     let dumps = scratch_dir();
     dump_images(&sockets.path().join("config.img"), dumps.path());
+    // Clean, or leaked clusters only: a cut between a cluster's refcount update and the L2
+    // entry that would use it leaves the cluster allocated but unused (the qcow2 crash model;
+    // QEMU's own driver leaves the same). Leaks are reclaimed with `-r leaks`; anything else
+    // (exit 2: corruption) fails.
+    let qcow2 = dumps.path().join("qcowwb.qcow2");
     let check = run(Command::new("qemu-img")
         .args(["check", "-f", "qcow2"])
-        .arg(dumps.path().join("qcowwb.qcow2")));
-    assert_eq!(check.status.code(), Some(0), "qemu-img check is not clean");
+        .arg(&qcow2));
+    match check.status.code() {
+        Some(0) => {}
+        Some(3) => {
+            let repair = run(Command::new("qemu-img")
+                .args(["check", "-r", "leaks", "-f", "qcow2"])
+                .arg(&qcow2));
+            assert_eq!(
+                repair.status.code(),
+                Some(0),
+                "leaks were not all reclaimed"
+            );
+        }
+        other => panic!("qemu-img check found the qcow2 image damaged: {other:?}"),
+    }
     let qraw = dumps.path().join("qcowwb.raw");
     let convert = run(Command::new("qemu-img")
         .args(["convert", "-f", "qcow2", "-O", "raw"])
