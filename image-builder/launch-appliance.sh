@@ -19,7 +19,9 @@
 #   --config-drive IMG       ext4 image holding exports.yaml and the backing images; the VM
 #                            sees it as the virtio-blk disk with serial appliance-config
 #                            (make one with make-config-drive)
-#   --vvu SOCKET[,uuid=U]    add a virtio-vhost-user device serving SOCKET
+#   --vvu SOCKET[,uuid=U]    add a virtio-vhost-user device serving SOCKET (any further
+#                            PROP=VALUE after the socket goes to the device as well, e.g.
+#                            the test hook x-recv-delay-ms=N)
 #   --memory MIB             appliance VM RAM (default 1024)
 #   --cpus N                 vCPUs (default 2)
 #   --max-vhost-queues N     vrings per device (default 8; a scsi export uses num_queues+2)

@@ -29,6 +29,9 @@ use appliance_tests::daemon::{scratch_dir, Appliance};
 use appliance_tests::vm::{Vm, VmOptions};
 use serde_json::json;
 
+/// How long the slow device of [`first_scsi_consumer_of_a_fresh_appliance_vm`] holds each
+/// read from its socket that carries fds.
+const SLOW_DEVICE_MS: u32 = 20;
 const MINUTE: Duration = Duration::from_secs(60);
 
 const HOST_EXPORTS: &str = "\
@@ -85,12 +88,14 @@ impl Server {
     }
 
     fn appliance_vm() -> Server {
+        Server::appliance_vm_with(VvuSocket::at("scsi0.sock"))
+    }
+
+    /// The appliance VM with the scsi export's device as given.
+    fn appliance_vm_with(scsi: VvuSocket) -> Server {
         let sockets = scratch_dir();
-        let mut options = ApplianceVmOptions::new(
-            VM_EXPORTS,
-            vec![VvuSocket::at("vol0.sock"), VvuSocket::at("scsi0.sock")],
-            2,
-        );
+        let mut options =
+            ApplianceVmOptions::new(VM_EXPORTS, vec![VvuSocket::at("vol0.sock"), scsi], 2);
         // The launcher's default, as a user starts it.
         options.shm_size = "4G".into();
         let vm = appliance_vm::start(sockets.path(), &options);
@@ -382,15 +387,24 @@ fn appliance_vm_sessions_blk_and_scsi() {
     run_matrix(&mut Server::appliance_vm(), &[Kind::Scsi, Kind::Blk]);
 }
 
-/// The first consumer of a freshly started appliance VM (where one of the first-scan hangs
-/// of issue #18 was seen): a scsi consumer at boot passes the guest checks and powers off.
+/// The first consumer of a freshly started appliance VM, where issue #18's first-scan hangs
+/// were seen: a scsi consumer at boot passes the guest checks and powers off.
 /// `SESSION_MATRIX_FRESH_ROUNDS=N` starts N appliance VMs in turn.
+///
+/// The hangs were the consumer's QEMU blocked for good in a read of its own masked call
+/// notifier, which the device's socket chardev had just made blocking (see
+/// `vvu_fd_flags.rs`). To aim at that moment, the device holds every read from the
+/// consumer's socket that carries fds for [`SLOW_DEVICE_MS`] (`x-recv-delay-ms`), as a
+/// preempted QEMU main loop would: the consumer goes on (SET_VRING_CALL needs no reply) and
+/// reads its masked call notifier while the device holds the message that carried it.
 #[test]
 #[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn first_scsi_consumer_of_a_fresh_appliance_vm() {
     for round in 1..=rounds("SESSION_MATRIX_FRESH_ROUNDS") {
         eprintln!("session matrix: fresh appliance VM {round}");
-        let mut server = Server::appliance_vm();
+        let mut server = Server::appliance_vm_with(
+            VvuSocket::at("scsi0.sock").with_property(&format!("x-recv-delay-ms={SLOW_DEVICE_MS}")),
+        );
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut consumer = Consumer::boot(&server, Kind::Scsi, 1, false, false);
             consumer.check(&mut Vec::new(), "first consumer of the appliance VM");

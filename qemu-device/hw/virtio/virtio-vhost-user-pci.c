@@ -25,6 +25,7 @@
 #include "hw/virtio/virtio-pci.h"
 #include "hw/virtio/virtio-vhost-user.h"
 #include "standard-headers/linux/virtio_pci.h"
+#include "trace.h"
 
 #define VIRTIO_VHOST_USER_AUX_BAR 0
 #define VIRTIO_VHOST_USER_SHM_BAR 2
@@ -74,7 +75,13 @@ static void vvu_pci_notify(void *opaque, unsigned vector)
 
     /* Vectors are range-checked when the driver maps them. */
     if (msix_enabled(&proxy->pci_dev) && vector < proxy->nvectors) {
+        if (msix_is_masked(&proxy->pci_dev, vector)) {
+            /* Left pending in the PBA until the driver unmasks it. */
+            trace_vvu_pci_notify_held(vector, 1, 1);
+        }
         msix_notify(&proxy->pci_dev, vector);
+    } else {
+        trace_vvu_pci_notify_held(vector, msix_enabled(&proxy->pci_dev), 0);
     }
 }
 

@@ -37,6 +37,8 @@
 #include "hw/virtio/virtio.h"
 #include "hw/virtio/virtio-vhost-user.h"
 #include "migration/vmstate.h"
+#include "chardev/char-socket.h"
+#include "trace.h"
 #include "exec/memory.h"
 
 /* vhost-user requests (docs/interop/vhost-user.rst). */
@@ -453,7 +455,13 @@ static void vvu_kick_handler(EventNotifier *e)
     if (!event_notifier_test_and_clear(e)) {
         return;
     }
-    if (k->vector != VIRTIO_NO_VECTOR && s->transport.notify) {
+    if (!k->kicked) {
+        k->kicked = true;
+        trace_vvu_kick_first(k - s->kicks, k->vector);
+    }
+    if (k->vector == VIRTIO_NO_VECTOR) {
+        trace_vvu_kick_unrouted(k - s->kicks);
+    } else if (s->transport.notify) {
         s->transport.notify(s->transport.opaque, k->vector);
     }
 }
@@ -463,6 +471,7 @@ static void vvu_kick_unwire(VirtIOVhostUser *s, unsigned idx)
     VirtIOVhostUserKick *k = &s->kicks[idx];
 
     if (k->wired) {
+        trace_vvu_kick_unwire(idx);
         event_notifier_set_handler(&k->notifier, NULL);
         event_notifier_cleanup(&k->notifier);
         k->wired = false;
@@ -474,9 +483,11 @@ static void vvu_kick_wire(VirtIOVhostUser *s, unsigned idx, int fd)
     VirtIOVhostUserKick *k = &s->kicks[idx];
 
     vvu_kick_unwire(s, idx);
+    trace_vvu_kick_wire(idx, fd);
     event_notifier_init_fd(&k->notifier, fd);
     event_notifier_set_handler(&k->notifier, vvu_kick_handler);
     k->wired = true;
+    k->kicked = false;
 }
 
 static void vvu_doorbell_unwire(VirtIOVhostUser *s, unsigned db)
@@ -591,6 +602,7 @@ static void vvu_notification_write(void *opaque, hwaddr addr, uint64_t val,
             /* Read back as unmapped: the driver will poll this queue. */
             k->vector = VIRTIO_NO_VECTOR;
         }
+        trace_vvu_notification_vector(s->notification_select, k->vector);
         return;
     default:
         return;
@@ -1076,6 +1088,7 @@ static void vvu_process_msg(VirtIOVhostUser *s)
     Error *err = NULL;
     uint32_t request = vvu_msg_request(s->msg);
 
+    trace_vvu_msg(request, vvu_msg_size(s->msg), s->msg_nfds);
     switch (vvu_intercept(s, &err)) {
     case VVU_FORWARD:
         s->msg_ready = true;
@@ -1123,14 +1136,15 @@ static void vvu_read(void *opaque, const uint8_t *buf, int size)
     int nfds, want = vvu_can_read(s);
 
     nfds = qemu_chr_fe_get_msgfds(&s->chr, fds, ARRAY_SIZE(fds));
+    if (nfds > 0 && s->recv_delay_ms) {
+        g_usleep(s->recv_delay_ms * 1000ull);
+    }
     for (int i = 0; i < nfds; i++) {
         /*
-         * The socket chardev makes every received fd blocking, and O_NONBLOCK
-         * lives in the open file description the front-end shares: its own
-         * reads of the eventfds it sent (QEMU's event_notifier_test_and_clear
-         * on a vring's masked notifier) would then block forever. The
-         * front-end's eventfds are non-blocking, and so is all this device
-         * does with them; restore the flag.
+         * The chardev leaves the fds as the front-end made them (see realize).
+         * This device never blocks on them: its reads are of eventfds that
+         * poll reported readable, which only a non-blocking fd makes safe if
+         * the front-end reads the same eventfd. QEMU's eventfds already are.
          */
         qemu_socket_set_nonblock(fds[i]);
         if (s->msg_nfds < VIRTIO_VHOST_USER_MAX_FDS) {
@@ -1239,6 +1253,7 @@ static void vvu_handle_tx(VirtIODevice *vdev, VirtQueue *vq)
                 break;
             }
         }
+        trace_vvu_reply(request, len - VU_HDR_SIZE);
         if (s->connected) {
             qemu_chr_fe_write_all(&s->chr, buf, len);
         }
@@ -1358,6 +1373,7 @@ static void vvu_reset(VirtIODevice *vdev)
 {
     VirtIOVhostUser *s = VIRTIO_VHOST_USER(vdev);
 
+    trace_vvu_reset();
     vvu_disconnect(s, true);
     s->status = 0;
     s->awaiting_ack = false;
@@ -1420,6 +1436,20 @@ static void vvu_device_realize(DeviceState *dev, Error **errp)
     memory_region_init(&s->shm, OBJECT(s), "virtio-vhost-user-shm",
                        s->shm_size);
 
+    /*
+     * The front-end's eventfds arrive by SCM_RIGHTS and share their open file
+     * description, O_NONBLOCK included, with the front-end. QEMU's socket
+     * channel and chardev make received fds blocking; for the moment until
+     * vvu_read restored the flag, a front-end reading its own eventfd (QEMU
+     * tests a vring's masked call notifier right after it sent it, with the
+     * BQL held) blocked for good: the consumer VM froze in its first SCSI scan
+     * (issue #18). Patch 0002 lets the chardev leave the flags alone.
+     */
+    if (object_dynamic_cast(OBJECT(qemu_chr_fe_get_driver(&s->chr)),
+                            TYPE_CHARDEV_SOCKET)) {
+        SOCKET_CHARDEV(qemu_chr_fe_get_driver(&s->chr))->keep_msgfd_flags =
+            true;
+    }
     qemu_chr_fe_set_handlers(&s->chr, vvu_can_read, vvu_read, vvu_chr_event,
                              NULL, s, NULL, true);
 }
@@ -1454,6 +1484,11 @@ static const Property virtio_vhost_user_properties[] = {
     DEFINE_PROP_UINT32("queue-size", VirtIOVhostUser, queue_size, 128),
     DEFINE_PROP_SIZE("shm-size", VirtIOVhostUser, shm_size, 16 * GiB),
     DEFINE_PROP_UUID("uuid", VirtIOVhostUser, uuid),
+    /*
+     * Test hook: milliseconds to hold each read from the front-end's socket
+     * that carried file descriptors, before the device handles them.
+     */
+    DEFINE_PROP_UINT32("x-recv-delay-ms", VirtIOVhostUser, recv_delay_ms, 0),
 };
 
 static void virtio_vhost_user_class_init(ObjectClass *klass, void *data)

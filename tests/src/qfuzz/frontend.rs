@@ -206,6 +206,15 @@ impl FakeFrontend {
         Ok(send)
     }
 
+    /// A second descriptor of the eventfd or memfd `id` the front-end created (same open
+    /// file description, so the same file status flags); None if it has none by that id.
+    pub fn dup_fd(&self, id: u32) -> Option<File> {
+        match self.kept.get(&id)? {
+            Kept::Memfd(f) | Kept::Eventfd(f) => f.try_clone().ok(),
+            Kept::Other => None,
+        }
+    }
+
     /// Sends `bytes` with the fds `fds` describes (created now). Without a connection, the
     /// fds are still created (later lines may name them) and nothing is sent.
     pub fn send(&mut self, bytes: &[u8], fds: &[FdSpec]) -> std::io::Result<()> {

@@ -94,6 +94,7 @@ fn random_params(rng: &mut Rng, kvm: bool) -> DeviceParams {
         shm_size: pick(rng, &[2 << 20, 64 << 20, 1 << 30, 1 << 30, 16 << 30]),
         kvm: kvm && rng.below(2) == 0,
         devices,
+        recv_delay_ms: 0,
     };
     if devices > 1 {
         // Two shared-memory BARs must fit q35's 32 GiB 64-bit hole.

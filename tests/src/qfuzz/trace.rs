@@ -40,6 +40,9 @@ pub struct DeviceParams {
     /// Run under KVM (`-accel kvm -S`: no vCPU runs, but memory listeners, ioeventfds and
     /// MSI routes are KVM's, as in the appliance) instead of `-accel qtest`.
     pub kvm: bool,
+    /// `x-recv-delay-ms`: milliseconds the device holds each read from its socket that
+    /// carried fds before handling them (0: off; only regression tests set it).
+    pub recv_delay_ms: u32,
 }
 
 impl Default for DeviceParams {
@@ -50,6 +53,7 @@ impl Default for DeviceParams {
             shm_size: 1 << 30,
             kvm: false,
             devices: 1,
+            recv_delay_ms: 0,
         }
     }
 }
@@ -57,14 +61,18 @@ impl Default for DeviceParams {
 impl DeviceParams {
     /// The `# params` line.
     pub fn header(&self) -> String {
-        format!(
+        let mut line = format!(
             "# params max-vhost-queues={} queue-size={} shm-size={} accel={} devices={}",
             self.max_vhost_queues,
             self.queue_size,
             self.shm_size,
             if self.kvm { "kvm" } else { "qtest" },
             self.devices
-        )
+        );
+        if self.recv_delay_ms != 0 {
+            line.push_str(&format!(" recv-delay-ms={}", self.recv_delay_ms));
+        }
+        line
     }
 
     /// Parses a `# params` line; None if `line` is not one.
@@ -79,6 +87,7 @@ impl DeviceParams {
                 "shm-size" => p.shm_size = v.parse().ok()?,
                 "accel" => p.kvm = v == "kvm",
                 "devices" => p.devices = v.parse().ok()?,
+                "recv-delay-ms" => p.recv_delay_ms = v.parse().ok()?,
                 _ => return None,
             }
         }
@@ -415,6 +424,7 @@ mod tests {
                 shm_size: 1 << 21,
                 kvm: true,
                 devices: 2,
+                recv_delay_ms: 40,
             },
             notes: vec!["# a note".into()],
             actions,

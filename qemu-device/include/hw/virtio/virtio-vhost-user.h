@@ -79,6 +79,7 @@ typedef struct VirtIOVhostUserKick {
     EventNotifier notifier;
     struct VirtIOVhostUser *owner;
     bool wired;
+    bool kicked;                /* a kick arrived since wired (for tracing) */
     uint16_t vector;            /* VIRTIO_NO_VECTOR when unmapped */
 } VirtIOVhostUserKick;
 
@@ -95,6 +96,7 @@ struct VirtIOVhostUser {
     uint32_t max_vhost_queues;
     uint32_t queue_size;
     uint64_t shm_size;
+    uint32_t recv_delay_ms;     /* x-recv-delay-ms: test hook, 0 = off */
     QemuUUID uuid;
 
     VirtQueue *rxq;
