@@ -36,6 +36,8 @@
 #                            appliance's management network; set metrics.listen to
 #                            0.0.0.0:9410 in exports.yaml)
 #   --log-level LEVEL        the daemon's log level (default info)
+#   --trace EVENTS           QEMU trace events to log to stderr, e.g. 'vvu_*' for what
+#                            passes through the virtio-vhost-user devices (repeatable)
 #   --dry-run                print the QEMU command line instead of running it
 #
 # Inside the VM the daemon starts on /config/exports.yaml and logs to
@@ -61,7 +63,7 @@ fi
 
 config_drive="" memory=1024 cpus=2 max_queues=8 shm_size=4G serial=stdio qmp=""
 image="" qemu="" accel="" dry_run=0 log_level=info metrics_port=""
-vvus=()
+vvus=() traces=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --config-drive) config_drive="$2"; shift 2 ;;
@@ -77,6 +79,7 @@ while [ $# -gt 0 ]; do
         --accel) accel="$2"; shift 2 ;;
         --log-level) log_level="$2"; shift 2 ;;
         --metrics-port) metrics_port="$2"; shift 2 ;;
+        --trace) traces+=(-trace "$2"); shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
@@ -129,6 +132,7 @@ case "$serial" in
     *) die "--serial takes stdio or unix:PATH" ;;
 esac
 [ -z "$qmp" ] || args+=(-qmp "unix:$qmp,server=on,wait=off")
+args+=("${traces[@]}")
 if [ -n "$metrics_port" ]; then
     # restrict=on: the VM reaches nothing; only the forward reaches the VM.
     # shellcheck disable=SC2054

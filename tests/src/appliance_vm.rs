@@ -65,6 +65,8 @@ pub struct ApplianceVmOptions {
     /// Boot from the config drive an earlier VM left (`config.img`), as a restart after a
     /// power cut does, instead of making a new one from `exports`.
     pub reuse_config_drive: bool,
+    /// QEMU trace events the appliance VM's QEMU logs to its log (`--trace`), e.g. `vvu_*`.
+    pub trace: Vec<String>,
 }
 
 impl ApplianceVmOptions {
@@ -79,6 +81,7 @@ impl ApplianceVmOptions {
             memory_mib: 768,
             log_level: None,
             reuse_config_drive: false,
+            trace: Vec::new(),
         }
     }
 }
@@ -139,6 +142,9 @@ pub fn start(sockets: &Path, options: &ApplianceVmOptions) -> Vm {
         }));
     if let Some(port) = options.metrics_port {
         cmd.arg("--metrics-port").arg(port.to_string());
+    }
+    for events in &options.trace {
+        cmd.arg("--trace").arg(events);
     }
     cmd.arg("--serial")
         .arg(format!(

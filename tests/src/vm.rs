@@ -333,7 +333,12 @@ impl Vm {
             );
             Ok(vm)
         } else {
-            Err(format!("{}\n{}", vm.console.transcript(), vm.process.log()))
+            Err(format!(
+                "{}\n{}\n---- qemu threads ----\n{}",
+                vm.console.transcript(),
+                vm.process.log(),
+                thread_states(vm.process.pid())
+            ))
         }
     }
 
@@ -404,6 +409,11 @@ impl Vm {
         self.process.log()
     }
 
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// True while QEMU is still running.
     pub fn is_running(&mut self) -> bool {
         self.process.try_wait().is_none()
@@ -415,11 +425,47 @@ impl Drop for Vm {
         if std::thread::panicking() {
             let tail = self.console.transcript_tail(4000);
             eprintln!(
-                "---- guest serial (tail) ----\n{tail}\n---- qemu ----\n{}",
-                self.process.log()
+                "---- guest serial (tail) ----\n{tail}\n---- qemu ----\n{}\n---- qemu threads ----\n{}",
+                self.process.log(),
+                thread_states(self.process.pid())
             );
         }
     }
+}
+
+/// One line per thread of process `pid`: id, name, state, kernel wait channel and the
+/// system call it is in (`/proc/PID/task/TID/syscall`: number and arguments), so a QEMU
+/// thread blocked for good shows where (a `read` of an eventfd, a mutex...).
+pub fn thread_states(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(process {pid} is gone)");
+    };
+    let mut lines: Vec<String> = tasks
+        .flatten()
+        .map(|t| {
+            let read = |f: &str| {
+                std::fs::read_to_string(t.path().join(f))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            let stat = read("stat");
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?")
+                .to_string();
+            format!(
+                "{} {} {state} wchan={} syscall={}",
+                t.file_name().to_string_lossy(),
+                read("comm"),
+                read("wchan"),
+                read("syscall")
+            )
+        })
+        .collect();
+    lines.sort();
+    lines.join("\n")
 }
 
 /// A QMP client.

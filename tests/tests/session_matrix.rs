@@ -29,9 +29,15 @@ use appliance_tests::daemon::{scratch_dir, Appliance};
 use appliance_tests::vm::{Vm, VmOptions};
 use serde_json::json;
 
-/// How long the slow device of [`first_scsi_consumer_of_a_fresh_appliance_vm`] holds each
-/// read from its socket that carries fds.
-const SLOW_DEVICE_MS: u32 = 20;
+/// QEMU trace events every consumer logs (printed only with a failure).
+const CONSUMER_TRACE: [&str; 6] = [
+    "vhost_user_write",
+    "vhost_user_read",
+    "vhost_dev_start",
+    "vhost_dev_stop",
+    "virtio_set_status",
+    "virtio_pci_notify_write",
+];
 const MINUTE: Duration = Duration::from_secs(60);
 
 const HOST_EXPORTS: &str = "\
@@ -88,14 +94,18 @@ impl Server {
     }
 
     fn appliance_vm() -> Server {
-        Server::appliance_vm_with(VvuSocket::at("scsi0.sock"))
+        Server::appliance_vm_tracing(&[])
     }
 
-    /// The appliance VM with the scsi export's device as given.
-    fn appliance_vm_with(scsi: VvuSocket) -> Server {
+    /// The appliance VM, its QEMU logging the trace events `trace` (e.g. `vvu_*`).
+    fn appliance_vm_tracing(trace: &[&str]) -> Server {
         let sockets = scratch_dir();
-        let mut options =
-            ApplianceVmOptions::new(VM_EXPORTS, vec![VvuSocket::at("vol0.sock"), scsi], 2);
+        let mut options = ApplianceVmOptions::new(
+            VM_EXPORTS,
+            vec![VvuSocket::at("vol0.sock"), VvuSocket::at("scsi0.sock")],
+            2,
+        );
+        options.trace = trace.iter().map(|t| t.to_string()).collect();
         // The launcher's default, as a user starts it.
         options.shm_size = "4G".into();
         let vm = appliance_vm::start(sockets.path(), &options);
@@ -162,15 +172,21 @@ impl Consumer {
         let socket = server.socket(kind);
         let id = "d0".to_string();
         let bus = if hotplug { ",bus=hp0" } else { "" };
+        let mut extra_args = vec![
+            "-chardev".into(),
+            format!("socket,id={id},path={}", socket.display()),
+            "-device".into(),
+            format!("{}{bus}", device_properties(kind, &id, queues)),
+        ];
+        // Into QEMU's log, which a failure prints: the vhost-user messages, status changes,
+        // and kicks that reached QEMU's MMIO handler instead of the ioeventfd.
+        for event in CONSUMER_TRACE {
+            extra_args.extend(["-trace".to_string(), event.to_string()]);
+        }
         let vm = Vm::boot(&VmOptions {
             hotplug_ports: 1,
             allow_reboot,
-            extra_args: vec![
-                "-chardev".into(),
-                format!("socket,id={id},path={}", socket.display()),
-                "-device".into(),
-                format!("{}{bus}", device_properties(kind, &id, queues)),
-            ],
+            extra_args,
             ..VmOptions::default()
         });
         Consumer {
@@ -389,22 +405,16 @@ fn appliance_vm_sessions_blk_and_scsi() {
 
 /// The first consumer of a freshly started appliance VM, where issue #18's first-scan hangs
 /// were seen: a scsi consumer at boot passes the guest checks and powers off.
-/// `SESSION_MATRIX_FRESH_ROUNDS=N` starts N appliance VMs in turn.
-///
-/// The hangs were the consumer's QEMU blocked for good in a read of its own masked call
-/// notifier, which the device's socket chardev had just made blocking (see
-/// `vvu_fd_flags.rs`). To aim at that moment, the device holds every read from the
-/// consumer's socket that carries fds for [`SLOW_DEVICE_MS`] (`x-recv-delay-ms`), as a
-/// preempted QEMU main loop would: the consumer goes on (SET_VRING_CALL needs no reply) and
-/// reads its masked call notifier while the device holds the message that carried it.
+/// `SESSION_MATRIX_FRESH_ROUNDS=N` starts N appliance VMs in turn. The appliance VM's QEMU
+/// traces what passes through its devices (`vvu_*`) and the consumer's QEMU its vhost-user
+/// messages, status changes and kicks that miss the ioeventfd: a failure prints both logs
+/// and the consumer QEMU's threads (a thread blocked for good shows its system call).
 #[test]
 #[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn first_scsi_consumer_of_a_fresh_appliance_vm() {
     for round in 1..=rounds("SESSION_MATRIX_FRESH_ROUNDS") {
         eprintln!("session matrix: fresh appliance VM {round}");
-        let mut server = Server::appliance_vm_with(
-            VvuSocket::at("scsi0.sock").with_property(&format!("x-recv-delay-ms={SLOW_DEVICE_MS}")),
-        );
+        let mut server = Server::appliance_vm_tracing(&["vvu_*"]);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut consumer = Consumer::boot(&server, Kind::Scsi, 1, false, false);
             consumer.check(&mut Vec::new(), "first consumer of the appliance VM");
@@ -412,6 +422,12 @@ fn first_scsi_consumer_of_a_fresh_appliance_vm() {
         }));
         if let Err(panic) = result {
             eprintln!("appliance VM after the failure:\n{}", server.log());
+            if let Server::ApplianceVm { vm, .. } = &server {
+                let log = vm.qemu_log();
+                let tail: Vec<&str> = log.lines().rev().take(400).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                eprintln!("appliance VM's QEMU (last 400 lines):\n{}", tail.join("\n"));
+            }
             std::panic::resume_unwind(panic);
         }
         server.assert_serving("the first consumer");

@@ -1,12 +1,13 @@
 //! The virtio-vhost-user-pci device leaves the file descriptors a front-end sends as the
-//! front-end made them (issue #18's consumer freeze).
+//! front-end made them.
 //!
 //! An eventfd sent by SCM_RIGHTS shares its open file description, O_NONBLOCK included,
 //! with the front-end. QEMU's socket channel and chardev clear O_NONBLOCK on every fd they
-//! receive, and the device used to set it again a moment later. A stock QEMU consumer reads a vring's
-//! masked call notifier right after sending it (`vhost_virtqueue_pending`, with the BQL
-//! held): when that read fell into the moment, it blocked for good and the consumer VM froze
-//! in its first SCSI scan. The device now has the chardev keep the flags.
+//! receive, and the device used to set it again a moment later. A stock QEMU consumer with
+//! KVM irqfds sends a vring's masked call notifier on each MSI-X mask and reads it on the
+//! unmask right after (`vhost_virtqueue_pending`, with the BQL held): a read in that moment
+//! would block for good and freeze the consumer VM. The device now has the chardev keep the
+//! flags.
 //!
 //! The moment is microseconds long, so the test widens it: the patched QEMU (normal build,
 //! `-accel qtest`, no guest) holds each read from the socket that carried fds for [`HOLD`]

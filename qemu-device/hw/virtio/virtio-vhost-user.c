@@ -1440,10 +1440,12 @@ static void vvu_device_realize(DeviceState *dev, Error **errp)
      * The front-end's eventfds arrive by SCM_RIGHTS and share their open file
      * description, O_NONBLOCK included, with the front-end. QEMU's socket
      * channel and chardev make received fds blocking; for the moment until
-     * vvu_read restored the flag, a front-end reading its own eventfd (QEMU
-     * tests a vring's masked call notifier right after it sent it, with the
-     * BQL held) blocked for good: the consumer VM froze in its first SCSI scan
-     * (issue #18). Patch 0002 lets the chardev leave the flags alone.
+     * vvu_read restored the flag, a front-end reading its own eventfd blocked
+     * for good if nothing was pending. QEMU does that with the BQL held: with
+     * KVM irqfds, every MSI-X mask/unmask of a vring's vector sends the masked
+     * call notifier, then the guest's, then reads the masked one
+     * (vhost_virtqueue_pending), and the whole consumer VM would freeze.
+     * Patch 0002 lets the chardev leave the flags alone.
      */
     if (object_dynamic_cast(OBJECT(qemu_chr_fe_get_driver(&s->chr)),
                             TYPE_CHARDEV_SOCKET)) {
