@@ -599,3 +599,41 @@ impl Qmp {
         self.execute("chardev-remove", json!({ "id": id }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    #[test]
+    fn thread_states_show_a_thread_blocked_in_read() {
+        let (ours, theirs) = nix::unistd::pipe().unwrap();
+        let mut ours = std::fs::File::from(ours);
+        let reader = std::thread::Builder::new()
+            .name("blocked-reader".into())
+            .spawn(move || {
+                let mut byte = [0u8; 1];
+                ours.read(&mut byte).unwrap()
+            })
+            .unwrap();
+        // read(2) is system call 0 on x86_64, 63 on aarch64.
+        let read_nr = if cfg!(target_arch = "aarch64") {
+            "63"
+        } else {
+            "0"
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let line = loop {
+            let states = super::thread_states(std::process::id());
+            if let Some(line) = states.lines().find(|l| l.contains("blocked-reader")) {
+                if line.contains(&format!("syscall={read_nr} ")) {
+                    break line.to_string();
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "{states}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert!(line.contains(" S "), "{line}");
+        drop(theirs);
+        assert_eq!(reader.join().unwrap(), 0);
+    }
+}
