@@ -21,6 +21,24 @@ const BEGIN: &str = "@@BEGIN@@ ";
 /// Echoed instead of [`BEGIN`] when the guest's copy of the script is not what was sent.
 const GARBLED: &str = "@@GARBLED@@ ";
 
+/// Connects to the unix socket at `path`, which QEMU has bound but may not be listening on
+/// yet (the file appears at `bind`; a connect before `listen` is refused): refused
+/// connections are retried for up to 10 s.
+pub fn connect_listening(path: &Path) -> std::io::Result<UnixStream> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match UnixStream::connect(path) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Output of one guest command.
 #[derive(Debug, Clone)]
 pub struct GuestOutput {
@@ -46,7 +64,7 @@ impl Console {
     /// Connects to the serial socket at `path`; `qemu_log` is the file shown with failures.
     pub fn connect(path: &Path, qemu_log: &Path) -> Result<Console, String> {
         let serial =
-            UnixStream::connect(path).map_err(|e| format!("serial {}: {e}", path.display()))?;
+            connect_listening(path).map_err(|e| format!("serial {}: {e}", path.display()))?;
         Ok(Console {
             serial: BufReader::new(serial),
             transcript: String::new(),

@@ -478,7 +478,7 @@ pub struct Qmp {
 impl Qmp {
     /// Connects and leaves capabilities negotiation mode.
     pub fn connect(path: &Path) -> Qmp {
-        let stream = UnixStream::connect(path).expect("connect to QMP");
+        let stream = crate::console::connect_listening(path).expect("connect to QMP");
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .expect("QMP timeout");
