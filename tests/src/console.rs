@@ -156,12 +156,13 @@ impl Console {
             // Normally BEGIN (or GARBLED) comes at once. A `@@DONE@@` first is either a stale
             // one or this line's, failed before the `if` ran (the line itself arrived garbled):
             // wait a little longer for BEGIN, then send the script again.
-            let mut wait = timeout;
+            let mut saw_done = false;
             let first = loop {
+                let wait = if saw_done { self.grace } else { timeout };
                 match self.read_until(|l| l == begin || l == garbled || l.starts_with(DONE), wait) {
-                    Some(l) if l.starts_with(DONE) => wait = self.grace,
+                    Some(l) if l.starts_with(DONE) => saw_done = true,
                     Some(l) => break Some(l),
-                    None if wait == timeout => self.timed_out(script, timeout, ""),
+                    None if !saw_done => self.timed_out(script, timeout, ""),
                     None => break None,
                 }
             };
