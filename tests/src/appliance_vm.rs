@@ -19,9 +19,8 @@ const MINUTE: Duration = Duration::from_secs(60);
 pub struct VvuSocket {
     /// Socket file name inside the sockets directory.
     pub socket: String,
-    /// Device properties beyond the launcher's (`uuid=...` if the exports name the device
-    /// by uuid).
-    pub properties: Vec<String>,
+    /// Device uuid, if the exports name the device by uuid.
+    pub uuid: Option<String>,
 }
 
 impl VvuSocket {
@@ -29,19 +28,16 @@ impl VvuSocket {
     pub fn at(socket: &str) -> Self {
         VvuSocket {
             socket: socket.into(),
-            properties: Vec::new(),
+            uuid: None,
         }
     }
 
     /// A device the exports name by `uuid`.
     pub fn with_uuid(socket: &str, uuid: &str) -> Self {
-        VvuSocket::at(socket).with_property(&format!("uuid={uuid}"))
-    }
-
-    /// The device with one more property (`name=value`, e.g. a test hook).
-    pub fn with_property(mut self, property: &str) -> Self {
-        self.properties.push(property.into());
-        self
+        VvuSocket {
+            socket: socket.into(),
+            uuid: Some(uuid.into()),
+        }
     }
 }
 
@@ -128,10 +124,10 @@ pub fn start(sockets: &Path, options: &ApplianceVmOptions) -> Vm {
     cmd.arg(launcher()).arg("--config-drive").arg(&drive);
     for vvu in &options.vvus {
         let socket = sockets.join(&vvu.socket);
-        let arg = std::iter::once(socket.display().to_string())
-            .chain(vvu.properties.iter().cloned())
-            .collect::<Vec<_>>()
-            .join(",");
+        let arg = match &vvu.uuid {
+            Some(uuid) => format!("{},uuid={uuid}", socket.display()),
+            None => socket.display().to_string(),
+        };
         cmd.arg("--vvu").arg(arg);
     }
     cmd.args(["--shm-size", &options.shm_size])
