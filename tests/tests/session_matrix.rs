@@ -424,9 +424,9 @@ fn first_scsi_consumer_of_a_fresh_appliance_vm() {
             eprintln!("appliance VM after the failure:\n{}", server.log());
             if let Server::ApplianceVm { vm, .. } = &server {
                 let log = vm.qemu_log();
-                let tail: Vec<&str> = log.lines().rev().take(400).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                eprintln!("appliance VM's QEMU (last 400 lines):\n{}", tail.join("\n"));
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(400)..].join("\n");
+                eprintln!("appliance VM's QEMU (last 400 lines):\n{tail}");
             }
             std::panic::resume_unwind(panic);
         }
