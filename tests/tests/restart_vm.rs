@@ -6,6 +6,11 @@
 //! virtio-vhost-user device's BAR in appliance-VM mode), and the daemon re-runs the requests
 //! that were in flight. fio must finish, its verify pass must be clean, and the guest's
 //! kernel log must show no I/O error.
+//!
+//! In host mode the daemon is the fault-injecting build with every write delayed by
+//! [`WRITE_DELAY_MS`] (a slow disk): a guest under TCG submits so slowly that a daemon
+//! on tmpfs is idle most of the time, and a crash then found nothing in flight in one CI
+//! run out of many. With the delay, every crash finds writes in flight.
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -15,11 +20,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use appliance_tests::appliance_vm::{self, ApplianceVmOptions, VvuSocket};
-use appliance_tests::daemon::{appliance_binary, scratch_dir, Appliance};
+use appliance_tests::daemon::{fault_appliance_binary, scratch_dir, Appliance};
 use appliance_tests::vm::{Vm, VmOptions};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const KILLS: usize = 5;
+/// Milliseconds the host-mode daemon holds each write before submitting it.
+const WRITE_DELAY_MS: u32 = 10;
 
 fn config(dir: &Path) -> String {
     let d = dir.display();
@@ -41,8 +48,12 @@ fn config(dir: &Path) -> String {
 }
 
 fn start(dir: &Path) -> Appliance {
-    let mut appliance =
-        Appliance::start_command(Command::new(appliance_binary()), &config(dir), &[]);
+    let mut command = Command::new(fault_appliance_binary());
+    command.env(
+        "VHOST_APPLIANCE_FAULTS",
+        format!("delay={WRITE_DELAY_MS}:write"),
+    );
+    let mut appliance = Appliance::start_command(command, &config(dir), &[]);
     for socket in ["blk.sock", "scsi.sock"] {
         appliance
             .process
