@@ -10,7 +10,7 @@ use crate::rng::Rng;
 
 use super::device::{status, Layout, Qt, BUF_BASE, MSI_BASE, MSI_STRIDE};
 use super::frontend::FakeFrontend;
-use super::guest::{Seg, Vq};
+use super::guest::Vq;
 use super::messages::{self, header, le64, req, FrontendCtx, NEED_REPLY, REPLY, VERSION};
 use super::qtest::{Failure, Qemu, DEVICE_SLOT};
 use super::trace::{Action, DeviceParams};
@@ -493,12 +493,7 @@ impl Fuzzer {
         let posted = self.queues[0].chains.len();
         if self.queues[0].size != 0 && posted < 4 && self.rng.below(2) == 0 {
             for _ in posted..4 {
-                let segs = vec![Seg {
-                    addr: self.alloc(4096),
-                    len: 4096,
-                    write: true,
-                }];
-                self.post_plain(0, segs)?;
+                self.post_rx_page()?;
             }
             self.notify(0)?;
         }

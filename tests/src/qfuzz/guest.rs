@@ -155,6 +155,17 @@ impl Fuzzer {
         self.post_shaped(qi, segs, shape)
     }
 
+    /// Posts one plain 4 KiB device-writable buffer on rxq (the buffer a well-behaved driver
+    /// gives the device for a message); false if rxq is not set up.
+    pub fn post_rx_page(&mut self) -> Result<bool, Failure> {
+        let segs = vec![Seg {
+            addr: self.alloc(4096),
+            len: 4096,
+            write: true,
+        }];
+        self.post_plain(0, segs)
+    }
+
     /// Like [`Fuzzer::post`], always as a plain chain (what a well-behaved driver posts).
     pub fn post_plain(&mut self, qi: usize, segs: Vec<Seg>) -> Result<bool, Failure> {
         self.post_shaped(qi, segs, u64::MAX)
@@ -412,12 +423,7 @@ impl Fuzzer {
             self.write(l.common + common::STATUS, 1, u64::from(st))?;
         }
         for _ in 0..4 {
-            let segs = vec![Seg {
-                addr: self.alloc(4096),
-                len: 4096,
-                write: true,
-            }];
-            self.post_plain(0, segs)?;
+            self.post_rx_page()?;
         }
         self.notify(0)?;
         self.write(l.device_cfg, 4, 1)?; // BACKEND_UP

@@ -12,7 +12,6 @@
 
 use super::device::{common, status, Qt, BUF_BASE, BUF_END};
 use super::fuzzer::Fuzzer;
-use super::guest::Seg;
 use super::messages::{header, le64, msg, req, HDR, VERSION};
 use super::qtest::Failure;
 use super::trace::{Action, FdSpec};
@@ -72,12 +71,7 @@ impl Fuzzer {
             if self.queues[0].chains.len() >= 2 {
                 break;
             }
-            let segs = vec![Seg {
-                addr: self.alloc(4096),
-                len: 4096,
-                write: true,
-            }];
-            self.post_plain(0, segs)?;
+            self.post_rx_page()?;
         }
         self.notify(0)?;
         self.send(bytes, fds)?;
