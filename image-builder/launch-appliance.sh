@@ -116,13 +116,17 @@ if ! dd if="$config_drive" of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null
     echo "launch-appliance: $config_drive does not support O_DIRECT; config drive cache=writeback" >&2
     drive_cache=writeback
 fi
+# no_timer_check: the kernel's boot-time check that the IO-APIC timer ticks runs a fixed
+# busy loop; a vCPU slowed by a loaded host (TCG especially) misses it, and with interrupt
+# remapping on the kernel then panics ("timer doesn't work through Interrupt-remapped
+# IO-APIC") instead of falling back. QEMU's emulated timer works; the check only hurts.
 # QEMU options are comma-separated lists: the commas are not array separators.
 # shellcheck disable=SC2054
 args=(-L /usr/share/seabios -L /usr/share/qemu
       -M "$machine" -cpu "$cpu" -smp "$cpus" -m "${memory}M"
       -device intel-iommu,intremap=on
       -kernel "$image/vmlinuz" -initrd "$image/initrd.img"
-      -append "console=ttyS0 loglevel=4 panic=-1 intel_iommu=on appliance.log=$log_level"
+      -append "console=ttyS0 loglevel=4 panic=-1 intel_iommu=on no_timer_check appliance.log=$log_level"
       -display none -no-reboot -nodefaults -monitor none
       -drive "file=$config_drive,if=none,id=config,format=raw,cache=$drive_cache"
       -device virtio-blk-pci,drive=config,serial=appliance-config)
