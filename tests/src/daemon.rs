@@ -76,7 +76,7 @@ pub struct Process {
 }
 
 impl Process {
-    /// Spawns `command` with stdout and stderr appended to `log`.
+    /// Spawns `command` with stdout and stderr written to `log` (created, or truncated).
     pub fn spawn(mut command: Command, log: &Path, what: &str) -> Self {
         let out = fs::File::create(log).expect("create log");
         let err = out.try_clone().expect("dup log");
@@ -278,12 +278,11 @@ impl Appliance {
 
     fn start_with(
         dir: tempfile::TempDir,
-        mut command: Command,
+        command: Command,
         config: &str,
         sockets: &[&str],
     ) -> Self {
         let root = dir.path();
-        let config_path = root.join("exports.yaml");
         let mut text = config.replace("@DIR@", &root.display().to_string());
         // The daemon keeps state (a guest's write-cache choice) in state_dir: a test's goes
         // into its scratch directory, never the system's /var/lib/vhost-appliance.
@@ -291,17 +290,39 @@ impl Appliance {
         if !text.contains("state_dir:") {
             text = format!("{}\nstate_dir: {}/state\n", text.trim_end(), root.display());
         }
-        fs::write(&config_path, text).expect("write config");
+        fs::write(root.join("exports.yaml"), text).expect("write config");
+        let process = Self::spawn(root, command, sockets);
+        Appliance { process, dir }
+    }
+
+    /// Starts the daemon on `root/exports.yaml`, logging to `root/daemon.log`, and waits
+    /// for `sockets`.
+    fn spawn(root: &Path, mut command: Command, sockets: &[&str]) -> Process {
         command
             .arg("--config")
-            .arg(&config_path)
+            .arg(root.join("exports.yaml"))
             .arg("--log-level")
             .arg(std::env::var("APPLIANCE_TEST_LOG").unwrap_or_else(|_| "debug".into()));
         let mut process = Process::spawn(command, &root.join("daemon.log"), "vhost-appliance");
         for s in sockets {
             process.wait_for_path(&root.join(s), Duration::from_secs(20));
         }
-        Appliance { process, dir }
+        process
+    }
+
+    /// Restarts the daemon as an operator's service restart does: SIGTERM, which it must
+    /// answer with a clean exit within `timeout`, then [`appliance_binary`] again on the
+    /// same config and directory (backing files kept), waiting for `sockets`. Returns the
+    /// stopped daemon's log; `daemon.log` then holds the new one's.
+    pub fn restart(&mut self, sockets: &[&str], timeout: Duration) -> String {
+        let status = self.process.terminate(timeout);
+        let log = self.process.log();
+        assert!(
+            status.success(),
+            "the daemon exited with {status} on SIGTERM:\n{log}"
+        );
+        self.process = Self::spawn(self.dir.path(), Command::new(appliance_binary()), sockets);
+        log
     }
 
     /// A path inside the scratch directory.

@@ -382,11 +382,17 @@ impl Vm {
     /// Powers the guest off (`poweroff -f`: ACPI power-off, QEMU stops its vhost-user
     /// devices and exits) and waits for QEMU to exit with status 0.
     pub fn power_off(&mut self, timeout: Duration) {
-        self.console.write_line("sync; poweroff -f");
+        self.shut_down_with("sync; poweroff -f", timeout);
+    }
+
+    /// Sends `command` (one that ends in a power-off, such as the appliance's
+    /// `appliance-stop`) to the guest's console and waits for QEMU to exit cleanly.
+    pub fn shut_down_with(&mut self, command: &str, timeout: Duration) {
+        self.console.write_line(command);
         let status = self.process.wait_exit(timeout);
         assert!(
             status.success(),
-            "QEMU exited with {status} after power-off"
+            "QEMU exited with {status} after `{command}`"
         );
     }
 

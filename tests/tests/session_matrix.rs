@@ -6,7 +6,10 @@
 //! PCIe root port for the one that unplugs it, else on the root complex):
 //! 1. runs the guest checks and powers off cleanly (QEMU stops the device and exits);
 //! 2. runs them, reboots in place (the device is reset while connected), runs them
-//!    again, and is SIGKILLed;
+//!    again; the appliance restarts under it (host mode: the daemon stops on SIGTERM and
+//!    starts again; appliance VM: `appliance-stop` powers the VM off and it boots again
+//!    from its config drive), the consumer reconnects (`reconnect-ms`) and runs them
+//!    again; then it is SIGKILLed;
 //! 3. runs them, is hot-unplugged and re-plugged on a fresh chardev, runs them again,
 //!    and is unplugged;
 //! 4. runs them and powers off.
@@ -85,7 +88,12 @@ exports:
 /// Where the exports are served from.
 enum Server {
     Host(Appliance),
-    ApplianceVm { vm: Vm, sockets: tempfile::TempDir },
+    ApplianceVm {
+        vm: Vm,
+        sockets: tempfile::TempDir,
+        // Boxed: the largest field by far (clippy's large_enum_variant).
+        options: Box<ApplianceVmOptions>,
+    },
 }
 
 impl Server {
@@ -109,7 +117,45 @@ impl Server {
         // The launcher's default, as a user starts it.
         options.shm_size = "4G".into();
         let vm = appliance_vm::start(sockets.path(), &options);
-        Server::ApplianceVm { vm, sockets }
+        Server::ApplianceVm {
+            vm,
+            sockets,
+            options: Box::new(options),
+        }
+    }
+
+    /// Restarts the appliance as its operator does, with a consumer connected: in host mode
+    /// the daemon stops on SIGTERM (cleanly) and starts again on the same config; the
+    /// appliance VM is stopped with `appliance-stop` and boots again from its config drive.
+    /// Returns once the new daemon has a frontend connected (the consumer came back).
+    fn restart(&mut self) {
+        let started = Instant::now();
+        match self {
+            Server::Host(a) => {
+                let log = a.restart(&["vol0.sock", "scsi0.sock"], MINUTE);
+                assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
+                a.process.wait_for_log("frontend connected", 1, MINUTE);
+            }
+            Server::ApplianceVm {
+                vm,
+                sockets,
+                options,
+            } => {
+                appliance_vm::stop(vm, 2 * MINUTE);
+                options.reuse_config_drive = true;
+                *vm = appliance_vm::start(sockets.path(), options);
+                // Counted from the marker the appliance's init logs when it starts a daemon.
+                vm.run_ok(
+                    "connected() { n=$(awk '/appliance-init: vhost-appliance started/ { n = 0 } /frontend connected/ { n++ } END { print n + 0 }' /config/appliance.log); [ $n -ge 1 ]; }; \
+                     i=0; while ! connected && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; connected",
+                    2 * MINUTE,
+                );
+            }
+        }
+        eprintln!(
+            "session matrix: appliance restarted, consumer reconnected after {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
     }
 
     fn socket(&self, kind: Kind) -> PathBuf {
@@ -149,6 +195,17 @@ enum Kind {
     Scsi,
 }
 
+/// How a consumer is set up.
+#[derive(Debug, Clone, Copy, Default)]
+struct Setup {
+    /// A guest reboot resets the machine (else QEMU exits, `-no-reboot`).
+    allow_reboot: bool,
+    /// The device sits on root port hp0, to be hot-unplugged.
+    hotplug: bool,
+    /// The chardev reconnects (`reconnect-ms=1000`) when the appliance restarts.
+    reconnect: bool,
+}
+
 /// One consumer VM with the export's device at boot.
 struct Consumer {
     vm: Vm,
@@ -162,19 +219,18 @@ struct Consumer {
 impl Consumer {
     /// Boots with the device on the root complex as users attach it at boot, or on root
     /// port hp0 when it is to be hot-unplugged.
-    fn boot(
-        server: &Server,
-        kind: Kind,
-        queues: u16,
-        allow_reboot: bool,
-        hotplug: bool,
-    ) -> Consumer {
+    fn boot(server: &Server, kind: Kind, queues: u16, setup: Setup) -> Consumer {
         let socket = server.socket(kind);
         let id = "d0".to_string();
-        let bus = if hotplug { ",bus=hp0" } else { "" };
+        let bus = if setup.hotplug { ",bus=hp0" } else { "" };
+        let reconnect = if setup.reconnect {
+            ",reconnect-ms=1000"
+        } else {
+            ""
+        };
         let mut extra_args = vec![
             "-chardev".into(),
-            format!("socket,id={id},path={}", socket.display()),
+            format!("socket,id={id},path={}{reconnect}", socket.display()),
             "-device".into(),
             format!("{}{bus}", device_properties(kind, &id, queues)),
         ];
@@ -185,7 +241,7 @@ impl Consumer {
         }
         let vm = Vm::boot(&VmOptions {
             hotplug_ports: 1,
-            allow_reboot,
+            allow_reboot: setup.allow_reboot,
             extra_args,
             ..VmOptions::default()
         });
@@ -331,19 +387,30 @@ fn lifecycle(server: &mut Server, kind: Kind, round: u32) {
     let mut stamps = Vec::new();
     eprintln!("session matrix: {kind:?} round {round}");
 
-    let mut a = Consumer::boot(server, kind, 1, false, false);
+    let mut a = Consumer::boot(server, kind, 1, Setup::default());
     a.check(&mut stamps, "first consumer");
     a.vm.power_off(2 * MINUTE);
     server.assert_serving("a clean power-off");
 
-    let mut b = Consumer::boot(server, kind, 2, true, false);
+    let setup = Setup {
+        allow_reboot: true,
+        reconnect: true,
+        ..Setup::default()
+    };
+    let mut b = Consumer::boot(server, kind, 2, setup);
     b.check(&mut stamps, "second consumer");
     b.vm.reboot(3 * MINUTE);
     b.check(&mut stamps, "second consumer after a reboot in place");
+    server.restart();
+    b.check(&mut stamps, "second consumer after an appliance restart");
     b.vm.kill();
     server.assert_serving("a SIGKILLed consumer");
 
-    let mut c = Consumer::boot(server, kind, 1, false, true);
+    let setup = Setup {
+        hotplug: true,
+        ..Setup::default()
+    };
+    let mut c = Consumer::boot(server, kind, 1, setup);
     c.check(&mut stamps, "third consumer");
     c.unplug();
     c.replug();
@@ -352,7 +419,7 @@ fn lifecycle(server: &mut Server, kind: Kind, round: u32) {
     server.assert_serving("a hot-unplug");
     c.vm.power_off(2 * MINUTE);
 
-    let mut d = Consumer::boot(server, kind, 2, false, false);
+    let mut d = Consumer::boot(server, kind, 2, Setup::default());
     d.check(&mut stamps, "fourth consumer");
     d.vm.power_off(2 * MINUTE);
     server.assert_serving("the last consumer");
@@ -416,7 +483,7 @@ fn first_scsi_consumer_of_a_fresh_appliance_vm() {
         eprintln!("session matrix: fresh appliance VM {round}");
         let mut server = Server::appliance_vm_tracing(&["vvu_*"]);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut consumer = Consumer::boot(&server, Kind::Scsi, 1, false, false);
+            let mut consumer = Consumer::boot(&server, Kind::Scsi, 1, Setup::default());
             consumer.check(&mut Vec::new(), "first consumer of the appliance VM");
             consumer.vm.power_off(2 * MINUTE);
         }));
