@@ -431,9 +431,10 @@ impl Drop for Vm {
         if std::thread::panicking() {
             let tail = self.console.transcript_tail(4000);
             eprintln!(
-                "---- guest serial (tail) ----\n{tail}\n---- qemu ----\n{}\n---- qemu threads ----\n{}",
+                "---- guest serial (tail) ----\n{tail}\n---- qemu ----\n{}\n---- qemu threads ----\n{}\n---- qemu eventfds ----\n{}",
                 self.process.log(),
-                thread_states(self.process.pid())
+                thread_states(self.process.pid()),
+                eventfd_states(self.process.pid())
             );
         }
     }
@@ -472,6 +473,56 @@ pub fn thread_states(pid: u32) -> String {
         .collect();
     lines.sort();
     lines.join("\n")
+}
+
+/// One line per eventfd process `pid` holds: fd number, `eventfd-id` (the same for every
+/// process holding that eventfd, so a consumer's kick can be found in the appliance QEMU),
+/// `eventfd-count` (signalled and not yet read) and whether the open file description is
+/// non-blocking. A lost kick or call shows as a count nobody reads, or as a zero count where
+/// the other side never saw a signal.
+pub fn eventfd_states(pid: u32) -> String {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return format!("(process {pid} is gone)");
+    };
+    let mut lines: Vec<(u32, String)> = fds
+        .flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:[eventfd]")
+        })
+        .filter_map(|fd| {
+            let n: u32 = fd.file_name().to_str()?.parse().ok()?;
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{n}")).ok()?;
+            let field = |key: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_else(|| "?".into())
+            };
+            let nonblock = u32::from_str_radix(&field("flags:"), 8)
+                .map(|f| {
+                    if f & libc::O_NONBLOCK as u32 != 0 {
+                        "nonblock"
+                    } else {
+                        "BLOCKING"
+                    }
+                })
+                .unwrap_or("?");
+            Some((
+                n,
+                format!(
+                    "fd {n} eventfd-id={} count={} {nonblock}",
+                    field("eventfd-id:"),
+                    field("eventfd-count:")
+                ),
+            ))
+        })
+        .collect();
+    lines.sort();
+    lines
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A QMP client.
@@ -608,7 +659,39 @@ impl Qmp {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Read;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn eventfd_states_show_count_id_and_blocking() {
+        let mut fds = Vec::new();
+        for flags in [libc::EFD_NONBLOCK, 0] {
+            // SAFETY: eventfd(2) with valid flags; the fd is owned by the File right away.
+            let fd = unsafe { libc::eventfd(0, flags | libc::EFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: fd is a fresh eventfd nothing else owns.
+            fds.push(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        }
+        fds[0].write_all(&3u64.to_ne_bytes()).unwrap();
+        let states = super::eventfd_states(std::process::id());
+        let line = |fd: &std::fs::File| {
+            let prefix = format!("fd {} ", fd.as_raw_fd());
+            states
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("no line for {prefix}in:\n{states}"))
+                .to_string()
+        };
+        let (a, b) = (line(&fds[0]), line(&fds[1]));
+        assert!(a.contains(" count=3 ") && a.ends_with(" nonblock"), "{a}");
+        assert!(b.contains(" count=0 ") && b.ends_with(" BLOCKING"), "{b}");
+        // Both carry an id, and not the same one.
+        let id = |l: &str| l.split_whitespace().nth(2).unwrap().to_string();
+        assert!(
+            id(&a).starts_with("eventfd-id=") && id(&a) != id(&b),
+            "{a} / {b}"
+        );
+    }
 
     #[test]
     fn thread_states_show_a_thread_blocked_in_read() {
