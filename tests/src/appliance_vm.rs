@@ -94,7 +94,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Starts the appliance VM with its sockets, config directory and config drive
-/// (`config.img`) in `sockets`, and waits until the daemon the VM started has logged
+/// (`config.img`) in `sockets`, and waits until the daemon init started last has logged
 /// `export ready` for `ready_exports` exports (lines from earlier boots of a reused config
 /// drive do not count).
 pub fn start(sockets: &Path, options: &ApplianceVmOptions) -> Vm {
@@ -163,7 +163,7 @@ pub fn start(sockets: &Path, options: &ApplianceVmOptions) -> Vm {
     let mut vm = Vm::boot_command(cmd, vm_dir, accel);
     let log = vm.run_ok(
         &format!(
-            "ready() {{ n=$(awk '/appliance-init: vhost-appliance started/ {{ n = 0 }} /export ready/ {{ n++ }} END {{ print n + 0 }}' /config/appliance.log 2>/dev/null); [ \"${{n:-0}}\" -ge {} ]; }}; \
+            "ready() {{ n=$(awk '/appliance-init: starting vhost-appliance/ {{ n = 0 }} /export ready/ {{ n++ }} END {{ print n + 0 }}' /config/appliance.log 2>/dev/null); [ \"${{n:-0}}\" -ge {} ]; }}; \
              i=0; while ! ready && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /config/appliance.log; ready",
             options.ready_exports
         ),
@@ -174,10 +174,18 @@ pub fn start(sockets: &Path, options: &ApplianceVmOptions) -> Vm {
 }
 
 /// Stops the appliance VM as its operator does: `appliance-stop` (the daemon completes
-/// in-flight I/O and syncs, the config drive is unmounted) powers it off; QEMU must exit
-/// cleanly within `timeout`. [`start`] with `reuse_config_drive` boots it again.
+/// in-flight I/O and syncs, the config drive is unmounted), which must stop the daemon and
+/// unmount `/config`, then a power-off; QEMU must exit cleanly within `timeout`.
+/// [`start`] with `reuse_config_drive` boots it again.
 pub fn stop(vm: &mut Vm, timeout: Duration) {
-    vm.shut_down_with("appliance-stop", timeout);
+    let out = vm.run(
+        "p=$(cat /run/appliance.pid); appliance-stop --no-poweroff; \
+         if kill -0 $p 2>/dev/null; then echo DAEMON-STILL-RUNNING; exit 1; fi; \
+         if grep -q ' /config ' /proc/mounts; then echo CONFIG-STILL-MOUNTED; exit 1; fi",
+        timeout,
+    );
+    assert_eq!(out.status, 0, "appliance-stop:\n{}", out.output);
+    vm.power_off(timeout);
 }
 
 /// True while the daemon the appliance VM started at boot runs (one its init restarted

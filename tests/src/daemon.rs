@@ -312,8 +312,10 @@ impl Appliance {
 
     /// Restarts the daemon as an operator's service restart does: SIGTERM, which it must
     /// answer with a clean exit within `timeout`, then [`appliance_binary`] again on the
-    /// same config and directory (backing files kept), waiting for `sockets`. Returns the
-    /// stopped daemon's log; `daemon.log` then holds the new one's.
+    /// same config and directory (backing files kept), waiting for `sockets`. For an
+    /// appliance from [`Appliance::start`] or [`Appliance::start_in`] (one from
+    /// [`Appliance::start_command`] would come back as the plain binary). Returns the
+    /// stopped daemon's log, kept as `daemon.log.1`; `daemon.log` holds the new one's.
     pub fn restart(&mut self, sockets: &[&str], timeout: Duration) -> String {
         let status = self.process.terminate(timeout);
         let log = self.process.log();
@@ -321,6 +323,7 @@ impl Appliance {
             status.success(),
             "the daemon exited with {status} on SIGTERM:\n{log}"
         );
+        fs::rename(self.path("daemon.log"), self.path("daemon.log.1")).expect("keep the log");
         self.process = Self::spawn(self.dir.path(), Command::new(appliance_binary()), sockets);
         log
     }

@@ -248,8 +248,8 @@ fn guest_fio_verify_survives_daemon_crashes_inside_the_appliance_vm() {
             &format!(
                 "kill -9 $(cat /run/appliance.pid); \
                  i=0; while [ $(wc -l < /run/appliance.restarts 2>/dev/null || echo 0) -lt {kill} ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; \
-                 i=0; while [ $(grep -c 'frontend connected' /config/appliance.log) -lt {} ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done; \
-                 grep -c 'frontend connected' /config/appliance.log",
+                 i=0; while [ $(grep -c 'frontend connected export=' /config/appliance.log) -lt {} ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done; \
+                 grep -c 'frontend connected export=' /config/appliance.log",
                 2 * (kill + 1)
             ),
             3 * MINUTE,

@@ -134,7 +134,8 @@ impl Server {
             Server::Host(a) => {
                 let log = a.restart(&["vol0.sock", "scsi0.sock"], MINUTE);
                 assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
-                a.process.wait_for_log("frontend connected", 1, MINUTE);
+                a.process
+                    .wait_for_log("frontend connected export=", 1, MINUTE);
             }
             Server::ApplianceVm {
                 vm,
@@ -146,7 +147,7 @@ impl Server {
                 *vm = appliance_vm::start(sockets.path(), options);
                 // Counted from the marker the appliance's init logs when it starts a daemon.
                 vm.run_ok(
-                    "connected() { n=$(awk '/appliance-init: vhost-appliance started/ { n = 0 } /frontend connected/ { n++ } END { print n + 0 }' /config/appliance.log); [ $n -ge 1 ]; }; \
+                    "connected() { n=$(awk '/appliance-init: starting vhost-appliance/ { n = 0 } /frontend connected export=/ { n++ } END { print n + 0 }' /config/appliance.log); [ $n -ge 1 ]; }; \
                      i=0; while ! connected && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; connected",
                     2 * MINUTE,
                 );
