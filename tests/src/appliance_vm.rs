@@ -211,13 +211,18 @@ pub fn daemon_log(vm: &mut Vm) -> String {
 }
 
 /// What the appliance VM shows of a stuck session, for a failure report: the daemon's
-/// log, its threads and where they wait, the MSI-X interrupt counts of the devices (kicks
-/// arrive there), and the daemon's per-queue metrics.
+/// log, its threads (where they wait, the CPU they last ran on), the per-CPU interrupt
+/// counts twice 2 s apart (kicks arrive as the devices' MSI-X interrupts; a vCPU that stopped
+/// taking interrupts shows frozen LOC counts) with each vfio interrupt's effective CPU, the
+/// kernel log's tail (RCU stalls, soft lockups), and the daemon's per-queue metrics.
 pub fn diagnostics(vm: &mut Vm) -> String {
     vm.run(
-        "p=$(cat /run/appliance.pid); tail -n 400 /config/appliance.log; echo '--- threads'; \
-         for t in /proc/$p/task/*; do echo \"$(basename $t) $(cat $t/comm) $(cat $t/wchan)\"; done; \
-         echo '--- interrupts'; grep -iE 'vfio|CPU' /proc/interrupts; \
+        "p=$(cat /run/appliance.pid); tail -n 400 /config/appliance.log; echo '--- threads (tid comm wchan cpu)'; \
+         for t in /proc/$p/task/*; do echo \"$(basename $t) $(cat $t/comm) $(cat $t/wchan) cpu=$(cut -d' ' -f39 $t/stat)\"; done; \
+         echo '--- interrupts'; grep -iE 'vfio|CPU|LOC|RES|CAL' /proc/interrupts; sleep 2; \
+         echo '--- interrupts 2 s later'; grep -iE 'vfio|CPU|LOC|RES|CAL' /proc/interrupts; \
+         for i in $(grep vfio /proc/interrupts | cut -d: -f1); do echo \"irq $i effective cpu $(cat /proc/irq/$i/effective_affinity_list)\"; done; \
+         echo '--- kernel log'; dmesg | tail -n 30; \
          echo '--- metrics'; wget -qO- http://127.0.0.1:9410/metrics 2>&1 | grep -E '^vhost_appliance_(queue_kicks|requests_total|export_connections)' ",
         MINUTE,
     )

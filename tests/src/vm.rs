@@ -426,16 +426,24 @@ impl Vm {
     }
 }
 
+impl Vm {
+    /// What a failure report shows of this VM: the serial console's tail, QEMU's log, and
+    /// its threads and eventfds (see [`thread_states`], [`eventfd_states`]).
+    pub fn failure_report(&self) -> String {
+        format!(
+            "---- guest serial (tail) ----\n{}\n---- qemu ----\n{}\n---- qemu threads ----\n{}\n---- qemu eventfds ----\n{}",
+            self.console.transcript_tail(4000),
+            self.process.log(),
+            thread_states(self.process.pid()),
+            eventfd_states(self.process.pid())
+        )
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let tail = self.console.transcript_tail(4000);
-            eprintln!(
-                "---- guest serial (tail) ----\n{tail}\n---- qemu ----\n{}\n---- qemu threads ----\n{}\n---- qemu eventfds ----\n{}",
-                self.process.log(),
-                thread_states(self.process.pid()),
-                eventfd_states(self.process.pid())
-            );
+            eprintln!("{}", self.failure_report());
         }
     }
 }

@@ -483,19 +483,41 @@ fn first_scsi_consumer_of_a_fresh_appliance_vm() {
     for round in 1..=rounds("SESSION_MATRIX_FRESH_ROUNDS") {
         eprintln!("session matrix: fresh appliance VM {round}");
         let mut server = Server::appliance_vm_tracing(&["vvu_*"]);
+        // Outside the closure, so a failed check leaves the consumer connected while the
+        // appliance VM's state is taken (a hang's kick counters and worker threads).
+        let mut consumer: Option<Consumer> = None;
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut consumer = Consumer::boot(&server, Kind::Scsi, 1, Setup::default());
-            consumer.check(&mut Vec::new(), "first consumer of the appliance VM");
-            consumer.vm.power_off(2 * MINUTE);
+            let c = consumer.insert(Consumer::boot(&server, Kind::Scsi, 1, Setup::default()));
+            c.check(&mut Vec::new(), "first consumer of the appliance VM");
+            c.vm.power_off(2 * MINUTE);
         }));
         if let Err(panic) = result {
             eprintln!("appliance VM after the failure:\n{}", server.log());
-            if let Server::ApplianceVm { vm, .. } = &server {
+            if let Some(c) = &consumer {
+                eprintln!("consumer VM after the failure:\n{}", c.vm.failure_report());
+            }
+            if let Server::ApplianceVm { vm, .. } = &mut server {
+                // Each appliance vCPU's local APIC (pending and in-service vectors): an
+                // MSI the device sent that no vCPU took shows here.
+                for cpu in 0..8 {
+                    let lapic = vm.qmp().execute(
+                        "human-monitor-command",
+                        json!({ "command-line": "info lapic", "cpu-index": cpu }),
+                    );
+                    match lapic {
+                        Ok(out) => eprintln!(
+                            "appliance vCPU {cpu} local APIC:\n{}",
+                            out.as_str().unwrap_or_default()
+                        ),
+                        Err(_) => break,
+                    }
+                }
                 let log = vm.qemu_log();
                 let lines: Vec<&str> = log.lines().collect();
                 let tail = lines[lines.len().saturating_sub(400)..].join("\n");
                 eprintln!("appliance VM's QEMU (last 400 lines):\n{tail}");
             }
+            drop(consumer);
             std::panic::resume_unwind(panic);
         }
         server.assert_serving("the first consumer");
