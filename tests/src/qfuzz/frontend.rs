@@ -218,10 +218,25 @@ impl FakeFrontend {
     /// Sends `bytes` with the fds `fds` describes (created now). Without a connection, the
     /// fds are still created (later lines may name them) and nothing is sent.
     pub fn send(&mut self, bytes: &[u8], fds: &[FdSpec]) -> std::io::Result<()> {
+        self.send_preset(bytes, fds, 0)
+    }
+
+    /// Like [`FakeFrontend::send`], with each eventfd's counter already at `count` when it
+    /// is sent: QEMU's host notifiers (the kick fds of SET_VRING_KICK) are created with a
+    /// count of 1 (`virtio_bus_set_host_notifier`), so a kick that came before the back-end
+    /// polled the fd is not lost.
+    pub fn send_preset(&mut self, bytes: &[u8], fds: &[FdSpec], count: u64) -> std::io::Result<()> {
         let owned = fds
             .iter()
             .map(|s| self.create(*s))
             .collect::<std::io::Result<Vec<_>>>()?;
+        if count != 0 {
+            for spec in fds {
+                if let Some(Kept::Eventfd(f)) = self.kept.get_mut(&spec.id) {
+                    f.write_all(&count.to_ne_bytes())?;
+                }
+            }
+        }
         let Some(conn) = &self.conn else {
             return Ok(());
         };
