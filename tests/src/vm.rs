@@ -424,9 +424,7 @@ impl Vm {
     pub fn is_running(&mut self) -> bool {
         self.process.try_wait().is_none()
     }
-}
 
-impl Vm {
     /// What a failure report shows of this VM: the serial console's tail, QEMU's log, and
     /// its threads and eventfds (see [`thread_states`], [`eventfd_states`]).
     pub fn failure_report(&self) -> String {
