@@ -22,7 +22,9 @@
 //! connection.
 //!
 //! The relay also answers the inflight area messages (GET_INFLIGHT_FD, SET_INFLIGHT_FD),
-//! which vhost-user-backend 0.24 refuses, through [`InflightFds`] (`crate::inflight`).
+//! which vhost-user-backend 0.24 refuses, through [`InflightFds`] (`crate::inflight`), and
+//! wraps a SET_VRING_KICK on a running vring in SET_VRING_ENABLE 0/1, which the crate needs
+//! to poll the new fd (`vrings`).
 //!
 //! In appliance-VM mode the frontend side of the relay is the `vvu_transport` bridge, whose
 //! backend channel is a socket pair it carries over the device's queues: a CONFIG_CHANGE_MSG
@@ -47,6 +49,7 @@ use vhost::vhost_user::message::{
 };
 
 mod regions;
+mod vrings;
 
 /// Size of a vhost-user message header: request, flags, payload size (u32 each).
 const HEADER_SIZE: usize = 12;
@@ -111,6 +114,14 @@ struct Message {
 }
 
 impl Message {
+    /// A message of the relay's own, without descriptors.
+    fn new(bytes: Vec<u8>) -> Self {
+        Message {
+            bytes,
+            fds: Vec::new(),
+        }
+    }
+
     fn request(&self) -> u32 {
         le32(&self.bytes, 0)
     }
@@ -227,6 +238,7 @@ pub fn relay(
     inflight: &dyn InflightFds,
 ) -> Result<(), RelayError> {
     let mut acked_protocol = 0u64;
+    let mut vrings = vrings::Vrings::default();
     loop {
         let mut fds = [
             PollFd::new(frontend.as_fd(), PollFlags::POLLIN),
@@ -251,7 +263,21 @@ pub fn relay(
             }
             regions::check(&msg)?;
             let offered = inspect(&msg, &mut acked_protocol)?;
+            let replaced = vrings.on_frontend_message(msg.request(), msg.payload());
+            if let Some(vring) = replaced {
+                tracing::debug!(
+                    vring,
+                    "kick fd replaced on a running vring: disabled around it"
+                );
+                send_message(
+                    daemon,
+                    &Message::new(vrings::set_vring_enable(vring, false)),
+                )?;
+            }
             send_message(daemon, &msg)?;
+            if let Some(vring) = replaced {
+                send_message(daemon, &Message::new(vrings::set_vring_enable(vring, true)))?;
+            }
             if let Some(stream) = offered {
                 let ack = VhostUserProtocolFeatures::REPLY_ACK.bits();
                 channel.set(stream, acked_protocol & ack != 0);

@@ -480,6 +480,31 @@ impl RawFrontend {
         self.queues[q].call = call;
     }
 
+    /// Installs another kick eventfd on queue `q` while its ring runs (SET_VRING_KICK, no
+    /// GET_VRING_BASE first): a new eventfd, or (`same_file`) a duplicate of the current one,
+    /// as a virtio-vhost-user bridge hands over the same MSI-X eventfd every time. Returns
+    /// the previous one (kicks written to it must come to nothing).
+    pub fn replace_kick(&mut self, q: usize, same_file: bool) -> EventFd {
+        let kick = if same_file {
+            self.queues[q].kick.try_clone().expect("dup kick eventfd")
+        } else {
+            EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd")
+        };
+        self.frontend
+            .set_vring_kick(q, &kick)
+            .expect("SET_VRING_KICK");
+        std::mem::replace(&mut self.queues[q].kick, kick)
+    }
+
+    /// Disables and enables queue `q` again (SET_VRING_ENABLE 0, then 1).
+    pub fn cycle_enable(&mut self, q: usize) {
+        for enable in [false, true] {
+            self.frontend
+                .set_vring_enable(q, enable)
+                .expect("SET_VRING_ENABLE");
+        }
+    }
+
     /// used.idx of queue `q` as the device left it in guest memory.
     pub fn used_idx(&self, q: usize) -> u16 {
         let addr = self.queues[q].ring.used_addr().unchecked_add(2);

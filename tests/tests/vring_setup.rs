@@ -1,7 +1,8 @@
 //! How the daemon takes over a ring that a frontend sets up, as QEMU's libvhost-user does:
-//! the next used index is the avail base (never a stale value left in guest memory), and a
+//! the next used index is the avail base (never a stale value left in guest memory), a
 //! newly installed call fd is signalled once, so a completion published while the frontend
-//! had no call fd still reaches its driver.
+//! had no call fd still reaches its driver, and a kick fd replaced while the ring runs is
+//! the one polled from then on.
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -73,4 +74,36 @@ fn a_new_call_fd_is_signalled_once() {
     assert_eq!(fe.take_calls(1), 1);
     assert_eq!(fe.take_calls(0), 0, "other queues are not disturbed");
     assert_eq!(read(&mut fe, 0, 512), (513, 0));
+}
+
+#[test]
+fn a_kick_fd_replaced_while_the_ring_runs_is_the_one_polled() {
+    let appliance = Appliance::start(CONFIG, &["vol0.sock"]);
+    let mut fe = RawFrontend::connect_queues(&appliance.path("vol0.sock"), 2, 16, u64::MAX);
+    assert_eq!(read(&mut fe, 0, 512), (513, 0));
+    // SET_VRING_KICK on a started, enabled ring, with no GET_VRING_BASE first (the spec
+    // allows it; QEMU sends it only after stopping the ring): a duplicate of the current
+    // eventfd, as the appliance VM's bridge always sends, then new eventfds. Each is
+    // followed by a disable/enable cycle, after which vhost-user-backend 0.24 alone held
+    // two registrations of one file (the worker then stopped on the second, empty read).
+    for same_file in [true, false, false] {
+        let old = fe.replace_kick(0, same_file);
+        assert_eq!(
+            read(&mut fe, 0, 512),
+            (513, 0),
+            "a request kicked on the new fd (same file: {same_file})"
+        );
+        if !same_file {
+            // The replaced eventfd is no longer the ring's: a write to it is nothing.
+            old.write(1).unwrap();
+        }
+        fe.cycle_enable(0);
+        assert_eq!(
+            read(&mut fe, 0, 512),
+            (513, 0),
+            "after a disable/enable cycle (same file: {same_file})"
+        );
+    }
+    let log = appliance.process.log();
+    assert!(!log.contains("virtqueue worker stops"), "{log}");
 }
