@@ -52,6 +52,10 @@ impl Vrings {
             r if r == FrontendReq::SET_FEATURES as u32 => {
                 let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
                 self.protocol_features = le64(payload).is_some_and(|f| f & protocol != 0);
+                if !self.protocol_features {
+                    // Without PROTOCOL_FEATURES the crate enables every ring right away.
+                    self.enabled = u64::MAX;
+                }
             }
             r if r == FrontendReq::RESET_OWNER as u32 => self.protocol_features = false,
             r if r == FrontendReq::RESET_DEVICE as u32 => {
@@ -164,6 +168,11 @@ mod tests {
         let mut v = running(0);
         send(&mut v, FrontendReq::SET_FEATURES, &1u64.to_le_bytes());
         assert_eq!(send(&mut v, FrontendReq::SET_VRING_KICK, &kick(0)), None);
+        // ... and the crate enabled every ring then, which they stay once it is acked.
+        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        send(&mut v, FrontendReq::SET_FEATURES, &protocol.to_le_bytes());
+        send(&mut v, FrontendReq::SET_VRING_KICK, &kick(5));
+        assert_eq!(send(&mut v, FrontendReq::SET_VRING_KICK, &kick(5)), Some(5));
         // Vrings past the crate's 64 and short payloads pass untouched.
         let mut v = running(0);
         assert_eq!(send(&mut v, FrontendReq::SET_VRING_KICK, &kick(64)), None);
