@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::daemon::{appliance_binary, scratch_dir};
+use crate::daemon::appliance_binary;
 use crate::vm::{patched_qemu, preferred_accel, with_heap_checks, Accel, ConsumerImage, Vm};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -119,48 +119,47 @@ pub fn start(sockets: &Path, options: &ApplianceVmOptions) -> Vm {
     }
     let image = ConsumerImage::appliance(&[&appliance_binary()]);
     let accel = preferred_accel();
-    let vm_dir = scratch_dir();
-    let mut cmd = Command::new("bash");
-    with_heap_checks(&mut cmd);
-    cmd.arg(launcher()).arg("--config-drive").arg(&drive);
-    for vvu in &options.vvus {
-        let socket = sockets.join(&vvu.socket);
-        let arg = match &vvu.uuid {
-            Some(uuid) => format!("{},uuid={uuid}", socket.display()),
-            None => socket.display().to_string(),
-        };
-        cmd.arg("--vvu").arg(arg);
-    }
-    cmd.args(["--shm-size", &options.shm_size])
-        .args(["--memory", &options.memory_mib.to_string()])
-        .arg("--log-level")
-        .arg(options.log_level.clone().unwrap_or_else(|| {
-            std::env::var("APPLIANCE_TEST_LOG").unwrap_or_else(|_| "info".into())
-        }));
-    if let Some(port) = options.metrics_port {
-        cmd.arg("--metrics-port").arg(port.to_string());
-    }
-    for events in &options.trace {
-        cmd.arg("--trace").arg(events);
-    }
-    cmd.arg("--serial")
-        .arg(format!(
-            "unix:{}",
-            vm_dir.path().join("serial.sock").display()
-        ))
-        .arg("--qmp")
-        .arg(vm_dir.path().join("qmp.sock"))
-        .arg("--image")
-        .arg(&image.dir)
-        .arg("--qemu")
-        .arg(patched_qemu())
-        .arg("--accel")
-        .arg(match accel {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        });
+    let command = |vm_dir: &Path| {
+        let mut cmd = Command::new("bash");
+        with_heap_checks(&mut cmd);
+        cmd.arg(launcher()).arg("--config-drive").arg(&drive);
+        for vvu in &options.vvus {
+            let socket = sockets.join(&vvu.socket);
+            let arg = match &vvu.uuid {
+                Some(uuid) => format!("{},uuid={uuid}", socket.display()),
+                None => socket.display().to_string(),
+            };
+            cmd.arg("--vvu").arg(arg);
+        }
+        cmd.args(["--shm-size", &options.shm_size])
+            .args(["--memory", &options.memory_mib.to_string()])
+            .arg("--log-level")
+            .arg(options.log_level.clone().unwrap_or_else(|| {
+                std::env::var("APPLIANCE_TEST_LOG").unwrap_or_else(|_| "info".into())
+            }));
+        if let Some(port) = options.metrics_port {
+            cmd.arg("--metrics-port").arg(port.to_string());
+        }
+        for events in &options.trace {
+            cmd.arg("--trace").arg(events);
+        }
+        cmd.arg("--serial")
+            .arg(format!("unix:{}", vm_dir.join("serial.sock").display()))
+            .arg("--qmp")
+            .arg(vm_dir.join("qmp.sock"))
+            .arg("--image")
+            .arg(&image.dir)
+            .arg("--qemu")
+            .arg(patched_qemu())
+            .arg("--accel")
+            .arg(match accel {
+                Accel::Kvm => "kvm",
+                Accel::Tcg => "tcg",
+            });
+        cmd
+    };
     eprintln!("appliance: starting the appliance VM under {accel:?}");
-    let mut vm = Vm::boot_command(cmd, vm_dir, accel);
+    let mut vm = Vm::boot_command(command, accel);
     let log = vm.run_ok(
         &format!(
             "ready() {{ n=$(awk '/appliance-init: starting vhost-appliance/ {{ n = 0 }} /export ready/ {{ n++ }} END {{ print n + 0 }}' /config/appliance.log 2>/dev/null); [ \"${{n:-0}}\" -ge {} ]; }}; \
