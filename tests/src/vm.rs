@@ -459,7 +459,7 @@ impl Drop for Vm {
 /// a vCPU stopped taking timer interrupts and wakeups: seen now and then on this 2-core
 /// machine under load ("rcu_preempt kthread timer wakeup didn't happen", the CPU idle since
 /// early boot), a QEMU TCG defect that KVM guests do not have.
-pub fn tcg_vcpu_stalled(log: &str) -> bool {
+fn tcg_vcpu_stalled(log: &str) -> bool {
     log.contains("detected stalls on CPUs/tasks")
 }
 
@@ -472,18 +472,12 @@ fn retry_tcg_stall(
 ) -> Result<Vm, String> {
     match first {
         Err(log) if accel == Accel::Tcg && tcg_vcpu_stalled(&log) => {
-            let tail: String = log
-                .chars()
-                .rev()
-                .take(3000)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
+            let tail = log.char_indices().rev().nth(3000).map_or(0, |(at, _)| at);
             eprintln!(
                 "vm: a vCPU of the TCG guest stopped taking timer interrupts while it booted \
                  (the kernel reports an RCU stall; a QEMU TCG defect): booting it once more. \
-                 The stalled boot:\n{tail}"
+                 The stalled boot:\n{}",
+                &log[tail..]
             );
             again()
         }
