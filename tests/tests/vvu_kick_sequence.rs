@@ -52,7 +52,7 @@ use appliance_tests::qfuzz::guest::Seg;
 use appliance_tests::qfuzz::messages::{header, msg, req, HDR, NEED_REPLY, REPLY, VERSION};
 use appliance_tests::qfuzz::trace::{Action, DeviceParams, FdSpec};
 use appliance_tests::rng::Rng;
-use appliance_tests::vm::patched_qemu;
+use appliance_tests::vm::{eventfd_count, patched_qemu};
 
 /// max-vhost-queues: a scsi consumer's three vrings (control, event, request) and one more
 /// that no message names (its vector must stay quiet too).
@@ -106,15 +106,11 @@ struct Kick {
 }
 
 impl Kick {
-    /// Its counter, read from /proc/self/fdinfo (reading the eventfd would clear it).
+    /// Its counter (reading the eventfd would clear it).
     fn count(&self) -> u64 {
-        let path = format!("/proc/self/fdinfo/{}", self.file.as_raw_fd());
-        let info = std::fs::read_to_string(&path).unwrap();
-        let hex = info
-            .lines()
-            .find_map(|l| l.strip_prefix("eventfd-count:"))
-            .unwrap_or_else(|| panic!("{path}: no eventfd-count in {info:?}"));
-        u64::from_str_radix(hex.trim(), 16).unwrap()
+        let fd = self.file.as_raw_fd();
+        eventfd_count(std::process::id(), fd)
+            .unwrap_or_else(|| panic!("fd {fd}: no eventfd-count in /proc/self/fdinfo"))
     }
 
     /// A kick: writes 1, as the consumer's guest does through its ioeventfd.
