@@ -160,16 +160,22 @@ pub fn start(sockets: &Path, options: &ApplianceVmOptions) -> Vm {
     };
     eprintln!("appliance: starting the appliance VM under {accel:?}");
     let mut vm = Vm::boot_command(command, accel);
-    let log = vm.run_ok(
-        &format!(
-            "ready() {{ n=$(awk '/appliance-init: starting vhost-appliance/ {{ n = 0 }} /export ready/ {{ n++ }} END {{ print n + 0 }}' /config/appliance.log 2>/dev/null); [ \"${{n:-0}}\" -ge {} ]; }}; \
-             i=0; while ! ready && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /config/appliance.log; ready",
-            options.ready_exports
-        ),
-        2 * MINUTE,
-    );
+    let log = wait_for_daemon_log(&mut vm, "export ready", options.ready_exports);
     eprintln!("appliance log at start:\n{log}");
     vm
+}
+
+/// Waits up to a minute until the daemon init started last has logged `needle` (no regex
+/// characters) `count` times, counting from init's marker in `/config/appliance.log` (the
+/// log outlives restarts and reboots); fails the test otherwise. Returns the whole log.
+pub fn wait_for_daemon_log(vm: &mut Vm, needle: &str, count: usize) -> String {
+    vm.run_ok(
+        &format!(
+            "seen() {{ n=$(awk '/appliance-init: starting vhost-appliance/ {{ n = 0 }} /{needle}/ {{ n++ }} END {{ print n + 0 }}' /config/appliance.log 2>/dev/null); [ \"${{n:-0}}\" -ge {count} ]; }}; \
+             i=0; while ! seen && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; cat /config/appliance.log; seen"
+        ),
+        2 * MINUTE,
+    )
 }
 
 /// Stops the appliance VM as its operator does: `appliance-stop` (the daemon completes

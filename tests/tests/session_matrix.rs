@@ -145,12 +145,7 @@ impl Server {
                 appliance_vm::stop(vm, 2 * MINUTE);
                 options.reuse_config_drive = true;
                 *vm = appliance_vm::start(sockets.path(), options);
-                // Counted from the marker the appliance's init logs when it starts a daemon.
-                vm.run_ok(
-                    "connected() { n=$(awk '/appliance-init: starting vhost-appliance/ { n = 0 } /frontend connected export=/ { n++ } END { print n + 0 }' /config/appliance.log); [ $n -ge 1 ]; }; \
-                     i=0; while ! connected && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; connected",
-                    2 * MINUTE,
-                );
+                appliance_vm::wait_for_daemon_log(vm, "frontend connected export=", 1);
             }
         }
         eprintln!(
