@@ -215,6 +215,19 @@ pub fn daemon_log(vm: &mut Vm) -> String {
     .output
 }
 
+/// The appliance kernel's reports of a stalled CPU (RCU stalls, soft lockups, a timer that
+/// stopped firing), one per line, or "" when there are none. Under TCG such a report means
+/// a vCPU stopped taking interrupts: MSI-X kicks aimed at it would go unserviced.
+pub fn kernel_stall_reports(vm: &mut Vm) -> String {
+    vm.run(
+        "dmesg | grep -iE 'rcu.*stall|soft lockup|timer wakeup didn|timer handling issue' || true",
+        MINUTE,
+    )
+    .output
+    .trim()
+    .to_string()
+}
+
 /// What the appliance VM shows of a stuck session, for a failure report: the daemon's
 /// log, its threads (where they wait, the CPU they last ran on), the per-CPU interrupt
 /// counts twice 2 s apart (kicks arrive as the devices' MSI-X interrupts; a vCPU that stopped

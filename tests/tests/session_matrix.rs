@@ -232,7 +232,7 @@ impl Consumer {
         ];
         // Into QEMU's log, which a failure prints: the vhost-user messages, status changes,
         // and kicks that reached QEMU's MMIO handler instead of the ioeventfd.
-        for event in CONSUMER_TRACE {
+        for event in CONSUMER_TRACE.iter().filter(|_| tracing()) {
             extra_args.extend(["-trace".to_string(), event.to_string()]);
         }
         let vm = Vm::boot(&VmOptions {
@@ -422,6 +422,12 @@ fn lifecycle(server: &mut Server, kind: Kind, round: u32) {
 }
 
 /// `$name` as a count, 1 when unset.
+/// Whether consumers and the fresh appliance VMs trace (`SESSION_MATRIX_TRACE=0` turns it
+/// off: the hangs of issue #18 were seen without tracing, which changes QEMU's timing).
+fn tracing() -> bool {
+    std::env::var("SESSION_MATRIX_TRACE").map_or(true, |v| v != "0")
+}
+
 fn rounds(name: &str) -> u32 {
     std::env::var(name)
         .ok()
@@ -472,12 +478,14 @@ fn appliance_vm_sessions_blk_and_scsi() {
 /// traces what passes through its devices (`vvu_*`) and the consumer's QEMU its vhost-user
 /// messages, status changes and kicks that miss the ioeventfd: a failure prints both logs
 /// and the consumer QEMU's threads (a thread blocked for good shows its system call).
+/// `SESSION_MATRIX_TRACE=0` runs it untraced, as those hangs were seen.
 #[test]
 #[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn first_scsi_consumer_of_a_fresh_appliance_vm() {
     for round in 1..=rounds("SESSION_MATRIX_FRESH_ROUNDS") {
         eprintln!("session matrix: fresh appliance VM {round}");
-        let mut server = Server::appliance_vm_tracing(&["vvu_*"]);
+        let trace: &[&str] = if tracing() { &["vvu_*"] } else { &[] };
+        let mut server = Server::appliance_vm_tracing(trace);
         // Outside the closure, so a failed check leaves the consumer connected while the
         // appliance VM's state is taken (a hang's kick counters and worker threads).
         let mut consumer: Option<Consumer> = None;
@@ -516,5 +524,13 @@ fn first_scsi_consumer_of_a_fresh_appliance_vm() {
             std::panic::resume_unwind(panic);
         }
         server.assert_serving("the first consumer");
+        if let Server::ApplianceVm { vm, .. } = &mut server {
+            // A vCPU stall that did not hang this consumer is still worth a line: it is
+            // the suspected cause of the hangs this test hunts.
+            let stalls = appliance_vm::kernel_stall_reports(vm);
+            if !stalls.is_empty() {
+                eprintln!("session matrix: appliance VM {round} kernel reports a stall:\n{stalls}");
+            }
+        }
     }
 }
