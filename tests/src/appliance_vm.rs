@@ -215,17 +215,28 @@ pub fn daemon_log(vm: &mut Vm) -> String {
     .output
 }
 
-/// The appliance kernel's reports of a stalled CPU (RCU stalls, soft lockups, a timer that
-/// stopped firing), one per line, or "" when there are none. Under TCG such a report means
-/// a vCPU stopped taking interrupts: MSI-X kicks aimed at it would go unserviced.
+/// The appliance kernel's reports of a stalled CPU, one per line, or "" when there are
+/// none: RCU stalls, a grace-period kthread whose timer wakeup did not happen, soft and hard
+/// lockups, workqueue lockups. Under TCG a missed timer wakeup means a vCPU stopped taking
+/// interrupts, so MSI-X kicks aimed at it would go unserviced; the others may come from a
+/// vCPU that still takes interrupts. Only the kernel log's matching lines are returned, not
+/// the other console output of the command.
 pub fn kernel_stall_reports(vm: &mut Vm) -> String {
-    vm.run(
-        "dmesg | grep -iE 'rcu.*stall|soft lockup|timer wakeup didn|timer handling issue' || true",
-        MINUTE,
-    )
-    .output
-    .trim()
-    .to_string()
+    const PREFIX: &str = "KERNEL-STALL: ";
+    let out = vm
+        .run(
+            &format!(
+                "dmesg | grep -E 'detected stalls on CPUs|self-detected stall|detected expedited stalls|\
+                 timer wakeup didn.t happen|soft lockup|hard LOCKUP|workqueue lockup' \
+                 | sed 's/^/{PREFIX}/' || true"
+            ),
+            MINUTE,
+        )
+        .output;
+    out.lines()
+        .filter_map(|line| line.strip_prefix(PREFIX))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// What the appliance VM shows of a stuck session, for a failure report: the daemon's

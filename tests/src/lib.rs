@@ -19,6 +19,7 @@
 //! - [`prom`]: the daemon's metrics endpoint: scrapes, their samples, and promtool.
 //! - [`rng`]: a small seeded generator for reproducible randomized workloads.
 //! - [`scsi_frontend`]: SCSI commands over the raw frontend's virtio-scsi request queue.
+//! - [`tcg_defects`]: QEMU TCG defects that fail a boot now and then, and their one retry.
 //! - [`vm`]: consumer VMs (stock QEMU, serial command channel, QMP hotplug).
 
 pub mod appliance_vm;
@@ -36,4 +37,5 @@ pub mod prom;
 pub mod qfuzz;
 pub mod rng;
 pub mod scsi_frontend;
+pub mod tcg_defects;
 pub mod vm;

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use crate::console::Console;
 pub use crate::console::GuestOutput;
 use crate::daemon::{scratch_dir, Process};
+use crate::tcg_defects::{retry_tcg_defect, QemuBuild};
 
 /// Kernel and initramfs of a test VM.
 #[derive(Debug, Clone)]
@@ -217,9 +218,17 @@ impl Vm {
                 Err(log) => eprintln!("vm: KVM guest did not boot, falling back to TCG:\n{log}"),
             }
         }
-        retry_tcg_defect(Accel::Tcg, Self::try_boot(options, Accel::Tcg), || {
-            Self::try_boot(options, Accel::Tcg)
-        })
+        let qemu = if options.qemu == patched_qemu() {
+            QemuBuild::Patched
+        } else {
+            QemuBuild::Stock
+        };
+        retry_tcg_defect(
+            Accel::Tcg,
+            qemu,
+            Self::try_boot(options, Accel::Tcg),
+            || Self::try_boot(options, Accel::Tcg),
+        )
         .unwrap_or_else(|log| panic!("guest did not boot under TCG:\n{log}"))
     }
 
@@ -309,7 +318,7 @@ impl Vm {
             let cmd = command(dir.path());
             Self::start(cmd, dir, accel)
         };
-        retry_tcg_defect(accel, attempt(), attempt)
+        retry_tcg_defect(accel, QemuBuild::Patched, attempt(), attempt)
             .unwrap_or_else(|log| panic!("guest did not boot:\n{log}"))
     }
 
@@ -446,48 +455,6 @@ impl Drop for Vm {
         if std::thread::panicking() {
             eprintln!("{}", self.failure_report());
         }
-    }
-}
-
-/// The QEMU TCG defect a failed boot's log shows, if any, as a phrase for the log. Both are
-/// seen now and then on this 2-core machine under load, in stock QEMU as much as in the
-/// patched one, and KVM guests do not have them:
-/// - the kernel's RCU stall report: a vCPU stopped taking timer interrupts and wakeups
-///   ("rcu_preempt kthread timer wakeup didn't happen", the CPU idle since early boot);
-/// - the softmmu's `iotlb_to_section` assertion: a vCPU used a TLB entry made for an older
-///   memory map (QEMU aborts; seen once in a stock consumer QEMU during the guest's boot).
-fn tcg_defect(log: &str) -> Option<&'static str> {
-    if log.contains("detected stalls on CPUs/tasks") {
-        Some("a vCPU stopped taking timer interrupts (the kernel reports an RCU stall)")
-    } else if log.contains("iotlb_to_section: Assertion") {
-        Some("QEMU aborted in the softmmu's iotlb_to_section assertion")
-    } else {
-        None
-    }
-}
-
-/// A TCG boot that failed on a known QEMU TCG defect ([`tcg_defect`]) is tried once more
-/// with `again`, saying so; any other outcome is returned as it is.
-fn retry_tcg_defect(
-    accel: Accel,
-    first: Result<Vm, String>,
-    again: impl FnOnce() -> Result<Vm, String>,
-) -> Result<Vm, String> {
-    let defect = match &first {
-        Err(log) if accel == Accel::Tcg => tcg_defect(log),
-        _ => None,
-    };
-    match (first, defect) {
-        (Err(log), Some(defect)) => {
-            let tail = log.char_indices().rev().nth(3000).map_or(0, |(at, _)| at);
-            eprintln!(
-                "vm: the TCG guest's boot failed on a QEMU TCG defect ({defect}): booting it \
-                 once more. The failed boot:\n{}",
-                &log[tail..]
-            );
-            again()
-        }
-        (other, _) => other,
     }
 }
 
@@ -723,29 +690,6 @@ impl Qmp {
 mod tests {
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
-
-    #[test]
-    fn rcu_stalls_and_the_iotlb_assertion_are_tcg_defects() {
-        // From a CI run: the consumer guest's CPU 1 never woke after going idle at boot.
-        let stalled = "[   23.265023] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n\
-            [   23.266252] rcu: \t1-...!: (0 ticks this GP) idle=c6c8/0/0x0 softirq=9/9 fqs=0 (false positive?)\n\
-            [   23.268878] rcu: rcu_preempt kthread timer wakeup didn't happen for 5251 jiffies!";
-        assert!(super::tcg_defect(stalled).is_some_and(|d| d.contains("RCU stall")));
-        // From a hunt: the stock consumer QEMU aborted while the guest booted.
-        let aborted = "qemu-system-x86_64: system/physmem.c:2678: iotlb_to_section: Assertion \
-            `section_index < d->map.sections_nb' failed.";
-        assert!(super::tcg_defect(aborted).is_some_and(|d| d.contains("iotlb_to_section")));
-        assert_eq!(
-            super::tcg_defect(
-                "[    0.000000] rcu: Preemptible hierarchical RCU implementation.\nguest did not boot"
-            ),
-            None
-        );
-        assert_eq!(
-            super::tcg_defect("qemu-system-x86_64: vhost VQ 0 ring restore failed: -1"),
-            None
-        );
-    }
 
     #[test]
     fn eventfd_states_show_count_id_and_blocking() {

@@ -19,7 +19,9 @@
 //! error or SCSI command timeout/abort in the guest kernel's log (a lost request that the
 //! midlayer recovers from 30 s later is a fault too). The daemon must be alive after every session.
 //! `SESSION_MATRIX_SCSI_ROUNDS=N` repeats the scsi lifecycle N times in one run (the
-//! appliance-VM scsi first-scan hang of issue #18 showed up in 3 of 7 boots).
+//! appliance-VM scsi first-scan hang of issue #18 showed up in 3 of 7 boots);
+//! `SESSION_MATRIX_FRESH_ROUNDS=N` repeats the first consumer of a fresh appliance VM, and
+//! `SESSION_MATRIX_TRACE=0` turns the QEMU tracing off.
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -32,7 +34,8 @@ use appliance_tests::daemon::{scratch_dir, Appliance};
 use appliance_tests::vm::{Vm, VmOptions};
 use serde_json::json;
 
-/// QEMU trace events every consumer logs (printed only with a failure).
+/// QEMU trace events every consumer logs unless `SESSION_MATRIX_TRACE=0` (printed only
+/// with a failure).
 const CONSUMER_TRACE: [&str; 6] = [
     "vhost_user_write",
     "vhost_user_read",
@@ -232,8 +235,10 @@ impl Consumer {
         ];
         // Into QEMU's log, which a failure prints: the vhost-user messages, status changes,
         // and kicks that reached QEMU's MMIO handler instead of the ioeventfd.
-        for event in CONSUMER_TRACE.iter().filter(|_| tracing()) {
-            extra_args.extend(["-trace".to_string(), event.to_string()]);
+        if trace_enabled() {
+            for event in CONSUMER_TRACE {
+                extra_args.extend(["-trace".to_string(), event.to_string()]);
+            }
         }
         let vm = Vm::boot(&VmOptions {
             hotplug_ports: 1,
@@ -421,13 +426,13 @@ fn lifecycle(server: &mut Server, kind: Kind, round: u32) {
     server.assert_serving("the last consumer");
 }
 
-/// `$name` as a count, 1 when unset.
 /// Whether consumers and the fresh appliance VMs trace (`SESSION_MATRIX_TRACE=0` turns it
 /// off: the hangs of issue #18 were seen without tracing, which changes QEMU's timing).
-fn tracing() -> bool {
-    std::env::var("SESSION_MATRIX_TRACE").map_or(true, |v| v != "0")
+fn trace_enabled() -> bool {
+    std::env::var("SESSION_MATRIX_TRACE").as_deref() != Ok("0")
 }
 
+/// `$name` as a count, 1 when unset.
 fn rounds(name: &str) -> u32 {
     std::env::var(name)
         .ok()
@@ -484,7 +489,7 @@ fn appliance_vm_sessions_blk_and_scsi() {
 fn first_scsi_consumer_of_a_fresh_appliance_vm() {
     for round in 1..=rounds("SESSION_MATRIX_FRESH_ROUNDS") {
         eprintln!("session matrix: fresh appliance VM {round}");
-        let trace: &[&str] = if tracing() { &["vvu_*"] } else { &[] };
+        let trace: &[&str] = if trace_enabled() { &["vvu_*"] } else { &[] };
         let mut server = Server::appliance_vm_tracing(trace);
         // Outside the closure, so a failed check leaves the consumer connected while the
         // appliance VM's state is taken (a hang's kick counters and worker threads).
@@ -496,6 +501,10 @@ fn first_scsi_consumer_of_a_fresh_appliance_vm() {
         }));
         if let Err(panic) = result {
             eprintln!("appliance VM after the failure:\n{}", server.log());
+            if let Server::ApplianceVm { vm, .. } = &mut server {
+                let stalls = appliance_vm::kernel_stall_reports(vm);
+                eprintln!("appliance kernel's stall reports (all of its log):\n{stalls}");
+            }
             if let Some(c) = &consumer {
                 eprintln!("consumer VM after the failure:\n{}", c.vm.failure_report());
             }
