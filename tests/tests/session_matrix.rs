@@ -501,14 +501,12 @@ fn first_scsi_consumer_of_a_fresh_appliance_vm() {
         }));
         if let Err(panic) = result {
             eprintln!("appliance VM after the failure:\n{}", server.log());
-            if let Server::ApplianceVm { vm, .. } = &mut server {
-                let stalls = appliance_vm::kernel_stall_reports(vm);
-                eprintln!("appliance kernel's stall reports (all of its log):\n{stalls}");
-            }
             if let Some(c) = &consumer {
                 eprintln!("consumer VM after the failure:\n{}", c.vm.failure_report());
             }
             if let Server::ApplianceVm { vm, .. } = &mut server {
+                let stalls = appliance_vm::kernel_stall_reports(vm);
+                eprintln!("appliance kernel's stall reports (all of its log):\n{stalls}");
                 // Each appliance vCPU's local APIC (pending and in-service vectors): an
                 // MSI the device sent that no vCPU took shows here.
                 for cpu in 0..8 {
