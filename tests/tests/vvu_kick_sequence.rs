@@ -78,12 +78,13 @@ const FEATURES: u64 = (1 << 32) | (1 << 30);
 /// GET/SET_PROTOCOL_FEATURES: MQ, REPLY_ACK and RESET_DEVICE.
 const PROTOCOL_FEATURES: u64 = (1 << 0) | (1 << 3) | (1 << 13);
 /// What QEMU's stderr must not hold: a refused message, a dropped session, a kick dropped
-/// for want of a vector.
-const BAD_STDERR: [&str; 4] = [
+/// for want of a vector or because the vector is not in use.
+const BAD_STDERR: [&str; 5] = [
     "refused request",
     "protocol error",
     "disconnecting",
     "vvu_kick_unrouted",
+    "vvu_pci_notify_unused",
 ];
 /// The last avail index the back-end reports for vring 2 at GET_VRING_BASE.
 const LAST_AVAIL: u32 = 0x2a;

@@ -75,7 +75,10 @@ static void vvu_pci_notify(void *opaque, unsigned vector)
 
     /* Vectors are range-checked when the driver maps them. */
     if (msix_enabled(&proxy->pci_dev) && vector < proxy->nvectors) {
-        if (msix_is_masked(&proxy->pci_dev, vector)) {
+        if (!proxy->pci_dev.msix_entry_used[vector]) {
+            /* msix_notify drops it: no user holds the vector (a reset freed them). */
+            trace_vvu_pci_notify_unused(vector);
+        } else if (msix_is_masked(&proxy->pci_dev, vector)) {
             /* Left pending in the PBA until the driver unmasks it. */
             trace_vvu_pci_notify_held(vector, 1, 1);
         }
