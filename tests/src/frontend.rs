@@ -116,9 +116,11 @@ fn handshake(socket: &Path, setup: &Setup, backend_channel: bool) -> (Frontend, 
     let protocol = frontend
         .get_protocol_features()
         .expect("GET_PROTOCOL_FEATURES");
+    // RESET_DEVICE only changes what a frontend may send (`reset_device_and_restart`).
     let mut wanted = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::MQ;
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::RESET_DEVICE;
     if backend_channel {
         assert!(
             protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ),
@@ -334,6 +336,41 @@ impl RawFrontend {
         );
         self.frontend = frontend;
         self.backend_channel = None;
+        self.start_device();
+    }
+
+    /// What QEMU sends when the guest's driver resets the device and starts it again (the
+    /// Linux driver's probe after SeaBIOS has used the disk): SET_VRING_ENABLE 0 and
+    /// GET_VRING_BASE on every queue, RESET_DEVICE, SET_FEATURES, then the memory table
+    /// and every queue set up again on zeroed rings, with new call eventfds and new kick
+    /// eventfds that already hold 1, as QEMU creates them (`virtio_bus_set_host_notifier`).
+    /// Panics if the backend did not offer RESET_DEVICE (vhost-user spec, "Protocol
+    /// features") or refuses a message.
+    pub fn reset_device_and_restart(&mut self) {
+        for q in 0..self.queues.len() {
+            self.frontend
+                .set_vring_enable(q, false)
+                .expect("SET_VRING_ENABLE 0");
+        }
+        for q in 0..self.queues.len() {
+            self.frontend.get_vring_base(q).expect("GET_VRING_BASE");
+        }
+        self.frontend.reset_device().expect("RESET_DEVICE");
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.frontend
+            .set_features(self.features | protocol_bit)
+            .expect("SET_FEATURES");
+        for (q, dq) in self.queues.iter_mut().enumerate() {
+            let base = GuestAddress(RING_BASE + q as u64 * RING_STRIDE);
+            self.mem
+                .write_slice(&[0u8; RING_STRIDE as usize], base)
+                .expect("zero the ring");
+            let (ring, _) = SplitRing::new(&self.mem, base, self.setup.queue_size).expect("ring");
+            let kick = EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd");
+            kick.write(1).expect("kick eventfd holding 1");
+            let call = EventFd::new(libc::EFD_NONBLOCK).expect("call eventfd");
+            *dq = DriverQueue { ring, kick, call };
+        }
         self.start_device();
     }
 

@@ -22,6 +22,10 @@
 //! appliance-VM scsi first-scan hang of issue #18 showed up in 3 of 7 boots);
 //! `SESSION_MATRIX_FRESH_ROUNDS=N` repeats the first consumer of a fresh appliance VM, and
 //! `SESSION_MATRIX_TRACE=0` turns the QEMU tracing off.
+//!
+//! Without guests, sessions of a raw scsi frontend reset the device as QEMU does when a
+//! guest's driver takes over from SeaBIOS and must go on being served, in both modes
+//! (`SESSION_MATRIX_RESET_SESSIONS=N`).
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -31,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use appliance_tests::appliance_vm::{self, ApplianceVmOptions, VvuSocket};
 use appliance_tests::daemon::{scratch_dir, Appliance};
+use appliance_tests::scsi_frontend::ScsiFrontend;
 use appliance_tests::vm::{Vm, VmOptions};
 use serde_json::json;
 
@@ -185,6 +190,40 @@ impl Server {
             Server::Host(a) => a.process.log(),
             Server::ApplianceVm { vm, .. } => appliance_vm::diagnostics(vm),
         }
+    }
+
+    /// Prints what a failed session leaves to read: the daemon's log, and for the appliance
+    /// VM its diagnostics, its kernel's stall reports, each vCPU's local APIC (an MSI the
+    /// device sent that no vCPU took shows there), its QEMU's log and the kicks that QEMU
+    /// did not deliver at once.
+    fn report_failure(&mut self) {
+        eprintln!("appliance after the failure:\n{}", self.log());
+        let Server::ApplianceVm { vm, .. } = self else {
+            return;
+        };
+        let stalls = appliance_vm::kernel_stall_reports(vm);
+        eprintln!("appliance kernel's stall reports (all of its log):\n{stalls}");
+        for cpu in 0..8 {
+            let lapic = vm.qmp().execute(
+                "human-monitor-command",
+                json!({ "command-line": "info lapic", "cpu-index": cpu }),
+            );
+            match lapic {
+                Ok(out) => eprintln!(
+                    "appliance vCPU {cpu} local APIC:\n{}",
+                    out.as_str().unwrap_or_default()
+                ),
+                Err(_) => break,
+            }
+        }
+        let log = vm.qemu_log();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(400)..].join("\n");
+        eprintln!("appliance VM's QEMU (last 400 lines):\n{tail}");
+        eprintln!(
+            "appliance VM's QEMU, kicks not delivered at once (whole log):\n{}",
+            kicks_not_sent(&log)
+        );
     }
 }
 
@@ -520,36 +559,9 @@ fn first_scsi_consumer_of_a_fresh_appliance_vm() {
             c.vm.power_off(2 * MINUTE);
         }));
         if let Err(panic) = result {
-            eprintln!("appliance VM after the failure:\n{}", server.log());
+            server.report_failure();
             if let Some(c) = &consumer {
                 eprintln!("consumer VM after the failure:\n{}", c.vm.failure_report());
-            }
-            if let Server::ApplianceVm { vm, .. } = &mut server {
-                let stalls = appliance_vm::kernel_stall_reports(vm);
-                eprintln!("appliance kernel's stall reports (all of its log):\n{stalls}");
-                // Each appliance vCPU's local APIC (pending and in-service vectors): an
-                // MSI the device sent that no vCPU took shows here.
-                for cpu in 0..8 {
-                    let lapic = vm.qmp().execute(
-                        "human-monitor-command",
-                        json!({ "command-line": "info lapic", "cpu-index": cpu }),
-                    );
-                    match lapic {
-                        Ok(out) => eprintln!(
-                            "appliance vCPU {cpu} local APIC:\n{}",
-                            out.as_str().unwrap_or_default()
-                        ),
-                        Err(_) => break,
-                    }
-                }
-                let log = vm.qemu_log();
-                let lines: Vec<&str> = log.lines().collect();
-                let tail = lines[lines.len().saturating_sub(400)..].join("\n");
-                eprintln!("appliance VM's QEMU (last 400 lines):\n{tail}");
-                eprintln!(
-                    "appliance VM's QEMU, kicks not delivered at once (whole log):\n{}",
-                    kicks_not_sent(&log)
-                );
             }
             drop(consumer);
             std::panic::resume_unwind(panic);
@@ -569,4 +581,87 @@ fn first_scsi_consumer_of_a_fresh_appliance_vm() {
             }
         }
     }
+}
+
+/// Sessions that reset the device the way QEMU does when a guest's driver takes over from
+/// SeaBIOS, where issue #18's first-scan hangs came: a scsi frontend (control, event and
+/// one request queue) reads both LUNs, then twice resets the device (ENABLE 0, GET_VRING_BASE,
+/// RESET_DEVICE), sets it up again with new kick eventfds that already hold 1 and reads
+/// them again. Every request must be answered within 10 s: a kick lost after the reset
+/// leaves one unanswered. No guest boots, so many more resets fit in a run than consumer
+/// boots: `SESSION_MATRIX_RESET_SESSIONS=N` (default 10).
+fn sessions_with_device_resets(server: &mut Server) {
+    let sessions = std::env::var("SESSION_MATRIX_RESET_SESSIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10u32);
+    let socket = server.socket(Kind::Scsi);
+    let started = Instant::now();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for session in 1..=sessions {
+            let mut scsi = ScsiFrontend::connect(&socket, 1);
+            for phase in 0..3 {
+                for lun in [0, 1] {
+                    scsi.until_ready(lun);
+                    // READ(10) of LBA 0, one block.
+                    let data = scsi.good(lun, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[], 512);
+                    assert_eq!(
+                        data.len(),
+                        512,
+                        "session {session}, phase {phase}, LUN {lun}"
+                    );
+                }
+                if phase < 2 {
+                    scsi.fe.reset_device_and_restart();
+                }
+            }
+        }
+    }));
+    if let Err(panic) = result {
+        server.report_failure();
+        std::panic::resume_unwind(panic);
+    }
+    server.assert_serving("the sessions with device resets");
+    if let Server::ApplianceVm { vm, options, .. } = server {
+        if !options.trace.is_empty() {
+            // The resets went through the device, and each kick eventfd that was kicked
+            // raised its vring's vector: per session the first set-up's request queue, and
+            // after each reset all 3 vrings (their new eventfds hold 1 from the start).
+            let log = vm.qemu_log();
+            let count = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+            let resets = count("front-end request 34,");
+            let first_kicks = count("vvu_kick_first");
+            assert_eq!(
+                resets,
+                2 * sessions as usize,
+                "RESET_DEVICE messages the device saw"
+            );
+            assert_eq!(
+                first_kicks,
+                7 * sessions as usize,
+                "kick eventfds that raised their vector"
+            );
+            assert_eq!(
+                kicks_not_sent(&log),
+                "",
+                "kicks the device did not deliver at once"
+            );
+        }
+    }
+    eprintln!(
+        "session matrix: {sessions} sessions with 2 device resets each in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn host_mode_device_resets() {
+    sessions_with_device_resets(&mut Server::host());
+}
+
+#[test]
+#[ignore = "full tier (tests/run.sh): boots the appliance VM"]
+fn appliance_vm_device_resets() {
+    let trace: &[&str] = if trace_enabled() { &["vvu_*"] } else { &[] };
+    sessions_with_device_resets(&mut Server::appliance_vm_tracing(trace));
 }
