@@ -344,7 +344,8 @@ impl RawFrontend {
     /// GET_VRING_BASE on every queue, RESET_DEVICE, SET_FEATURES, then the memory table
     /// and every queue set up again on zeroed rings, with new call eventfds and new kick
     /// eventfds that already hold 1, as QEMU creates them (`virtio_bus_set_host_notifier`).
-    /// Panics if the backend did not offer RESET_DEVICE (vhost-user spec, "Protocol
+    /// Like QEMU, it waits for no acknowledgement of the set-up: the caller's next kicks
+    /// may reach the backend before the messages that wire them. Panics if the backend did not offer RESET_DEVICE (vhost-user spec, "Protocol
     /// features") or refuses a message.
     pub fn reset_device_and_restart(&mut self) {
         for q in 0..self.queues.len() {
@@ -356,6 +357,9 @@ impl RawFrontend {
             self.frontend.get_vring_base(q).expect("GET_VRING_BASE");
         }
         self.frontend.reset_device().expect("RESET_DEVICE");
+        // QEMU waits for no acknowledgement from here on: the set-up messages and the
+        // driver's first kicks race, as they do behind a real guest.
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend
             .set_features(self.features | protocol_bit)
@@ -372,6 +376,8 @@ impl RawFrontend {
             *dq = DriverQueue { ring, kick, call };
         }
         self.start_device();
+        // Later messages wait for their acknowledgement again (where REPLY_ACK was acked).
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     }
 
     /// Waits up to `timeout` for the backend's next request on the backend channel and
