@@ -258,6 +258,63 @@ pub fn diagnostics(vm: &mut Vm) -> String {
     .output
 }
 
+/// What the appliance VM's QEMU logs for a kick it did not deliver at once: the device's
+/// trace events for no vector mapped, the vector not in use, MSI-X off or the vector
+/// masked, and the IOMMU's refusals to remap an MSI (`vtd_irte_get: detected non-present
+/// IRTE ...`, logged whether traced or not).
+const KICK_NOT_SENT: [&str; 4] = [
+    "vvu_kick_unrouted",
+    "vvu_pci_notify_unused",
+    "vvu_pci_notify_held",
+    "vtd_",
+];
+
+/// The lines of an appliance VM's QEMU log (`Vm::qemu_log`) that say a kick was not
+/// delivered at once, joined by newlines; "" when there are none.
+pub fn kicks_not_sent(log: &str) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| KICK_NOT_SENT.iter().any(|t| l.contains(t)))
+        .collect();
+    lines.join("\n")
+}
+
+/// Everything the appliance VM shows of a failed session, for a failure report:
+/// [`diagnostics`], the kernel's stall reports, each vCPU's local APIC (pending and
+/// in-service vectors: an MSI the device sent that no vCPU took shows there), the last 400
+/// lines of its QEMU's log and the kicks that QEMU did not deliver at once.
+pub fn failure_report(vm: &mut Vm) -> String {
+    let mut report = format!("appliance VM after the failure:\n{}\n", diagnostics(vm));
+    report += &format!(
+        "appliance kernel's stall reports (all of its log):\n{}\n",
+        kernel_stall_reports(vm)
+    );
+    for cpu in 0..8 {
+        let lapic = vm.qmp().execute(
+            "human-monitor-command",
+            serde_json::json!({ "command-line": "info lapic", "cpu-index": cpu }),
+        );
+        match lapic {
+            Ok(out) => {
+                report += &format!(
+                    "appliance vCPU {cpu} local APIC:\n{}\n",
+                    out.as_str().unwrap_or_default()
+                )
+            }
+            Err(_) => break,
+        }
+    }
+    let log = vm.qemu_log();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(400)..].join("\n");
+    report += &format!("appliance VM's QEMU (last 400 lines):\n{tail}\n");
+    report += &format!(
+        "appliance VM's QEMU, kicks not delivered at once (whole log):\n{}",
+        kicks_not_sent(&log)
+    );
+    report
+}
+
 /// The md5 in the output of `md5sum` (the last line that starts with one).
 pub fn md5_of(out: &str) -> String {
     out.lines()

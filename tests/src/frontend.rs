@@ -81,6 +81,10 @@ pub struct RawFrontend {
     setup: Setup,
     /// The backend's inflight area, kept across connections (INFLIGHT_SHMFD).
     inflight: Option<(File, VhostUserInflight)>,
+    /// Waits for used elements look at the used ring only after the call eventfd fired, as
+    /// a driver that sleeps until its interrupt does: a used element the backend did not
+    /// signal then fails the wait instead of being found by polling.
+    pub strict_calls: bool,
 }
 
 /// A request the backend sent on the backend channel: its header.
@@ -95,7 +99,8 @@ pub struct BackendRequest {
 }
 
 /// Connects and negotiates: SET_OWNER, features (`wanted & offered`, never EVENT_IDX),
-/// protocol features (CONFIG, REPLY_ACK, MQ, and BACKEND_REQ / INFLIGHT_SHMFD as asked).
+/// protocol features (CONFIG, REPLY_ACK, MQ, RESET_DEVICE where offered, and BACKEND_REQ /
+/// INFLIGHT_SHMFD as asked).
 /// Returns the frontend and the virtio features acked (without PROTOCOL_FEATURES).
 fn handshake(socket: &Path, setup: &Setup, backend_channel: bool) -> (Frontend, u64) {
     let mut frontend = Frontend::connect(socket, setup.num_queues as u64)
@@ -238,6 +243,7 @@ impl RawFrontend {
             memfd,
             setup: *setup,
             inflight,
+            strict_calls: false,
         };
         fe.start_device();
         for q in 0..fe.queues.len() {
@@ -339,44 +345,94 @@ impl RawFrontend {
         self.start_device();
     }
 
-    /// What QEMU sends when the guest's driver resets the device and starts it again (the
-    /// Linux driver's probe after SeaBIOS has used the disk): SET_VRING_ENABLE 0 and
-    /// GET_VRING_BASE on every queue, RESET_DEVICE, SET_FEATURES, then the memory table
-    /// and every queue set up again on zeroed rings, with new call eventfds and new kick
-    /// eventfds that already hold 1, as QEMU creates them (`virtio_bus_set_host_notifier`).
-    /// Like QEMU, it waits for no acknowledgement of the set-up: the caller's next kicks
-    /// may reach the backend before the messages that wire them. Panics if the backend did not offer RESET_DEVICE (vhost-user spec, "Protocol
-    /// features") or refuses a message.
+    /// What QEMU 10.0 sends a vhost-user-scsi back-end when the guest's driver resets the
+    /// device and starts it again (the Linux driver's probe after SeaBIOS used the disk), in
+    /// its order and with its acknowledgements:
+    /// - the stop (`vhost_dev_stop`): SET_VRING_ENABLE 0 on every queue, each acknowledged,
+    ///   then GET_VRING_BASE on every queue;
+    /// - the reset: RESET_DEVICE, unacknowledged;
+    /// - the start (`vhost_dev_start`): SET_FEATURES; no memory message (QEMU sends only
+    ///   the ADD_MEM_REG/REM_MEM_REG difference with CONFIGURE_MEM_SLOTS, none when the
+    ///   guest's RAM is unchanged, so the back-end must keep its table across the reset);
+    ///   SET_VRING_NUM, _BASE, _ADDR and _KICK per queue on zeroed rings, the kick
+    ///   eventfds new and already holding 1 (`virtio_bus_set_host_notifier`); then
+    ///   SET_VRING_ENABLE 1 per queue, each acknowledged; last SET_VRING_CALL per queue with
+    ///   new eventfds, unacknowledged (`vhost_scsi_common_start` sets the guest notifiers
+    ///   after the device started).
+    ///
+    /// The unacknowledged messages race the caller's next kicks, and the back-end may
+    /// complete a request before it has the new call eventfd. A refused acknowledged message
+    /// panics; a refused unacknowledged one shows as a request never answered. Not for a
+    /// frontend with an inflight area (QEMU would get a new one).
     pub fn reset_device_and_restart(&mut self) {
-        for q in 0..self.queues.len() {
+        assert!(
+            self.inflight.is_none(),
+            "a restart with an inflight area is not modelled"
+        );
+        let n = self.queues.len();
+        for q in 0..n {
             self.frontend
                 .set_vring_enable(q, false)
                 .expect("SET_VRING_ENABLE 0");
         }
-        for q in 0..self.queues.len() {
+        for q in 0..n {
             self.frontend.get_vring_base(q).expect("GET_VRING_BASE");
         }
-        self.frontend.reset_device().expect("RESET_DEVICE");
-        // QEMU waits for no acknowledgement from here on: the set-up messages and the
-        // driver's first kicks race, as they do behind a real guest.
         self.frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+        self.frontend.reset_device().expect("RESET_DEVICE");
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend
             .set_features(self.features | protocol_bit)
             .expect("SET_FEATURES");
+        let host = |mem: &GuestMemoryMmap, gpa: GuestAddress| {
+            mem.get_host_address(gpa).expect("host address") as u64
+        };
+        let queue_size = self.setup.queue_size;
         for (q, dq) in self.queues.iter_mut().enumerate() {
             let base = GuestAddress(RING_BASE + q as u64 * RING_STRIDE);
             self.mem
                 .write_slice(&[0u8; RING_STRIDE as usize], base)
                 .expect("zero the ring");
-            let (ring, _) = SplitRing::new(&self.mem, base, self.setup.queue_size).expect("ring");
+            let (ring, _) = SplitRing::new(&self.mem, base, queue_size).expect("ring");
             let kick = EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd");
             kick.write(1).expect("kick eventfd holding 1");
             let call = EventFd::new(libc::EFD_NONBLOCK).expect("call eventfd");
+            self.frontend
+                .set_vring_num(q, queue_size)
+                .expect("SET_VRING_NUM");
+            self.frontend.set_vring_base(q, 0).expect("SET_VRING_BASE");
+            self.frontend
+                .set_vring_addr(
+                    q,
+                    &VringConfigData {
+                        queue_max_size: queue_size,
+                        queue_size,
+                        flags: 0,
+                        desc_table_addr: host(&self.mem, ring.desc_addr()),
+                        used_ring_addr: host(&self.mem, ring.used_addr()),
+                        avail_ring_addr: host(&self.mem, ring.avail_addr()),
+                        log_addr: None,
+                    },
+                )
+                .expect("SET_VRING_ADDR");
+            self.frontend
+                .set_vring_kick(q, &kick)
+                .expect("SET_VRING_KICK");
             *dq = DriverQueue { ring, kick, call };
         }
-        self.start_device();
-        // Later messages wait for their acknowledgement again (where REPLY_ACK was acked).
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        for q in 0..n {
+            self.frontend
+                .set_vring_enable(q, true)
+                .expect("SET_VRING_ENABLE 1");
+        }
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+        for (q, dq) in self.queues.iter().enumerate() {
+            self.frontend
+                .set_vring_call(q, &dq.call)
+                .expect("SET_VRING_CALL");
+        }
+        // Later messages are acknowledged again (the crate waits only if REPLY_ACK was acked).
         self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     }
 
@@ -480,17 +536,26 @@ impl RawFrontend {
     }
 
     /// Waits for the next used element of queue `q`.
+    /// With [`RawFrontend::strict_calls`], only a used element signalled by a call counts.
     pub fn wait_used_on(&mut self, q: usize, timeout: Duration) -> (u16, u32) {
         let deadline = std::time::Instant::now() + timeout;
+        let mut called = false;
         loop {
             let dq = &mut self.queues[q];
-            if let Some(used) = dq.ring.pop_used(&self.mem).expect("used ring") {
-                return used;
+            // Strictly, the ring is looked at once per call.
+            if std::mem::take(&mut called) || !self.strict_calls {
+                if let Some(used) = dq.ring.pop_used(&self.mem).expect("used ring") {
+                    return used;
+                }
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no used element within {timeout:?}"
-            );
+            if std::time::Instant::now() >= deadline {
+                let unsignalled = dq.ring.pop_used(&self.mem).expect("used ring").is_some();
+                assert!(
+                    !unsignalled,
+                    "queue {q}: a used element but no call within {timeout:?}"
+                );
+                panic!("queue {q}: no used element within {timeout:?}");
+            }
             let mut pfd = libc::pollfd {
                 fd: dq.call.as_raw_fd(),
                 events: libc::POLLIN,
@@ -498,7 +563,7 @@ impl RawFrontend {
             };
             // SAFETY: one valid pollfd for the duration of the call.
             unsafe { libc::poll(&mut pfd, 1, 100) };
-            let _ = dq.call.read();
+            called |= dq.call.read().is_ok();
         }
     }
 

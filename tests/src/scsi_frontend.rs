@@ -32,13 +32,26 @@ pub struct Reply {
 /// A connected virtio-scsi frontend.
 pub struct ScsiFrontend {
     pub fe: RawFrontend,
+    /// How long a command may take to be answered (10 s unless changed).
+    pub timeout: Duration,
 }
 
 impl ScsiFrontend {
     /// Connects with `request_queues` request queues of 64 entries, all features.
     pub fn connect(socket: &Path, request_queues: usize) -> Self {
+        Self::over(RawFrontend::connect_queues(
+            socket,
+            2 + request_queues,
+            64,
+            u64::MAX,
+        ))
+    }
+
+    /// A virtio-scsi frontend over `fe`, connected and set up as the caller chose.
+    pub fn over(fe: RawFrontend) -> Self {
         ScsiFrontend {
-            fe: RawFrontend::connect_queues(socket, 2 + request_queues, 64, u64::MAX),
+            fe,
+            timeout: TIMEOUT,
         }
     }
 
@@ -84,7 +97,7 @@ impl ScsiFrontend {
         data_in: u32,
     ) -> Reply {
         let head = self.submit_raw(REQUEST_QUEUE, lun_field, cdb, data_out, data_in);
-        let (used_head, used) = self.fe.wait_used_on(REQUEST_QUEUE, TIMEOUT);
+        let (used_head, used) = self.fe.wait_used_on(REQUEST_QUEUE, self.timeout);
         assert_eq!(used_head, head);
         let resp = self.fe.read_mem(RESP, 108);
         Reply {

@@ -241,19 +241,17 @@ fn scsi_command_in_flight_at_a_crash_is_rerun_and_the_tmf_waiting_for_it_is_not(
     let dir = scratch_dir();
     let daemon = start(fault_appliance_binary(), dir.path(), "scsi", Some(HOLD_A));
     let socket = dir.path().join("e.sock");
-    let mut scsi = ScsiFrontend {
-        fe: RawFrontend::connect_with(
-            &socket,
-            &Setup {
-                num_queues: 3,
-                queue_size: 16,
-                wanted_features: u64::MAX,
-                stale_used_idx: None,
-                base_first: true,
-                inflight: true,
-            },
-        ),
-    };
+    let mut scsi = ScsiFrontend::over(RawFrontend::connect_with(
+        &socket,
+        &Setup {
+            num_queues: 3,
+            queue_size: 16,
+            wanted_features: u64::MAX,
+            stale_used_idx: None,
+            base_first: true,
+            inflight: true,
+        },
+    ));
     scsi.clear_ua(0);
     let fe = &mut scsi.fe;
     let base = fe.used_idx(REQUEST_QUEUE);

@@ -22,10 +22,6 @@
 //! appliance-VM scsi first-scan hang of issue #18 showed up in 3 of 7 boots);
 //! `SESSION_MATRIX_FRESH_ROUNDS=N` repeats the first consumer of a fresh appliance VM, and
 //! `SESSION_MATRIX_TRACE=0` turns the QEMU tracing off.
-//!
-//! Without guests, sessions of a raw scsi frontend reset the device as QEMU does when a
-//! guest's driver takes over from SeaBIOS and must go on being served, in both modes
-//! (`SESSION_MATRIX_RESET_SESSIONS=N`).
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -35,7 +31,6 @@ use std::time::{Duration, Instant};
 
 use appliance_tests::appliance_vm::{self, ApplianceVmOptions, VvuSocket};
 use appliance_tests::daemon::{scratch_dir, Appliance};
-use appliance_tests::scsi_frontend::ScsiFrontend;
 use appliance_tests::vm::{Vm, VmOptions};
 use serde_json::json;
 
@@ -193,37 +188,12 @@ impl Server {
     }
 
     /// Prints what a failed session leaves to read: the daemon's log, and for the appliance
-    /// VM its diagnostics, its kernel's stall reports, each vCPU's local APIC (an MSI the
-    /// device sent that no vCPU took shows there), its QEMU's log and the kicks that QEMU
-    /// did not deliver at once.
+    /// VM [`appliance_vm::failure_report`].
     fn report_failure(&mut self) {
-        eprintln!("appliance after the failure:\n{}", self.log());
-        let Server::ApplianceVm { vm, .. } = self else {
-            return;
-        };
-        let stalls = appliance_vm::kernel_stall_reports(vm);
-        eprintln!("appliance kernel's stall reports (all of its log):\n{stalls}");
-        for cpu in 0..8 {
-            let lapic = vm.qmp().execute(
-                "human-monitor-command",
-                json!({ "command-line": "info lapic", "cpu-index": cpu }),
-            );
-            match lapic {
-                Ok(out) => eprintln!(
-                    "appliance vCPU {cpu} local APIC:\n{}",
-                    out.as_str().unwrap_or_default()
-                ),
-                Err(_) => break,
-            }
+        match self {
+            Server::Host(a) => eprintln!("daemon after the failure:\n{}", a.process.log()),
+            Server::ApplianceVm { vm, .. } => eprintln!("{}", appliance_vm::failure_report(vm)),
         }
-        let log = vm.qemu_log();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(400)..].join("\n");
-        eprintln!("appliance VM's QEMU (last 400 lines):\n{tail}");
-        eprintln!(
-            "appliance VM's QEMU, kicks not delivered at once (whole log):\n{}",
-            kicks_not_sent(&log)
-        );
     }
 }
 
@@ -516,26 +486,6 @@ fn appliance_vm_sessions_blk_and_scsi() {
     run_matrix(&mut Server::appliance_vm(), &[Kind::Scsi, Kind::Blk]);
 }
 
-/// What the appliance VM's QEMU logs for a kick it did not deliver at once: the device's
-/// trace events for no vector mapped, the vector not in use, MSI-X off or the vector
-/// masked, and the IOMMU's refusals to remap an MSI (`vtd_irte_get: detected non-present
-/// IRTE ...`, logged whether traced or not).
-const KICK_NOT_SENT: [&str; 4] = [
-    "vvu_kick_unrouted",
-    "vvu_pci_notify_unused",
-    "vvu_pci_notify_held",
-    "vtd_",
-];
-
-/// The lines of an appliance VM's QEMU log that say a kick was not delivered at once.
-fn kicks_not_sent(log: &str) -> String {
-    let lines: Vec<&str> = log
-        .lines()
-        .filter(|l| KICK_NOT_SENT.iter().any(|t| l.contains(t)))
-        .collect();
-    lines.join("\n")
-}
-
 /// The first consumer of a freshly started appliance VM, where issue #18's first-scan hangs
 /// were seen: a scsi consumer at boot passes the guest checks and powers off.
 /// `SESSION_MATRIX_FRESH_ROUNDS=N` starts N appliance VMs in turn. The appliance VM's QEMU
@@ -575,93 +525,10 @@ fn first_scsi_consumer_of_a_fresh_appliance_vm() {
                 eprintln!("session matrix: appliance VM {round} kernel reports a stall:\n{stalls}");
             }
             // So is a kick that did not become an interrupt at once.
-            let held = kicks_not_sent(&vm.qemu_log());
+            let held = appliance_vm::kicks_not_sent(&vm.qemu_log());
             if !held.is_empty() {
                 eprintln!("session matrix: appliance VM {round} held or dropped kicks:\n{held}");
             }
         }
     }
-}
-
-/// Sessions that reset the device the way QEMU does when a guest's driver takes over from
-/// SeaBIOS, where issue #18's first-scan hangs came: a scsi frontend (control, event and
-/// one request queue) reads both LUNs, then twice resets the device (ENABLE 0, GET_VRING_BASE,
-/// RESET_DEVICE), sets it up again with new kick eventfds that already hold 1 and reads
-/// them again. Every request must be answered within 10 s: a kick lost after the reset
-/// leaves one unanswered. No guest boots, so many more resets fit in a run than consumer
-/// boots: `SESSION_MATRIX_RESET_SESSIONS=N` (default 10).
-fn sessions_with_device_resets(server: &mut Server) {
-    let sessions = std::env::var("SESSION_MATRIX_RESET_SESSIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10u32);
-    let socket = server.socket(Kind::Scsi);
-    let started = Instant::now();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        for session in 1..=sessions {
-            let mut scsi = ScsiFrontend::connect(&socket, 1);
-            for phase in 0..3 {
-                for lun in [0, 1] {
-                    scsi.until_ready(lun);
-                    // READ(10) of LBA 0, one block.
-                    let data = scsi.good(lun, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[], 512);
-                    assert_eq!(
-                        data.len(),
-                        512,
-                        "session {session}, phase {phase}, LUN {lun}"
-                    );
-                }
-                if phase < 2 {
-                    scsi.fe.reset_device_and_restart();
-                }
-            }
-        }
-    }));
-    if let Err(panic) = result {
-        server.report_failure();
-        std::panic::resume_unwind(panic);
-    }
-    server.assert_serving("the sessions with device resets");
-    if let Server::ApplianceVm { vm, options, .. } = server {
-        if !options.trace.is_empty() {
-            // The resets went through the device, and each kick eventfd that was kicked
-            // raised its vring's vector: per session the first set-up's request queue, and
-            // after each reset all 3 vrings (their new eventfds hold 1 from the start).
-            let log = vm.qemu_log();
-            let count = |what: &str| log.lines().filter(|l| l.contains(what)).count();
-            let resets = count("front-end request 34,");
-            let first_kicks = count("vvu_kick_first");
-            assert_eq!(
-                resets,
-                2 * sessions as usize,
-                "RESET_DEVICE messages the device saw"
-            );
-            assert_eq!(
-                first_kicks,
-                7 * sessions as usize,
-                "kick eventfds that raised their vector"
-            );
-            assert_eq!(
-                kicks_not_sent(&log),
-                "",
-                "kicks the device did not deliver at once"
-            );
-        }
-    }
-    eprintln!(
-        "session matrix: {sessions} sessions with 2 device resets each in {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-}
-
-#[test]
-fn host_mode_device_resets() {
-    sessions_with_device_resets(&mut Server::host());
-}
-
-#[test]
-#[ignore = "full tier (tests/run.sh): boots the appliance VM"]
-fn appliance_vm_device_resets() {
-    let trace: &[&str] = if trace_enabled() { &["vvu_*"] } else { &[] };
-    sessions_with_device_resets(&mut Server::appliance_vm_tracing(trace));
 }

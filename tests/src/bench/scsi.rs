@@ -61,9 +61,12 @@ fn until_ready(fe: &mut ScsiFrontend) {
 pub fn run(socket: &Path, w: &Workload, seconds: f64, server: u32) -> Measured {
     assert_eq!(w.queues, 1, "virtio-scsi workloads use one request queue");
     // Three descriptors a request: 128 entries hold QD32 (and QD8 of 128 KiB).
-    let mut fe = ScsiFrontend {
-        fe: RawFrontend::connect_queues(socket, REQUEST_QUEUE + 1, 128, u64::MAX),
-    };
+    let mut fe = ScsiFrontend::over(RawFrontend::connect_queues(
+        socket,
+        REQUEST_QUEUE + 1,
+        128,
+        u64::MAX,
+    ));
     until_ready(&mut fe);
     let lun = ScsiFrontend::lun_field(0);
     for slot in 0..w.depth {
