@@ -49,6 +49,22 @@ pub fn memfd(len: usize) -> File {
     file
 }
 
+/// SET_VRING_ADDR's payload for `ring` of `queue_size` entries: its descriptor table, used
+/// and available rings as addresses in this process (vhost-user spec, "Vring address
+/// description").
+fn vring_addresses(mem: &GuestMemoryMmap, ring: &SplitRing, queue_size: u16) -> VringConfigData {
+    let host = |gpa: GuestAddress| mem.get_host_address(gpa).expect("host address") as u64;
+    VringConfigData {
+        queue_max_size: queue_size,
+        queue_size,
+        flags: 0,
+        desc_table_addr: host(ring.desc_addr()),
+        used_ring_addr: host(ring.used_addr()),
+        avail_ring_addr: host(ring.avail_addr()),
+        log_addr: None,
+    }
+}
+
 /// How [`RawFrontend::connect_with`] sets up the device.
 #[derive(Debug, Clone, Copy)]
 pub struct Setup {
@@ -300,18 +316,7 @@ impl RawFrontend {
                     .expect("SET_VRING_BASE");
             }
             self.frontend
-                .set_vring_addr(
-                    q,
-                    &VringConfigData {
-                        queue_max_size: queue_size,
-                        queue_size,
-                        flags: 0,
-                        desc_table_addr: host(ring.desc_addr().0),
-                        used_ring_addr: host(ring.used_addr().0),
-                        avail_ring_addr: host(ring.avail_addr().0),
-                        log_addr: None,
-                    },
-                )
+                .set_vring_addr(q, &vring_addresses(&self.mem, ring, queue_size))
                 .expect("SET_VRING_ADDR");
             if !self.setup.base_first {
                 self.frontend
@@ -384,9 +389,6 @@ impl RawFrontend {
         self.frontend
             .set_features(self.features | protocol_bit)
             .expect("SET_FEATURES");
-        let host = |mem: &GuestMemoryMmap, gpa: GuestAddress| {
-            mem.get_host_address(gpa).expect("host address") as u64
-        };
         let queue_size = self.setup.queue_size;
         for (q, dq) in self.queues.iter_mut().enumerate() {
             let base = GuestAddress(RING_BASE + q as u64 * RING_STRIDE);
@@ -402,18 +404,7 @@ impl RawFrontend {
                 .expect("SET_VRING_NUM");
             self.frontend.set_vring_base(q, 0).expect("SET_VRING_BASE");
             self.frontend
-                .set_vring_addr(
-                    q,
-                    &VringConfigData {
-                        queue_max_size: queue_size,
-                        queue_size,
-                        flags: 0,
-                        desc_table_addr: host(&self.mem, ring.desc_addr()),
-                        used_ring_addr: host(&self.mem, ring.used_addr()),
-                        avail_ring_addr: host(&self.mem, ring.avail_addr()),
-                        log_addr: None,
-                    },
-                )
+                .set_vring_addr(q, &vring_addresses(&self.mem, &ring, queue_size))
                 .expect("SET_VRING_ADDR");
             self.frontend
                 .set_vring_kick(q, &kick)
