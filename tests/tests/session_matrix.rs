@@ -180,13 +180,6 @@ impl Server {
         assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
     }
 
-    fn log(&mut self) -> String {
-        match self {
-            Server::Host(a) => a.process.log(),
-            Server::ApplianceVm { vm, .. } => appliance_vm::diagnostics(vm),
-        }
-    }
-
     /// Prints what a failed session leaves to read: the daemon's log, and for the appliance
     /// VM [`appliance_vm::failure_report`].
     fn report_failure(&mut self) {
@@ -463,7 +456,7 @@ fn run_matrix(server: &mut Server, kinds: &[Kind]) {
         }
     }));
     if let Err(panic) = result {
-        eprintln!("daemon log after the failure:\n{}", server.log());
+        server.report_failure();
         std::panic::resume_unwind(panic);
     }
 }
