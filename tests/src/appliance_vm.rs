@@ -258,6 +258,23 @@ pub fn diagnostics(vm: &mut Vm) -> String {
     .output
 }
 
+/// Whether the tests that hunt issue #18's hangs have QEMU trace (`vvu_*` in the appliance
+/// VM, vhost-user in consumers): `SESSION_MATRIX_TRACE=0` turns it off, since the hangs
+/// were seen untraced and tracing changes QEMU's timing.
+pub fn tracing_enabled() -> bool {
+    std::env::var("SESSION_MATRIX_TRACE").as_deref() != Ok("0")
+}
+
+/// How many times a repeatable test runs: `$name` as a count, at least 1, `default` when
+/// unset or not a number.
+pub fn repetitions(name: &str, default: u32) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .max(1)
+}
+
 /// What the appliance VM's QEMU logs for a kick it did not deliver at once: the device's
 /// trace events for no vector mapped, the vector not in use, MSI-X off or the vector
 /// masked, and the IOMMU's refusals to remap an MSI (`vtd_irte_get: detected non-present

@@ -56,15 +56,6 @@ exports:
         create: { size: 16M }
 ";
 
-/// Sessions to run: `$DEVICE_RESET_SESSIONS`, at least 1, 10 when unset.
-fn sessions() -> u32 {
-    std::env::var("DEVICE_RESET_SESSIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10u32)
-        .max(1)
-}
-
 /// READ(10) of LBA 0 on both LUNs, each answered GOOD with 512 bytes.
 fn read_both_luns(scsi: &mut ScsiFrontend, session: u32, phase: u32) {
     for lun in [0, 1] {
@@ -94,7 +85,7 @@ fn run_sessions(socket: &Path, sessions: u32) {
 
 #[test]
 fn host_mode_device_resets() {
-    let sessions = sessions();
+    let sessions = appliance_vm::repetitions("DEVICE_RESET_SESSIONS", 10);
     let mut appliance = Appliance::start(HOST_EXPORTS, &["scsi0.sock"]);
     let started = Instant::now();
     let socket = appliance.path("scsi0.sock");
@@ -118,8 +109,8 @@ fn host_mode_device_resets() {
 #[test]
 #[ignore = "full tier (tests/run.sh): boots the appliance VM"]
 fn appliance_vm_device_resets() {
-    let sessions = sessions();
-    let traced = std::env::var("SESSION_MATRIX_TRACE").as_deref() != Ok("0");
+    let sessions = appliance_vm::repetitions("DEVICE_RESET_SESSIONS", 10);
+    let traced = appliance_vm::tracing_enabled();
     let sockets = scratch_dir();
     let mut options = ApplianceVmOptions::new(VM_EXPORTS, vec![VvuSocket::at("scsi0.sock")], 1);
     if traced {

@@ -237,7 +237,7 @@ impl Consumer {
         ];
         // Into QEMU's log, which a failure prints: the vhost-user messages, status changes,
         // and kicks that reached QEMU's MMIO handler instead of the ioeventfd.
-        if trace_enabled() {
+        if appliance_vm::tracing_enabled() {
             for event in CONSUMER_TRACE {
                 extra_args.extend(["-trace".to_string(), event.to_string()]);
             }
@@ -428,25 +428,11 @@ fn lifecycle(server: &mut Server, kind: Kind, round: u32) {
     server.assert_serving("the last consumer");
 }
 
-/// Whether consumers and the fresh appliance VMs trace (`SESSION_MATRIX_TRACE=0` turns it
-/// off: the hangs of issue #18 were seen without tracing, which changes QEMU's timing).
-fn trace_enabled() -> bool {
-    std::env::var("SESSION_MATRIX_TRACE").as_deref() != Ok("0")
-}
-
-/// `$name` as a count, 1 when unset.
-fn rounds(name: &str) -> u32 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-}
-
 fn run_matrix(server: &mut Server, kinds: &[Kind]) {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for &kind in kinds {
             let rounds = if kind == Kind::Scsi {
-                rounds("SESSION_MATRIX_SCSI_ROUNDS")
+                appliance_vm::repetitions("SESSION_MATRIX_SCSI_ROUNDS", 1)
             } else {
                 1
             };
@@ -489,9 +475,13 @@ fn appliance_vm_sessions_blk_and_scsi() {
 #[test]
 #[ignore = "full tier (tests/run.sh): boots QEMU guests"]
 fn first_scsi_consumer_of_a_fresh_appliance_vm() {
-    for round in 1..=rounds("SESSION_MATRIX_FRESH_ROUNDS") {
+    for round in 1..=appliance_vm::repetitions("SESSION_MATRIX_FRESH_ROUNDS", 1) {
         eprintln!("session matrix: fresh appliance VM {round}");
-        let trace: &[&str] = if trace_enabled() { &["vvu_*"] } else { &[] };
+        let trace: &[&str] = if appliance_vm::tracing_enabled() {
+            &["vvu_*"]
+        } else {
+            &[]
+        };
         let mut server = Server::appliance_vm_tracing(trace);
         // Outside the closure, so a failed check leaves the consumer connected while the
         // appliance VM's state is taken (a hang's kick counters and worker threads).
