@@ -1445,9 +1445,11 @@ static void vvu_device_realize(DeviceState *dev, Error **errp)
      * KVM irqfds, every MSI-X mask/unmask of a vring's vector sends the masked
      * call notifier, then the guest's, then reads the masked one
      * (vhost_virtqueue_pending), and the whole consumer VM would freeze.
-     * Patch 0002 lets the chardev leave the flags alone.
+     * Patch 0002 lets the chardev leave the flags alone. x-keep-msgfd-flags=off
+     * (test hook) restores the old behaviour, so tests can show what it did.
      */
-    if (object_dynamic_cast(OBJECT(qemu_chr_fe_get_driver(&s->chr)),
+    if (s->keep_msgfd_flags &&
+        object_dynamic_cast(OBJECT(qemu_chr_fe_get_driver(&s->chr)),
                             TYPE_CHARDEV_SOCKET)) {
         SOCKET_CHARDEV(qemu_chr_fe_get_driver(&s->chr))->keep_msgfd_flags =
             true;
@@ -1491,6 +1493,13 @@ static const Property virtio_vhost_user_properties[] = {
      * that carried file descriptors, before the device handles them.
      */
     DEFINE_PROP_UINT32("x-recv-delay-ms", VirtIOVhostUser, recv_delay_ms, 0),
+    /*
+     * Test hook: off lets the chardev clear O_NONBLOCK on received fds, as
+     * QEMU's chardevs do, until vvu_read sets it again (the behaviour before
+     * patch 0002; issue #18).
+     */
+    DEFINE_PROP_BOOL("x-keep-msgfd-flags", VirtIOVhostUser, keep_msgfd_flags,
+                     true),
 };
 
 static void virtio_vhost_user_class_init(ObjectClass *klass, void *data)

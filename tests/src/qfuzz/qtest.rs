@@ -175,7 +175,7 @@ impl Qemu {
                 .arg("-device")
                 .arg(format!(
                     "virtio-vhost-user-pci,chardev=vvu{k},addr={:#x}.0,max-vhost-queues={},\
-                     queue-size={},shm-size={},uuid=6c1e7d52-3b0a-4f4e-9d41-0123456789{k:02x}{}",
+                     queue-size={},shm-size={},uuid=6c1e7d52-3b0a-4f4e-9d41-0123456789{k:02x}{}{}",
                     DEVICE_SLOT + k,
                     params.max_vhost_queues,
                     params.queue_size,
@@ -183,6 +183,11 @@ impl Qemu {
                     match params.recv_delay_ms {
                         0 => String::new(),
                         ms => format!(",x-recv-delay-ms={ms}"),
+                    },
+                    if params.keep_msgfd_flags {
+                        ""
+                    } else {
+                        ",x-keep-msgfd-flags=off"
                     }
                 ));
             chardevs.push(chardev);

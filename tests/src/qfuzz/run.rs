@@ -95,6 +95,7 @@ fn random_params(rng: &mut Rng, kvm: bool) -> DeviceParams {
         kvm: kvm && rng.below(2) == 0,
         devices,
         recv_delay_ms: 0,
+        keep_msgfd_flags: true,
     };
     if devices > 1 {
         // Two shared-memory BARs must fit q35's 32 GiB 64-bit hole.

@@ -43,6 +43,9 @@ pub struct DeviceParams {
     /// `x-recv-delay-ms`: milliseconds the device holds each read from its socket that
     /// carried fds before handling them (0: off; only regression tests set it).
     pub recv_delay_ms: u32,
+    /// `x-keep-msgfd-flags`: false restores the device's behaviour before issue #18's fix
+    /// (received fds blocking until the device handles them; only regression tests clear it).
+    pub keep_msgfd_flags: bool,
 }
 
 impl Default for DeviceParams {
@@ -54,6 +57,7 @@ impl Default for DeviceParams {
             kvm: false,
             devices: 1,
             recv_delay_ms: 0,
+            keep_msgfd_flags: true,
         }
     }
 }
@@ -72,6 +76,9 @@ impl DeviceParams {
         if self.recv_delay_ms != 0 {
             line.push_str(&format!(" recv-delay-ms={}", self.recv_delay_ms));
         }
+        if !self.keep_msgfd_flags {
+            line.push_str(" keep-msgfd-flags=off");
+        }
         line
     }
 
@@ -88,6 +95,13 @@ impl DeviceParams {
                 "accel" => p.kvm = v == "kvm",
                 "devices" => p.devices = v.parse().ok()?,
                 "recv-delay-ms" => p.recv_delay_ms = v.parse().ok()?,
+                "keep-msgfd-flags" => {
+                    p.keep_msgfd_flags = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return None,
+                    }
+                }
                 _ => return None,
             }
         }
@@ -425,6 +439,7 @@ mod tests {
                 kvm: true,
                 devices: 2,
                 recv_delay_ms: 40,
+                keep_msgfd_flags: false,
             },
             notes: vec!["# a note".into()],
             actions,

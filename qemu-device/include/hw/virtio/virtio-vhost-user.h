@@ -97,6 +97,7 @@ struct VirtIOVhostUser {
     uint32_t queue_size;
     uint64_t shm_size;
     uint32_t recv_delay_ms;     /* x-recv-delay-ms: test hook, 0 = off */
+    bool keep_msgfd_flags;      /* x-keep-msgfd-flags: test hook, default on */
     QemuUUID uuid;
 
     VirtQueue *rxq;
