@@ -63,6 +63,9 @@ pub struct ApplianceVmOptions {
     pub reuse_config_drive: bool,
     /// QEMU trace events the appliance VM's QEMU logs to its log (`--trace`), e.g. `vvu_*`.
     pub trace: Vec<String>,
+    /// Properties every `--vvu` device gets besides socket and uuid, e.g. the test hooks
+    /// `x-recv-delay-ms=20` and `x-keep-msgfd-flags=off` (`qemu-device/README.md`).
+    pub vvu_properties: Vec<String>,
 }
 
 impl ApplianceVmOptions {
@@ -78,6 +81,7 @@ impl ApplianceVmOptions {
             log_level: None,
             reuse_config_drive: false,
             trace: Vec::new(),
+            vvu_properties: Vec::new(),
         }
     }
 }
@@ -125,10 +129,12 @@ pub fn start(sockets: &Path, options: &ApplianceVmOptions) -> Vm {
         cmd.arg(launcher()).arg("--config-drive").arg(&drive);
         for vvu in &options.vvus {
             let socket = sockets.join(&vvu.socket);
-            let arg = match &vvu.uuid {
-                Some(uuid) => format!("{},uuid={uuid}", socket.display()),
-                None => socket.display().to_string(),
-            };
+            let mut arg = socket.display().to_string();
+            let uuid = vvu.uuid.as_ref().map(|u| format!("uuid={u}"));
+            for property in uuid.iter().chain(&options.vvu_properties) {
+                arg.push(',');
+                arg.push_str(property);
+            }
             cmd.arg("--vvu").arg(arg);
         }
         cmd.args(["--shm-size", &options.shm_size])
@@ -263,6 +269,21 @@ pub fn diagnostics(vm: &mut Vm) -> String {
 /// were seen untraced and tracing changes QEMU's timing.
 pub fn tracing_enabled() -> bool {
     std::env::var("SESSION_MATRIX_TRACE").as_deref() != Ok("0")
+}
+
+/// Extra properties for the appliance's devices in the tests that hunt issue #18's hangs:
+/// `SESSION_MATRIX_VVU_PROPERTIES=x-recv-delay-ms=20,x-keep-msgfd-flags=off` reopens and
+/// widens the fd-flag window the fix closed, to see whether the hangs come back. None
+/// when unset.
+pub fn hunt_vvu_properties() -> Vec<String> {
+    std::env::var("SESSION_MATRIX_VVU_PROPERTIES")
+        .map(|v| {
+            v.split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// How many times a repeatable test runs: `$name` as a count, at least 1, `default` when

@@ -20,8 +20,9 @@
 //! midlayer recovers from 30 s later is a fault too). The daemon must be alive after every session.
 //! `SESSION_MATRIX_SCSI_ROUNDS=N` repeats the scsi lifecycle N times in one run (the
 //! appliance-VM scsi first-scan hang of issue #18 showed up in 3 of 7 boots);
-//! `SESSION_MATRIX_FRESH_ROUNDS=N` repeats the first consumer of a fresh appliance VM, and
-//! `SESSION_MATRIX_TRACE=0` turns the QEMU tracing off.
+//! `SESSION_MATRIX_FRESH_ROUNDS=N` repeats the first consumer of a fresh appliance VM,
+//! `SESSION_MATRIX_TRACE=0` turns the QEMU tracing off, and `SESSION_MATRIX_VVU_PROPERTIES`
+//! gives that appliance's devices test hooks (`appliance_vm::hunt_vvu_properties`).
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -117,6 +118,7 @@ impl Server {
             2,
         );
         options.trace = trace.iter().map(|t| t.to_string()).collect();
+        options.vvu_properties = appliance_vm::hunt_vvu_properties();
         // The launcher's default, as a user starts it.
         options.shm_size = "4G".into();
         let vm = appliance_vm::start(sockets.path(), &options);
