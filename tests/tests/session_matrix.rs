@@ -106,11 +106,12 @@ impl Server {
     }
 
     fn appliance_vm() -> Server {
-        Server::appliance_vm_tracing(&[])
+        Server::appliance_vm_with(&[], Vec::new())
     }
 
-    /// The appliance VM, its QEMU logging the trace events `trace` (e.g. `vvu_*`).
-    fn appliance_vm_tracing(trace: &[&str]) -> Server {
+    /// The appliance VM, its QEMU logging the trace events `trace` (e.g. `vvu_*`) and its
+    /// devices given `vvu_properties` (test hooks).
+    fn appliance_vm_with(trace: &[&str], vvu_properties: Vec<String>) -> Server {
         let sockets = scratch_dir();
         let mut options = ApplianceVmOptions::new(
             VM_EXPORTS,
@@ -118,7 +119,7 @@ impl Server {
             2,
         );
         options.trace = trace.iter().map(|t| t.to_string()).collect();
-        options.vvu_properties = appliance_vm::hunt_vvu_properties();
+        options.vvu_properties = vvu_properties;
         // The launcher's default, as a user starts it.
         options.shm_size = "4G".into();
         let vm = appliance_vm::start(sockets.path(), &options);
@@ -484,7 +485,7 @@ fn first_scsi_consumer_of_a_fresh_appliance_vm() {
         } else {
             &[]
         };
-        let mut server = Server::appliance_vm_tracing(trace);
+        let mut server = Server::appliance_vm_with(trace, appliance_vm::hunt_vvu_properties());
         // Outside the closure, so a failed check leaves the consumer connected while the
         // appliance VM's state is taken (a hang's kick counters and worker threads).
         let mut consumer: Option<Consumer> = None;
