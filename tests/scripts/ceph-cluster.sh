@@ -52,7 +52,29 @@ cluster addr = 127.0.0.1
 osd data = $D/osd
 osd objectstore = memstore
 memstore device bytes = 1073741824
+# The OSD sends no mon commands at start (CRUSH location, device class): this script puts
+# it in the CRUSH map itself, and a command sent that early can meet the race below.
+osd crush update on start = false
+osd class update on start = false
 EOF
+
+# A mon command from a client whose MonClient has not yet received the monmap carries the
+# zero fsid, and the mon refuses it: "wrong fsid", EPERM (the mon logs "handle_command on
+# fsid 00000000-0000-0000-0000-000000000000 != ..."). Ceph 16 clients meet this race on a
+# fresh mon when the machine is busy: 8 of 30 starts failed so while a compiler ran. Every
+# command below is idempotent, so it is retried; the last failure's output is shown.
+mon_cmd() {
+    local try out
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+        if out=$(timeout 60 "$@" 2>&1); then
+            printf '%s\n' "$out"
+            return 0
+        fi
+        sleep 0.5
+    done
+    echo "ceph-cluster: '$*' failed $try times; the last output: $out" >&2
+    return 1
+}
 
 pids=()
 # SIGKILL: the data is thrown away, and an OSD told SIGTERM takes ~10 s to shut down.
@@ -74,27 +96,28 @@ ceph-mon --id a -f &
 pids+=($!)
 echo $! > "$D/mon.pid"
 
-# The same uuid for `osd create` and `ceph-osd --mkfs` (without it, mkfs fails at random
-# with "wrong fsid").
+# The same uuid for `osd create` and `ceph-osd --mkfs`: it is the OSD's identity, and
+# `osd create` with a uuid is idempotent (a retried command returns the same id).
 uuid=$(cat /proc/sys/kernel/random/uuid)
-id=$(timeout 60 ceph osd create "$uuid")
-timeout 60 ceph osd crush add "osd.$id" 1 root=default >/dev/null
-ceph-osd --id "$id" --mkfs --osd-uuid "$uuid" >/dev/null 2>&1
+id=$(mon_cmd ceph osd create "$uuid")
+mon_cmd ceph osd crush add "osd.$id" 1 root=default >/dev/null
+ceph-osd --id "$id" --mkfs --osd-uuid "$uuid" >"$D/log/osd-mkfs.out" 2>&1 ||
+    { cat "$D/log/osd-mkfs.out" >&2; exit 1; }
 ceph-osd --id "$id" -f &
 pids+=($!)
 echo $! > "$D/osd.pid"
 
 deadline=$((SECONDS + 60))
-# An OSD that fails its first boot exits (seen rarely: "mon_cmd_maybe_osd_create fail:
-# 'wrong fsid'"); fail fast, the caller retries on a new directory and port.
+# An OSD that fails its first boot exits; fail fast, the caller retries on a new directory
+# and port.
 until timeout 10 ceph osd stat 2>/dev/null | grep -q "1 up"; do
     [ "$SECONDS" -lt "$deadline" ] || { echo "ceph-cluster: the OSD did not come up" >&2; exit 1; }
     kill -0 "${pids[1]}" 2>/dev/null || { echo "ceph-cluster: the OSD exited at start" >&2; exit 1; }
     sleep 0.3
 done
-timeout 60 ceph osd pool create rbd 8 8 >/dev/null 2>&1
-timeout 60 ceph osd pool application enable rbd rbd >/dev/null 2>&1
-timeout 60 rbd pool init rbd
+mon_cmd ceph osd pool create rbd 8 8 >/dev/null
+mon_cmd ceph osd pool application enable rbd rbd >/dev/null
+mon_cmd rbd pool init rbd >/dev/null
 touch "$D/ready"
 echo "ceph-cluster: ready (mon 127.0.0.1:$PORT, CEPH_CONF=$CEPH_CONF)"
 

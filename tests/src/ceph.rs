@@ -76,7 +76,7 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(120);
         while !ready.exists() {
             if process.try_wait().is_some() || Instant::now() > deadline {
-                return Err(process.log());
+                return Err(Cluster { process, dir }.logs());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
