@@ -4,10 +4,11 @@
 //! An eventfd sent by SCM_RIGHTS shares its open file description, O_NONBLOCK included,
 //! with the front-end. QEMU's socket channel and chardev clear O_NONBLOCK on every fd they
 //! receive, and the device used to set it again a moment later. A stock QEMU consumer with
-//! KVM irqfds sends a vring's masked call notifier on each MSI-X mask and reads it on the
-//! unmask right after (`vhost_virtqueue_pending`, with the BQL held): a read in that moment
-//! would block for good and freeze the consumer VM. The device now has the chardev keep the
-//! flags.
+//! KVM irqfds reads eventfds it sent, with the BQL held: a masked call notifier on an MSI-X
+//! unmask right after sending it on the mask (`vhost_virtqueue_pending`, in the devices with
+//! `guest_notifier_pending` such as virtio-net), and a masked vector's call eventfd when the
+//! guest reads the MSI-X PBA (`virtio_pci_vector_poll`). A read in that moment would block
+//! for good and freeze the consumer VM. The device now has the chardev keep the flags.
 //!
 //! The moment is microseconds long, so the test widens it: the patched QEMU (normal build,
 //! `-accel qtest`, no guest) holds each read from the socket that carried fds for [`HOLD`]

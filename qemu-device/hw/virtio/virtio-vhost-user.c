@@ -1441,10 +1441,14 @@ static void vvu_device_realize(DeviceState *dev, Error **errp)
      * description, O_NONBLOCK included, with the front-end. QEMU's socket
      * channel and chardev make received fds blocking; for the moment until
      * vvu_read restored the flag, a front-end reading its own eventfd blocked
-     * for good if nothing was pending. QEMU does that with the BQL held: with
-     * KVM irqfds, every MSI-X mask/unmask of a vring's vector sends the masked
-     * call notifier, then the guest's, then reads the masked one
-     * (vhost_virtqueue_pending), and the whole consumer VM would freeze.
+     * for good if nothing was pending. Stock QEMU (10.0) does that with the
+     * BQL held on two paths with KVM irqfds: the devices with
+     * guest_notifier_pending (virtio-net, vhost-user-fs, -gpu, -vsock...)
+     * send a vring's masked call notifier on each MSI-X mask and read it on
+     * the unmask right after (vhost_virtqueue_pending); and a guest read of
+     * the MSI-X PBA makes any virtio-pci front-end read a masked vector's
+     * call eventfd (virtio_pci_vector_poll). The consumer VM would freeze.
+     * vhost-user-blk and -scsi under TCG read none inside the window.
      * Patch 0002 lets the chardev leave the flags alone. x-keep-msgfd-flags=off
      * (test hook) restores the old behaviour, so tests can show what it did.
      */
