@@ -6,7 +6,10 @@
 //! thread's epoll loop as [`completion_event`], so completions arrive as events on the
 //! thread that submitted them; no lock is shared between queues on the I/O path. The
 //! `Mutex` around each worker is only contended by the control path (GET_VRING_BASE drain,
-//! disconnect).
+//! disconnect). GET_VRING_BASE can stop a ring between two of its worker's pops, so a worker
+//! checks that its ring is started and touches it in one hold of the vring's lock
+//! (`if_started`), and a ring that is stopped or whose avail ring cannot be read ends the
+//! worker's pass.
 //!
 //! Per-connection resources end with the connection ([`VirtioBackend::end_session`]): the
 //! vrings, the guest memory mapping and the exit-event fds vhost-user-backend leaves open.
@@ -30,8 +33,8 @@ use targets::device::{Completed, QueueHandler, VirtioDevice};
 use targets::guest::GuestRam;
 use targets::stats::{bump, QueueStats};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringT};
-use virtio_queue::QueueT;
+use vhost_user_backend::{VhostUserBackend, VringState, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -44,7 +47,8 @@ use crate::poll::Poller;
 use crate::vring::SessionVring;
 
 /// The vring type of every export.
-type Vring = SessionVring<GuestMemoryAtomic<Memory>>;
+type Mem = GuestMemoryAtomic<Memory>;
+type Vring = SessionVring<Mem>;
 
 /// Largest vhost-user config space (VHOST_USER_CONFIG_SIZE).
 const MAX_CONFIG_READ: usize = 256;
@@ -63,6 +67,9 @@ struct Worker {
     inflight: Option<InflightQueue>,
     /// The region was (re)installed: re-run what it holds before popping new chains.
     recover_inflight: bool,
+    /// The avail ring could not be read the last time (a broken driver: logged once, when
+    /// it starts).
+    ring_fault: bool,
 }
 
 impl Worker {
@@ -220,6 +227,7 @@ impl VirtioBackend {
                         poller,
                         inflight: None,
                         recover_inflight: false,
+                        ring_fault: false,
                     })
                 })
                 .collect(),
@@ -272,6 +280,7 @@ impl VirtioBackend {
             if let Some(mut w) = self.worker(i) {
                 w.drain();
                 w.vring = None;
+                w.ring_fault = false;
             }
         }
     }
@@ -381,16 +390,23 @@ impl VirtioBackend {
             worker.resubmit_inflight(index, vring, &self.current_memory());
         }
         if worker.poller.is_some() {
-            return self.serve_polling(worker, Some(vring));
+            return self.serve_polling(index, worker, Some(vring));
         }
         let mut mem = MemoryView::new(self);
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
-                vring.disable_notification().map_err(queue_error)?;
+                match if_started(vring, |state| state.disable_notification()) {
+                    Some(done) => done.map_err(queue_error)?,
+                    None => break,
+                }
             }
-            self.take_available(worker, vring, &mut mem);
-            if !event_idx || !vring.enable_notification().map_err(queue_error)? {
+            if !self.take_available(index, worker, vring, &mut mem) || !event_idx {
+                break;
+            }
+            // Notifications back on, then one more look for chains made available meanwhile.
+            let more = if_started(vring, |state| state.enable_notification());
+            if !more.transpose().map_err(queue_error)?.unwrap_or(false) {
                 break;
             }
         }
@@ -398,14 +414,49 @@ impl VirtioBackend {
     }
 
     /// Pops every chain available on `vring` into the queue's handler, hands the disk I/O
-    /// to the kernel and publishes what completed at once.
-    fn take_available(&self, worker: &mut Worker, vring: &Vring, mem: &mut MemoryView) {
+    /// to the kernel and publishes what completed at once. Returns whether the ring can be
+    /// served on: false once it is stopped (GET_VRING_BASE) or its avail ring cannot be
+    /// read (logged), when the caller must not look at it again before the next kick.
+    fn take_available(
+        &self,
+        index: usize,
+        worker: &mut Worker,
+        vring: &Vring,
+        mem: &mut MemoryView,
+    ) -> bool {
+        let mut open = true;
         loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(&*mem.ram);
-            let Some(chain) = chain else { break };
+            let popped = if_started(vring, |state| {
+                state
+                    .get_queue_mut()
+                    .iter(&*mem.ram)
+                    .map(|mut avail| avail.next())
+            });
+            let chain = match popped {
+                Some(Ok(Some(chain))) => chain,
+                Some(Ok(None)) => break,
+                Some(Err(e)) => {
+                    // The ring may be in memory the frontend added since the view's copy.
+                    if let Some((ram, generation)) = mem.newer(self) {
+                        *mem = MemoryView { ram, generation };
+                        continue;
+                    }
+                    if !std::mem::replace(&mut worker.ring_fault, true) {
+                        tracing::warn!(
+                            queue = index,
+                            "cannot read the avail ring, the queue takes no requests until \
+                             the driver fixes it or the ring is set up again: {e}"
+                        );
+                    }
+                    open = false;
+                    break;
+                }
+                None => {
+                    open = false;
+                    break;
+                }
+            };
+            worker.ring_fault = false;
             if let Some(inflight) = worker.inflight.as_mut() {
                 inflight.begin(chain.head_index());
             }
@@ -432,6 +483,7 @@ impl VirtioBackend {
             worker.queue.reap(&mut worker.done);
         }
         worker.publish();
+        open
     }
 
     fn process_completions(&self, index: usize) -> io::Result<()> {
@@ -442,7 +494,7 @@ impl VirtioBackend {
         // A ring waiting to re-run its inflight requests pops nothing before they are.
         if worker.poller.is_some() && !worker.recover_inflight {
             let vring = worker.vring.clone();
-            return self.serve_polling(worker, vring.as_ref());
+            return self.serve_polling(index, worker, vring.as_ref());
         }
         worker.queue.reap(&mut worker.done);
         // Resubmissions (e.g. a write-zeroes fallback) may have been queued while reaping.
@@ -454,43 +506,57 @@ impl VirtioBackend {
     /// Serves the queue with busy-polling (the export's `poll:`): handles what is there,
     /// then keeps checking the avail ring and the disk completions for the poller's window
     /// with guest kicks and completion signals off, and turns them back on only to sleep.
-    fn serve_polling(&self, worker: &mut Worker, vring: Option<&Vring>) -> io::Result<()> {
+    fn serve_polling(
+        &self,
+        index: usize,
+        worker: &mut Worker,
+        vring: Option<&Vring>,
+    ) -> io::Result<()> {
         let Some(mut poller) = worker.poller.take() else {
             return Ok(());
         };
         poller.woke(Instant::now());
-        let result = self.poll_loop(worker, vring, &mut poller);
+        let result = self.poll_loop(index, worker, vring, &mut poller);
         worker.poller = Some(poller);
         result
     }
 
     fn poll_loop(
         &self,
+        index: usize,
         worker: &mut Worker,
         vring: Option<&Vring>,
         poller: &mut Poller,
     ) -> io::Result<()> {
         let mut mem = MemoryView::new(self);
-        let serving = |vring: &Vring| {
-            vring.get_ref().get_queue().ready() && !self.quiesced.load(Ordering::SeqCst)
-        };
+        // The ring served: none while the export stops (quiesced), and none from the moment
+        // it is stopped (GET_VRING_BASE) or its avail ring cannot be read; disk completions
+        // are still reaped and published.
+        let mut ring = vring;
+        let quiesced = || self.quiesced.load(Ordering::SeqCst);
         // Work that keeps coming keeps the worker polling; it lets go of its lock (the
         // control path waits on it) at least this often, and picks up where it was.
         let began = Instant::now();
         let mut yielding = false;
         loop {
-            // A ring that is not set up (or an export stopping) is not written to.
-            if let Some(vring) = vring.filter(|v| serving(v)) {
-                vring.disable_notification().map_err(queue_error)?;
+            if let Some(vring) = ring.filter(|_| !quiesced()) {
+                match if_started(vring, |state| state.disable_notification()) {
+                    Some(done) => done.map_err(queue_error)?,
+                    None => ring = None,
+                }
             }
             worker.queue.set_completion_notify(false);
             loop {
                 if worker.queue.poll_ready() {
                     worker.queue.reap(&mut worker.done);
                 }
-                match vring {
-                    Some(vring) if serving(vring) => self.take_available(worker, vring, &mut mem),
-                    _ => {
+                match ring.filter(|_| !quiesced()) {
+                    Some(vring) => {
+                        if !self.take_available(index, worker, vring, &mut mem) {
+                            ring = None;
+                        }
+                    }
+                    None => {
                         worker.submit();
                         worker.publish();
                     }
@@ -505,7 +571,7 @@ impl VirtioBackend {
                 }
                 let found = loop {
                     if worker.queue.poll_ready()
-                        || vring.is_some_and(|v| serving(v) && avail_pending(v, &mem.ram))
+                        || ring.is_some_and(|v| !quiesced() && avail_pending(v, &mem.ram))
                     {
                         break true;
                     }
@@ -528,11 +594,12 @@ impl VirtioBackend {
             }
             // About to sleep: signals back on, then one more look for what came meanwhile.
             worker.queue.set_completion_notify(true);
-            let more = match vring {
-                Some(vring) if serving(vring) => {
-                    vring.enable_notification().map_err(queue_error)?
-                }
-                _ => false,
+            let more = match ring.filter(|_| !quiesced()) {
+                Some(vring) => if_started(vring, |state| state.enable_notification())
+                    .transpose()
+                    .map_err(queue_error)?
+                    .unwrap_or(false),
+                None => false,
             };
             if yielding {
                 // Back through epoll (the queue's own completion eventfd) to the work
@@ -553,6 +620,20 @@ impl VirtioBackend {
 
 /// How long a busy-polling worker serves before it lets go of its lock once.
 const YIELD_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Runs `f` on `vring`'s state under the ring's lock if the ring is started. GET_VRING_BASE
+/// stops a ring by clearing its `ready` under this lock (vhost-user-backend's
+/// `get_vring_base`), and from then on the ring is the frontend's again (vhost-user spec,
+/// "Ring states": a stopped ring is not processed), so a worker checks and touches the ring
+/// in one hold of the lock: `None`, and nothing read or written, once it is stopped.
+fn if_started<T>(vring: &Vring, f: impl FnOnce(&mut VringState<Mem>) -> T) -> Option<T> {
+    let mut state = vring.get_mut();
+    if state.get_queue().ready() {
+        Some(f(&mut state))
+    } else {
+        None
+    }
+}
 
 /// Whether the driver made chains available that the device has not popped yet. An avail
 /// index more than a ring ahead is a broken driver's, not work: popping refuses it

@@ -82,6 +82,10 @@ pub struct Setup {
     /// Negotiate INFLIGHT_SHMFD and keep the backend's inflight area (GET_INFLIGHT_FD, then
     /// SET_INFLIGHT_FD on every connection), as QEMU's vhost-user-blk and -scsi do.
     pub inflight: bool,
+    /// Ack VIRTIO_RING_F_EVENT_IDX where offered. The ring keeps used_event at 0, so the
+    /// device signals few completions: wait for them by looking at the used ring (not
+    /// [`RawFrontend::strict_calls`]).
+    pub event_idx: bool,
 }
 
 /// A connected frontend driving the queues of a vhost-user device.
@@ -114,7 +118,8 @@ pub struct BackendRequest {
     pub size: u32,
 }
 
-/// Connects and negotiates: SET_OWNER, features (`wanted & offered`, never EVENT_IDX),
+/// Connects and negotiates: SET_OWNER, features (`wanted & offered`, EVENT_IDX only if
+/// `setup.event_idx`),
 /// protocol features (CONFIG, REPLY_ACK, MQ, RESET_DEVICE where offered, and BACKEND_REQ /
 /// INFLIGHT_SHMFD as asked).
 /// Returns the frontend and the virtio features acked (without PROTOCOL_FEATURES).
@@ -128,9 +133,10 @@ fn handshake(socket: &Path, setup: &Setup, backend_channel: bool) -> (Frontend, 
         offered & protocol_bit != 0,
         "backend must offer PROTOCOL_FEATURES"
     );
-    // The ring does not maintain used_event, so EVENT_IDX is never acked.
+    // The ring does not maintain used_event, so EVENT_IDX is acked only when asked for.
     let event_idx = 1u64 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-    let features = offered & setup.wanted_features & !protocol_bit & !event_idx;
+    let unwanted = if setup.event_idx { 0 } else { event_idx };
+    let features = offered & setup.wanted_features & !protocol_bit & !unwanted;
     frontend
         .set_features(features | protocol_bit)
         .expect("SET_FEATURES");
@@ -188,6 +194,7 @@ impl RawFrontend {
                 stale_used_idx: None,
                 base_first: false,
                 inflight: false,
+                event_idx: false,
             },
         )
     }
@@ -212,6 +219,7 @@ impl RawFrontend {
             stale_used_idx: None,
             base_first: false,
             inflight: false,
+            event_idx: false,
         };
         Self::connect_inner(socket, &setup, true)
     }
@@ -593,6 +601,44 @@ impl RawFrontend {
             .set_vring_kick(q, &kick)
             .expect("SET_VRING_KICK");
         std::mem::replace(&mut self.queues[q].kick, kick)
+    }
+
+    /// Stops queue `q` (GET_VRING_BASE) and returns the avail index the device stopped at.
+    /// Every request the device took must be on the used ring before it answers. A reply
+    /// not there within `timeout` fails the call: the `vhost` crate's frontend waits for
+    /// ever (it retries a socket receive timeout), so a watchdog shuts the socket down.
+    pub fn stop_queue(&mut self, q: usize, timeout: Duration) -> u16 {
+        let fd = self.frontend.as_raw_fd();
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let late = matches!(
+                finished.recv_timeout(timeout),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if late {
+                // SAFETY: `fd` is the frontend's socket, open until this thread is joined
+                // below; shutting it down only makes the blocked reply read fail.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+            late
+        });
+        let base = self.frontend.get_vring_base(q);
+        let _ = done.send(());
+        let late = watchdog.join().expect("GET_VRING_BASE watchdog");
+        assert!(
+            !late,
+            "queue {q}: GET_VRING_BASE not answered within {timeout:?}"
+        );
+        u16::try_from(base.expect("GET_VRING_BASE")).expect("a 16-bit vring base")
+    }
+
+    /// Writes `idx` into queue `q`'s avail.idx, as a broken driver would, without adding
+    /// chains or kicking.
+    pub fn set_avail_idx(&mut self, q: usize, idx: u16) {
+        let addr = self.queues[q].ring.avail_addr().unchecked_add(2);
+        self.mem
+            .write_obj(idx.to_le(), addr)
+            .expect("write avail.idx");
     }
 
     /// Disables and enables queue `q` again (SET_VRING_ENABLE 0, then 1).

@@ -16,7 +16,7 @@ use appliance_tests::blk_raw::{read, request, write, DATA, HEADER, STATUS};
 use appliance_tests::daemon::{
     appliance_binary, qemu_storage_daemon, scratch_dir, Appliance, Process,
 };
-use appliance_tests::frontend::{RawFrontend, DATA_START};
+use appliance_tests::frontend::{RawFrontend, Setup, DATA_START};
 use vhost::vhost_user::message::FrontendReq;
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
@@ -286,6 +286,83 @@ fn frontend_disconnecting_mid_io_leaves_the_daemon_serving() {
     let mut fe = RawFrontend::connect(&socket, 16, ALL_FEATURES);
     assert_eq!(read(&mut fe, 0, 4096).1, OK);
     assert!(appliance.process.log().contains("frontend disconnected"));
+}
+
+/// A read of 4 KiB at sector 0 on queue `q`: its status.
+fn read_on(fe: &mut RawFrontend, q: usize) -> u8 {
+    fe.write_mem(HEADER, &[0; 16]);
+    fe.write_mem(STATUS, &[0xee]);
+    let head = fe.submit_on(
+        q,
+        &[
+            Buffer::readable(HEADER, 16),
+            Buffer::writable(DATA, 4096),
+            Buffer::writable(STATUS, 1),
+        ],
+    );
+    assert_eq!(fe.wait_used_on(q, TIMEOUT).0, head, "queue {q}");
+    fe.read_mem(STATUS, 1)[0]
+}
+
+#[test]
+fn an_avail_index_beyond_the_ring_stops_only_that_queue() {
+    // With EVENT_IDX the worker re-reads avail.idx after turning notifications back on,
+    // and a ring it cannot pop from still looks busy: it must give the ring up, not spin
+    // (holding the lock GET_VRING_BASE waits for) and log on every pass.
+    let dir = scratch_dir();
+    std::fs::write(dir.path().join("vol0.raw"), vec![0x3cu8; 8 << 20]).unwrap();
+    let config = "exports:
+  - name: vol0
+    type: blk
+    socket: @DIR@/vol0.sock
+    path: @DIR@/vol0.raw
+    num_queues: 2
+    queue_size: 16
+";
+    let appliance = Appliance::start_in(dir, config, &["vol0.sock"]);
+    let socket = appliance.path("vol0.sock");
+    let setup = Setup {
+        num_queues: 2,
+        queue_size: 16,
+        wanted_features: ALL_FEATURES,
+        stale_used_idx: None,
+        base_first: false,
+        inflight: false,
+        event_idx: true,
+    };
+    let mut fe = RawFrontend::connect_with(&socket, &setup);
+    let event_idx = 1u64 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    assert_ne!(fe.features & event_idx, 0, "EVENT_IDX must be negotiated");
+    assert_eq!(read_on(&mut fe, 0), OK);
+
+    // 1000 chains "available" on a ring of 16, from a driver that kicks again and again.
+    fe.set_avail_idx(0, 1000);
+    for _ in 0..5 {
+        fe.kick(0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The other queue is served, and the control path answers: the broken ring's worker
+    // holds nothing.
+    assert_eq!(read_on(&mut fe, 1), OK);
+    assert_eq!(
+        fe.stop_queue(0, TIMEOUT),
+        1,
+        "stopped after the one good request"
+    );
+    assert_eq!(fe.stop_queue(1, TIMEOUT), 1);
+    let log = appliance.process.log();
+    assert_eq!(
+        log.matches("cannot read the avail ring").count(),
+        1,
+        "logged once, when the fault starts:\n{log}"
+    );
+    assert!(!log.contains("Iterator error"), "{log}");
+    drop(fe);
+
+    // A new connection is served on both queues.
+    let mut fe = RawFrontend::connect_queues(&socket, 2, 16, ALL_FEATURES);
+    assert_eq!(read_on(&mut fe, 0), OK);
+    assert_eq!(read_on(&mut fe, 1), OK);
 }
 
 #[test]

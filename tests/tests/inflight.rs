@@ -116,6 +116,7 @@ fn crash_with_a_in_flight(dir: &Path, inflight: bool) -> (RawFrontend, u16, u16,
             stale_used_idx: None,
             base_first: true,
             inflight,
+            event_idx: false,
         },
     );
     let a = blk_write(&mut fe, 0, 0, 0xaa);
@@ -250,6 +251,7 @@ fn scsi_command_in_flight_at_a_crash_is_rerun_and_the_tmf_waiting_for_it_is_not(
             stale_used_idx: None,
             base_first: true,
             inflight: true,
+            event_idx: false,
         },
     ));
     scsi.clear_ua(0);

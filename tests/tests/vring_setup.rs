@@ -2,14 +2,20 @@
 //! the next used index is the avail base (never a stale value left in guest memory), a
 //! newly installed call fd is signalled once, so a completion published while the frontend
 //! had no call fd still reaches its driver, and a kick fd replaced while the ring runs is
-//! the one polled from then on.
+//! the one polled from then on. And how it gives a ring back: GET_VRING_BASE that stops a
+//! ring while its worker is taking requests from it is answered at once, with every
+//! request the worker took on the used ring.
 
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use appliance_tests::blk_raw::{read, write, DATA};
+use std::time::{Duration, Instant};
+
+use appliance_tests::blk_raw::{read, write, DATA, HEADER, STATUS};
 use appliance_tests::daemon::Appliance;
 use appliance_tests::frontend::{RawFrontend, Setup};
+use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_IN;
+use vvu_transport::split_ring::Buffer;
 
 const CONFIG: &str = "exports:
   - name: vol0
@@ -39,6 +45,7 @@ fn a_stale_used_index_in_guest_memory_is_not_taken_over() {
                 stale_used_idx: Some(stale),
                 base_first,
                 inflight: false,
+                event_idx: false,
             },
         );
         fe.write_mem(DATA, &[0xa5; 4096]);
@@ -105,5 +112,87 @@ fn a_kick_fd_replaced_while_the_ring_runs_is_the_one_polled() {
         );
     }
     let log = appliance.process.log();
+    assert!(!log.contains("virtqueue worker stops"), "{log}");
+}
+
+#[test]
+fn a_ring_stopped_while_its_worker_takes_requests_stops_at_once() {
+    // With EVENT_IDX a worker turns notifications back on after each pass and looks again;
+    // GET_VRING_BASE clears the ring's `ready` between two of its pops. The worker must
+    // leave a stopped ring alone at once (not re-read a ring that still shows chains
+    // available, holding the lock GET_VRING_BASE waits for), on a plain and on a polling
+    // export. Whether GET_VRING_BASE lands mid-pass is timing: rounds vary the delay
+    // between the kick and it.
+    let config = "exports:
+  - name: vol0
+    type: blk
+    socket: @DIR@/vol0.sock
+    path: @DIR@/vol0.raw
+    create: { size: 8M }
+    queue_size: 1024
+  - name: vol1
+    type: blk
+    socket: @DIR@/vol1.sock
+    path: @DIR@/vol1.raw
+    create: { size: 8M }
+    queue_size: 1024
+    poll: { max_us: 200, adaptive: false }
+";
+    let appliance = Appliance::start(config, &["vol0.sock", "vol1.sock"]);
+    let setup = Setup {
+        num_queues: 1,
+        queue_size: 1024,
+        wanted_features: u64::MAX,
+        stale_used_idx: None,
+        base_first: false,
+        inflight: false,
+        event_idx: true,
+    };
+    let event_idx = 1u64 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    const CHAINS: u16 = 341;
+    let rounds = 60u32;
+    for socket in ["vol0.sock", "vol1.sock"] {
+        let mut mid_pass = 0u32;
+        for round in 0..rounds {
+            let mut fe = RawFrontend::connect_with(&appliance.path(socket), &setup);
+            assert_ne!(fe.features & event_idx, 0, "EVENT_IDX must be negotiated");
+            fe.write_mem(HEADER, &header);
+            // Three descriptors each: as many as the ring holds.
+            for _ in 0..CHAINS {
+                fe.add_on(
+                    0,
+                    &[
+                        Buffer::readable(HEADER, 16),
+                        Buffer::writable(DATA, 4096),
+                        Buffer::writable(STATUS, 1),
+                    ],
+                );
+            }
+            fe.kick(0);
+            let delay = Duration::from_micros(u64::from(round % 12) * 40);
+            let start = Instant::now();
+            while start.elapsed() < delay {
+                std::hint::spin_loop();
+            }
+            let base = fe.stop_queue(0, Duration::from_secs(10));
+            assert!(base <= CHAINS, "{socket} round {round}: base {base}");
+            assert_eq!(
+                fe.used_idx(0),
+                base,
+                "{socket} round {round}: every request taken is on the used ring"
+            );
+            if base > 0 && base < CHAINS {
+                mid_pass += 1;
+            }
+        }
+        println!("{socket}: {mid_pass} of {rounds} rounds stopped the ring mid-pass");
+        // Else the rounds never met the window they are for (they vary the delay so
+        // that about half of them do).
+        assert!(mid_pass > 0, "{socket}: no round stopped the ring mid-pass");
+    }
+    let log = appliance.process.log();
+    assert!(!log.contains("Iterator error"), "{log}");
     assert!(!log.contains("virtqueue worker stops"), "{log}");
 }
