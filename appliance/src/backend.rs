@@ -8,8 +8,8 @@
 //! `Mutex` around each worker is only contended by the control path (GET_VRING_BASE drain,
 //! disconnect). GET_VRING_BASE can stop a ring between two of its worker's pops, so a worker
 //! checks that its ring is started and touches it in one hold of the vring's lock
-//! (`if_started`), and a ring that is stopped or whose avail ring cannot be read ends the
-//! worker's pass.
+//! (`if_started`); a ring that is stopped, or whose avail ring cannot be read (an index more
+//! than a ring ahead, an entry outside guest memory), ends the worker's pass.
 //!
 //! Per-connection resources end with the connection ([`VirtioBackend::end_session`]): the
 //! vrings, the guest memory mapping and the exit-event fds vhost-user-backend leaves open.
@@ -35,7 +35,10 @@ use targets::stats::{bump, QueueStats};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Address, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
+    Permissions,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -415,8 +418,9 @@ impl VirtioBackend {
 
     /// Pops every chain available on `vring` into the queue's handler, hands the disk I/O
     /// to the kernel and publishes what completed at once. Returns whether the ring can be
-    /// served on: false once it is stopped (GET_VRING_BASE) or its avail ring cannot be
-    /// read (logged), when the caller must not look at it again before the next kick.
+    /// served on: false once it is stopped (GET_VRING_BASE), or when its avail ring cannot be
+    /// read (logged once, when that starts; notifications are turned back on so the driver's
+    /// next kick comes), and then the caller leaves the ring until its next event.
     fn take_available(
         &self,
         index: usize,
@@ -427,10 +431,21 @@ impl VirtioBackend {
         let mut open = true;
         loop {
             let popped = if_started(vring, |state| {
-                state
-                    .get_queue_mut()
+                let queue = state.get_queue_mut();
+                // virtio-queue's iterator also ends, as if the ring were empty, at an entry
+                // it cannot read: an avail ring running out of guest memory would then look
+                // busy for ever (avail.idx ahead), so the entry is checked first.
+                let entry = avail_entry(queue);
+                if !entry.is_some_and(|e| mem.ram.check_range(e, 2, Permissions::Read)) {
+                    return Err(format!(
+                        "avail ring entry {} is not in guest memory",
+                        queue.next_avail()
+                    ));
+                }
+                queue
                     .iter(&*mem.ram)
                     .map(|mut avail| avail.next())
+                    .map_err(|e| e.to_string())
             });
             let chain = match popped {
                 Some(Ok(Some(chain))) => chain,
@@ -445,9 +460,11 @@ impl VirtioBackend {
                         tracing::warn!(
                             queue = index,
                             "cannot read the avail ring, the queue takes no requests until \
-                             the driver fixes it or the ring is set up again: {e}"
+                             the driver fixes it or sets the ring up again: {e}"
                         );
                     }
+                    // Notifications were suppressed for the pass: the driver kicks again.
+                    let _ = if_started(vring, |state| state.enable_notification());
                     open = false;
                     break;
                 }
@@ -635,6 +652,13 @@ fn if_started<T>(vring: &Vring, f: impl FnOnce(&mut VringState<Mem>) -> T) -> Op
     }
 }
 
+/// Guest address of the avail ring entry the queue pops next (virtio 1.2, 2.7.6: `ring`
+/// after the 4-byte `flags` and `idx`), if it has one.
+fn avail_entry(queue: &virtio_queue::Queue) -> Option<GuestAddress> {
+    let slot = queue.next_avail().checked_rem(queue.size())?;
+    GuestAddress(queue.avail_ring()).checked_add(4 + 2 * u64::from(slot))
+}
+
 /// Whether the driver made chains available that the device has not popped yet. An avail
 /// index more than a ring ahead is a broken driver's, not work: popping refuses it
 /// (`InvalidAvailRingIndex`), so counting it would keep a polling worker busy for ever.
@@ -760,9 +784,11 @@ impl VhostUserBackend for VirtioBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // GET_VRING_BASE: every accepted request must be on the used ring first.
+        // GET_VRING_BASE: every accepted request must be on the used ring first. A fault
+        // of the ring ends with it (the next set-up is logged anew).
         if let Some(mut w) = self.worker(queue_index as usize) {
             w.drain();
+            w.ring_fault = false;
         }
         Ok(())
     }

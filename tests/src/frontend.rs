@@ -632,6 +632,30 @@ impl RawFrontend {
         u16::try_from(base.expect("GET_VRING_BASE")).expect("a 16-bit vring base")
     }
 
+    /// Stops queue `q` and starts it again with its avail ring at guest address `avail`
+    /// (GET_VRING_BASE, SET_VRING_ADDR, SET_VRING_BASE with the base it stopped at,
+    /// SET_VRING_KICK with the same eventfd), as a broken driver that places the ring where
+    /// guest memory may end before the ring does. Returns that base; the queue's own
+    /// bookkeeping still refers to the old ring, so only raw writes make sense after it.
+    pub fn move_avail_ring(&mut self, q: usize, avail: u64, timeout: Duration) -> u16 {
+        let base = self.stop_queue(q, timeout);
+        let mut addresses = vring_addresses(&self.mem, &self.queues[q].ring, self.setup.queue_size);
+        addresses.avail_ring_addr = self
+            .mem
+            .get_host_address(GuestAddress(avail))
+            .expect("host address") as u64;
+        self.frontend
+            .set_vring_addr(q, &addresses)
+            .expect("SET_VRING_ADDR");
+        self.frontend
+            .set_vring_base(q, base)
+            .expect("SET_VRING_BASE");
+        self.frontend
+            .set_vring_kick(q, &self.queues[q].kick)
+            .expect("SET_VRING_KICK");
+        base
+    }
+
     /// Writes `idx` into queue `q`'s avail.idx, as a broken driver would, without adding
     /// chains or kicking.
     pub fn set_avail_idx(&mut self, q: usize, idx: u16) {
