@@ -608,6 +608,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     const VERSION_1: u64 = 1 << 32;
     const PROTOCOL_FEATURES: u64 = 1 << 30;
+    const EVENT_IDX: u64 = 1 << 29;
     // MQ, REPLY_ACK, BACKEND_REQ, CONFIG, INFLIGHT_SHMFD, RESET_DEVICE, CONFIGURE_MEM_SLOTS.
     const PROTOCOL: u64 = 1 | 1 << 3 | 1 << 5 | 1 << 9 | 1 << 12 | 1 << 13 | 1 << 15;
     let features = VERSION_1 | PROTOCOL_FEATURES;
@@ -640,6 +641,31 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     s.kick(2);
     s.msg(FrontendReq::GET_VRING_BASE, 0, &le(&[1, 0], &[4, 4]), &[]);
     seeds.push(("blk-write".to_string(), s.finish()));
+
+    // With EVENT_IDX (as QEMU, libblkio and Linux negotiate it): a read, then avail.idx
+    // moved far beyond the ring and kicked again, the ring stopped (GET_VRING_BASE must be
+    // answered: the worker gives the ring up), and a write on the other queue.
+    let mut s = Script::new(0);
+    bring_up(&mut s, features | EVENT_IDX, PROTOCOL, 60, &[0, 1]);
+    request(
+        &mut s,
+        0,
+        &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
+        &[(HDR, blk_header(VIRTIO_BLK_T_IN, 8))],
+    );
+    s.kick(0);
+    let (_, avail, _) = ring_gpa(0);
+    s.mem(0, (avail + 2) as u32, &le(&[1000], &[2]))
+        .kick(0)
+        .msg(FrontendReq::GET_VRING_BASE, 0, &le(&[0, 0], &[4, 4]), &[]);
+    request(
+        &mut s,
+        1,
+        &[(HDR, 16, false), (DATA, 4096, false), (STATUS, 1, true)],
+        &[(HDR, blk_header(VIRTIO_BLK_T_OUT, 16))],
+    );
+    s.kick(2);
+    seeds.push(("blk-event-idx-avail-beyond-ring".to_string(), s.finish()));
 
     // Inflight area, memory slots, a config write, the backend channel, a reset.
     let mut s = Script::new(0);
