@@ -36,8 +36,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
-    Address, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
-    Permissions,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -433,12 +432,19 @@ impl VirtioBackend {
             let popped = if_started(vring, |state| {
                 let queue = state.get_queue_mut();
                 // virtio-queue's iterator also ends, as if the ring were empty, at an entry
-                // it cannot read: an avail ring running out of guest memory would then look
-                // busy for ever (avail.idx ahead), so the entry is checked first.
+                // it cannot read: an avail ring running out of guest memory (or split
+                // across regions, or misaligned) would then look busy for ever (avail.idx
+                // ahead), so the entry is read first, the way the iterator reads it.
                 let entry = avail_entry(queue);
-                if !entry.is_some_and(|e| mem.ram.check_range(e, 2, Permissions::Read)) {
+                let readable = entry.is_some_and(|e| {
+                    mem.ram
+                        .load::<u16>(e, std::sync::atomic::Ordering::Acquire)
+                        .is_ok()
+                });
+                if !readable {
+                    let at = entry.map_or(u64::MAX, |e| e.raw_value());
                     return Err(format!(
-                        "avail ring entry {} is not in guest memory",
+                        "avail ring entry for index {} at guest address {at:#x} cannot be read",
                         queue.next_avail()
                     ));
                 }
@@ -463,7 +469,8 @@ impl VirtioBackend {
                              the driver fixes it or sets the ring up again: {e}"
                         );
                     }
-                    // Notifications were suppressed for the pass: the driver kicks again.
+                    // Notifications may be suppressed (NO_NOTIFY, a polling pass): the
+                    // driver kicks again.
                     let _ = if_started(vring, |state| state.enable_notification());
                     open = false;
                     break;
