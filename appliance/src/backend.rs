@@ -431,23 +431,7 @@ impl VirtioBackend {
         loop {
             let popped = if_started(vring, |state| {
                 let queue = state.get_queue_mut();
-                // virtio-queue's iterator also ends, as if the ring were empty, at an entry
-                // it cannot read: an avail ring running out of guest memory (or split
-                // across regions, or misaligned) would then look busy for ever (avail.idx
-                // ahead), so the entry is read first, the way the iterator reads it.
-                let entry = avail_entry(queue);
-                let readable = entry.is_some_and(|e| {
-                    mem.ram
-                        .load::<u16>(e, std::sync::atomic::Ordering::Acquire)
-                        .is_ok()
-                });
-                if !readable {
-                    let at = entry.map_or(u64::MAX, |e| e.raw_value());
-                    return Err(format!(
-                        "avail ring entry for index {} at guest address {at:#x} cannot be read",
-                        queue.next_avail()
-                    ));
-                }
+                next_avail_entry_readable(queue, &mem.ram)?;
                 queue
                     .iter(&*mem.ram)
                     .map(|mut avail| avail.next())
@@ -659,11 +643,24 @@ fn if_started<T>(vring: &Vring, f: impl FnOnce(&mut VringState<Mem>) -> T) -> Op
     }
 }
 
-/// Guest address of the avail ring entry the queue pops next (virtio 1.2, 2.7.6: `ring`
-/// after the 4-byte `flags` and `idx`), if it has one.
-fn avail_entry(queue: &virtio_queue::Queue) -> Option<GuestAddress> {
-    let slot = queue.next_avail().checked_rem(queue.size())?;
-    GuestAddress(queue.avail_ring()).checked_add(4 + 2 * u64::from(slot))
+/// Checks that the avail ring entry `queue` pops next (virtio 1.2, 2.7.6: `ring[]` after the
+/// 4-byte `flags` and `idx`) can be read from `mem`, with the one aligned 2-byte load
+/// virtio-queue's `AvailIter` makes. That iterator ends at an entry it cannot read as if the
+/// ring were empty, so a ring running out of guest memory, split across two regions or
+/// misaligned would look busy for ever (avail.idx ahead). Errors: what could not be read.
+fn next_avail_entry_readable(queue: &virtio_queue::Queue, mem: &Memory) -> Result<(), String> {
+    let entry = queue
+        .next_avail()
+        .checked_rem(queue.size())
+        .and_then(|slot| GuestAddress(queue.avail_ring()).checked_add(4 + 2 * u64::from(slot)));
+    match entry {
+        Some(at) if mem.load::<u16>(at, Ordering::Acquire).is_ok() => Ok(()),
+        _ => Err(format!(
+            "avail ring entry for index {} at guest address {:#x} cannot be read",
+            queue.next_avail(),
+            entry.map_or(u64::MAX, |e| e.raw_value())
+        )),
+    }
 }
 
 /// Whether the driver made chains available that the device has not popped yet. An avail
@@ -828,5 +825,59 @@ impl VhostUserBackend for VirtioBackend {
             tracing::error!(queue = thread_id, "virtqueue worker stops: {e}");
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: a failed unwrap is a failed test, with its message.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+    use super::*;
+
+    /// A started queue of 64 entries with its avail ring at `avail`.
+    fn queue_with_avail_at(avail: u64) -> Queue {
+        let mut queue = Queue::new(64).unwrap();
+        queue.set_desc_table_address(Some(0), Some(0));
+        queue.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+        queue.set_used_ring_address(Some(0x800), Some(0));
+        queue.set_ready(true);
+        queue
+    }
+
+    #[test]
+    fn an_avail_entry_in_guest_memory_is_readable() {
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+        let mut queue = queue_with_avail_at(0x1000);
+        assert_eq!(next_avail_entry_readable(&queue, &mem), Ok(()));
+        // The last slot, and past it: the index wraps to slot 0.
+        queue.set_next_avail(63);
+        assert_eq!(next_avail_entry_readable(&queue, &mem), Ok(()));
+        queue.set_next_avail(64);
+        assert_eq!(next_avail_entry_readable(&queue, &mem), Ok(()));
+    }
+
+    #[test]
+    fn an_avail_entry_beyond_guest_memory_is_not() {
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        // idx at 0xffe is in memory, ring[0] at 0x1000 is not.
+        let queue = queue_with_avail_at(0xffc);
+        let err = next_avail_entry_readable(&queue, &mem).unwrap_err();
+        assert!(err.contains("index 0 at guest address 0x1000"), "{err}");
+    }
+
+    #[test]
+    fn an_avail_entry_split_across_regions_is_not() {
+        // Region 0 ends at an odd address: ring[0] at 0x1000 has one byte in each region.
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 0x1001), (GuestAddress(0x1001), 0x1000)])
+            .unwrap();
+        let queue = queue_with_avail_at(0xffc);
+        // Every byte is in some region, so a range check would let it through ...
+        assert!(mem.check_range(GuestAddress(0x1000), 2));
+        // ... but virtio-queue's load of the entry fails, and so does the check.
+        assert!(next_avail_entry_readable(&queue, &mem).is_err());
     }
 }
