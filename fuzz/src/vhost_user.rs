@@ -644,7 +644,9 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
 
     // With EVENT_IDX (as QEMU, libblkio and Linux negotiate it): a read, then avail.idx
     // moved far beyond the ring and kicked again, the ring stopped (GET_VRING_BASE must be
-    // answered: the worker gives the ring up), and a write on the other queue.
+    // answered: the worker gives the ring up); set up again with its avail ring in the last
+    // 4 bytes of the region (idx readable, entries not) and kicked; and a write on the
+    // other queue.
     let mut s = Script::new(0);
     bring_up(&mut s, features | EVENT_IDX, PROTOCOL, 60, &[0, 1]);
     request(
@@ -658,6 +660,27 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     s.mem(0, (avail + 2) as u32, &le(&[1000], &[2]))
         .kick(0)
         .msg(FrontendReq::GET_VRING_BASE, 0, &le(&[0, 0], &[4, 4]), &[]);
+    let (desc, _, used) = ring_gpa(0);
+    let end = REGION_SIZE - 4;
+    s.msg(
+        FrontendReq::SET_VRING_ADDR,
+        0,
+        &le(
+            &[0, 0, USER_ADDR + desc, USER_ADDR + used, USER_ADDR + end, 0],
+            &[4, 4, 8, 8, 8, 8],
+        ),
+        &[],
+    )
+    .msg(FrontendReq::SET_VRING_BASE, 0, &le(&[0, 1], &[4, 4]), &[])
+    .msg(
+        FrontendReq::SET_VRING_KICK,
+        0,
+        &0u64.to_le_bytes(),
+        &[FdKind::Event],
+    )
+    .mem(0, (end + 2) as u32, &le(&[2], &[2]))
+    .kick(4)
+    .msg(FrontendReq::GET_VRING_BASE, 0, &le(&[0, 0], &[4, 4]), &[]);
     request(
         &mut s,
         1,
