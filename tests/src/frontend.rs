@@ -88,6 +88,23 @@ pub struct Setup {
     pub event_idx: bool,
 }
 
+impl Setup {
+    /// Queues `0..num_queues` of `queue_size` entries with `wanted_features`, set up as
+    /// QEMU sets up a fresh device (base after address, zeroed rings), no inflight area,
+    /// no EVENT_IDX.
+    pub fn plain(num_queues: usize, queue_size: u16, wanted_features: u64) -> Self {
+        Setup {
+            num_queues,
+            queue_size,
+            wanted_features,
+            stale_used_idx: None,
+            base_first: false,
+            inflight: false,
+            event_idx: false,
+        }
+    }
+}
+
 /// A connected frontend driving the queues of a vhost-user device.
 pub struct RawFrontend {
     frontend: Frontend,
@@ -119,7 +136,7 @@ pub struct BackendRequest {
 }
 
 /// Connects and negotiates: SET_OWNER, features (`wanted & offered`, EVENT_IDX only if
-/// `setup.event_idx`),
+/// `setup.event_idx`, which then must be negotiated),
 /// protocol features (CONFIG, REPLY_ACK, MQ, RESET_DEVICE where offered, and BACKEND_REQ /
 /// INFLIGHT_SHMFD as asked).
 /// Returns the frontend and the virtio features acked (without PROTOCOL_FEATURES).
@@ -137,6 +154,11 @@ fn handshake(socket: &Path, setup: &Setup, backend_channel: bool) -> (Frontend, 
     let event_idx = 1u64 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
     let unwanted = if setup.event_idx { 0 } else { event_idx };
     let features = offered & setup.wanted_features & !protocol_bit & !unwanted;
+    assert!(
+        !setup.event_idx || features & event_idx != 0,
+        "EVENT_IDX must be negotiated (offered {offered:#x}, wanted {:#x})",
+        setup.wanted_features
+    );
     frontend
         .set_features(features | protocol_bit)
         .expect("SET_FEATURES");
@@ -187,15 +209,7 @@ impl RawFrontend {
     ) -> Self {
         Self::connect_with(
             socket,
-            &Setup {
-                num_queues,
-                queue_size,
-                wanted_features,
-                stale_used_idx: None,
-                base_first: false,
-                inflight: false,
-                event_idx: false,
-            },
+            &Setup::plain(num_queues, queue_size, wanted_features),
         )
     }
 
@@ -212,15 +226,7 @@ impl RawFrontend {
         queue_size: u16,
         wanted_features: u64,
     ) -> Self {
-        let setup = Setup {
-            num_queues,
-            queue_size,
-            wanted_features,
-            stale_used_idx: None,
-            base_first: false,
-            inflight: false,
-            event_idx: false,
-        };
+        let setup = Setup::plain(num_queues, queue_size, wanted_features);
         Self::connect_inner(socket, &setup, true)
     }
 
